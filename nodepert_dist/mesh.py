@@ -1,0 +1,42 @@
+"""The one device mesh: axis `data` over every device of every process.
+
+A single CPU is a mesh of one; there is no separate single-device code path.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh() -> Mesh:
+    # Auto axis types: eager ops on the sharded batch work outside `jit` (DESIGN.md section 4).
+    return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=(AxisType.Auto,))
+
+
+def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> None:
+    """Fail before anything compiles if the batch cannot be split evenly."""
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    if global_batch <= 0 or global_batch % n_dev:
+        raise ValueError(
+            f"{what}={global_batch} is not divisible by the {n_dev} devices of the mesh; "
+            f"use a multiple of {n_dev}")
+    if global_batch % n_proc:
+        raise ValueError(f"{what}={global_batch} is not divisible by {n_proc} processes")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA))
+
+
+def global_batch(mesh: Mesh, *local_arrays: np.ndarray):
+    """Assemble the global batch from each process's contiguous slice of it."""
+    sharding = batch_sharding(mesh)
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in local_arrays)

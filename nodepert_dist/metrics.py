@@ -1,0 +1,116 @@
+"""Run outputs: config.json, metrics.jsonl and metrics.csv in the workdir, and progress lines.
+
+Only process 0 writes or prints (every process computes the same global metrics). Rows are
+appended and flushed one epoch at a time, so a killed run leaves every finished epoch on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import jax
+from absl import logging
+
+CSV_COLUMNS = ("epoch", "step", "epoch_time", "train_acc", "test_acc", "train_loss", "test_loss",
+               "mean_step_loss", "examples_per_s")
+
+
+def is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+class MetricsWriter:
+    """Appends one row per epoch to metrics.jsonl and metrics.csv."""
+
+    def __init__(self, workdir: str, config: dict):
+        self.workdir = workdir
+        if not is_writer():
+            return
+        os.makedirs(workdir, exist_ok=True)
+        tmp = os.path.join(workdir, ".config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(workdir, "config.json"))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drops rows past `epoch` (a resumed run rewrites the epochs it repeats)."""
+        if not is_writer():
+            return
+        rows = [r for r in read_jsonl(self.workdir) if r["epoch"] <= epoch]
+        self._rewrite(rows)
+
+    def _rewrite(self, rows) -> None:
+        for name, dump in (("metrics.jsonl", _write_jsonl), ("metrics.csv", _write_csv)):
+            tmp = os.path.join(self.workdir, f".{name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                dump(f, rows)
+            os.replace(tmp, os.path.join(self.workdir, name))
+
+    def write(self, row: dict) -> None:
+        if not is_writer():
+            return
+        jsonl = os.path.join(self.workdir, "metrics.jsonl")
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        path = os.path.join(self.workdir, "metrics.csv")
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        logging.info("epoch %d: %s", row["epoch"], "  ".join(
+            f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None))
+
+
+def _write_jsonl(f, rows):
+    for r in rows:
+        f.write(json.dumps(r) + "\n")
+
+
+def _write_csv(f, rows):
+    w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def read_jsonl(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A progress line during an epoch: in place on a terminal, a log line every ~10% otherwise."""
+
+    def __init__(self, epoch: int, total_steps: int, global_batch: int):
+        self.epoch, self.total, self.batch = epoch, total_steps, global_batch
+        self.start = time.perf_counter()
+        self.tty = is_writer() and sys.stderr.isatty()
+        self.every = max(1, total_steps // 10)
+
+    def update(self, done: int, loss=None) -> None:
+        """`loss` is a callable, called only when a line is printed (it syncs with the device)."""
+        if not is_writer() or not (self.tty or done % self.every == 0 or done == self.total):
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = done * self.batch / max(elapsed, 1e-9)
+        width = 30
+        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
+        text = (f"epoch {self.epoch} [{bar}] {done}/{self.total} steps  {rate:,.0f} ex/s"
+                + (f"  loss {loss():.4g}" if loss is not None else ""))
+        if self.tty:
+            sys.stderr.write("\r" + text + ("\n" if done == self.total else ""))
+            sys.stderr.flush()
+        else:
+            logging.info(text)

@@ -1,0 +1,105 @@
+"""The train state, the data-parallel train step (NP or SGD) and the eval step.
+
+Both steps run under `jax.shard_map` over the `data` axis: each device holds its slice of the
+global batch, computes the local sum of its examples' contributions, and one `psum` over `data`
+reduces them. Parameters are cast to device-varying first so that autodiff inside shard_map
+does not insert its own psum (the N-times gradient trap of DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from nodepert_dist import losses, perturbation
+from nodepert_dist.mesh import DATA
+
+UPDATE_RULES = ("np", "sgd")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: the number of updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(name: str, lr: float, wd: float) -> optax.GradientTransformation:
+    """`w <- w - lr * u(dw) - wd * w`, with u the identity (sgd) or Adam's scaling (adam).
+
+    The decay is decoupled and not scaled by lr, as in the original research code, hence the
+    negative rate given to optax's add_decayed_weights (which adds +rate * w to the update).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown --optimizer={name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    base = optax.sgd(lr) if name == "sgd" else optax.adam(lr)
+    return optax.chain(base, optax.add_decayed_weights(-wd)) if wd else base
+
+
+def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
+    """Initialise replicated parameters and optimizer state on the mesh."""
+    params = model.init(jax.random.key(seed), sample_x[:1])["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+
+
+def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigma: float,
+                    seed: int, global_batch: int, noise: str = "gaussian") -> Callable:
+    """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch."""
+    if update_rule not in UPDATE_RULES:
+        raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
+    loss_fn = losses.get(loss)
+
+    def apply_fn(params, x, noise=None, detach_inputs=False):
+        return model.apply({"params": params}, x, noise=noise, detach_inputs=detach_inputs)
+
+    def local_step(state: TrainState, x, labels):
+        b = x.shape[0]
+        params = jax.lax.pcast(state.params, DATA, to="varying")
+        if update_rule == "np":
+            global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
+            keys = perturbation.example_keys(seed, state.step, global_index)
+            grads, example_loss, logits = perturbation.np_gradient(
+                apply_fn, params, x, labels, loss_fn, sigma=sigma, keys=keys,
+                normalizer=global_batch, noise_kind=noise)
+        else:
+            def summed_loss(p):
+                logits, _ = apply_fn(p, x)
+                example_loss = loss_fn(logits, labels)
+                return jnp.sum(example_loss) / global_batch, (example_loss, logits)
+            grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
+        grads = jax.lax.psum(grads, DATA)
+        metrics = jax.lax.psum({
+            "loss_sum": jnp.sum(example_loss),
+            "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+        }, DATA)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
+                            out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def make_eval_step(model, mesh, *, loss: str) -> Callable:
+    """Returns jitted `eval(params, x, labels, mask) -> {loss_sum, correct, count}` (global sums)."""
+    loss_fn = losses.get(loss)
+
+    def local_eval(params, x, labels, mask):
+        logits, _ = model.apply({"params": params}, x)
+        return jax.lax.psum({
+            "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "count": jnp.sum(mask),
+        }, DATA)
+
+    sharded = jax.shard_map(local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA)),
+                            out_specs=P())
+    return jax.jit(sharded)

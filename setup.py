@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nodepert_dist",
+    version="0.1.0",
+    description="Multi-device, sharded node-perturbation training in JAX",
+    packages=find_packages(include=["nodepert_dist", "nodepert_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2", "jaxlib>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "grain>=0.2.18",
+        "numpy", "absl-py", "tensorstore>=0.1.86",
+        "matplotlib",  # learning-curve plots (nodepert-plot)
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": [
+        "nodepert-train=nodepert_dist.train:cli",
+        "nodepert-plot=nodepert_dist.plot:cli",
+    ]},
+)
