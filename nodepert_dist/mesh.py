@@ -12,9 +12,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
-def make_mesh() -> Mesh:
+def make_mesh(devices=None) -> Mesh:
+    """All devices by default; tests pass a subset to compare mesh shapes in one process."""
+    devices = jax.devices() if devices is None else list(devices)
     # Auto axis types: eager ops on the sharded batch work outside `jit` (DESIGN.md section 4).
-    return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=(AxisType.Auto,))
+    return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> None:

@@ -1,0 +1,27 @@
+"""Shared test set-up: 8 simulated CPU devices, and where the real MNIST lives.
+
+`.ci/run` fetches MNIST into ./data; set NODEPERT_DATA_DIR to use another place.
+"""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+# Before any backend starts: every in-process test sees 8 CPU devices.
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("NODEPERT_DATA_DIR", str(REPO / "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """The data_dir holding fetched MNIST; fails (never skips) when it is missing."""
+    from nodepert_dist.data import sources
+    try:
+        sources.load("mnist", DATA_DIR)
+    except sources.DataError as e:
+        pytest.fail(f"{e} (CI fetches it in .ci/run)")
+    return DATA_DIR
