@@ -7,15 +7,20 @@ import optax
 LOSSES = ("mse", "ce")
 
 
+def _wide(logits):
+    # Loss differences stay in float32 or wider even when the model runs in bf16 (DESIGN.md 2).
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def mse(logits, labels):
     """The original code's loss: mean over classes of (sigmoid(logits) - one_hot)^2."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-    return jnp.mean(jnp.square(jax.nn.sigmoid(logits.astype(jnp.float32)) - targets), axis=-1)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=_wide(logits).dtype)
+    return jnp.mean(jnp.square(jax.nn.sigmoid(_wide(logits)) - targets), axis=-1)
 
 
 def ce(logits, labels):
     """Softmax cross-entropy against integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return optax.softmax_cross_entropy_with_integer_labels(_wide(logits), labels)
 
 
 def get(name):

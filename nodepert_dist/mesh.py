@@ -5,11 +5,25 @@ A single CPU is a mesh of one; there is no separate single-device code path.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Split the host CPU into `n` devices; call before anything touches a device.
+
+    Simulated devices are threads of one process: on a busy small machine one of them can reach
+    a collective much later than the others, so XLA's 40 s CPU rendezvous abort is raised.
+    """
+    flag = "--xla_cpu_collective_call_terminate_timeout_seconds"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {flag}=600").strip()
+    jax.config.update("jax_num_cpu_devices", n)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -1,12 +1,12 @@
 """The networks: flax modules with a node tap at every pre-activation.
 
 Every network is a stack of linear maps (Dense or Conv), each followed by a *node tap* where
-node perturbation injects its noise, then the nonlinearity. The module returns the logits and the
-list of tapped pre-activations, so the NP estimator can put a cotangent on each of them.
+node perturbation injects its noise, then the nonlinearity. The module returns the logits, the
+tapped pre-activations and every layer's input, so the NP estimator can reuse a forward pass.
 
-`detach_inputs=True` stops gradients at every layer's input: the VJP of the forward pass then
-reduces to each layer's own weight-gradient op (no backward chain through the network), which is
-exactly the NP update of DESIGN.md section 2.
+`layer_inputs=[...]` feeds each linear map a given (gradient-stopped) input instead of the
+previous layer's output: the VJP of that call is each layer's own weight-gradient op and nothing
+else (no backward chain through the network), which is the NP update of DESIGN.md section 2.
 """
 
 from __future__ import annotations
@@ -43,24 +43,28 @@ class TappedNetwork(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, noise=None, detach_inputs=False):
+    def __call__(self, x, noise=None, layer_inputs=None):
+        """Returns (logits, pre-activations, layer inputs), one entry per linear map."""
         init = nn.initializers.xavier_normal()
-        preacts = []
+        preacts, inputs = [], []
         h = x
         for i, layer in enumerate(self.layers):
+            if layer_inputs is not None:
+                h = jax.lax.stop_gradient(layer_inputs[i])
             if layer.kind == "dense":
                 h = h.reshape(h.shape[0], -1)
                 linear = nn.Dense(layer.features, kernel_init=init, dtype=self.dtype, name=f"layer{i}")
             else:
                 linear = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
                                  padding="SAME", kernel_init=init, dtype=self.dtype, name=f"layer{i}")
-            a = linear(jax.lax.stop_gradient(h) if detach_inputs else h)
+            inputs.append(h)
+            a = linear(h)
             if noise is not None:
                 a = a + noise[i].astype(a.dtype)
             preacts.append(a)
             is_readout = i == len(self.layers) - 1
             h = a if (is_readout or self.activation == "linear") else nn.relu(a)
-        return preacts[-1], preacts
+        return preacts[-1], preacts, inputs
 
 
 def layer_stack(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500) -> tuple[Layer, ...]:

@@ -56,8 +56,8 @@ def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigm
         raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
     loss_fn = losses.get(loss)
 
-    def apply_fn(params, x, noise=None, detach_inputs=False):
-        return model.apply({"params": params}, x, noise=noise, detach_inputs=detach_inputs)
+    def apply_fn(params, x, noise=None, layer_inputs=None):
+        return model.apply({"params": params}, x, noise=noise, layer_inputs=layer_inputs)
 
     def local_step(state: TrainState, x, labels):
         b = x.shape[0]
@@ -70,7 +70,7 @@ def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigm
                 normalizer=global_batch, noise_kind=noise)
         else:
             def summed_loss(p):
-                logits, _ = apply_fn(p, x)
+                logits = apply_fn(p, x)[0]
                 example_loss = loss_fn(logits, labels)
                 return jnp.sum(example_loss) / global_batch, (example_loss, logits)
             grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
@@ -93,7 +93,7 @@ def make_eval_step(model, mesh, *, loss: str) -> Callable:
     loss_fn = losses.get(loss)
 
     def local_eval(params, x, labels, mask):
-        logits, _ = model.apply({"params": params}, x)
+        logits = model.apply({"params": params}, x)[0]
         return jax.lax.psum({
             "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),

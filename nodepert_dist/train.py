@@ -194,7 +194,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.cpu_devices > 0:
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+        mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     try:
         rows = train(config_from_flags())
     except (ValueError, sources.DataError) as e:

@@ -6,11 +6,12 @@
 import os
 import pathlib
 
-import jax
+from nodepert_dist.mesh import simulate_cpu_devices
+
 import pytest
 
 # Before any backend starts: every in-process test sees 8 CPU devices.
-jax.config.update("jax_num_cpu_devices", 8)
+simulate_cpu_devices(8)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("NODEPERT_DATA_DIR", str(REPO / "data"))
