@@ -78,6 +78,7 @@ def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigm
         metrics = jax.lax.psum({
             "loss_sum": jnp.sum(example_loss),
             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+            "count": jnp.float32(b),
         }, DATA)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -86,6 +86,14 @@ def evaluate(eval_step, params, x, y, cfg: Config, mesh) -> tuple[float, float]:
     return float(totals["correct"] / totals["count"]), float(totals["loss_sum"] / totals["count"])
 
 
+def _accumulate(sums: dict, step_metrics) -> None:
+    """Adds one step's (global) metrics into host-side epoch sums; waits for that step."""
+    m = jax.device_get(step_metrics)
+    sums["loss_sum"] += float(m["loss_sum"])
+    sums["correct"] += float(m["correct"])
+    sums["last_loss"] = float(m["loss_sum"]) / m["count"]
+
+
 # ----------------------------------------------------------------------------- main loop
 
 def train(cfg: Config) -> list[dict]:
@@ -142,13 +150,19 @@ def train(cfg: Config) -> list[dict]:
             data.train_x, data.train_y, global_batch=cfg.batchsize, seed=cfg.seed, epoch=epoch,
             process_index=jax.process_index(), process_count=jax.process_count())
         progress = metrics.Progress(epoch, n_steps, cfg.batchsize)
-        sums = None
+        sums = {"loss_sum": 0.0, "correct": 0.0, "last_loss": float("nan")}
         start = time.perf_counter()
+        pending = None
         for i, (x, y) in enumerate(pipeline.iterate(batches)):
             state, m = train_step(state, *mesh_lib.global_batch(mesh, x, y))
-            sums = m if sums is None else jax.tree.map(lambda a, b: a + b, sums, m)
-            progress.update(i + 1, lambda: float(m["loss_sum"]) / cfg.batchsize)
-        sums = jax.device_get(sums)
+            # At most one step in flight: dispatch step i, then wait for step i-1's metrics.
+            # A deeper queue buys nothing here and, with simulated CPU devices, can deadlock
+            # XLA's host thread pool in a collective rendezvous.
+            if pending is not None:
+                _accumulate(sums, pending)
+            pending = m
+            progress.update(i + 1, lambda: sums["last_loss"])
+        _accumulate(sums, pending)
         epoch_time = time.perf_counter() - start
         mean_loss = float(sums["loss_sum"]) / (n_steps * cfg.batchsize)
         if not np.isfinite(mean_loss):

@@ -1,0 +1,68 @@
+"""The command-line surface: nodepert-train's files and errors, and nodepert-plot."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def _train(args, timeout=300):
+    cmd = [sys.executable, "-m", "nodepert_dist.train", "--cpu_devices=8", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
+    workdir = tmp_path / "run"
+    out = _train(["--update_rule=np", "--n_hl=1", "--hl_size=32", "--num_epochs=1",
+                  "--batchsize=256", f"--data_dir={mnist_dir}", f"--workdir={workdir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["update_rule"] == "np" and config["sigma"] == 1e-4 and config["batchsize"] == 256
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[1]["step"] == 60000 // 256
+    for key in ("train_acc", "test_acc", "train_loss", "epoch_time", "examples_per_s"):
+        assert key in rows[1], key
+    assert rows[1]["test_acc"] > rows[0]["test_acc"]
+    with open(workdir / "metrics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in table] == [0, 1]
+    assert float(table[1]["test_acc"]) == pytest.approx(rows[1]["test_acc"])
+    assert "epoch 1 [" in out.stderr  # progress lines during the epoch
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batchsize=100"], "--batchsize=100 is not divisible by the 8 devices"),
+    (["--lr=-1"], "--lr=-1.0 must be positive"),
+    (["--data_dir=/nonexistent"], "missing dataset file /nonexistent/mnist/"),
+    (["--network=resnet"], "--network"),
+])
+def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, args, message):
+    out = _train([f"--workdir={tmp_path / 'run'}", *args], timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_plot_draws_the_learning_curves(tmp_path):
+    for rule, accs in (("np", [0.1, 0.5, 0.7]), ("sgd", [0.1, 0.9, 0.95])):
+        run = tmp_path / rule
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(
+            {"update_rule": rule, "network": "fc", "lr": 0.01, "optimizer": "sgd", "loss": "mse"}))
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "test_acc": a}) + "\n" for e, a in enumerate(accs)))
+    out_png = tmp_path / "curves.png"
+    out = subprocess.run([sys.executable, "-m", "nodepert_dist.plot",
+                          f"--workdirs={tmp_path / 'np'},{tmp_path / 'sgd'}", f"--out={out_png}"],
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
