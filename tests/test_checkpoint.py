@@ -271,3 +271,63 @@ def test_pending_save_is_invisible_until_committed(tmp_path, monkeypatch):
     assert checkpoint.restore(str(tmp_path), _state(mesh)) is None
     saver.wait()
     assert checkpoint.committed_steps(str(tmp_path)) == [5]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+_WORKER = """
+import sys
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+pid, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.config.update("jax_num_cpu_devices", 4)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from nodepert_dist import checkpoint, mesh as mesh_lib
+
+mesh = mesh_lib.make_mesh()
+full = {"sharded": np.arange(48, dtype=np.float32).reshape(16, 3), "replicated": np.arange(5, dtype=np.int32)}
+specs = {"sharded": P(mesh_lib.DATA), "replicated": P()}
+make = lambda src: {k: jax.make_array_from_callback(src[k].shape, NamedSharding(mesh, specs[k]),
+                                                    lambda idx, k=k: src[k][idx]) for k in src}
+saver = checkpoint.Checkpointer(directory)
+saver.save(1, make(full), meta={"loop": {}}, position={"epoch": 1, "process_index": pid})
+saver.wait()
+restored, manifest = checkpoint.restore(directory, make({k: np.zeros_like(v) for k, v in full.items()}))
+for k, arr in restored.items():
+    for shard in arr.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), full[k][shard.index])
+print("OK", pid, len(jax.devices()), [p["position"] for p in manifest["processes"]], flush=True)
+"""
+
+
+def test_two_processes_write_their_own_shards_and_commit_once(tmp_path):
+    """2 processes x 4 devices: each writes its 4 shards and a done marker; one commit."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(tmp_path)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True, cwd=REPO) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-3000:]
+        assert f"OK {i} 8 " in out
+    path = tmp_path / "step_00000001"
+    assert sorted(os.listdir(path / "done")) == ["process_0.json", "process_1.json"]
+    assert len(list((path / "arrays/sharded/c").iterdir())) == 8
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["process_count"] == 2
+    assert [p["position"]["process_index"] for p in manifest["processes"]] == [0, 1]
+    np.testing.assert_array_equal(saved_arrays(path)["sharded"],
+                                  np.arange(48, dtype=np.float32).reshape(16, 3))
