@@ -111,10 +111,16 @@ def _write_json(path: str, obj) -> None:
     """Atomic, durable JSON file: temporary file, fsync, rename."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _json_default(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
 def _fsync_dir(path: str) -> None:
@@ -180,11 +186,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, position: Optional[dict] = None) -> None:
         """Starts saving `state` (a pytree of jax.Arrays) as step `step`; returns once the
-        shards are in host memory. `meta` goes into the manifest; `position` is this process's
-        data position (recorded per process)."""
+        shards are in host memory. `meta` goes into the manifest (JSON, jax scalars allowed);
+        `position` is this process's data position (recorded per process)."""
         t0 = time.perf_counter()
         self._join()
         t1 = time.perf_counter()
+        jax.block_until_ready(state)  # timed apart: the device finishing its queued steps
+        t_ready = time.perf_counter()
         leaves = jax.tree_util.tree_flatten_with_path(state)[0]
         for _, leaf in leaves:
             for shard in leaf.addressable_shards:
@@ -197,6 +205,7 @@ class Checkpointer:
             arrays.append({"name": leaf_name(path), "key": jax.tree_util.keystr(path),
                            "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
                            "chunk": list(leaf.sharding.shard_shape(leaf.shape)), "shards": shards})
+        meta = jax.device_get(meta)
         names = [a["name"] for a in arrays]
         if len(set(names)) != len(names):
             raise CheckpointError(f"two train-state leaves share a checkpoint name: {names}")
@@ -207,7 +216,8 @@ class Checkpointer:
             args=(step, arrays, meta, position or {}, t2 - t0))
         self._thread.start()
         logging.info("checkpoint step %d: train loop blocked %.3f s (%.3f s waiting for the "
-                     "previous save, %.3f s device-to-host)", step, t2 - t0, t1 - t0, t2 - t1)
+                     "previous save, %.3f s for the device to finish the step, %.3f s "
+                     "device-to-host)", step, t2 - t0, t1 - t0, t_ready - t1, t2 - t_ready)
 
     def wait(self) -> None:
         """Blocks until the pending save is committed everywhere; raises its error, if any."""

@@ -183,7 +183,6 @@ def train(cfg: Config) -> list[dict]:
 
     def save(epoch: int, step_in_epoch: int, sums, elapsed: float) -> None:
         """The loop's whole position: resuming runs from batch `step_in_epoch` of `epoch`."""
-        sums = None if sums is None else {k: float(v) for k, v in jax.device_get(sums).items()}
         position = {"epoch": epoch, "step_in_epoch": step_in_epoch,
                     "process_index": jax.process_index(), "process_count": jax.process_count()}
         saver.save(step, state, position=position, meta={
