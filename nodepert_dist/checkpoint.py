@@ -194,14 +194,15 @@ class Checkpointer:
         jax.block_until_ready(state)  # timed apart: the device finishing its queued steps
         t_ready = time.perf_counter()
         leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-        for _, leaf in leaves:
-            for shard in leaf.addressable_shards:
-                if shard.replica_id == 0:
-                    shard.data.copy_to_host_async()
+        # This process's shards with replica_id 0: every shard index is written exactly once.
+        mine = [[(s.index, s.data) for s in leaf.addressable_shards if s.replica_id == 0]
+                for _, leaf in leaves]
+        for shards in mine:
+            for _, data in shards:
+                data.copy_to_host_async()  # all copies in flight at once
         arrays = []
-        for path, leaf in leaves:
-            shards = [(shard.index, np.array(shard.data)) for shard in leaf.addressable_shards
-                      if shard.replica_id == 0]
+        for (path, leaf), shards in zip(leaves, mine):
+            shards = [(index, np.array(data)) for index, data in shards]  # a host copy
             arrays.append({"name": leaf_name(path), "key": jax.tree_util.keystr(path),
                            "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
                            "chunk": list(leaf.sharding.shard_shape(leaf.shape)), "shards": shards})
