@@ -1,7 +1,9 @@
 """`nodepert-train`: node perturbation (or SGD) on a device mesh, epoch by epoch.
 
-Sections: config -> mesh -> data -> model and state -> steps -> epoch 0 -> train loop.
+Sections: config -> mesh -> data -> model and state -> steps -> resume or epoch 0 -> train loop.
 Every process runs this same program; process 0 alone writes files and prints progress.
+Checkpoints (nodepert_dist/checkpoint.py) go to <workdir>/checkpoints; a run resumes from the
+newest one exactly: same data order, noise keys, optimizer state and metric rows.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import losses, metrics, models, perturbation
+from nodepert_dist import checkpoint, losses, metrics, models, perturbation
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, sources
+
+NAN = float("nan")
 
 # Buffer donation is a no-op on CPU; the train step donates its state for GPU memory.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -48,6 +52,16 @@ class Config:
     workdir: str = "runs/default"
     eval_batchsize: int = 1000
     eval_train: bool = True       # full-train-set accuracy every epoch (as the original code)
+    max_steps: int = 0            # stop after this many updates in all (0: no limit); resumable
+    checkpoint_every_steps: int = 0   # 0: not by steps
+    checkpoint_every_epochs: int = 1  # 0: not by epochs
+    keep_checkpoints: int = 3         # the newest N stay (0: all)
+    keep_checkpoint_every_steps: int = 0  # also keep every step that is a multiple of this
+    resume: bool = True           # continue from the newest checkpoint in the workdir, if any
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.checkpoint_every_steps > 0 or self.checkpoint_every_epochs > 0
 
     def resolved(self) -> "Config":
         sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network)
@@ -70,6 +84,17 @@ class Config:
             raise ValueError(f"--sigma={self.sigma} must be positive")
         if self.num_epochs < 0 or self.n_hl < 0 or self.wd < 0:
             raise ValueError("--num_epochs, --n_hl and --wd must be >= 0")
+        for name in ("max_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
+                     "keep_checkpoints", "keep_checkpoint_every_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+
+# Settings a checkpoint must share with the run resuming it (the data position depends on them).
+_RESUME_MUST_MATCH = ("dataset", "batchsize")
+# Settings a resumed run may change silently.
+_RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsize", "eval_train",
+                "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
+                "keep_checkpoint_every_steps", "resume")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -91,7 +116,7 @@ def _accumulate(sums: dict, step_metrics) -> None:
     m = jax.device_get(step_metrics)
     sums["loss_sum"] += float(m["loss_sum"])
     sums["correct"] += float(m["correct"])
-    sums["last_loss"] = float(m["loss_sum"]) / m["count"]
+    sums["last_loss"] = float(m["loss_sum"]) / float(m["count"])
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -141,28 +166,80 @@ def train(cfg: Config) -> list[dict]:
         writer.write(row)
         return row
 
-    # Epoch 0: the untrained network.
-    rows = [epoch_row(0, {})]
+    # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
+    ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
+    restored = checkpoint.restore(ckpt_dir, state) if cfg.resume else None
+    if restored is None and cfg.checkpointing and checkpoint.committed_steps(ckpt_dir):
+        raise ValueError(f"--noresume, but {ckpt_dir} holds checkpoints of an earlier run; "
+                         f"remove them or use another --workdir")
+    if restored is not None:
+        state, manifest = restored
+        check_resume_config(manifest["config"], dataclasses.asdict(cfg))
+        loop = manifest["loop"]
+        rows, epoch_start, step_start = loop["rows"], loop["epoch"], loop["step_in_epoch"]
+        # The running sums of the interrupted epoch (host floats: JSON keeps them exactly).
+        resumed_sums = loop["sums"]
+        resumed_elapsed = loop["elapsed"]
+        writer.truncate_after(epoch_start - 1)
+        logging.info("resumed from %s at epoch %d, step %d of the epoch (step %d in all)",
+                     ckpt_dir, epoch_start, step_start, manifest["step"])
+    else:
+        rows, epoch_start, step_start = [epoch_row(0, {})], 1, 0
+        resumed_sums, resumed_elapsed = None, 0.0
+    saver = (checkpoint.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
+                                     keep_every_steps=cfg.keep_checkpoint_every_steps)
+             if cfg.checkpointing else None)
+    step = int(jax.device_get(state.step))
+
+    def save(epoch: int, step_in_epoch: int, sums, elapsed: float) -> None:
+        """The loop's whole position: resuming runs from batch `step_in_epoch` of `epoch`."""
+        position = {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                    "process_index": jax.process_index(), "process_count": jax.process_count()}
+        saver.save(step, state, position=position, meta={
+            "epoch": epoch, "config": dataclasses.asdict(cfg),
+            "rng": {"seed": cfg.seed, "noise_keys": "fold_in(seed, step, example index)",
+                    "data_order": "shuffle seed from (seed, epoch)"},
+            "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums,
+                     "elapsed": elapsed, "rows": list(rows)}})
+
+    def save_due(step: int) -> bool:
+        return bool(saver and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
+
+    def stop_due(step: int) -> bool:
+        return bool(cfg.max_steps and step >= cfg.max_steps)
 
     # Train loop.
-    for epoch in range(1, cfg.num_epochs + 1):
+    for epoch in range(epoch_start, cfg.num_epochs + 1):
+        if stop_due(step):
+            break
         batches = pipeline.train_batches(
             data.train_x, data.train_y, global_batch=cfg.batchsize, seed=cfg.seed, epoch=epoch,
             process_index=jax.process_index(), process_count=jax.process_count())
         progress = metrics.Progress(epoch, n_steps, cfg.batchsize)
-        sums = {"loss_sum": 0.0, "correct": 0.0, "last_loss": float("nan")}
-        start = time.perf_counter()
-        pending = None
-        for i, (x, y) in enumerate(pipeline.iterate(batches)):
+        first = step_start if epoch == epoch_start else 0
+        sums = dict(resumed_sums) if first else {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN}
+        start = time.perf_counter() - (resumed_elapsed if first else 0.0)
+        done, pending = first, None
+        for i, (x, y) in enumerate(pipeline.iterate(batches, start=first), start=first):
             state, m = train_step(state, *mesh_lib.global_batch(mesh, x, y))
+            step, done = step + 1, i + 1
             # At most one step in flight: dispatch step i, then wait for step i-1's metrics.
             # A deeper queue buys nothing here and, with simulated CPU devices, can deadlock
             # XLA's host thread pool in a collective rendezvous.
             if pending is not None:
                 _accumulate(sums, pending)
             pending = m
-            progress.update(i + 1, lambda: sums["last_loss"])
-        _accumulate(sums, pending)
+            progress.update(done, lambda: sums["last_loss"])
+            if done < n_steps and (save_due(step) or (saver and stop_due(step))):
+                _accumulate(sums, pending)
+                pending = None
+                save(epoch, done, sums, time.perf_counter() - start)
+            if stop_due(step):
+                break
+        if pending is not None:
+            _accumulate(sums, pending)
+        if done < n_steps:  # stopped by --max_steps inside the epoch: no row for it
+            break
         epoch_time = time.perf_counter() - start
         mean_loss = float(sums["loss_sum"]) / (n_steps * cfg.batchsize)
         if not np.isfinite(mean_loss):
@@ -171,7 +248,24 @@ def train(cfg: Config) -> list[dict]:
             "epoch_time": epoch_time, "mean_step_loss": mean_loss,
             "step_train_acc": float(sums["correct"]) / (n_steps * cfg.batchsize),
             "examples_per_s": n_steps * cfg.batchsize / epoch_time}))
+        if saver and (save_due(step) or stop_due(step) or epoch == cfg.num_epochs
+                      or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
+            save(epoch + 1, 0, None, 0.0)
+    if saver:
+        saver.wait()
     return rows
+
+
+def check_resume_config(saved: dict, current: dict) -> None:
+    """Errors for settings that break the data position; warnings for other changed settings."""
+    for name in _RESUME_MUST_MATCH:
+        if saved.get(name) != current[name]:
+            raise ValueError(f"the checkpoint was saved with --{name}={saved.get(name)}, this run "
+                             f"has --{name}={current[name]}; resuming needs the same value")
+    changed = [f"--{k}: {saved.get(k)} -> {v}" for k, v in current.items()
+               if k not in _RESUME_FREE and saved.get(k) != v]
+    if changed:
+        logging.warning("resuming with changed settings: %s", ", ".join(changed))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -196,6 +290,18 @@ flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "Where datasets live (see `n
 flags.DEFINE_string("workdir", _DEFAULTS.workdir, "Where config.json and metrics are written.")
 flags.DEFINE_integer("eval_batchsize", _DEFAULTS.eval_batchsize, "Global batch size of evaluation.")
 flags.DEFINE_bool("eval_train", _DEFAULTS.eval_train, "Evaluate on the whole training set each epoch.")
+flags.DEFINE_integer("max_steps", _DEFAULTS.max_steps,
+                     "Stop after this many updates in all (0: no limit); a later run resumes.")
+flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
+                     "Checkpoint every N updates (0: not by steps).")
+flags.DEFINE_integer("checkpoint_every_epochs", _DEFAULTS.checkpoint_every_epochs,
+                     "Checkpoint every N epochs (0: not by epochs); the last epoch always is.")
+flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
+                     "Keep the newest N checkpoints (0: all).")
+flags.DEFINE_integer("keep_checkpoint_every_steps", _DEFAULTS.keep_checkpoint_every_steps,
+                     "Also keep, permanently, checkpoints at multiples of N steps (0: none).")
+flags.DEFINE_bool("resume", _DEFAULTS.resume,
+                  "Continue from the newest valid checkpoint in <workdir>/checkpoints, if any.")
 flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
 FLAGS = flags.FLAGS
 
@@ -211,7 +317,7 @@ def main(argv):
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     try:
         rows = train(config_from_flags())
-    except (ValueError, sources.DataError) as e:
+    except (ValueError, sources.DataError) as e:  # checkpoint.CheckpointError is a ValueError
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))
