@@ -40,7 +40,7 @@ class Config:
     n_hl: int = 2
     hl_size: int = 500
     lr: float = 1e-2
-    batchsize: int = 100          # global, over all devices of all processes
+    batchsize: int = 128          # global, over all devices; the original code used 100
     num_epochs: int = 10
     wd: float = 0.0
     seed: int = 0
@@ -50,7 +50,7 @@ class Config:
     noise: str = "gaussian"
     data_dir: str = "data"
     workdir: str = "runs/default"
-    eval_batchsize: int = 1000
+    eval_batchsize: int = 1024
     eval_train: bool = True       # full-train-set accuracy every epoch (as the original code)
     max_steps: int = 0            # stop after this many updates in all (0: no limit); resumable
     checkpoint_every_steps: int = 0   # 0: not by steps
