@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import losses, metrics, models, perturbation
+from nodepert_dist import distributed, losses, metrics, models, perturbation
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, sources
@@ -48,6 +48,7 @@ class Config:
     workdir: str = "runs/default"
     eval_batchsize: int = 1000
     eval_train: bool = True       # full-train-set accuracy every epoch (as the original code)
+    save_final_params: str = ""   # if set: .npz of the final parameters (tests compare layouts)
 
     def resolved(self) -> "Config":
         sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network)
@@ -157,6 +158,8 @@ def train(cfg: Config) -> list[dict]:
             "epoch_time": epoch_time, "mean_step_loss": mean_loss,
             "step_train_acc": float(sums["correct"]) / (n_steps * cfg.batchsize),
             "examples_per_s": n_steps * cfg.batchsize / epoch_time}))
+    if cfg.save_final_params:
+        distributed.save_params_npz(cfg.save_final_params, state.params)
     return rows
 
 
@@ -182,6 +185,7 @@ flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "Where datasets live (see `n
 flags.DEFINE_string("workdir", _DEFAULTS.workdir, "Where config.json and metrics are written.")
 flags.DEFINE_integer("eval_batchsize", _DEFAULTS.eval_batchsize, "Global batch size of evaluation.")
 flags.DEFINE_bool("eval_train", _DEFAULTS.eval_train, "Evaluate on the whole training set each epoch.")
+flags.DEFINE_string("save_final_params", "", "If set, write the final parameters to this .npz.")
 flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
 FLAGS = flags.FLAGS
 
@@ -193,11 +197,13 @@ def config_from_flags() -> Config:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.cpu_devices > 0:
+    if FLAGS.cpu_devices > 0:  # before jax.distributed and before any device use
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     try:
+        # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
+        distributed.initialize_from_flags()
         rows = train(config_from_flags())
-    except (ValueError, sources.DataError) as e:
+    except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))
