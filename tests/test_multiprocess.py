@@ -51,12 +51,12 @@ def rows_by_rank(stdout):
 
 # Tolerances: the only difference between the layouts is the order of the cross-device sums
 # (XLA's in-process all-reduce vs gloo). SGD: parameters within 1e-7 (measured: 1 ulp, 7e-9),
-# metrics equal to 1e-6 relative (measured: identical). NP divides loss differences by sigma=1e-4,
-# so rounding is amplified: parameters within 2e-6 (measured 5e-7 after 7 steps, while training
+# losses within 1e-6 relative, accuracies within 2 examples (measured: identical). NP divides
+# loss differences by sigma=1e-4, so rounding is amplified: parameters within 2e-6 (measured 5e-7 after 7 steps, while training
 # moves them by > 1e-3), losses within 1e-5 relative, and accuracies within 3 examples
 # (measured: 1 of 60000 flipped).
 @pytest.mark.parametrize("rule, atol, loss_rel, acc_abs", [
-    ("sgd", 1e-7, 1e-6, 0.0), ("np", 2e-6, 1e-5, 3 / 10000)])
+    ("sgd", 1e-7, 1e-6, 2 / 10000), ("np", 2e-6, 1e-5, 3 / 10000)])
 def test_two_processes_train_like_one(mnist_dir, tmp_path, rule, atol, loss_rel, acc_abs):
     common = SMALL + [f"--update_rule={rule}", f"--data_dir={mnist_dir}"]
     multi = run([PY, LAUNCH, "--num_processes=2", "--devices_per_process=4", "--timeout_s=150",
