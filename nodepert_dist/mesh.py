@@ -56,3 +56,23 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray):
     """Assemble the global batch from each process's contiguous slice of it."""
     sharding = batch_sharding(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in local_arrays)
+
+
+def serialize_if_multiprocess_cpu(fn):
+    """On CPU with several processes, wait for each call of a jitted step before the next.
+
+    Measured here (jax 0.10.2, gloo, 2 processes x 4 devices): when executions of a program with
+    more than one cross-process all-reduce (e.g. a psum of float and int sums) are left to
+    pipeline asynchronously, the processes sometimes deadlock in the all-reduce. Blocking on
+    every result avoids it. GPU runs and single-process runs keep asynchronous dispatch.
+    """
+    import functools
+
+    if jax.process_count() == 1 or jax.devices()[0].platform != "cpu":
+        return fn
+
+    @functools.wraps(fn)
+    def blocking(*args, **kwargs):
+        return jax.block_until_ready(fn(*args, **kwargs))
+
+    return blocking

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from nodepert_dist import losses, perturbation
-from nodepert_dist.mesh import DATA
+from nodepert_dist.mesh import DATA, serialize_if_multiprocess_cpu
 
 UPDATE_RULES = ("np", "sgd")
 OPTIMIZERS = ("sgd", "adam")
@@ -86,7 +86,7 @@ def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigm
 
     sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
                             out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+    return serialize_if_multiprocess_cpu(jax.jit(sharded, donate_argnums=0))
 
 
 def make_eval_step(model, mesh, *, loss: str) -> Callable:
@@ -103,4 +103,4 @@ def make_eval_step(model, mesh, *, loss: str) -> Callable:
 
     sharded = jax.shard_map(local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA)),
                             out_specs=P())
-    return jax.jit(sharded)
+    return serialize_if_multiprocess_cpu(jax.jit(sharded))

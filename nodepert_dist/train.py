@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import checkpoint, losses, metrics, models, perturbation
+from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, sources
@@ -62,6 +62,7 @@ class Config:
     @property
     def checkpointing(self) -> bool:
         return self.checkpoint_every_steps > 0 or self.checkpoint_every_epochs > 0
+    save_final_params: str = ""   # if set: .npz of the final parameters (tests compare layouts)
 
     def resolved(self) -> "Config":
         sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network)
@@ -94,7 +95,7 @@ _RESUME_MUST_MATCH = ("dataset", "batchsize")
 # Settings a resumed run may change silently.
 _RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsize", "eval_train",
                 "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
-                "keep_checkpoint_every_steps", "resume")
+                "keep_checkpoint_every_steps", "resume", "save_final_params")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -253,6 +254,8 @@ def train(cfg: Config) -> list[dict]:
             save(epoch + 1, 0, None, 0.0)
     if saver:
         saver.wait()
+    if cfg.save_final_params:
+        distributed.save_params_npz(cfg.save_final_params, state.params)
     return rows
 
 
@@ -302,6 +305,7 @@ flags.DEFINE_integer("keep_checkpoint_every_steps", _DEFAULTS.keep_checkpoint_ev
                      "Also keep, permanently, checkpoints at multiples of N steps (0: none).")
 flags.DEFINE_bool("resume", _DEFAULTS.resume,
                   "Continue from the newest valid checkpoint in <workdir>/checkpoints, if any.")
+flags.DEFINE_string("save_final_params", "", "If set, write the final parameters to this .npz.")
 flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
 FLAGS = flags.FLAGS
 
@@ -315,9 +319,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.cpu_devices > 0:
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
+    if FLAGS.cpu_devices > 0:  # before jax.distributed and before any device use
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     try:
+        # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
+        distributed.initialize_from_flags()
         rows = train(config_from_flags())
     except (ValueError, sources.DataError) as e:  # checkpoint.CheckpointError is a ValueError
+    except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Start N processes of one command on this machine as one jax.distributed job.
+
+    python launch/local.py --num_processes=2 --devices_per_process=4 -- nodepert-train --lr=0.01
+
+Each process gets NODEPERT_COORDINATOR_ADDRESS (127.0.0.1 and a free port), NODEPERT_NUM_PROCESSES
+and NODEPERT_PROCESS_ID (read by nodepert_dist.distributed.initialize when the flags are absent)
+and, with --devices_per_process=K, K simulated CPU devices via
+XLA_FLAGS=--xla_force_host_platform_device_count=K. Every output line is prefixed with its rank.
+If any process exits non-zero, or the job outlives --timeout_s, every process group is killed
+and the launcher exits non-zero with one line naming the rank (status 1; 124 for the timeout).
+Standard library only: it does not import jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ENV_COORDINATOR = "NODEPERT_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "NODEPERT_NUM_PROCESSES"
+ENV_PROCESS_ID = "NODEPERT_PROCESS_ID"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def child_env(base: dict, rank: int, num_processes: int, address: str,
+              devices_per_process: int) -> dict:
+    env = dict(base)
+    env[ENV_COORDINATOR] = address
+    env[ENV_NUM_PROCESSES] = str(num_processes)
+    env[ENV_PROCESS_ID] = str(rank)
+    env["PYTHONUNBUFFERED"] = "1"
+    if devices_per_process > 0:
+        kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+        env["XLA_FLAGS"] = " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices_per_process}"])
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+class Job:
+    """The running processes, their output pumps and an exit queue (first failure first)."""
+
+    def __init__(self, command, num_processes, devices_per_process, address, out=sys.stdout):
+        self.out, self.lock = out, threading.Lock()
+        self.exits: "queue.Queue[tuple[int, int]]" = queue.Queue()
+        self.procs: list[subprocess.Popen] = []
+        self.pumps: list[threading.Thread] = []
+        width = len(str(num_processes - 1))
+        for rank in range(num_processes):
+            env = child_env(os.environ, rank, num_processes, address, devices_per_process)
+            p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs.append(p)
+            self.say(f"[launch] rank {rank} pid {p.pid}")
+            pump = threading.Thread(target=self._pump, args=(p, f"[{rank:>{width}}] "), daemon=True)
+            pump.start()
+            self.pumps.append(pump)
+            threading.Thread(target=self._wait, args=(rank, p), daemon=True).start()
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def _pump(self, p, prefix):
+        for raw in iter(p.stdout.readline, b""):
+            self.say(prefix + raw.decode(errors="replace").rstrip("\n"))
+
+    def _wait(self, rank, p):
+        self.exits.put((rank, p.wait()))
+
+    def kill_all(self, grace_s: float = 5.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in self.procs:
+                if p.poll() is None:
+                    try:
+                        os.killpg(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+                time.sleep(0.05)
+        for pump in self.pumps:
+            pump.join(timeout=2)
+
+    def wait(self, timeout_s: float) -> tuple[int, str]:
+        """(exit status, reason); status 0 once every rank exited 0."""
+        deadline = time.monotonic() + timeout_s
+        finished = 0
+        while finished < len(self.procs):
+            try:
+                rank, rc = self.exits.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    running = [str(r) for r, p in enumerate(self.procs) if p.poll() is None]
+                    return 124, (f"timeout after {timeout_s:g} s with rank(s) {', '.join(running)} "
+                                 f"still running; killed all")
+                continue
+            finished += 1
+            if rc != 0:
+                return 1, f"rank {rank} {describe_exit(rc)}; killed the other ranks"
+        for pump in self.pumps:
+            pump.join(timeout=5)
+        return 0, "all ranks exited 0"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s [options] -- command [args...]")
+    parser.add_argument("--num_processes", type=int, required=True)
+    parser.add_argument("--devices_per_process", type=int, default=0,
+                        help="simulated CPU devices per process (0: leave the platform alone)")
+    parser.add_argument("--timeout_s", type=float, default=3600,
+                        help="kill everything and fail after this many seconds")
+    parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    if args.num_processes < 1:
+        parser.error("--num_processes must be >= 1")
+    address = f"127.0.0.1:{args.port or free_port()}"
+
+    job = Job(command, args.num_processes, args.devices_per_process, address)
+    job.say(f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
+            f"device(s), coordinator {address}: {' '.join(command)}")
+
+    def on_signal(signum, _frame):
+        job.kill_all()
+        job.say(f"[launch] error: launcher got {signal.Signals(signum).name}; killed all ranks")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        status, reason = job.wait(args.timeout_s)
+    finally:
+        if any(p.poll() is None for p in job.procs):
+            job.kill_all()
+    if status:
+        job.say(f"[launch] error: {reason}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Hyperparameter sweeps: a grid of flag values x seeds -> one run (one workdir) per combination.
+
+    python launch/sweep.py --spec=launch/sweeps/lr_np_vs_sgd.json --mode=print
+    python launch/sweep.py --spec=... --mode=local --parallel=2      # run here, 2 at a time
+    python launch/sweep.py --spec=... --mode=slurm > sweep.sbatch    # a SLURM job array
+    python launch/sweep.py --spec=... --mode=summary                 # CSV of finished runs
+
+Spec (JSON, or a .py file defining a dict SPEC):
+    {"command": ["nodepert-train"],             # optional, this is the default
+     "root": "runs/sweeps/lr_np_vs_sgd",         # the workdirs go under it
+     "base": {"num_epochs": 10},                 # flags shared by every run
+     "grid": {"update_rule": ["np", "sgd"], "lr": [0.01, 0.001]},
+     "seeds": 2,                                 # or an explicit list [0, 1, 7]
+     "slurm": {"time": "02:00:00", "gpus": 1}}   # optional, for --mode=slurm
+Rows are the product of the grid values in spec order with the seed innermost; row i is what
+SLURM_ARRAY_TASK_ID=i runs. A run is finished when the last epoch in its metrics.jsonl equals
+its num_epochs; --mode=summary and --skip_finished leave unfinished runs out / in.
+Standard library only: it does not import jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import runpy
+import shlex
+import subprocess
+import sys
+import time
+from typing import Optional
+
+DEFAULT_COMMAND = ["nodepert-train"]
+SUMMARY_METRICS = ("epoch", "step", "test_acc", "test_loss", "train_acc", "train_loss",
+                   "mean_step_loss", "examples_per_s")
+
+
+# ----------------------------------------------------------------------------- spec -> rows
+
+def load_spec(path: str) -> dict:
+    if path.endswith(".py"):
+        spec = runpy.run_path(path).get("SPEC")
+        if not isinstance(spec, dict):
+            raise SystemExit(f"error: {path} does not define a dict SPEC")
+    else:
+        with open(path) as f:
+            spec = json.load(f)
+    unknown = set(spec) - {"command", "root", "base", "grid", "seeds", "slurm"}
+    if unknown:
+        raise SystemExit(f"error: unknown spec keys {sorted(unknown)} in {path}")
+    for key, values in spec.get("grid", {}).items():
+        if not isinstance(values, list) or not values:
+            raise SystemExit(f"error: grid entry {key!r} must be a non-empty list")
+    return spec
+
+
+def seeds_of(spec: dict) -> list:
+    seeds = spec.get("seeds", 1)
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def run_name(settings: dict) -> str:
+    """Workdir name from the swept settings: 'update_rule=np,lr=0.01,seed=0' (path-safe)."""
+    parts = [f"{k}={_fmt(v)}" for k, v in settings.items()]
+    return ",".join(p.replace("/", "_").replace(" ", "_") for p in parts)
+
+
+def expand(spec: dict) -> list[dict]:
+    """Every run: {'index', 'settings' (swept values + seed), 'flags' (all), 'workdir', 'argv'}."""
+    grid = spec.get("grid", {})
+    root = spec.get("root", "runs/sweep")
+    command = list(spec.get("command", DEFAULT_COMMAND))
+    rows = []
+    for values in itertools.product(*grid.values()):
+        for seed in seeds_of(spec):
+            settings = dict(zip(grid.keys(), values))
+            settings["seed"] = seed
+            workdir = os.path.join(root, run_name(settings))
+            run_flags = {**spec.get("base", {}), **settings, "workdir": workdir}
+            argv = command + [f"--{k}={_fmt(v)}" for k, v in run_flags.items()]
+            rows.append({"index": len(rows), "settings": settings, "flags": run_flags,
+                         "workdir": workdir, "argv": argv})
+    return rows
+
+
+# ----------------------------------------------------------------------------- finished runs
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a half-written last line: the run is not finished
+    return rows
+
+
+def num_epochs_of(run: dict) -> Optional[int]:
+    """The run's num_epochs from its config.json (what it actually ran with), else its flags."""
+    config = os.path.join(run["workdir"], "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            return int(json.load(f)["num_epochs"])
+    value = run["flags"].get("num_epochs")
+    return None if value is None else int(value)
+
+
+def final_row(run: dict) -> Optional[dict]:
+    """The last metrics row if the run finished, else None."""
+    rows = read_metrics(run["workdir"])
+    target = num_epochs_of(run)
+    if not rows or target is None or rows[-1].get("epoch") != target:
+        return None
+    return rows[-1]
+
+
+def summary(runs: list[dict], out_path: str) -> tuple[int, int]:
+    """Writes one CSV row per finished run (settings + final metrics); returns (written, skipped)."""
+    setting_cols = list(runs[0]["settings"]) if runs else []
+    written = 0
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["index"] + setting_cols + list(SUMMARY_METRICS) + ["workdir"],
+                           extrasaction="ignore")
+        w.writeheader()
+        for run in runs:
+            row = final_row(run)
+            if row is None:
+                continue
+            w.writerow({"index": run["index"], **run["settings"], **row, "workdir": run["workdir"]})
+            written += 1
+    return written, len(runs) - written
+
+
+# ----------------------------------------------------------------------------- modes
+
+def slurm_script(runs: list[dict], spec: dict, spec_path: str) -> str:
+    """A job array: task i runs row i. The commands are written into the script itself."""
+    opts = {"job-name": "nodepert-sweep", "time": "04:00:00", "cpus-per-task": 8, "gpus": 1,
+            **spec.get("slurm", {})}
+    root = spec.get("root", "runs/sweep")
+    lines = ["#!/bin/bash", f"# Generated by launch/sweep.py from {spec_path}: {len(runs)} runs.",
+             f"#SBATCH --array=0-{len(runs) - 1}"]
+    lines += [f"#SBATCH --{k}={v}" for k, v in opts.items()]
+    lines += [f"#SBATCH --output={root}/slurm-%A_%a.out", "", "set -euo pipefail",
+              f"mkdir -p {shlex.quote(root)}", "RUNS=("]
+    lines += [f"  {shlex.quote(shlex.join(r['argv']))}" for r in runs]
+    lines += [")", ': "${SLURM_ARRAY_TASK_ID:?run this with sbatch (a job array)}"',
+              'echo "sweep row ${SLURM_ARRAY_TASK_ID}: ${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+              'eval "exec ${RUNS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    return "\n".join(lines)
+
+
+def run_local(runs: list[dict], parallel: int, skip_finished: bool, log=print) -> int:
+    """Runs each row here, `parallel` at a time, output to <workdir>/run.log; returns failures."""
+    todo = [r for r in runs if not (skip_finished and final_row(r) is not None)]
+    if len(todo) < len(runs):
+        log(f"[sweep] skipping {len(runs) - len(todo)} finished run(s)")
+    running, failures = [], 0
+    while todo or running:
+        while todo and len(running) < max(1, parallel):
+            run = todo.pop(0)
+            os.makedirs(run["workdir"], exist_ok=True)
+            logf = open(os.path.join(run["workdir"], "run.log"), "w")
+            log(f"[sweep] start {run['index']}: {shlex.join(run['argv'])}")
+            running.append((run, subprocess.Popen(run["argv"], stdout=logf,
+                                                  stderr=subprocess.STDOUT), logf))
+        time.sleep(0.2)
+        for item in list(running):
+            run, proc, logf = item
+            if proc.poll() is not None:
+                logf.close()
+                running.remove(item)
+                ok = proc.returncode == 0
+                failures += not ok
+                log(f"[sweep] {'done' if ok else 'FAILED'} {run['index']} "
+                    f"(status {proc.returncode}): {run['workdir']}")
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="JSON file or .py file defining SPEC")
+    parser.add_argument("--mode", choices=("print", "local", "slurm", "summary"), default="print")
+    parser.add_argument("--index", type=int, default=None, help="only this row (print/local)")
+    parser.add_argument("--parallel", type=int, default=1, help="local mode: runs at a time")
+    parser.add_argument("--skip_finished", action="store_true", help="local mode")
+    parser.add_argument("--out", default=None, help="summary CSV (default <root>/summary.csv)")
+    args = parser.parse_args(argv)
+
+    spec = load_spec(args.spec)
+    runs = expand(spec)
+    if args.index is not None:
+        if not 0 <= args.index < len(runs):
+            raise SystemExit(f"error: --index={args.index} is outside 0..{len(runs) - 1}")
+        runs = [runs[args.index]]
+    if args.mode == "print":
+        for r in runs:
+            print(shlex.join(r["argv"]))
+    elif args.mode == "slurm":
+        sys.stdout.write(slurm_script(runs, spec, args.spec))
+    elif args.mode == "local":
+        failures = run_local(runs, args.parallel, args.skip_finished)
+        if failures:
+            print(f"[sweep] error: {failures} of {len(runs)} run(s) failed", file=sys.stderr)
+            return 1
+    else:
+        out = args.out or os.path.join(spec.get("root", "runs/sweep"), "summary.csv")
+        written, skipped = summary(runs, out)
+        print(f"[sweep] {out}: {written} finished run(s), {skipped} unfinished skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

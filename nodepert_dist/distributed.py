@@ -1,0 +1,312 @@
+"""Multi-process start-up: one call, `initialize()`, before anything touches a device.
+
+Where the process layout comes from, first match wins:
+  1. explicit settings: the flags `--coordinator_address --num_processes --process_id`, or, for
+     any of them left unset, the env vars NODEPERT_COORDINATOR_ADDRESS / NODEPERT_NUM_PROCESSES /
+     NODEPERT_PROCESS_ID (set by launch/local.py for whatever command it starts);
+  2. SLURM (`srun`): coordinator = first host of SLURM_JOB_NODELIST (or SLURM_NODELIST) on a port
+     derived from SLURM_JOB_ID, process id/count = SLURM_PROCID / SLURM_NTASKS. One process per
+     GPU by default (GPU = SLURM_LOCALID, or the single GPU SLURM bound to the task); with
+     `--slurm_tasks=per_node` one process per node that uses all of the node's GPUs;
+  3. nothing: a single process, `jax.distributed` is not started.
+
+A peer that never shows up is not a Python exception in jax: the process aborts once the
+initialisation timeout passes. We therefore (a) check that a non-zero rank can reach the
+coordinator's TCP port at all, and (b) run a watchdog that prints a one-line error and exits
+with status 3 when `jax.distributed.initialize` has not returned after `--init_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from typing import Mapping, Optional, Sequence
+
+from absl import flags, logging
+
+ENV_COORDINATOR = "NODEPERT_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "NODEPERT_NUM_PROCESSES"
+ENV_PROCESS_ID = "NODEPERT_PROCESS_ID"
+SLURM_TASKS = ("per_gpu", "per_node")
+INIT_TIMEOUT_EXIT_CODE = 3
+
+flags.DEFINE_string("coordinator_address", None,
+                    f"host:port of process 0's coordinator (env {ENV_COORDINATOR}; SLURM: auto).")
+flags.DEFINE_integer("num_processes", None, f"Processes in the job (env {ENV_NUM_PROCESSES}).")
+flags.DEFINE_integer("process_id", None, f"This process's rank, 0-based (env {ENV_PROCESS_ID}).")
+flags.DEFINE_enum("slurm_tasks", "per_gpu", list(SLURM_TASKS),
+                  "Under SLURM: one task per GPU (default) or one task per node using all its GPUs.")
+flags.DEFINE_integer("expected_devices", 0,
+                     "Fail at start-up unless the job sees exactly this many devices (0: no check).")
+flags.DEFINE_integer("init_timeout_s", 300, "Seconds to wait for all processes to join.")
+
+
+class DistributedError(RuntimeError):
+    """A bad or unreachable process layout; the message is one line naming the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Who this process is. `source` is 'flags', 'env', 'slurm' or 'single'."""
+    source: str
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator_address: Optional[str] = None
+    local_device_ids: Optional[tuple[int, ...]] = None  # None: every device the process sees
+
+    @property
+    def multi_process(self) -> bool:
+        return self.num_processes > 1
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+def parse_hostlist(hostlist: str) -> list[str]:
+    """Expands a SLURM hostlist: 'node[001-003,007],gpu-a' -> node001 node002 node003 node007 gpu-a.
+
+    Ranges keep their zero padding; several bracket groups in one name multiply out
+    ('r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(hostlist.strip()):
+        expanded = [""]
+        for literal, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [literal]
+            if group:
+                choices = [literal + v for v in _expand_ranges(group, item)]
+            expanded = [prefix + c for prefix in expanded for c in choices]
+        hosts.extend(h for h in expanded if h)
+    return hosts
+
+
+def _split_top_level(s: str) -> list[str]:
+    """Splits on commas that are outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(s[start:i])
+            start = i + 1
+        if depth < 0 or depth > 1:
+            raise DistributedError(f"malformed SLURM hostlist {s!r}")
+    if depth:
+        raise DistributedError(f"malformed SLURM hostlist {s!r}")
+    items.append(s[start:])
+    return [i.strip() for i in items if i.strip()]
+
+
+def _expand_ranges(group: str, item: str) -> list[str]:
+    out = []
+    for part in group.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise DistributedError(f"malformed range {part!r} in SLURM hostlist item {item!r}")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        if int(hi) < int(lo):
+            raise DistributedError(f"descending range {part!r} in SLURM hostlist item {item!r}")
+        width = len(lo)
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def slurm_port(job_id: int) -> int:
+    """A coordinator port every task of the job derives alike, spread over 61000-64999."""
+    return 61000 + int(job_id) % 4000
+
+
+def _gpu_list(value: Optional[str]) -> Optional[list[str]]:
+    """'0,1,3' -> ['0','1','3']; None or '' (or SLURM's 'NoDevFiles') -> None."""
+    if not value or value.strip() in ("", "NoDevFiles"):
+        return None
+    return [v for v in value.split(",") if v.strip()]
+
+
+def slurm_layout(env: Mapping[str, str], tasks: str = "per_gpu") -> Optional[Layout]:
+    """The layout of an `srun` task from its environment; None when not inside a SLURM step."""
+    if tasks not in SLURM_TASKS:
+        raise DistributedError(f"--slurm_tasks={tasks!r} is not one of {', '.join(SLURM_TASKS)}")
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return None
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if job_id is None:
+        raise DistributedError("SLURM_JOB_ID is not set; cannot derive the coordinator port")
+    hosts = parse_hostlist(nodelist)
+    if not hosts:
+        raise DistributedError(f"empty SLURM hostlist {nodelist!r}")
+    num, pid = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+    local_ids = None
+    if tasks == "per_gpu":
+        # If SLURM bound one GPU to the task (--gpus-per-task=1 / --gpu-bind), it is device 0 of
+        # what the task sees; otherwise the task sees all GPUs of the node and takes its local id.
+        visible = _gpu_list(env.get("CUDA_VISIBLE_DEVICES"))
+        local_ids = (0,) if visible is not None and len(visible) == 1 else (
+            int(env.get("SLURM_LOCALID", "0")),)
+    return Layout("slurm", num_processes=num, process_id=pid,
+                  coordinator_address=f"{hosts[0]}:{slurm_port(int(job_id))}",
+                  local_device_ids=local_ids)
+
+
+# ----------------------------------------------------------------------------- detection
+
+def detect(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+           process_id: Optional[int] = None, *, slurm_tasks: str = "per_gpu",
+           env: Optional[Mapping[str, str]] = None) -> Layout:
+    """Pure: the layout from explicit values, then NODEPERT_* env vars, then SLURM, else single."""
+    env = os.environ if env is None else env
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    source = "flags" if any(v is not None for v in given.values()) else None
+    from_env = {"coordinator_address": env.get(ENV_COORDINATOR),
+                "num_processes": env.get(ENV_NUM_PROCESSES), "process_id": env.get(ENV_PROCESS_ID)}
+    if any(v for v in from_env.values()):
+        source = source or "env"
+        for k, v in from_env.items():
+            if given[k] is None and v:
+                given[k] = v
+    if source is not None:
+        missing = [k for k, v in given.items() if v is None]
+        num = int(given["num_processes"]) if given["num_processes"] is not None else None
+        if num == 1 and given["process_id"] in (None, 0, "0"):
+            return Layout(source)
+        if missing:
+            raise DistributedError(
+                f"incomplete process layout from {source}: set --{' --'.join(missing)} "
+                f"(or {', '.join('NODEPERT_' + m.upper() for m in missing)})")
+        return _checked(Layout(source, num_processes=num, process_id=int(given["process_id"]),
+                               coordinator_address=str(given["coordinator_address"])))
+    slurm = slurm_layout(env, slurm_tasks)
+    if slurm is not None:
+        return _checked(slurm) if slurm.multi_process else Layout("slurm")
+    return Layout("single")
+
+
+def _checked(layout: Layout) -> Layout:
+    if layout.num_processes < 1:
+        raise DistributedError(f"num_processes={layout.num_processes} must be >= 1")
+    if not 0 <= layout.process_id < layout.num_processes:
+        raise DistributedError(f"process_id={layout.process_id} is outside 0..{layout.num_processes - 1}")
+    host, _, port = (layout.coordinator_address or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"coordinator address {layout.coordinator_address!r} is not host:port")
+    return layout
+
+
+# ----------------------------------------------------------------------------- start-up
+
+def _wait_for_coordinator(address: str, deadline: float) -> None:
+    """Non-zero ranks: fail with one line unless the coordinator's port accepts a TCP connection."""
+    host, _, port = address.rpartition(":")
+    last = None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise DistributedError(
+                f"no coordinator answered at {address} within the init timeout ({last}); "
+                f"is process 0 running there, and do all processes use the same address?")
+        time.sleep(0.25)
+
+
+def _watchdog(layout: Layout, timeout_s: float) -> threading.Event:
+    done = threading.Event()
+
+    def fire():
+        if not done.wait(timeout_s):
+            sys.stderr.write(
+                f"error: process {layout.process_id}/{layout.num_processes}: not all "
+                f"{layout.num_processes} processes joined the coordinator at "
+                f"{layout.coordinator_address} within {timeout_s:g} s (--init_timeout_s)\n")
+            sys.stderr.flush()
+            os._exit(INIT_TIMEOUT_EXIT_CODE)
+
+    threading.Thread(target=fire, daemon=True, name="init-watchdog").start()
+    return done
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, *, slurm_tasks: str = "per_gpu",
+               init_timeout_s: float = 300, expected_devices: int = 0,
+               env: Optional[Mapping[str, str]] = None) -> Layout:
+    """Detects the layout, starts jax.distributed if there is more than one process, logs what it
+    found and checks the device count. Call it once, before anything touches a device."""
+    import jax  # noqa: F401  (imported here so the pure helpers above stay cheap to test)
+
+    layout = detect(coordinator_address, num_processes, process_id, slurm_tasks=slurm_tasks,
+                    env=env)
+    if layout.multi_process:
+        logging.info("distributed: process %d of %d from %s, coordinator %s, local devices %s; "
+                     "waiting up to %gs for all processes", layout.process_id,
+                     layout.num_processes, layout.source, layout.coordinator_address,
+                     "all" if layout.local_device_ids is None else list(layout.local_device_ids),
+                     init_timeout_s)
+        start = time.monotonic()
+        deadline = start + init_timeout_s
+        if layout.process_id != 0:
+            _wait_for_coordinator(layout.coordinator_address, deadline)
+        done = _watchdog(layout, max(1.0, deadline - time.monotonic()))
+        # jax's own timeout a little later than the watchdog, so our one-line error wins.
+        jax.distributed.initialize(
+            coordinator_address=layout.coordinator_address, num_processes=layout.num_processes,
+            process_id=layout.process_id,
+            local_device_ids=None if layout.local_device_ids is None else list(layout.local_device_ids),
+            initialization_timeout=int(init_timeout_s) + 30,
+            cluster_detection_method="deactivate")  # the layout is ours; jax must not re-detect
+        done.set()
+        logging.info("distributed: joined in %.1fs", time.monotonic() - start)
+    n_global, n_local = jax.device_count(), jax.local_device_count()
+    logging.info("devices: process %d of %d (%s), %d local, %d global: %s", jax.process_index(),
+                 jax.process_count(), layout.source, n_local, n_global,
+                 ", ".join(str(d) for d in jax.local_devices()))
+    if expected_devices and n_global != expected_devices:
+        raise DistributedError(
+            f"expected {expected_devices} devices (--expected_devices) but the job sees {n_global} "
+            f"({n_local} local x {jax.process_count()} processes, platform "
+            f"{jax.devices()[0].platform})")
+    return layout
+
+
+def initialize_from_flags(env: Optional[Mapping[str, str]] = None) -> Layout:
+    """`initialize()` with this module's absl flags (after they are parsed)."""
+    f = flags.FLAGS
+    return initialize(f.coordinator_address, f.num_processes, f.process_id,
+                      slurm_tasks=f.slurm_tasks, init_timeout_s=f.init_timeout_s,
+                      expected_devices=f.expected_devices, env=env)
+
+
+
+def save_params_npz(path: str, params) -> None:
+    """Writes a parameter tree to one .npz (keys are '/'-joined tree paths) from process 0.
+
+    Every process must call it (the gather is a collective); sharded leaves are assembled whole.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = {}
+    for key_path, leaf in leaves:
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in key_path)
+        if jax.process_count() > 1 and not leaf.is_fully_replicated:
+            value = multihost_utils.process_allgather(leaf, tiled=True)
+        else:
+            value = jax.device_get(leaf)
+        arrays[name] = np.asarray(value)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
