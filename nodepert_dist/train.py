@@ -317,15 +317,13 @@ def config_from_flags() -> Config:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.cpu_devices > 0:
-        mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     if FLAGS.cpu_devices > 0:  # before jax.distributed and before any device use
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+        mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     try:
         # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
         distributed.initialize_from_flags()
         rows = train(config_from_flags())
-    except (ValueError, sources.DataError) as e:  # checkpoint.CheckpointError is a ValueError
+    # checkpoint.CheckpointError is a ValueError
     except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
