@@ -12,6 +12,6 @@ if ! .venv/bin/python -c "import jax, sys; sys.exit(jax.default_backend() == 'cp
   DEVICES=(--cpu_devices=8)
 fi
 COMMON=(--dataset=mnist --network=fc --loss=mse --batchsize=128 --num_epochs=10 --seed=0 "${DEVICES[@]}")
-.venv/bin/nodepert-train "${COMMON[@]}" --update_rule=np --lr=0.05 --workdir=runs/mnist_np "$@"
+.venv/bin/nodepert-train "${COMMON[@]}" --update_rule=np --lr=0.02 --workdir=runs/mnist_np "$@"
 .venv/bin/nodepert-train "${COMMON[@]}" --update_rule=sgd --lr=1.0 --workdir=runs/mnist_sgd "$@"
 .venv/bin/nodepert-plot --workdirs=runs/mnist_np,runs/mnist_sgd --out=runs/mnist_np_vs_sgd.png

@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 from absl import flags, logging
 
