@@ -5,6 +5,7 @@ A single CPU is a mesh of one; there is no separate single-device code path.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -66,8 +67,6 @@ def serialize_if_multiprocess_cpu(fn):
     pipeline asynchronously, the processes sometimes deadlock in the all-reduce. Blocking on
     every result avoids it. GPU runs and single-process runs keep asynchronous dispatch.
     """
-    import functools
-
     if jax.process_count() == 1 or jax.devices()[0].platform != "cpu":
         return fn
 
