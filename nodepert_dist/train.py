@@ -102,14 +102,22 @@ _RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsiz
 
 def evaluate(eval_step, params, x, y, cfg: Config, mesh) -> tuple[float, float]:
     """(accuracy, mean loss) over a whole split, computed on the global batch."""
-    totals = None
+    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+
+    def add(out):  # host-side sums; waits for that batch (one in flight, as in the train loop)
+        for k, v in jax.device_get(out).items():
+            totals[k] += float(v)
+
+    pending = None
     for batch in pipeline.eval_batches(x, y, global_batch=cfg.eval_batchsize,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
         out = eval_step(params, *mesh_lib.global_batch(mesh, *batch))
-        totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-    totals = jax.device_get(totals)
-    return float(totals["correct"] / totals["count"]), float(totals["loss_sum"] / totals["count"])
+        if pending is not None:
+            add(pending)
+        pending = out
+    add(pending)
+    return totals["correct"] / totals["count"], totals["loss_sum"] / totals["count"]
 
 
 def _accumulate(sums: dict, step_metrics) -> None:
