@@ -1,8 +1,9 @@
 """Small datasets generated in the exact published formats (IDX; CIFAR python pickles).
 
-CIFAR batches are dicts with bytes keys, pickled with protocol 2 as the originals (written by
-Python 2) are: b"batch_label", b"labels" / b"fine_labels" + b"coarse_labels", b"data"
-(N x 3072 uint8, channel-major), b"filenames"; plus batches.meta / meta.
+CIFAR batches are dicts with bytes keys, pickled as the originals were by Python 2's cPickle
+(protocol 2, strings as BINSTRING, numpy arrays via numpy.core.multiarray._reconstruct):
+b"batch_label", b"labels" / b"fine_labels" + b"coarse_labels", b"data" (N x 3072 uint8,
+channel-major), b"filenames"; plus batches.meta / meta.
 """
 
 import gzip
@@ -15,6 +16,29 @@ import tarfile
 import numpy as np
 
 from nodepert_dist.data import cifar, sources
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 the way Python 2 wrote it: every str/bytes is a raw BINSTRING (Python 3's own
+    protocol 2 would wrap bytes in _codecs.encode, which the real files never contain)."""
+
+    def _save_binstring(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = _save_binstring
+    dispatch[str] = _save_binstring
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -53,7 +77,7 @@ def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0) -> tupl
         else:
             coarse = fine // 5
             d[b"fine_labels"], d[b"coarse_labels"] = [int(v) for v in fine], [int(v) for v in coarse]
-        members[member] = pickle.dumps(d, protocol=2)
+        members[member] = py2_pickle(d)
         images = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
         return images, fine, fine // 5
 
@@ -66,7 +90,7 @@ def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0) -> tupl
              b"num_cases_per_batch": per_batch} if name == "cifar10" else
             {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
              b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
-    members[spec.meta] = pickle.dumps(meta, protocol=2)
+    members[spec.meta] = py2_pickle(meta)
     return members, arrays
 
 

@@ -72,7 +72,7 @@ class _SafeUnpickler(pickle.Unpickler):
     """Builds numpy arrays and builtin containers only (the CIFAR pickles need nothing else)."""
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+                ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
