@@ -210,6 +210,12 @@ def train(cfg: Config) -> list[dict]:
         state, manifest = restored
         check_resume_config(manifest["config"], dataclasses.asdict(cfg))
         loop = manifest["loop"]
+        saved_order = manifest.get("rng", {}).get("data_order")
+        if loop["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
+            raise ValueError(
+                f"the checkpoint in {ckpt_dir} stopped mid-epoch under another data order "
+                f"({saved_order!r}); resuming would repeat or skip examples. Resume it with the "
+                f"version that saved it, or remove checkpoints back to an epoch boundary")
         rows, epoch_start, step_start = loop["rows"], loop["epoch"], loop["step_in_epoch"]
         # The running sums of the interrupted epoch (host floats: JSON keeps them exactly).
         resumed_sums = loop["sums"]
@@ -232,7 +238,7 @@ def train(cfg: Config) -> list[dict]:
         saver.save(step, state, position=position, meta={
             "epoch": epoch, "config": dataclasses.asdict(cfg),
             "rng": {"seed": cfg.seed, "noise_keys": "fold_in(seed, step, example index)",
-                    "data_order": "shuffle seed from (seed, epoch)"},
+                    "data_order": pipeline.DATA_ORDER},
             "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums,
                      "elapsed": elapsed, "rows": list(rows)}})
 

@@ -58,3 +58,17 @@ def test_resume_mid_epoch_with_augmentation_is_exact(cifar100_dir, tmp_path):
                             if k not in ("epoch_time", "examples_per_s")}
     rows = lambda run: [untimed(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert rows("cut") == rows("whole")
+
+
+def test_resume_mid_epoch_under_another_data_order_is_refused(cifar100_dir, tmp_path):
+    common = [*SMALL, f"--data_dir={cifar100_dir}", f"--workdir={tmp_path}/run",
+              "--checkpoint_every_steps=3"]
+    first = _train([*common, "--max_steps=3"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    (manifest,) = (tmp_path / "run" / "checkpoints").glob("step_*/manifest.json")
+    saved = json.loads(manifest.read_text())
+    saved["rng"]["data_order"] = "shuffle seed from (seed, epoch)"  # what earlier versions wrote
+    manifest.write_text(json.dumps(saved))
+    second = _train(common)
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert "stopped mid-epoch under another data order" in second.stderr

@@ -1,7 +1,8 @@
 """Grain input pipeline: shuffle per epoch from the seed, batch, shard by process, augment.
 
-The global batch at (epoch, step) is a pure function of (seed, epoch, step): shuffle the row
-numbers of the split with a seed derived from (seed, epoch), cut them into global batches, and let
+The global batch at (epoch, step) is a pure function of (seed, epoch, step): permute the row
+numbers of the split with a generator seeded from (seed, epoch), cut them into global batches
+(Grain maps batch numbers to batches, with random access and prefetch), and let
 process p gather only the contiguous slice [p*b, (p+1)*b) of each one from the memory-mapped
 images (store.py), so it reads only its share. Contiguous slices keep every example at the same
 position of the global batch whatever the process count, so its noise key is the same too.
@@ -44,8 +45,16 @@ class Rows:
         return len(self.array)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+# Recorded in checkpoints: resuming mid-epoch needs the same order (train.py checks it).
+DATA_ORDER = "rows[lo:hi][numpy PCG64(SeedSequence([seed, epoch])).permutation], cut in global batches"
+
+
+def epoch_order(seed: int, epoch: int, lo: int, hi: int) -> np.ndarray:
+    """The epoch's order of rows [lo, hi): one vectorised permutation (~3 ms for 60k rows;
+    Grain's per-element index shuffle cost ~1 ms per 128-example batch, the pipeline's
+    largest cost)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return lo + rng.permutation(hi - lo)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -53,14 +62,16 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 class _Gather:
-    """Global batch of row numbers -> this process's (uint8 images, int32 labels) slice."""
+    """Global batch number -> this process's (uint8 images, int32 labels) slice of it."""
 
-    def __init__(self, images, labels, offset, local, seed, epoch, augment):
-        self.images, self.labels = Rows(images), Rows(labels)
-        self.offset, self.local, self.seed, self.epoch, self.augment = offset, local, seed, epoch, augment
+    def __init__(self, images, labels, order, global_batch, offset, local, seed, epoch, augment):
+        self.images, self.labels, self.order = Rows(images), Rows(labels), order
+        self.global_batch, self.offset, self.local = global_batch, offset, local
+        self.seed, self.epoch, self.augment = seed, epoch, augment
 
-    def __call__(self, rows):
-        mine = np.asarray(rows[self.offset:self.offset + self.local])
+    def __call__(self, step):
+        start = step * self.global_batch + self.offset
+        mine = self.order[start:start + self.local]
         x, y = self.images[mine], np.asarray(self.labels[mine], np.int32)
         if self.augment:
             x = augment_lib.crop_flip(x, augment_lib.example_bits(self.seed, self.epoch, mine))
@@ -73,11 +84,9 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
     """This process's slice of every global batch of `epoch` over rows [lo, hi) (random access)."""
     lo, hi = rows if rows is not None else (0, len(labels))
     local = global_batch // process_count
-    gather = _Gather(images, labels, process_index * local, local, seed, epoch, augment)
-    return (grain.MapDataset.range(lo, hi)
-            .shuffle(seed=epoch_seed(seed, epoch))
-            .batch(global_batch, drop_remainder=True)
-            .map(gather))
+    gather = _Gather(images, labels, epoch_order(seed, epoch, lo, hi), global_batch,
+                     process_index * local, local, seed, epoch, augment)
+    return grain.MapDataset.range(steps_per_epoch(hi - lo, global_batch)).map(gather)
 
 
 class _EvalGather:
