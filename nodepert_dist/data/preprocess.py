@@ -18,6 +18,7 @@ import os
 import tempfile
 
 import numpy as np
+from absl import logging
 
 from nodepert_dist.data.raw import publish_mode
 
@@ -53,6 +54,10 @@ def compute(images: np.ndarray, mode: str, lo: int, hi: int) -> dict:
         std = np.sqrt(var)
         return {"mean": mean, "std": np.where(std > 0, std, 1.0)}
     if mode == "zca":
+        if n <= images[0].size:
+            logging.warning("ZCA from %d examples of %d values each: the covariance is singular and "
+                            "directions without training variance get scaled by 1/sqrt(%g)",
+                            n, images[0].size, ZCA_EPSILON)
         flat = lambda x: x.reshape(len(x), -1)
         mean = sum(flat(x).sum(axis=0) for x in _chunks(images, lo, hi)) / n
         cov = sum((flat(x) - mean).T @ (flat(x) - mean) for x in _chunks(images, lo, hi)) / n
