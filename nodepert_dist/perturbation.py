@@ -17,15 +17,18 @@ subexpression), which is what puts NP's matmul FLOPs at SGD's. The weight gradie
 of every layer's own linear map at its noisy input (no backward chain). Per-example delta_i is
 essential: a batch-mean delta times per-example terms is biased.
 
-Precision (measured, fc 784-500-500-10, float32 vs float64 delta): the relative error of delta_i
-is ~2.5e-3 at sigma=1e-4 and ~2.5e-2 at sigma=1e-5: loss differences are finite differences of
-float32 losses, and nothing cancels that rounding. Prefer sigma >= 1e-4 in float32.
+Precision: delta_i is a finite difference of float32 losses, and nothing cancels its rounding.
+Relative error of float32 delta against float64 with the same noise (B=128, either noise kind):
+fc 784-500-500-10: 3e-4 / 3e-3 / 2.5e-2 at sigma 1e-3 / 1e-4 / 1e-5; conv: 1.6e-4 / 1.6e-3 /
+1.7e-2. The rounding adds variance, not bias; prefer sigma >= 1e-4 in float32.
 
 Modes (`--np_mode`), the same update with a different memory/compute trade-off:
-  keep   the noise drawn for the noisy pass is kept for the weight-gradient ops;
-  regen  the noise is drawn again from its keys once the loss changes are known, so no noise
-         stays alive across the forward (worth it for Gaussian noise; Rademacher noise is kept
-         as packed bits, 1/32 of the activations).
+  keep   the noise drawn for the noisy pass is kept for the weight-gradient ops (default);
+  regen  each layer's noise is drawn again from its keys when its weight-gradient op runs, so
+         no noise stays alive across the forward. Measured on the CPU (conv-large, CIFAR shape,
+         B=128, peak temp memory): Rademacher 130 -> 128 MB (XLA keeps its packed bits, 1/32
+         of the nodes, anyway); Gaussian 349 -> 523 MB, because XLA's CPU threefry materialises
+         several noise-sized uint32 intermediates per draw and regen draws twice.
 `microbatches` (`--np_microbatches`) runs the estimator over slices of the device's examples in
 sequence: NP needs no backward chain, so nothing but the gradient sum crosses slices.
 """
@@ -67,7 +70,11 @@ def draw_layer(keys, layer: int, shape, kind: str = "rademacher"):
         raise ValueError(f"unknown --noise={kind!r}; choose one of {', '.join(NOISE_KINDS)}")
     draw = _rademacher if kind == "rademacher" else (
         lambda k, s: jax.random.normal(k, s, jnp.float32))
-    return jax.vmap(lambda k: draw(jax.random.fold_in(k, layer), tuple(shape)))(keys)
+    # Each device draws whole examples from their own keys, so threefry need not be
+    # partitionable; the non-partitionable form fused better on XLA CPU (measured: conv layer
+    # shapes, B=128, Gaussian: ~2.5x faster, 64 -> 37 MB temp).
+    with jax.threefry_partitionable(False):
+        return jax.vmap(lambda k: draw(jax.random.fold_in(k, layer), tuple(shape)))(keys)
 
 
 def draw_noise(keys, shapes, kind: str = "rademacher"):
@@ -94,13 +101,15 @@ def np_gradient(apply_fn, params, x, labels, loss_fn, *, sigma: float, keys, nor
     if x.shape[0] % microbatches:
         raise ValueError(f"--np_microbatches={microbatches} does not divide the {x.shape[0]} "
                          f"examples per device; use a divisor of the per-device batch")
-    # Unrolled, each slice starting after the previous one's gradient (a zero-valued data
-    # dependency, as in _np_estimate): XLA's CPU convolutions ran ~10x slower inside lax.scan.
+    # Unrolled, each slice (its inputs and its noise draws) starting after the previous one's
+    # gradient (a zero-valued data dependency, as in _np_estimate): XLA's CPU convolutions ran
+    # ~10x slower inside lax.scan.
     size = x.shape[0] // microbatches
     grads, losses, logits, after = None, [], [], jnp.zeros((), jnp.float32)
     for k in range(microbatches):
         part = slice(k * size, (k + 1) * size)
-        g, loss, lg = estimate(x[part] + after.astype(x.dtype), labels[part], keys[part])
+        g, loss, lg = estimate(x[part] + after.astype(x.dtype), labels[part],
+                               _keys_after(keys[part], after))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         losses.append(loss)
         logits.append(lg)
@@ -111,8 +120,16 @@ def np_gradient(apply_fn, params, x, labels, loss_fn, *, sigma: float, keys, nor
 def _zero_after(tree):
     """0 * (one entry of each leaf): a scalar zero XLA cannot fold, so whatever adds it runs
     after `tree` is computed. XLA's CPU pipeline drops optimization barriers before scheduling,
-    so a data dependency is what orders work (and frees its memory) there."""
-    return 0.0 * sum(jnp.sum(v[(0,) * v.ndim]).astype(jnp.float32) for v in jax.tree.leaves(tree))
+    so a data dependency is what orders work (and frees its memory) there. The entries go
+    through nan_to_num first: 0 * inf would be NaN and leak into other layers' updates."""
+    entries = sum(jnp.sum(v[(0,) * v.ndim]).astype(jnp.float32) for v in jax.tree.leaves(tree))
+    return 0.0 * jnp.nan_to_num(entries, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _keys_after(keys, after):
+    """The same keys, drawn from only once `after` (a zero from _zero_after) is computed."""
+    later = jax.random.key_data(keys) + (after != 0).astype(jnp.uint32)
+    return jax.random.wrap_key_data(later, impl=jax.random.key_impl(keys))
 
 
 def _np_estimate(apply_fn, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode):
@@ -135,9 +152,8 @@ def _np_estimate(apply_fn, params, x, labels, loss_fn, sigma, keys, normalizer, 
         inputs = [jax.lax.stop_gradient(h) for h in noisy_inputs]
         inputs[l] = inputs[l] + after.astype(inputs[l].dtype)
         preact, vjp_fn = jax.vjp(lambda p: apply_fn(p, x, layer_inputs=inputs)[1][l], params)
-        if mode == "regen":  # this layer's noise again, drawn only now (keys + 0 from `after`)
-            later = jax.random.key_data(keys) + (after != 0).astype(jnp.uint32)
-            xi[l] = draw_layer(jax.random.wrap_key_data(later), l, shapes[l], noise_kind)
+        if mode == "regen":  # this layer's noise again, drawn only now
+            xi[l] = draw_layer(_keys_after(keys, after), l, shapes[l], noise_kind)
         coef_l = (coef + after).reshape((-1,) + (1,) * (xi[l].ndim - 1))
         (g,) = vjp_fn((coef_l * xi[l]).astype(preact.dtype))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
