@@ -137,6 +137,7 @@ def main(argv):
     from nodepert_dist import distributed, mesh as mesh_lib
     if FLAGS.cpu_devices:
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
+    mesh_lib.tune_cpu_convolutions()  # as nodepert-train does by default
     distributed.initialize()
     import jax
     from nodepert_dist.data import preprocess

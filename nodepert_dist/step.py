@@ -44,17 +44,50 @@ def make_optimizer(name: str, lr: float, wd: float) -> optax.GradientTransformat
 
 def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
     """Initialise replicated parameters and optimizer state on the mesh."""
-    params = model.init(jax.random.key(seed), sample_x[:1])["params"]
+    params = model.init(perturbation.stream_key(seed, "init"), sample_x[:1])["params"]
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
 
 
-def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigma: float,
-                    seed: int, global_batch: int, noise: str = "gaussian") -> Callable:
-    """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch."""
+# A local gradient: (apply_fn, params, x, labels, step, global_index) ->
+# (this device's share of the global-batch gradient, per-example loss, logits).
+LocalGradient = Callable[..., tuple]
+
+
+def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, global_batch: int,
+                   noise: str = "rademacher", np_mode: str = "keep",
+                   np_microbatches: int = 1) -> LocalGradient:
+    """The NP estimate or the backprop gradient of this device's examples, / global batch."""
     if update_rule not in UPDATE_RULES:
         raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
     loss_fn = losses.get(loss)
+
+    def np_grad(apply_fn, params, x, labels, step, global_index):
+        keys = perturbation.example_keys(seed, step, global_index)
+        return perturbation.np_gradient(apply_fn, params, x, labels, loss_fn, sigma=sigma, keys=keys,
+                                        normalizer=global_batch, noise_kind=noise, mode=np_mode,
+                                        microbatches=np_microbatches)
+
+    def sgd_grad(apply_fn, params, x, labels, step, global_index):
+        def summed_loss(p):
+            logits = apply_fn(p, x)[0]
+            example_loss = loss_fn(logits, labels)
+            return jnp.sum(example_loss) / global_batch, (example_loss, logits)
+        grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
+        return grads, example_loss, logits
+
+    return np_grad if update_rule == "np" else sgd_grad
+
+
+def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: LocalGradient = None,
+                    **rule) -> Callable:
+    """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
+
+    `rule` holds `local_gradient`'s settings (update_rule, loss, sigma, seed, noise, np_mode,
+    np_microbatches);
+    benchmarks pass their own `gradient` instead, to time other estimators in the same step.
+    """
+    gradient = gradient or local_gradient(global_batch=global_batch, **rule)
 
     def apply_fn(params, x, noise=None, layer_inputs=None):
         return model.apply({"params": params}, x, noise=noise, layer_inputs=layer_inputs)
@@ -62,18 +95,8 @@ def make_train_step(model, optimizer, mesh, *, update_rule: str, loss: str, sigm
     def local_step(state: TrainState, x, labels):
         b = x.shape[0]
         params = jax.lax.pcast(state.params, DATA, to="varying")
-        if update_rule == "np":
-            global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
-            keys = perturbation.example_keys(seed, state.step, global_index)
-            grads, example_loss, logits = perturbation.np_gradient(
-                apply_fn, params, x, labels, loss_fn, sigma=sigma, keys=keys,
-                normalizer=global_batch, noise_kind=noise)
-        else:
-            def summed_loss(p):
-                logits = apply_fn(p, x)[0]
-                example_loss = loss_fn(logits, labels)
-                return jnp.sum(example_loss) / global_batch, (example_loss, logits)
-            grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
+        global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
+        grads, example_loss, logits = gradient(apply_fn, params, x, labels, state.step, global_index)
         grads = jax.lax.psum(grads, DATA)
         metrics = jax.lax.psum({
             "loss_sum": jnp.sum(example_loss),

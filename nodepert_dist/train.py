@@ -47,7 +47,9 @@ class Config:
     optimizer: str = "sgd"
     loss: str = "mse"
     sigma: Optional[float] = None  # None: 1e-4 for fc/linfc, 1e-5 for conv nets
-    noise: str = "gaussian"
+    noise: str = "rademacher"     # on CPU ~40x cheaper to draw than gaussian (README)
+    np_mode: str = "keep"
+    np_microbatches: int = 1      # NP over this many slices of each device's batch, in turn
     data_dir: str = "data"
     workdir: str = "runs/default"
     eval_batchsize: int = 1024
@@ -78,12 +80,13 @@ class Config:
         choices = {"dataset": store.DATASETS, "network": models.NETWORKS,
                    "preprocess": preprocess.MODES, "cifar100_labels": store.LABEL_SETS,
                    "update_rule": step_lib.UPDATE_RULES, "optimizer": step_lib.OPTIMIZERS,
-                   "loss": losses.LOSSES, "noise": perturbation.NOISE_KINDS}
+                   "loss": losses.LOSSES, "noise": perturbation.NOISE_KINDS,
+                   "np_mode": perturbation.NP_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = {"lr": self.lr, "batchsize": self.batchsize, "eval_batchsize": self.eval_batchsize,
-                    "hl_size": self.hl_size}
+                    "hl_size": self.hl_size, "np_microbatches": self.np_microbatches}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name}={value} must be positive")
@@ -101,6 +104,7 @@ class Config:
 _RESUME_MUST_MATCH = ("dataset", "batchsize", "validation_size", "cifar100_labels")
 # Settings a resumed run may change silently.
 _RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsize", "eval_train",
+                "np_mode", "np_microbatches",
                 "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
                 "keep_checkpoint_every_steps", "resume", "save_final_params", "data_workers")
 
@@ -145,6 +149,10 @@ def train(cfg: Config) -> list[dict]:
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_batch(cfg.batchsize, mesh)
     mesh_lib.check_batch(cfg.eval_batchsize, mesh, "--eval_batchsize")
+    per_device = cfg.batchsize // mesh.devices.size
+    if cfg.update_rule == "np" and per_device % cfg.np_microbatches:
+        raise ValueError(f"--np_microbatches={cfg.np_microbatches} does not divide the "
+                         f"{per_device} examples per device; use a divisor of {per_device}")
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
 
@@ -176,7 +184,8 @@ def train(cfg: Config) -> list[dict]:
     # Steps.
     train_step = step_lib.make_train_step(
         model, optimizer, mesh, update_rule=cfg.update_rule, loss=cfg.loss, sigma=cfg.sigma,
-        seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise)
+        seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
+        np_microbatches=cfg.np_microbatches)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     writer = metrics.MetricsWriter(cfg.workdir, dict(
         dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
@@ -237,7 +246,8 @@ def train(cfg: Config) -> list[dict]:
                     "process_index": jax.process_index(), "process_count": jax.process_count()}
         saver.save(step, state, position=position, meta={
             "epoch": epoch, "config": dataclasses.asdict(cfg),
-            "rng": {"seed": cfg.seed, "noise_keys": "fold_in(seed, step, example index)",
+            "rng": {"seed": cfg.seed,
+                    "noise_keys": "fold_in(fold_in(seed, noise tag), step, example index)",
                     "data_order": pipeline.DATA_ORDER},
             "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums,
                      "elapsed": elapsed, "rows": list(rows)}})
@@ -331,7 +341,14 @@ flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of parameters, data order and
 flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, list(step_lib.OPTIMIZERS), "Optimizer.")
 flags.DEFINE_enum("loss", _DEFAULTS.loss, list(losses.LOSSES), "mse (sigmoid outputs) or ce.")
 flags.DEFINE_float("sigma", None, "NP noise scale (default 1e-4 for fc, 1e-5 for conv).")
-flags.DEFINE_enum("noise", _DEFAULTS.noise, list(perturbation.NOISE_KINDS), "NP noise distribution.")
+flags.DEFINE_enum("noise", _DEFAULTS.noise, list(perturbation.NOISE_KINDS),
+                  "NP noise distribution: rademacher (random signs) or gaussian.")
+flags.DEFINE_enum("np_mode", _DEFAULTS.np_mode, list(perturbation.NP_MODES),
+                  "keep: reuse the noise of the noisy pass in the update; regen: draw it again "
+                  "from its keys (nothing kept alive). Same update.")
+flags.DEFINE_integer("np_microbatches", _DEFAULTS.np_microbatches,
+                     "Run NP over this many slices of each device's batch in turn: activation "
+                     "memory / N, same update and FLOPs.")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "Where datasets live (see `nodepert_dist.data fetch`).")
 flags.DEFINE_string("workdir", _DEFAULTS.workdir, "Where config.json and metrics are written.")
 flags.DEFINE_integer("eval_batchsize", _DEFAULTS.eval_batchsize, "Global batch size of evaluation.")
@@ -361,6 +378,9 @@ flags.DEFINE_enum("cifar100_labels", _DEFAULTS.cifar100_labels, list(store.LABEL
 flags.DEFINE_integer("data_workers", _DEFAULTS.data_workers,
                      "Input prefetch: 0 = threads in each process, N > 0 = N Grain worker processes.")
 flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
+flags.DEFINE_bool("xla_cpu_conv_flag", True,
+                  f"On CPU, add XLA_FLAGS={mesh_lib.CPU_CONV_FLAG} (faster convolutions, "
+                  "measured) unless XLA_FLAGS already sets that option.")
 FLAGS = flags.FLAGS
 
 
@@ -371,6 +391,8 @@ def config_from_flags() -> Config:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.xla_cpu_conv_flag:  # before the CPU backend starts
+        mesh_lib.tune_cpu_convolutions()
     if FLAGS.cpu_devices > 0:  # before jax.distributed and before any device use
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     try:

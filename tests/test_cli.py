@@ -43,6 +43,9 @@ def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
     (["--lr=-1"], "--lr=-1.0 must be positive"),
     (["--data_dir=/nonexistent"], "missing dataset /nonexistent/mnist/arrays; run: python -m nodepert_dist.data fetch mnist"),
     (["--network=resnet"], "--network"),
+    (["--np_microbatches=3"], "--np_microbatches=3 does not divide the 16 examples per device"),
+    (["--np_microbatches=0"], "--np_microbatches=0 must be positive"),
+    (["--np_mode=lazy"], "--np_mode"),
 ])
 def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, args, message):
     out = _train([f"--workdir={tmp_path / 'run'}", *args], timeout=120)

@@ -1,0 +1,59 @@
+"""The epoch time a user sees in metrics.jsonl, NP vs SGD, with the project's defaults.
+
+    python benchmarks/epoch_time.py --batchsizes=128,1024 --repeats=2
+
+Trains fc on real MNIST (`--data_dir`) for two epochs per run, NP and SGD alternating, and
+reports the median `epoch_time` of epoch 2 (epoch 1's includes compiling the step) and the ratio. Evaluation of the training set and
+checkpoints are off (neither is inside `epoch_time`, they only make the runs longer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+
+from absl import app, flags
+
+flags.DEFINE_list("batchsizes", ["128", "1024"], "Global batch sizes.")
+flags.DEFINE_integer("repeats", 2, "Runs of each rule; the median epoch time is reported.")
+flags.DEFINE_string("network", "fc", "Network.")
+flags.DEFINE_string("data_dir", "data", "Where MNIST lives.")
+flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices.")
+flags.DEFINE_string("out", "benchmarks/results/epoch_time.jsonl", "JSON lines (appended).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from nodepert_dist import mesh as mesh_lib
+    mesh_lib.tune_cpu_convolutions()  # as nodepert-train does by default
+    if FLAGS.cpu_devices:
+        mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
+    import jax
+    from absl import logging
+    from nodepert_dist.train import Config, train
+    logging.set_verbosity(logging.WARNING)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    for b in map(int, FLAGS.batchsizes):
+        times = {"np": [], "sgd": []}
+        for _ in range(FLAGS.repeats):
+            for rule in times:
+                with tempfile.TemporaryDirectory() as workdir:
+                    rows = train(Config(network=FLAGS.network, update_rule=rule, batchsize=b,
+                                        num_epochs=2, data_dir=FLAGS.data_dir, workdir=workdir,
+                                        eval_train=False, checkpoint_every_epochs=0))
+                times[rule].append(rows[-1]["epoch_time"])
+        np_s, sgd_s = statistics.median(times["np"]), statistics.median(times["sgd"])
+        row = {"network": FLAGS.network, "batchsize": b, "devices": jax.device_count(),
+               "np_epoch_s": np_s, "sgd_epoch_s": sgd_s, "np_vs_sgd": np_s / sgd_s,
+               "device_kind": jax.devices()[0].device_kind}
+        print(f"{FLAGS.network} B={b} on {row['devices']} device(s): NP {np_s:.2f} s, "
+              f"SGD {sgd_s:.2f} s per epoch, NP / SGD = {np_s / sgd_s:.2f}", flush=True)
+        with open(FLAGS.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
