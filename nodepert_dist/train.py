@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
-from nodepert_dist.data import pipeline, sources
+from nodepert_dist.data import pipeline, preprocess, sources, store
 
 NAN = float("nan")
 
@@ -60,6 +60,11 @@ class Config:
     keep_checkpoints: int = 3         # the newest N stay (0: all)
     keep_checkpoint_every_steps: int = 0  # also keep every step that is a multiple of this
     resume: bool = True           # continue from the newest checkpoint in the workdir, if any
+    preprocess: str = "auto"      # auto: per_channel for CIFAR, standardize for MNIST/FMNIST
+    augment: bool = False         # random crop (4-pixel zero padding) and horizontal flip
+    validation_size: int = 0      # hold out the last N training examples as a validation split
+    cifar100_labels: str = "fine"  # fine (100 classes) or coarse (20)
+    data_workers: int = 0         # 0: threaded prefetch; > 0: Grain worker processes
 
     @property
     def checkpointing(self) -> bool:
@@ -72,7 +77,8 @@ class Config:
 
     def validate(self) -> None:
         """One-line errors for bad settings, before anything is loaded or compiled."""
-        choices = {"dataset": tuple(sources.DATASETS), "network": models.NETWORKS,
+        choices = {"dataset": store.DATASETS, "network": models.NETWORKS,
+                   "preprocess": preprocess.MODES, "cifar100_labels": store.LABEL_SETS,
                    "update_rule": step_lib.UPDATE_RULES, "optimizer": step_lib.OPTIMIZERS,
                    "loss": losses.LOSSES, "noise": perturbation.NOISE_KINDS,
                    "np_mode": perturbation.NP_MODES}
@@ -89,23 +95,24 @@ class Config:
         if self.num_epochs < 0 or self.n_hl < 0 or self.wd < 0:
             raise ValueError("--num_epochs, --n_hl and --wd must be >= 0")
         for name in ("max_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
-                     "keep_checkpoints", "keep_checkpoint_every_steps"):
+                     "keep_checkpoints", "keep_checkpoint_every_steps", "validation_size",
+                     "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
 
 # Settings a checkpoint must share with the run resuming it (the data position depends on them).
-_RESUME_MUST_MATCH = ("dataset", "batchsize")
+_RESUME_MUST_MATCH = ("dataset", "batchsize", "validation_size", "cifar100_labels")
 # Settings a resumed run may change silently.
 _RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsize", "eval_train",
                 "np_mode", "np_microbatches",
                 "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
-                "keep_checkpoint_every_steps", "resume", "save_final_params")
+                "keep_checkpoint_every_steps", "resume", "save_final_params", "data_workers")
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def evaluate(eval_step, params, x, y, cfg: Config, mesh) -> tuple[float, float]:
-    """(accuracy, mean loss) over a whole split, computed on the global batch."""
+def evaluate(eval_step, params, batches, prep, mesh) -> tuple[float, float]:
+    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch."""
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
 
     def add(out):  # host-side sums; waits for that batch (one in flight, as in the train loop)
@@ -113,10 +120,9 @@ def evaluate(eval_step, params, x, y, cfg: Config, mesh) -> tuple[float, float]:
             totals[k] += float(v)
 
     pending = None
-    for batch in pipeline.eval_batches(x, y, global_batch=cfg.eval_batchsize,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
-        out = eval_step(params, *mesh_lib.global_batch(mesh, *batch))
+    for batch in pipeline.iterate(batches):
+        x, y, mask = mesh_lib.global_batch(mesh, *batch)
+        out = eval_step(params, prep(x), y, mask)
         if pending is not None:
             add(pending)
         pending = out
@@ -150,17 +156,27 @@ def train(cfg: Config) -> list[dict]:
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
 
-    # Data: standardised with training-set statistics; each process gathers only its share.
-    data = pipeline.standardize(sources.load(cfg.dataset, cfg.data_dir))
-    n_steps = pipeline.steps_per_epoch(len(data.train_y), cfg.batchsize)
+    # Data: memory-mapped uint8 arrays (store.py); each process gathers only its share, and
+    # the preprocessing (training-split statistics) runs per batch on the device.
+    data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
+    n_train = len(data.train_y) - cfg.validation_size
+    if n_train <= 0:
+        raise ValueError(f"--validation_size={cfg.validation_size} leaves no training examples "
+                         f"of {len(data.train_y)}")
+    splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
+    n_steps = pipeline.steps_per_epoch(n_train, cfg.batchsize)
     if n_steps == 0:
-        raise ValueError(f"--batchsize={cfg.batchsize} is larger than the {len(data.train_y)} "
+        raise ValueError(f"--batchsize={cfg.batchsize} is larger than the {n_train} "
                          f"training examples")
+    prep_mode = preprocess.resolve(cfg.preprocess, cfg.dataset)
+    prep = preprocess.device_fn(prep_mode, preprocess.statistics(
+        data.root, data.train_x, prep_mode, *splits["train"]), mesh)
+    sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
 
     # Model, optimizer and replicated train state.
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size)
     optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
-    state = step_lib.init_state(model, optimizer, data.train_x, cfg.seed, mesh)
+    state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
@@ -171,15 +187,24 @@ def train(cfg: Config) -> list[dict]:
         seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
         np_microbatches=cfg.np_microbatches)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
-    writer = metrics.MetricsWriter(cfg.workdir, dataclasses.asdict(cfg))
+    writer = metrics.MetricsWriter(cfg.workdir, dict(
+        dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
+        data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}))
+
+    def eval_split(images, labels, rows=None):
+        return evaluate(eval_step, state.params, pipeline.eval_batches(
+            images, labels, global_batch=cfg.eval_batchsize, process_index=jax.process_index(),
+            process_count=jax.process_count(), rows=rows), prep, mesh)
 
     def epoch_row(epoch: int, extra: dict) -> dict:
-        test_acc, test_loss = evaluate(eval_step, state.params, data.test_x, data.test_y, cfg, mesh)
+        test_acc, test_loss = eval_split(data.test_x, data.test_y)
         row = {"epoch": epoch, "step": int(jax.device_get(state.step)),
                "test_acc": test_acc, "test_loss": test_loss}
+        if cfg.validation_size:
+            row["val_acc"], row["val_loss"] = eval_split(data.train_x, data.train_y, splits["val"])
         if cfg.eval_train:
-            row["train_acc"], row["train_loss"] = evaluate(
-                eval_step, state.params, data.train_x, data.train_y, cfg, mesh)
+            row["train_acc"], row["train_loss"] = eval_split(data.train_x, data.train_y,
+                                                             splits["train"])
         row.update(extra)
         writer.write(row)
         return row
@@ -194,6 +219,12 @@ def train(cfg: Config) -> list[dict]:
         state, manifest = restored
         check_resume_config(manifest["config"], dataclasses.asdict(cfg))
         loop = manifest["loop"]
+        saved_order = manifest.get("rng", {}).get("data_order")
+        if loop["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
+            raise ValueError(
+                f"the checkpoint in {ckpt_dir} stopped mid-epoch under another data order "
+                f"({saved_order!r}); resuming would repeat or skip examples. Resume it with the "
+                f"version that saved it, or remove checkpoints back to an epoch boundary")
         rows, epoch_start, step_start = loop["rows"], loop["epoch"], loop["step_in_epoch"]
         # The running sums of the interrupted epoch (host floats: JSON keeps them exactly).
         resumed_sums = loop["sums"]
@@ -217,7 +248,7 @@ def train(cfg: Config) -> list[dict]:
             "epoch": epoch, "config": dataclasses.asdict(cfg),
             "rng": {"seed": cfg.seed,
                     "noise_keys": "fold_in(fold_in(seed, noise tag), step, example index)",
-                    "data_order": "shuffle seed from (seed, epoch)"},
+                    "data_order": pipeline.DATA_ORDER},
             "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums,
                      "elapsed": elapsed, "rows": list(rows)}})
 
@@ -233,14 +264,17 @@ def train(cfg: Config) -> list[dict]:
             break
         batches = pipeline.train_batches(
             data.train_x, data.train_y, global_batch=cfg.batchsize, seed=cfg.seed, epoch=epoch,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            rows=splits["train"], augment=cfg.augment)
         progress = metrics.Progress(epoch, n_steps, cfg.batchsize)
         first = step_start if epoch == epoch_start else 0
         sums = dict(resumed_sums) if first else {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN}
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
         done, pending = first, None
-        for i, (x, y) in enumerate(pipeline.iterate(batches, start=first), start=first):
-            state, m = train_step(state, *mesh_lib.global_batch(mesh, x, y))
+        for i, (x, y) in enumerate(pipeline.iterate(batches, start=first, workers=cfg.data_workers),
+                                   start=first):
+            x, y = mesh_lib.global_batch(mesh, x, y)
+            state, m = train_step(state, prep(x), y)
             step, done = step + 1, i + 1
             # At most one step in flight: dispatch step i, then wait for step i-1's metrics.
             # A deeper queue buys nothing here and, with simulated CPU devices, can deadlock
@@ -292,7 +326,8 @@ def check_resume_config(saved: dict, current: dict) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 _DEFAULTS = Config()
-flags.DEFINE_enum("dataset", _DEFAULTS.dataset, list(sources.DATASETS), "Dataset.")
+flags.DEFINE_enum("dataset", _DEFAULTS.dataset, list(store.DATASETS),
+                  "Dataset (fetch it first: python -m nodepert_dist.data fetch NAME).")
 flags.DEFINE_enum("network", _DEFAULTS.network, list(models.NETWORKS), "Architecture.")
 flags.DEFINE_enum("update_rule", _DEFAULTS.update_rule, list(step_lib.UPDATE_RULES),
                   "np: node perturbation; sgd: backprop gradients.")
@@ -331,6 +366,17 @@ flags.DEFINE_integer("keep_checkpoint_every_steps", _DEFAULTS.keep_checkpoint_ev
 flags.DEFINE_bool("resume", _DEFAULTS.resume,
                   "Continue from the newest valid checkpoint in <workdir>/checkpoints, if any.")
 flags.DEFINE_string("save_final_params", "", "If set, write the final parameters to this .npz.")
+flags.DEFINE_enum("preprocess", _DEFAULTS.preprocess, list(preprocess.MODES),
+                  "auto (per_channel for CIFAR, standardize otherwise), standardize (train-set "
+                  "mean/std), per_channel, unit ([0, 1]) or zca (ZCA whitening).")
+flags.DEFINE_bool("augment", _DEFAULTS.augment, "Random crop (4-pixel padding) and horizontal flip "
+                  "of training images, a pure function of (seed, epoch, example).")
+flags.DEFINE_integer("validation_size", _DEFAULTS.validation_size,
+                     "Hold out the last N training examples as a validation split (val_acc).")
+flags.DEFINE_enum("cifar100_labels", _DEFAULTS.cifar100_labels, list(store.LABEL_SETS),
+                  "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses).")
+flags.DEFINE_integer("data_workers", _DEFAULTS.data_workers,
+                     "Input prefetch: 0 = threads in each process, N > 0 = N Grain worker processes.")
 flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
 flags.DEFINE_bool("xla_cpu_conv_flag", True,
                   f"On CPU, add XLA_FLAGS={mesh_lib.CPU_CONV_FLAG} (faster convolutions, "

@@ -20,9 +20,9 @@ DATA_DIR = os.environ.get("NODEPERT_DATA_DIR", str(REPO / "data"))
 @pytest.fixture(scope="session")
 def mnist_dir():
     """The data_dir holding fetched MNIST; fails (never skips) when it is missing."""
-    from nodepert_dist.data import sources
+    from nodepert_dist.data import DataError, open_dataset
     try:
-        sources.load("mnist", DATA_DIR)
-    except sources.DataError as e:
+        open_dataset("mnist", DATA_DIR)  # converts the fetched files once, if not yet done
+    except DataError as e:
         pytest.fail(f"{e} (CI fetches it in .ci/run)")
     return DATA_DIR

@@ -41,7 +41,7 @@ def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
 @pytest.mark.parametrize("args, message", [
     (["--batchsize=100"], "--batchsize=100 is not divisible by the 8 devices"),
     (["--lr=-1"], "--lr=-1.0 must be positive"),
-    (["--data_dir=/nonexistent"], "missing dataset file /nonexistent/mnist/"),
+    (["--data_dir=/nonexistent"], "missing dataset /nonexistent/mnist/arrays; run: python -m nodepert_dist.data fetch mnist"),
     (["--network=resnet"], "--network"),
     (["--np_microbatches=3"], "--np_microbatches=3 does not divide the 16 examples per device"),
     (["--np_microbatches=0"], "--np_microbatches=0 must be positive"),

@@ -1,27 +1,25 @@
-"""Data: process shards, IDX / pickle readers, damaged files, and the verified fetch."""
-
-import functools
-import gzip
-import hashlib
-import http.server
-import os
-import pickle
-import struct
-import threading
+"""The Grain pipeline: process shards, resume, augmentation, evaluation; preprocessing statistics."""
 
 import numpy as np
 import pytest
 
-from nodepert_dist.data import pipeline, sources
-from nodepert_dist.data.sources import DataError
+from nodepert_dist.data import augment, pipeline, preprocess
 
-# ----------------------------------------------------------------------------- pipeline
+# ----------------------------------------------------------------------------- shards and order
 
 
-def _epoch(n, global_batch, epoch, p, count, seed=7):
-    x = np.arange(n)  # the "images" are their own indices
-    return [xb for xb, _ in pipeline.train_batches(x, x, global_batch=global_batch, seed=seed,
-                                                   epoch=epoch, process_index=p, process_count=count)]
+def _images(n, side=6):
+    """uint8 images whose first pixel encodes the row number (n <= 65536), random elsewhere."""
+    x = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+    return x
+
+
+def _epoch(n, global_batch, epoch, p, count, seed=7, start=0, **kw):
+    x = np.arange(n)  # the "images" are their own row numbers
+    batches = pipeline.train_batches(x, x, global_batch=global_batch, seed=seed, epoch=epoch,
+                                     process_index=p, process_count=count, **kw)
+    return [xb for xb, _ in pipeline.iterate(batches, start=start)]
 
 
 @pytest.mark.parametrize("count", [1, 2, 4])
@@ -50,189 +48,151 @@ def test_each_epoch_has_its_own_order_and_it_is_reproducible():
     assert not np.array_equal(a, np.concatenate(_epoch(500, 50, 1, 0, 1, seed=8)))
 
 
-def test_iterating_from_a_step_resumes_the_same_batches():
-    x = np.arange(300)
-    batches = pipeline.train_batches(x, x, global_batch=30, seed=1, epoch=1)
-    full = [b for b, _ in pipeline.iterate(batches)]
-    tail = [b for b, _ in pipeline.iterate(batches, start=4)]
-    assert len(full) == 10
-    for a, b in zip(full[4:], tail, strict=True):
-        np.testing.assert_array_equal(a, b)
+def test_a_row_range_keeps_the_other_rows_out():
+    seen = np.concatenate(_epoch(500, 50, 1, 0, 1, rows=(0, 450)))
+    assert len(seen) == 450 and seen.max() < 450  # the held-out rows 450.. never appear
+
+
+@pytest.mark.parametrize("aug", [False, True])
+def test_resuming_mid_epoch_gives_the_same_batches(aug):
+    x = _images(300)
+    y = np.arange(300)
+    batches = pipeline.train_batches(x, y, global_batch=30, seed=1, epoch=2, augment=aug)
+    full = list(pipeline.iterate(batches))
+    # A fresh pipeline, as after a restart, started at step 4.
+    again = pipeline.train_batches(x, y, global_batch=30, seed=1, epoch=2, augment=aug)
+    tail = list(pipeline.iterate(again, start=4))
+    assert len(full) == 10 and len(tail) == 6
+    for (xa, ya), (xb, yb) in zip(full[4:], tail, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    plain = list(pipeline.iterate(pipeline.train_batches(x, y, global_batch=30, seed=1, epoch=2)))
+    assert np.array_equal(full[0][0], plain[0][0]) != aug  # the flag really changes the images
+
+
+def test_augmentation_is_the_same_across_restarts_and_process_counts():
+    x, y = _images(400), np.arange(400)
+    one = list(pipeline.iterate(pipeline.train_batches(x, y, global_batch=40, seed=3, epoch=5,
+                                                       augment=True)))
+    two = [list(pipeline.iterate(pipeline.train_batches(
+        x, y, global_batch=40, seed=3, epoch=5, augment=True, process_index=p, process_count=2)))
+        for p in range(2)]
+    for step, (xb, yb) in enumerate(one):
+        np.testing.assert_array_equal(np.concatenate([two[0][step][0], two[1][step][0]]), xb)
+        # Each augmented image is the crop/flip of its own row, drawn from (seed, epoch, row).
+        expect = augment.crop_flip(x[yb], augment.example_bits(3, 5, yb))
+        np.testing.assert_array_equal(xb, expect)
+    other_epoch = list(pipeline.iterate(pipeline.train_batches(x, y, global_batch=40, seed=3,
+                                                               epoch=6, augment=True)))
+    rows5, rows6 = np.concatenate([b[1] for b in one]), np.concatenate([b[1] for b in other_epoch])
+    img5 = np.concatenate([b[0] for b in one])[np.argsort(rows5)]
+    img6 = np.concatenate([b[0] for b in other_epoch])[np.argsort(rows6)]
+    assert np.mean([not np.array_equal(a, b) for a, b in zip(img5, img6)]) > 0.8  # new draws
+
+
+def test_crop_and_flip_are_what_they_say():
+    x = _images(4, side=8)
+    bits = lambda dy, dx, flip: np.full(4, dy + (dx << 16) + (flip << 32), np.uint64)
+    np.testing.assert_array_equal(augment.crop_flip(x, bits(4, 4, 0)), x)  # centre, no flip
+    np.testing.assert_array_equal(augment.crop_flip(x, bits(4, 4, 1)), x[:, :, ::-1])
+    shifted = augment.crop_flip(x, bits(5, 2, 0))  # one row down, two columns left
+    np.testing.assert_array_equal(shifted[:, :-1, 2:], x[:, 1:, :-2])
+    assert (shifted[:, -1] == 0).all() and (shifted[:, :, :2] == 0).all()  # zero padding
+    draws = augment.example_bits(0, 1, np.arange(20000))
+    dy = (draws & np.uint64(0xFFFF)) % np.uint64(9)
+    assert set(np.unique(dy)) == set(range(9)) and 0.45 < ((draws >> np.uint64(32)) & np.uint64(1)).mean() < 0.55
 
 
 def test_eval_batches_cover_every_example_once():
     x = np.arange(1003)
-    seen = []
-    for count in (1, 2):
-        got = []
-        for p in range(count):
-            for xb, yb, mask in pipeline.eval_batches(x, x, global_batch=200, process_index=p,
-                                                      process_count=count):
-                got.extend(xb[mask > 0].tolist())
-        seen.append(sorted(got))
-    assert seen[0] == seen[1] == list(range(1003))
+    for rows in (None, (900, 1003)):
+        lo, hi = rows or (0, 1003)
+        seen = []
+        for count in (1, 2):
+            got = []
+            for p in range(count):
+                ds = pipeline.eval_batches(x, x, global_batch=200, process_index=p,
+                                           process_count=count, rows=rows)
+                for xb, yb, mask in pipeline.iterate(ds):
+                    got.extend(xb[mask > 0].tolist())
+            seen.append(sorted(got))
+        assert seen[0] == seen[1] == list(range(lo, hi))
 
 
-def test_standardize_uses_training_statistics():
-    rng = np.random.default_rng(0)
-    arrays = sources.Arrays(rng.uniform(size=(200, 4, 4, 3)).astype(np.float32) * [1, 2, 3],
-                            np.zeros(200, np.int32), np.full((10, 4, 4, 3), 0.5, np.float32),
-                            np.zeros(10, np.int32), 10)
-    out = pipeline.standardize(arrays)
-    np.testing.assert_allclose(out.train_x.mean(axis=(0, 1, 2)), 0, atol=1e-5)
-    np.testing.assert_allclose(out.train_x.std(axis=(0, 1, 2)), 1, atol=1e-4)
-    mean, std = arrays.train_x.mean(axis=(0, 1, 2)), arrays.train_x.std(axis=(0, 1, 2))
-    np.testing.assert_allclose(out.test_x[0, 0, 0], (0.5 - mean) / std, rtol=1e-5)
+def test_rows_pickle_as_the_file_name_not_the_data(tmp_path):
+    import pickle
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(100000, dtype=np.int32))
+    rows = pipeline.Rows(np.load(path, mmap_mode="r"))
+    blob = pickle.dumps(rows)
+    assert len(blob) < 1000
+    np.testing.assert_array_equal(pickle.loads(blob)[[5, 7]], [5, 7])
 
 
-# ----------------------------------------------------------------------------- readers
+# ----------------------------------------------------------------------------- preprocessing
 
-def _idx_bytes(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write(path, data: bytes, gz: bool):
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(data)
+def _rgb(n=600, side=4, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, side, side, 3)).astype(np.float64)
+    base[..., 1] = base[..., 1] * 0.5 + 60  # channels with different statistics
+    base[..., 2] = 0.7 * base[..., 0] + 0.3 * base[..., 2]  # and correlated pixels for ZCA
+    return base.astype(np.uint8)
 
 
-def _fake_idx_dataset(root, n_train=60, n_test=20, gz=True):
-    rng = np.random.default_rng(1)
-    arrays = {
-        sources.TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28)),
-        sources.TRAIN_LABELS: rng.integers(0, 10, n_train),
-        sources.TEST_IMAGES: rng.integers(0, 256, (n_test, 28, 28)),
-        sources.TEST_LABELS: rng.integers(0, 10, n_test),
-    }
-    os.makedirs(root, exist_ok=True)
-    for name, a in arrays.items():
-        _write(os.path.join(root, name), _idx_bytes(a), gz)
-    return arrays
+@pytest.mark.parametrize("mode", ["standardize", "per_channel", "unit"])
+def test_statistics_match_numpy_on_the_training_rows(tmp_path, mode):
+    x = _rgb()
+    lo, hi = 0, 500  # rows 500.. are a held-out validation split: not in the statistics
+    stats = preprocess.statistics(str(tmp_path), x, mode, lo, hi)
+    train = x[lo:hi].astype(np.float64) / 255
+    axes = (0, 1, 2, 3) if mode == "standardize" else (0, 1, 2)
+    if mode != "unit":
+        np.testing.assert_allclose(stats["mean"], train.mean(axis=axes), rtol=1e-12)
+        np.testing.assert_allclose(stats["std"], train.std(axis=axes), rtol=1e-10)
+    out = preprocess.apply(x[lo:hi], mode, {k: v.astype(np.float32) for k, v in stats.items()})
+    assert out.dtype == np.float32
+    if mode == "unit":
+        np.testing.assert_allclose(out, train, atol=1e-7)
+    else:
+        np.testing.assert_allclose(out.mean(axis=axes), 0, atol=1e-5)
+        np.testing.assert_allclose(out.std(axis=axes), 1, atol=1e-5)
+    # Cached: a second call reads the file (even if the images changed under it).
+    assert len(list((tmp_path / "stats").glob(f"{mode}-rows0-500*.npz"))) == 1
+    again = preprocess.statistics(str(tmp_path), np.zeros_like(x), mode, lo, hi)
+    for k in stats:
+        np.testing.assert_array_equal(again[k], stats[k])
 
 
-@pytest.mark.parametrize("gz", [True, False])
-def test_idx_reader_round_trip_gzip_and_raw(tmp_path, gz):
-    arrays = _fake_idx_dataset(tmp_path / "fmnist", gz=gz)
-    data = sources.load("fmnist", str(tmp_path))
-    np.testing.assert_array_equal(data.train_y, arrays[sources.TRAIN_LABELS])
-    np.testing.assert_allclose(data.test_x[..., 0], arrays[sources.TEST_IMAGES] / 255.0, rtol=1e-6)
-    assert data.train_x.shape == (60, 28, 28, 1) and data.train_x.dtype == np.float32
+def test_zca_whitens_the_training_split(tmp_path):
+    x = _rgb(n=2000)
+    stats = preprocess.statistics(str(tmp_path), x, "zca", 0, 1800)
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float64)
+    raw_cov = np.cov(flat(x[:1800]) / 255, rowvar=False, bias=True)
+    assert np.abs(raw_cov - np.diag(np.diag(raw_cov))).max() > 0.01  # correlated before
+    out = flat(preprocess.apply(x[:1800], "zca", stats))
+    cov = np.cov(out, rowvar=False, bias=True)
+    # Whitened covariance = U diag(lambda / (lambda + eps)) U^T: each entry is within
+    # eps / min(lambda) of I (1.3e-3 for these data; a bug would be off by O(1)).
+    tol = preprocess.ZCA_EPSILON / np.linalg.eigvalsh(raw_cov).min()
+    assert tol < 5e-3
+    np.testing.assert_allclose(cov, np.eye(cov.shape[0]), atol=tol + 1e-6)
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-6)
 
 
-def test_mnist_pickle_reader_joins_train_and_valid(tmp_path):
-    rng = np.random.default_rng(2)
-    split = lambda n: (rng.uniform(size=(n, 784)).astype(np.float32), rng.integers(0, 10, n))
-    train, valid, test = split(50), split(10), split(10)
-    os.makedirs(tmp_path / "mnist")
-    with gzip.open(tmp_path / "mnist" / sources.MNIST_PICKLE, "wb") as f:
-        pickle.dump((train, valid, test), f)
-    data = sources.load("mnist", str(tmp_path))
-    assert data.train_x.shape == (60, 28, 28, 1) and data.test_x.shape == (10, 28, 28, 1)
-    np.testing.assert_array_equal(data.train_y, np.concatenate([train[1], valid[1]]))
-    np.testing.assert_allclose(data.train_x[50].reshape(-1), valid[0][0])
+def test_device_preprocessing_matches_the_host_and_keeps_the_sharding():
+    import jax
+    from nodepert_dist import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh()
+    x = _rgb(n=16)
+    stats = preprocess.compute(x, "zca", 0, 16)
+    out = preprocess.device_fn("zca", stats, mesh)(mesh_lib.global_batch(mesh, x)[0])
+    assert out.dtype == np.float32 and out.sharding == mesh_lib.batch_sharding(mesh)
+    host = preprocess.apply(x, "zca", {k: v.astype(np.float32) for k, v in stats.items()})
+    np.testing.assert_allclose(np.asarray(jax.device_get(out)), host, atol=2e-3)
 
 
-def test_missing_dataset_names_the_file_and_the_fetch_command(tmp_path):
-    with pytest.raises(DataError, match=r"missing dataset file .*train-images.*nodepert_dist.data fetch mnist"):
-        sources.load("mnist", str(tmp_path))
-
-
-def test_truncated_idx_file_is_a_clear_error(tmp_path):
-    _fake_idx_dataset(tmp_path / "fmnist", gz=False)
-    path = tmp_path / "fmnist" / sources.TRAIN_IMAGES
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match=f"truncated .*{sources.TRAIN_IMAGES}"):
-        sources.load("fmnist", str(tmp_path))
-
-
-def test_corrupt_gzip_file_is_a_clear_error(tmp_path):
-    _fake_idx_dataset(tmp_path / "fmnist", gz=True)
-    path = tmp_path / "fmnist" / sources.TEST_LABELS
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2:] = b"\x00" * (len(data) - len(data) // 2)
-    path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=f"{sources.TEST_LABELS}"):
-        sources.load("fmnist", str(tmp_path))
-
-
-def test_wrong_magic_and_corrupt_pickle_are_clear_errors(tmp_path):
-    _fake_idx_dataset(tmp_path / "fmnist", gz=False)
-    (tmp_path / "fmnist" / sources.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
-    with pytest.raises(DataError, match="bad magic"):
-        sources.load("fmnist", str(tmp_path))
-    os.makedirs(tmp_path / "mnist")
-    (tmp_path / "mnist" / sources.MNIST_PICKLE).write_bytes(gzip.compress(b"garbage"))
-    with pytest.raises(DataError, match=f"corrupt dataset file .*{sources.MNIST_PICKLE}"):
-        sources.load("mnist", str(tmp_path))
-
-
-# ----------------------------------------------------------------------------- fetch
-
-class _Server:
-    """A loopback HTTP server over a directory, counting requests."""
-
-    def __init__(self, root):
-        self.requests = []
-        outer = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                outer.requests.append(self.path)
-
-        self.httpd = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def served(tmp_path, monkeypatch):
-    """Real-format fmnist files on a loopback mirror, with their SHA-256 pinned in the spec."""
-    _fake_idx_dataset(tmp_path / "mirror")
-    digests = {f: hashlib.sha256((tmp_path / "mirror" / f).read_bytes()).hexdigest()
-               for f in os.listdir(tmp_path / "mirror")}
-    monkeypatch.setitem(sources.DATASETS, "fmnist",
-                        sources.IdxDataset("fmnist", mirrors=(), sha256=digests))
-    server = _Server(tmp_path / "mirror")
-    yield server, tmp_path
-    server.close()
-
-
-def test_fetch_downloads_verifies_and_caches(served):
-    server, tmp = served
-    sources.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    assert len(sources.load("fmnist", str(tmp / "data")).train_y) == 60
-    n = len(server.requests)
-    sources.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    assert len(server.requests) == n == 4  # verified files are not fetched again
-
-
-def test_fetch_falls_through_to_the_next_mirror(served):
-    server, tmp = served
-    dead = "http://127.0.0.1:9/"  # nothing listens on the discard port
-    sources.fetch("fmnist", str(tmp / "data"), mirrors=[dead, server.url], timeout=5)
-    assert len(sources.load("fmnist", str(tmp / "data")).test_y) == 20
-
-
-def test_fetch_rejects_a_bad_checksum_and_leaves_nothing_behind(served):
-    server, tmp = served
-    bad = tmp / "mirror" / sources.TRAIN_LABELS
-    bad.write_bytes(bad.read_bytes()[:-1] + b"\x07")
-    with pytest.raises(DataError, match="SHA-256 .* does not match"):
-        sources.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    leftovers = os.listdir(tmp / "data" / "fmnist")
-    assert sources.TRAIN_LABELS not in leftovers and not [f for f in leftovers if f.startswith(".part")]
-
-
-def test_fetch_replaces_a_corrupted_cached_file(served):
-    server, tmp = served
-    sources.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    cached = tmp / "data" / "fmnist" / sources.TEST_IMAGES
-    cached.write_bytes(b"truncated")
-    sources.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    assert len(sources.load("fmnist", str(tmp / "data")).test_y) == 20
+def test_preprocess_auto_is_per_channel_for_cifar_only():
+    assert preprocess.resolve("auto", "cifar10") == "per_channel"
+    assert preprocess.resolve("auto", "mnist") == "standardize"
+    with pytest.raises(ValueError, match="--preprocess='pca' is not one of"):
+        preprocess.resolve("pca", "mnist")

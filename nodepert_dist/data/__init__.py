@@ -1,3 +1,4 @@
-"""Datasets: files on disk (sources) and the Grain input pipeline (pipeline)."""
+"""Datasets: published files (sources, cifar), the converted store, fetch, and the Grain pipeline."""
 
-from nodepert_dist.data.sources import DATASETS, Arrays, DataError, fetch, load  # noqa: F401
+from nodepert_dist.data.raw import DataError, Raw  # noqa: F401
+from nodepert_dist.data.store import DATASETS, open_dataset  # noqa: F401

