@@ -16,11 +16,11 @@ import tempfile
 
 from absl import app, flags
 
+# nodepert_dist.train defines --network, --data_dir, --cpu_devices (and the rest of its CLI).
+from nodepert_dist import train as train_lib
+
 flags.DEFINE_list("batchsizes", ["128", "1024"], "Global batch sizes.")
 flags.DEFINE_integer("repeats", 2, "Runs of each rule; the median epoch time is reported.")
-flags.DEFINE_string("network", "fc", "Network.")
-flags.DEFINE_string("data_dir", "data", "Where MNIST lives.")
-flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices.")
 flags.DEFINE_string("out", "benchmarks/results/epoch_time.jsonl", "JSON lines (appended).")
 FLAGS = flags.FLAGS
 
@@ -28,12 +28,13 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from nodepert_dist import mesh as mesh_lib
-    mesh_lib.tune_cpu_convolutions()  # as nodepert-train does by default
+    if FLAGS.xla_cpu_conv_flag:  # as nodepert-train does
+        mesh_lib.tune_cpu_convolutions()
     if FLAGS.cpu_devices:
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     import jax
     from absl import logging
-    from nodepert_dist.train import Config, train
+    Config, train = train_lib.Config, train_lib.train
     logging.set_verbosity(logging.WARNING)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     for b in map(int, FLAGS.batchsizes):
