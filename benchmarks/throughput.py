@@ -205,6 +205,7 @@ def report(rows) -> None:
     if not FLAGS.png:
         return
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     configs = sorted({(r["network"], r["shape"], r["batchsize"], r["devices"]) for r in rows})
@@ -221,6 +222,8 @@ def report(rows) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_ylabel(title)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
     axes[0].legend(fontsize=7, ncol=4)
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(configs))])
     axes[1].set_xticklabels([f"{n}\n{s} B{b}\n{d} dev" for n, s, b, d in configs], fontsize=7)

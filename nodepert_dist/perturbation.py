@@ -150,7 +150,8 @@ def _np_estimate(apply_fn, params, x, labels, loss_fn, sigma, keys, normalizer, 
     grads, after = None, jnp.zeros((), coef.dtype)
     for l in reversed(range(len(shapes))):
         inputs = [jax.lax.stop_gradient(h) for h in noisy_inputs]
-        inputs[l] = inputs[l] + after.astype(inputs[l].dtype)
+        if l > 0:  # not the step's input x: it is alive anyway, and adding would copy it
+            inputs[l] = inputs[l] + after.astype(inputs[l].dtype)
         preact, vjp_fn = jax.vjp(lambda p: apply_fn(p, x, layer_inputs=inputs)[1][l], params)
         if mode == "regen":  # this layer's noise again, drawn only now
             xi[l] = draw_layer(_keys_after(keys, after), l, shapes[l], noise_kind)
