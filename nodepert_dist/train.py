@@ -99,6 +99,9 @@ class Config:
                      "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
+                             f"use another --workdir")
 
 # Settings a checkpoint must share with the run resuming it (the data position depends on them).
 _RESUME_MUST_MATCH = ("dataset", "batchsize", "validation_size", "cifar100_labels")

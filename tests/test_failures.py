@@ -56,3 +56,13 @@ def test_checkpointer_refuses_a_non_finite_state(tmp_path):
         saver.save(3, {"w": jnp.array([1.0, jnp.nan]), "step": jnp.int32(3)}, meta={})
     saver.wait()
     assert checkpoint.committed_steps(str(tmp_path)) == []
+
+
+def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a folder")
+    out = _train([f"--workdir={path}"], timeout=120)
+    assert out.returncode != 0
+    assert f"error: --workdir={path} is a file, not a folder" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert path.read_text() == "not a folder"
