@@ -151,6 +151,11 @@ def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
 
 def train(cfg: Config) -> list[dict]:
     """Runs the whole training; returns the per-epoch metric rows (also written to the workdir)."""
+    return run(cfg)[0]
+
+
+def run(cfg: Config) -> tuple[list[dict], str]:
+    """`train`, plus a line saying why the run ended early or did nothing ("" if it finished)."""
     cfg.validate()
     cfg = cfg.resolved()
 
@@ -323,7 +328,17 @@ def train(cfg: Config) -> list[dict]:
         saver.wait()
     if cfg.save_final_params:
         distributed.save_params_npz(cfg.save_final_params, state.params)
-    return rows
+    # Said at the end: otherwise the last line printed is an earlier epoch's row.
+    note = ""
+    if restored is not None and epoch_start > cfg.num_epochs:
+        note = (f"already finished: {cfg.num_epochs} epochs done (step {step}); nothing to do "
+                f"(raise --num_epochs to train on)")
+    elif rows[-1]["epoch"] < cfg.num_epochs and stop_due(step):
+        note = (f"stopped at --max_steps={cfg.max_steps} (step {step}, {rows[-1]['epoch']} of "
+                f"{cfg.num_epochs} epochs done); rerun with a larger --max_steps to continue")
+    if note:
+        logging.info("%s", note)
+    return rows, note
 
 
 def check_resume_config(saved: dict, current: dict) -> None:
@@ -413,12 +428,14 @@ def main(argv):
     try:
         # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
         distributed.initialize_from_flags()
-        rows = train(config_from_flags())
+        rows, note = run(config_from_flags())
     # checkpoint.CheckpointError is a ValueError
     except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))
+        if note:
+            print(note)
 
 
 def cli():

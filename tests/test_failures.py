@@ -66,3 +66,18 @@ def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
     assert f"error: --workdir={path} is a file, not a folder" in out.stderr
     assert "Traceback" not in out.stderr
     assert path.read_text() == "not a folder"
+
+
+def test_max_steps_and_finished_runs_say_so_at_the_end(tmp_path, mnist_dir):
+    common = [*TINY, f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'run'}"]
+    out = _train([*common, "--max_steps=5"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == (
+        "stopped at --max_steps=5 (step 5, 0 of 1 epochs done); rerun with a larger "
+        "--max_steps to continue")
+    out = _train(common)  # resumes and finishes: no note, the last line is the final row
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1])["epoch"] == 1
+    out = _train(common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1].startswith("already finished: 1 epochs done (step 234)")
