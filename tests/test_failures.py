@@ -1,4 +1,4 @@
-"""How runs end when something goes wrong or stops early: one line, the right exit code, no bad files."""
+"""How runs end when something goes wrong or stops early: one line, the exit code, no bad files."""
 
 import glob
 import json
