@@ -14,6 +14,7 @@ Save (`Checkpointer.save`): the train loop waits for the previous save, then cop
 it holds with replica_id == 0 to host memory (the only stall), and a background thread writes
 them into the temporary directory, then writes this process's done marker. No gathering onto
 one host. The background thread runs no collectives, so it cannot misorder or deadlock them.
+A state holding NaN or Inf (a diverged run) is refused with a CheckpointError, on every process.
 
 Commit (complete or invisible): process 0's background thread waits until every process's done
 marker is in the temporary directory (checkpoints need a file system shared by all processes),
@@ -206,6 +207,12 @@ class Checkpointer:
             arrays.append({"name": leaf_name(path), "key": jax.tree_util.keystr(path),
                            "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
                            "chunk": list(leaf.sharding.shard_shape(leaf.shape)), "shards": shards})
+        # Host copies, so no extra device sync; agreed so that every process raises alike.
+        finite = all(np.isfinite(d).all() for a in arrays for _, d in a["shards"]
+                     if np.issubdtype(d.dtype, np.inexact))
+        if not _everywhere(finite):
+            raise CheckpointError(f"the train state of step {step} holds NaN or Inf (training "
+                                  f"diverged; use a lower --lr); it was not saved")
         meta = jax.device_get(meta)
         names = [a["name"] for a in arrays]
         if len(set(names)) != len(names):

@@ -99,6 +99,9 @@ class Config:
                      "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
+                             f"use another --workdir")
 
 # Settings a checkpoint must share with the run resuming it (the data position depends on them).
 _RESUME_MUST_MATCH = ("dataset", "batchsize", "validation_size", "cifar100_labels")
@@ -130,9 +133,15 @@ def evaluate(eval_step, params, batches, prep, mesh) -> tuple[float, float]:
     return totals["correct"] / totals["count"], totals["loss_sum"] / totals["count"]
 
 
-def _accumulate(sums: dict, step_metrics) -> None:
-    """Adds one step's (global) metrics into host-side epoch sums; waits for that step."""
+def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
+    """Adds one step's (global) metrics into host-side epoch sums; waits for that step.
+
+    A non-finite loss stops the run here, before the state it produced is saved: the loop
+    accumulates a step's metrics before any checkpoint of that step."""
     m = jax.device_get(step_metrics)
+    if not np.isfinite(m["loss_sum"]):
+        raise ValueError(f"the training loss is {float(m['loss_sum'])} at step {step} (epoch "
+                         f"{epoch}): training diverged; use a lower --lr")
     sums["loss_sum"] += float(m["loss_sum"])
     sums["correct"] += float(m["correct"])
     sums["last_loss"] = float(m["loss_sum"]) / float(m["count"])
@@ -142,6 +151,11 @@ def _accumulate(sums: dict, step_metrics) -> None:
 
 def train(cfg: Config) -> list[dict]:
     """Runs the whole training; returns the per-epoch metric rows (also written to the workdir)."""
+    return run(cfg)[0]
+
+
+def run(cfg: Config) -> tuple[list[dict], str]:
+    """`train`, plus a line saying why the run ended early or did nothing ("" if it finished)."""
     cfg.validate()
     cfg = cfg.resolved()
 
@@ -252,6 +266,14 @@ def train(cfg: Config) -> list[dict]:
             "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums,
                      "elapsed": elapsed, "rows": list(rows)}})
 
+    def accumulate(sums, pending, epoch: int) -> None:
+        try:
+            _accumulate(sums, *pending, epoch)
+        except ValueError:
+            if saver:  # finish the save in flight (a finite state): exiting mid-write aborts
+                saver.wait()
+            raise
+
     def save_due(step: int) -> bool:
         return bool(saver and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
 
@@ -270,7 +292,7 @@ def train(cfg: Config) -> list[dict]:
         first = step_start if epoch == epoch_start else 0
         sums = dict(resumed_sums) if first else {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN}
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
-        done, pending = first, None
+        done, pending = first, None  # pending: (metrics, step) of the step in flight
         for i, (x, y) in enumerate(pipeline.iterate(batches, start=first, workers=cfg.data_workers),
                                    start=first):
             x, y = mesh_lib.global_batch(mesh, x, y)
@@ -280,23 +302,21 @@ def train(cfg: Config) -> list[dict]:
             # A deeper queue buys nothing here and, with simulated CPU devices, can deadlock
             # XLA's host thread pool in a collective rendezvous.
             if pending is not None:
-                _accumulate(sums, pending)
-            pending = m
+                accumulate(sums, pending, epoch)
+            pending = (m, step)
             progress.update(done, lambda: sums["last_loss"])
             if done < n_steps and (save_due(step) or (saver and stop_due(step))):
-                _accumulate(sums, pending)
+                accumulate(sums, pending, epoch)
                 pending = None
                 save(epoch, done, sums, time.perf_counter() - start)
             if stop_due(step):
                 break
         if pending is not None:
-            _accumulate(sums, pending)
+            accumulate(sums, pending, epoch)
         if done < n_steps:  # stopped by --max_steps inside the epoch: no row for it
             break
         epoch_time = time.perf_counter() - start
         mean_loss = float(sums["loss_sum"]) / (n_steps * cfg.batchsize)
-        if not np.isfinite(mean_loss):
-            logging.warning("epoch %d: the training loss is %s (diverged); lower --lr", epoch, mean_loss)
         rows.append(epoch_row(epoch, {
             "epoch_time": epoch_time, "mean_step_loss": mean_loss,
             "step_train_acc": float(sums["correct"]) / (n_steps * cfg.batchsize),
@@ -308,7 +328,17 @@ def train(cfg: Config) -> list[dict]:
         saver.wait()
     if cfg.save_final_params:
         distributed.save_params_npz(cfg.save_final_params, state.params)
-    return rows
+    # Said at the end: otherwise the last line printed is an earlier epoch's row.
+    note = ""
+    if restored is not None and epoch_start > cfg.num_epochs:
+        note = (f"already finished: {cfg.num_epochs} epochs done (step {step}); nothing to do "
+                f"(raise --num_epochs to train on)")
+    elif rows[-1]["epoch"] < cfg.num_epochs and stop_due(step):
+        note = (f"stopped at --max_steps={cfg.max_steps} (step {step}, {rows[-1]['epoch']} of "
+                f"{cfg.num_epochs} epochs done); rerun with a larger --max_steps to continue")
+    if note:
+        logging.info("%s", note)
+    return rows, note
 
 
 def check_resume_config(saved: dict, current: dict) -> None:
@@ -398,12 +428,14 @@ def main(argv):
     try:
         # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
         distributed.initialize_from_flags()
-        rows = train(config_from_flags())
+        rows, note = run(config_from_flags())
     # checkpoint.CheckpointError is a ValueError
     except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))
+        if note:
+            print(note)
 
 
 def cli():
