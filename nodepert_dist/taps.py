@@ -84,9 +84,17 @@ def replay(model, params, x, values: dict) -> dict:
 
 
 def tap_shapes(model, params, x) -> dict:
-    """{tap name: per-example shape}, in the order the taps run."""
-    _, values = jax.eval_shape(lambda: forward(model, params, x[:1]))
-    return {name: v.shape[1:] for name, v in values.items()}
+    """{tap name: per-example shape}, in the order the taps run (jax returns dicts sorted by
+    key, so the order is read from the trace itself)."""
+    order = []
+
+    def values():
+        _, v = forward(model, params, x[:1])
+        order.extend(v)
+        return v
+
+    shapes = jax.eval_shape(values)
+    return {name: shapes[name].shape[1:] for name in order}
 
 
 def check(model, params, x, *, needs_taps: bool = True) -> None:

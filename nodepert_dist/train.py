@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation
+from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation, taps
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, preprocess, sources, store
@@ -39,6 +39,9 @@ class Config:
     update_rule: str = "np"
     n_hl: int = 2
     hl_size: int = 500
+    width: int = 64               # vgg/resnet: channels of the first stage (64: VGG/ResNet-18)
+    norm: str = "none"            # vgg/resnet: none, group or layer (never batch: biased NP)
+    dtype: str = "float32"        # bfloat16: matmuls/convs in bf16, params and losses in float32
     lr: float = 1e-2
     batchsize: int = 128          # global, over all devices; the original code used 100
     num_epochs: int = 10
@@ -72,7 +75,8 @@ class Config:
     save_final_params: str = ""   # if set: .npz of the final parameters (tests compare layouts)
 
     def resolved(self) -> "Config":
-        sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network)
+        sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network,
+                                                                                self.dtype)
         return dataclasses.replace(self, sigma=float(sigma))
 
     def validate(self) -> None:
@@ -81,17 +85,25 @@ class Config:
                    "preprocess": preprocess.MODES, "cifar100_labels": store.LABEL_SETS,
                    "update_rule": step_lib.UPDATE_RULES, "optimizer": step_lib.OPTIMIZERS,
                    "loss": losses.LOSSES, "noise": perturbation.NOISE_KINDS,
-                   "np_mode": perturbation.NP_MODES}
+                   "np_mode": perturbation.NP_MODES, "norm": models.NORMS,
+                   "dtype": tuple(models.DTYPES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = {"lr": self.lr, "batchsize": self.batchsize, "eval_batchsize": self.eval_batchsize,
-                    "hl_size": self.hl_size, "np_microbatches": self.np_microbatches}
+                    "hl_size": self.hl_size, "np_microbatches": self.np_microbatches,
+                    "width": self.width}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name}={value} must be positive")
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"--sigma={self.sigma} must be positive")
+        floor = models.sigma_floor(self.network, self.dtype)
+        if self.update_rule == "np" and self.sigma is not None and self.sigma < floor:
+            raise ValueError(f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
+                             f"which NP on {self.network} in {self.dtype} measured unbiased "
+                             f"(bf16 rounds smaller noise away); raise --sigma or use "
+                             f"--dtype=float32")
         if self.num_epochs < 0 or self.n_hl < 0 or self.wd < 0:
             raise ValueError("--num_epochs, --n_hl and --wd must be >= 0")
         for name in ("max_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
@@ -188,9 +200,11 @@ def run(cfg: Config) -> tuple[list[dict], str]:
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
 
     # Model, optimizer and replicated train state.
-    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size)
+    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
+                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
     optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
+    taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
@@ -363,6 +377,12 @@ flags.DEFINE_enum("update_rule", _DEFAULTS.update_rule, list(step_lib.UPDATE_RUL
                   "np: node perturbation; sgd: backprop gradients.")
 flags.DEFINE_integer("n_hl", _DEFAULTS.n_hl, "Hidden layers of fc/linfc.")
 flags.DEFINE_integer("hl_size", _DEFAULTS.hl_size, "Units per hidden layer of fc/linfc.")
+flags.DEFINE_integer("width", _DEFAULTS.width, "vgg/vgg16/resnet: channels of the first stage "
+                     "(64 is VGG/ResNet-18; later stages have 2x, 4x, 8x).")
+flags.DEFINE_enum("norm", _DEFAULTS.norm, list(models.NORMS), "vgg/vgg16/resnet: per-example "
+                  "normalisation before each tap (batch norm would bias NP).")
+flags.DEFINE_enum("dtype", _DEFAULTS.dtype, list(models.DTYPES), "Compute dtype of matmuls and "
+                  "convs; parameters, optimizer state and loss differences stay float32.")
 flags.DEFINE_float("lr", _DEFAULTS.lr, "Learning rate.")
 flags.DEFINE_integer("batchsize", _DEFAULTS.batchsize, "Global batch size (all devices).")
 flags.DEFINE_integer("num_epochs", _DEFAULTS.num_epochs, "Epochs to train.")
@@ -370,7 +390,8 @@ flags.DEFINE_float("wd", _DEFAULTS.wd, "Decoupled weight decay: w <- w - lr*u(dw
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of parameters, data order and noise.")
 flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, list(step_lib.OPTIMIZERS), "Optimizer.")
 flags.DEFINE_enum("loss", _DEFAULTS.loss, list(losses.LOSSES), "mse (sigmoid outputs) or ce.")
-flags.DEFINE_float("sigma", None, "NP noise scale (default 1e-4 for fc, 1e-5 for conv).")
+flags.DEFINE_float("sigma", None, "NP noise scale (default: 1e-5 for conv/conv-large, 1e-4 "
+                   "otherwise; in bfloat16 the measured floor, see README).")
 flags.DEFINE_enum("noise", _DEFAULTS.noise, list(perturbation.NOISE_KINDS),
                   "NP noise distribution: rademacher (random signs) or gaussian.")
 flags.DEFINE_enum("np_mode", _DEFAULTS.np_mode, list(perturbation.NP_MODES),

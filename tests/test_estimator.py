@@ -153,6 +153,27 @@ def test_np_is_unbiased_with_each_estimator_option(name, option):
                      true)
 
 
+BF16_SIGMA = max(models.BF16_SIGMA_FLOOR.values())
+
+
+@pytest.mark.parametrize("name", ["dense", "conv", "maxpool", "residual", "layernorm"])
+def test_np_is_unbiased_in_bfloat16_at_the_documented_sigma(name):
+    """bf16 matmuls/convs, float32 parameters and loss differences, against the float32
+    gradient, at the largest sigma floor of models.BF16_SIGMA_FLOOR."""
+    body, shape, act, loss, _, draws = CASES[name]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss, jnp.bfloat16)
+    assert x.dtype == jnp.bfloat16
+    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, BF16_SIGMA, draws), true)
+
+
+def test_bfloat16_below_the_floor_is_biased():
+    """What the floor guards against: at sigma 1e-3 bf16 rounds most of the noise away."""
+    body, shape, act, loss, _, draws = CASES["dense"]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss, jnp.bfloat16)
+    with pytest.raises(AssertionError):
+        _assert_unbiased(_np_mean(model, params, x, y, loss_fn, 1e-3, draws), true)
+
+
 def test_scale_check_rejects_a_doubled_estimate():
     """The norm check catches what the cosine cannot: a correctly aimed, wrongly scaled update."""
     body, shape, act, loss, sigma, draws = CASES["dense"]

@@ -22,3 +22,12 @@ def test_np_reaches_85_percent(mnist_dir, tmp_path):
     acc, rows = _final_test_acc(mnist_dir, tmp_path, network="fc", update_rule="np", loss="mse",
                                 n_hl=1, hl_size=128, lr=0.05, num_epochs=4)
     assert acc >= 0.85, rows
+
+
+def test_small_resnet_with_sgd_reaches_95_percent(mnist_dir, tmp_path):
+    """The residual zoo model learns: ResNet-18 layout at width 4 (channels 4-32), one epoch
+    cut at 150 steps of 128 examples."""
+    acc, rows = _final_test_acc(mnist_dir, tmp_path, network="resnet", width=4,
+                                update_rule="sgd", loss="ce", optimizer="adam", lr=3e-3,
+                                num_epochs=1, max_steps=150)
+    assert acc >= 0.95, rows
