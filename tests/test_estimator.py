@@ -159,11 +159,12 @@ BF16_SIGMA = max(models.BF16_SIGMA_FLOOR.values())
 @pytest.mark.parametrize("name", ["dense", "conv", "maxpool", "residual", "layernorm"])
 def test_np_is_unbiased_in_bfloat16_at_the_documented_sigma(name):
     """bf16 matmuls/convs, float32 parameters and loss differences, against the float32
-    gradient, at the largest sigma floor of models.BF16_SIGMA_FLOOR."""
+    gradient, at the largest sigma floor of models.BF16_SIGMA_FLOOR. Twice float32's draws:
+    bf16 rounding adds variance (conv at 20000 draws: kernel cosine 0.988; at 40000: 0.994)."""
     body, shape, act, loss, _, draws = CASES[name]
     model, params, x, y, loss_fn, true = _setup(body, shape, act, loss, jnp.bfloat16)
     assert x.dtype == jnp.bfloat16
-    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, BF16_SIGMA, draws), true)
+    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, BF16_SIGMA, 2 * draws), true)
 
 
 def test_bfloat16_below_the_floor_is_biased():
