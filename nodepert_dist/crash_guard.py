@@ -36,6 +36,10 @@ class Crashed(Exception):
         self.row, self.best = row, best
 
 
+class Diverged(ValueError):
+    """A non-finite training loss (train.py raises it; the CLI prints it as one line)."""
+
+
 class GaveUp(ValueError):
     """The guard's last word: a ValueError, so the CLI prints it as one line."""
 
@@ -104,16 +108,14 @@ def _roll_back(workdir: str, good_step: int, n: int) -> int:
     return kept[-1] if kept else 0
 
 
-def run(cfg, hooks=()) -> tuple[list[dict], str]:
-    """`train.run(cfg)` under the guard (whatever `cfg.crash_guard` says)."""
-    from nodepert_dist import train  # train imports this module lazily
-
+def run(train_run, cfg, hooks=()) -> tuple[list[dict], str]:
+    """`train_run(cfg, hooks)` (train.run) under the guard, whatever `cfg.crash_guard` says."""
     state = _read_state(cfg.workdir, cfg)
     while True:
         current = dataclasses.replace(cfg, lr=state["lr"])
         try:
-            return train.run(current, hooks=(*hooks, Detector(cfg.crash_points)))
-        except (Crashed, train.Diverged) as e:
+            return train_run(current, hooks=(*hooks, Detector(cfg.crash_points)))
+        except (Crashed, Diverged) as e:
             reason = str(e)
             kind = "crash" if isinstance(e, Crashed) else "non_finite_loss"
         rows = metrics.epoch_rows(metrics.read_jsonl(cfg.workdir))

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation
+from nodepert_dist import checkpoint, crash_guard, distributed, losses, metrics, models, perturbation
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, preprocess, sources, store
@@ -124,10 +124,6 @@ _RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsiz
 
 # ----------------------------------------------------------------------------- helpers
 
-class Diverged(ValueError):
-    """A non-finite training loss (the crash guard catches it; the CLI prints it)."""
-
-
 def _notify(hooks, event: str, *args) -> None:
     """Calls `hook.<event>(*args)` on the hooks that define it (experiments, crash guard):
     start(ctx), after_step(step, state, x, labels, step_metrics), after_row(row, rows)."""
@@ -163,7 +159,7 @@ def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
     accumulates a step's metrics before any checkpoint of that step."""
     m = jax.device_get(step_metrics)
     if not np.isfinite(m["loss_sum"]):
-        raise Diverged(f"the training loss is {float(m['loss_sum'])} at step {step} (epoch "
+        raise crash_guard.Diverged(f"the training loss is {float(m['loss_sum'])} at step {step} (epoch "
                          f"{epoch}): training diverged; use a lower --lr")
     sums["loss_sum"] += float(m["loss_sum"])
     sums["correct"] += float(m["correct"])
@@ -475,11 +471,7 @@ def main(argv):
         # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
         distributed.initialize_from_flags()
         cfg = config_from_flags()
-        if cfg.crash_guard:
-            from nodepert_dist import crash_guard  # it calls run()
-            rows, note = crash_guard.run(cfg)
-        else:
-            rows, note = run(cfg)
+        rows, note = crash_guard.run(run, cfg) if cfg.crash_guard else run(cfg)
     # checkpoint.CheckpointError is a ValueError
     except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
