@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-from absl import app
+from absl import app, flags
 
 from nodepert_dist.experiments import EXPERIMENTS
 
@@ -23,6 +23,12 @@ def main() -> None:
         raise SystemExit(f"error: unknown experiment {name!r}\n{usage()}")
     module = importlib.import_module(f"nodepert_dist.experiments.{EXPERIMENTS[name][0]}")
     sys.argv = [f"{sys.argv[0]} {name}"] + sys.argv[2:]
+    # --help / --helpshort show the experiment's docstring and its own and the shared flags
+    # (--helpfull adds every training flag)
+    sys.modules["__main__"].__doc__ = module.__doc__
+    from nodepert_dist.experiments import common
+    flags.adopt_module_key_flags(module)
+    flags.adopt_module_key_flags(common)
     app.run(module.main)
 
 
