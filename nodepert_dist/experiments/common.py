@@ -302,3 +302,26 @@ def run_summary(run: dict, crash_points: float) -> dict:
            "crash_epoch": crash["epoch"] if crash else o.get("event_epoch"),
            "workdir": run["workdir"]}
     return row
+
+
+def load_point(cfg: train.Config, step: int):
+    """(model, params on one device, data, splits, prep_mode) of cfg's run at checkpoint `step`."""
+    from nodepert_dist import checkpoint, models
+    from nodepert_dist import step as step_lib
+    from nodepert_dist.data import preprocess, store
+    from nodepert_dist.experiments import gradstats
+
+    cfg = cfg.resolved()
+    data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
+    n_train = len(data.train_y) - cfg.validation_size
+    splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
+    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size)
+    optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
+    sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
+    target = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh_lib.make_mesh())
+    path = checkpoint.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
+    if not os.path.isdir(path):
+        raise ExperimentError(f"no checkpoint of step {step} in {cfg.workdir}/checkpoints")
+    state, _ = checkpoint.load(path, target)
+    return (model, gradstats.local_copy(state.params), data, splits,
+            preprocess.resolve(cfg.preprocess, cfg.dataset))

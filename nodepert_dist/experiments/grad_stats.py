@@ -26,10 +26,6 @@ flags.DEFINE_integer("probe_size", 512, "Training examples in the fixed probe ba
 FLAGS = flags.FLAGS
 
 
-def layer_names(rows: list[dict]) -> list[str]:
-    return sorted({k[:-len("_angle")] for k in rows[0] if k.endswith("_angle")} - {"all"})
-
-
 def plot(rows: list[dict], path: str, title: str) -> str:
     fig, axes = common.figure(2, 2, size=(5.2, 3.6))
     steps = [r["step"] for r in rows]
@@ -38,7 +34,7 @@ def plot(rows: list[dict], path: str, title: str) -> str:
               ("ratio", "NP / SGD step size", True),
               ("rel_var", "NP variance / |grad|^2", True)]
     for ax, (stat, ylabel, log) in zip(axes.ravel(), panels):
-        for i, name in enumerate(["all"] + layer_names(rows)):
+        for i, name in enumerate(["all"] + gradstats.layer_names(rows)):
             ys = [r.get(f"{name}_{stat}", np.nan) for r in rows]
             ax.plot(steps, ys, color="k" if name == "all" else f"C{i}", lw=2 if name == "all" else 1,
                     label="whole network" if name == "all" else name)

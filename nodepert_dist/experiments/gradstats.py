@@ -142,6 +142,11 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def layer_names(rows: list[dict]) -> list[str]:
+    """The layers named in statistics rows (`layer0_angle` -> `layer0`)."""
+    return sorted({k[:-len("_angle")] for k in rows[0] if k.endswith("_angle")} - {"all"})
+
+
 def rewrite_rows(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
