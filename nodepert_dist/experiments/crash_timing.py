@@ -90,7 +90,8 @@ def replay(run: dict, out: str, every: int, draws: int, probe_size: int) -> list
     cfg = dataclasses.replace(run["cfg"], workdir=dest, crash_guard=False, num_epochs=crash_epoch,
                               checkpoint_every_epochs=0, checkpoint_every_steps=0, max_steps=0)
     jsonl = os.path.join(dest, "replay.jsonl")
-    result = common.train_once(cfg, hooks=[gradstats.Hook(jsonl, every, draws, probe_size, norms=True)])
+    result = common.train_once(cfg, hooks=[gradstats.Hook(jsonl, every, draws, probe_size, norms=True,
+                                                                      at_start=True)])
     original = run["outcome"]["rows"][-1] if run["outcome"]["status"] == "crashed" else None
     again = result["rows"][-1] if result["rows"] else {}
     tag = {"lr": run["settings"]["lr"], "seed": run["settings"]["seed"], "crash_epoch": crash_epoch,

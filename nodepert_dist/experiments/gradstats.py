@@ -160,9 +160,9 @@ class Hook:
     Resumable: at the start it drops rows past the step the run resumes from."""
 
     def __init__(self, path: str, every: int, draws: int = 4, probe_size: int = 512,
-                 norms: bool = False, first: int = 0, last: int = 0):
+                 norms: bool = False, at_start: bool = False):
         self.path, self.every, self.draws, self.size, self.norms = path, every, draws, probe_size, norms
-        self.first, self.last = first, last  # measure only steps in [first, last] (last 0: all)
+        self.at_start = at_start  # also measure the step the run starts or resumes from
 
     def start(self, ctx) -> None:
         cfg = ctx.cfg
@@ -175,15 +175,14 @@ class Hook:
         if metrics.is_writer():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             rewrite_rows(self.path, [r for r in read_rows(self.path) if r["step"] < ctx.step])
-        self.after_step(ctx.step, ctx.state)
-
-    def due(self, step: int) -> bool:
-        return (step % self.every == 0 and step >= self.first
-                and (not self.last or step <= self.last))
+        if self.at_start or ctx.step % self.every == 0:
+            self.measure(ctx.step, ctx.state)
 
     def after_step(self, step, state, *_) -> None:
-        if not self.due(step):
-            return
+        if step % self.every == 0:
+            self.measure(step, state)
+
+    def measure(self, step, state) -> None:
         values = jax.device_get(self.fn(local_copy(state.params), self.x, self.y))
         row = {"step": step, "epoch": step / self.steps_per_epoch,
                **{k: float(v) for k, v in values.items()}}
