@@ -44,6 +44,10 @@ class ExperimentError(ValueError):
     """Bad input or missing results: printed as one line."""
 
 
+class Submitted(Exception):
+    """--launch=slurm wrote the job array: the command stops here (not an error)."""
+
+
 # ----------------------------------------------------------------------------- set-up
 
 def setup_devices() -> None:
@@ -143,7 +147,7 @@ def outcome(workdir: str, num_epochs: int) -> dict:
     elif os.path.exists(path):
         with open(path) as f:
             result.update(json.load(f))
-    elif os.path.exists(log) and "training diverged" in open(log).read():
+    elif os.path.exists(log) and _diverged_log(log):
         result["status"] = "diverged"
     elif rows and rows[-1]["epoch"] >= num_epochs:
         result["status"] = "finished"
@@ -152,6 +156,11 @@ def outcome(workdir: str, num_epochs: int) -> dict:
     if result["status"] == "diverged" and "event_epoch" not in result:
         result["event_epoch"] = (rows[-1]["epoch"] + 1) if rows else 1
     return result
+
+
+def _diverged_log(path: str) -> bool:
+    with open(path, errors="replace") as f:
+        return "training diverged" in f.read()
 
 
 def _sweep_module():
@@ -188,8 +197,8 @@ def run_grid(base: train.Config, grid: dict, seeds: int, root: str, launch: str 
     elif launch == "slurm":
         path = os.path.join(root, "sweep.sbatch")
         _atomic_text(path, sweep.slurm_script(todo, spec, os.path.join(root, "sweep_spec.json")))
-        raise ExperimentError(f"wrote {path} ({len(todo)} runs): submit it with sbatch, then run "
-                              f"this command again with --launch=none to aggregate")
+        raise Submitted(f"wrote {path} ({len(todo)} runs): submit it with sbatch, then run "
+                        f"this command again with --launch=none to aggregate")
     for run in runs:
         run["outcome"] = outcome(run["workdir"], run["cfg"].num_epochs)
     return runs
@@ -285,6 +294,9 @@ def command(body):
         try:
             setup_devices()
             paths = body()
+        except Submitted as e:
+            print(e)
+            return
         except (ValueError, sources.DataError, distributed.DistributedError) as e:
             raise SystemExit(f"error: {e}")
         done(paths)
