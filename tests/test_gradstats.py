@@ -38,13 +38,13 @@ def test_sgd_against_itself_gives_angle_0_and_sign_symmetry_1():
 def test_np_mean_over_many_draws_approaches_angle_0():
     model, params, x, y = tiny()
     stats = {}
-    for draws in (8, 2048):
+    for draws in (8, 512):
         fn = gradstats.probe_fn(model, loss="mse", sigma=1e-3, seed=0, noise="rademacher",
                                 draws=draws, norms=True)
         stats[draws] = jax.device_get(fn(params, x, y))
-    few, many = stats[8], stats[2048]
-    # One draw is far from the gradient (the NP variance), the mean of 2048 is close: the MC
-    # error of the mean falls as 1/sqrt(draws), so the angle shrinks ~16x from 8 to 2048 draws.
+    few, many = stats[8], stats[512]
+    # One draw is far from the gradient (the NP variance), the mean of 512 is close: the MC
+    # error falls as 1/sqrt(draws). Measured: var/|g|^2 ~10, one draw 74 deg, mean of 8: 46, of 512: 8.
     assert few["all_angle"] > 45
     assert many["all_angle_mean"] < 15 < few["all_angle_mean"]
     for name in ("layer0", "layer1", "layer2"):
