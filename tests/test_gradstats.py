@@ -44,7 +44,8 @@ def test_np_mean_over_many_draws_approaches_angle_0():
         stats[draws] = jax.device_get(fn(params, x, y))
     few, many = stats[8], stats[512]
     # One draw is far from the gradient (the NP variance), the mean of 512 is close: the MC
-    # error falls as 1/sqrt(draws). Measured: var/|g|^2 ~10, one draw 74 deg, mean of 8: 46, of 512: 8.
+    # error falls as 1/sqrt(draws). Measured: var/|g|^2 ~10; one draw 74 deg, the mean of 8
+    # draws 46 deg, of 512 draws 8 deg.
     assert few["all_angle"] > 45
     assert many["all_angle_mean"] < 15 < few["all_angle_mean"]
     for name in ("layer0", "layer1", "layer2"):
