@@ -7,7 +7,8 @@ lr (the largest drop), and how both move with network width.
 For each width a network is trained (the preset: SGD, which gets there fastest; any training
 flag changes it) until test accuracy reaches --target_acc (every epoch is checkpointed; the first
 epoch at or above the target is used, else the best one). Then, on --probe_size training
-examples: dL_SGD(lr) = L(w - lr g) - L(w) with g = jax.grad, and dL_NP(lr), the mean over --draws
+examples (default: one batch of --batchsize; NP's variance, and so its critical lr, depends on
+it): dL_SGD(lr) = L(w - lr g) - L(w) with g = jax.grad, and dL_NP(lr), the mean over --draws
 NP estimates. Writes linesearch.csv (width, rule, lr, delta_loss), linesearch_lrs.csv (critical
 and optimal lr per width and rule) and linesearch.png.
 """
@@ -29,7 +30,8 @@ from nodepert_dist.experiments import common, gradstats
 flags.DEFINE_list("widths", ["100", "300", "1000"], "hl_size values.")
 flags.DEFINE_float("target_acc", 0.9, "Test accuracy (0..1) at which to measure.")
 flags.DEFINE_integer("draws", 8, "NP draws averaged per lr.")
-flags.DEFINE_integer("probe_size", 1000, "Training examples the loss change is measured on.")
+flags.DEFINE_integer("probe_size", 0, "Training examples the step is computed and the loss "
+                     "change measured on (0: --batchsize, one training step's batch).")
 FLAGS = flags.FLAGS
 
 DEFAULT_LRS = common.log_grid(1e-3, 100.0, 16)
@@ -84,7 +86,7 @@ def measure(base, out, width, lrs, target, draws, probe_size):
     start, sgd, np_ = jax.device_get(f(params, jax.device_put(x, device), jax.device_put(y, device),
                                        jnp.asarray(lrs, jnp.float32)))
     at = {"width": width, "epoch": point["epoch"], "test_acc": point["test_acc"],
-          "reached_target": bool(reached), "loss": float(start)}
+          "reached_target": bool(reached), "probe_size": probe_size, "loss": float(start)}
     table = []
     for i, lr in enumerate(lrs):
         table.append({**at, "rule": "sgd", "lr": lr, "delta_loss": float(sgd[i]), "delta_loss_std": 0.0})
@@ -133,9 +135,10 @@ def plot(table, summary, path, base, target) -> str:
     return common.save_figure(fig, path)
 
 
-def run(base, out, widths, lrs, target=0.9, draws=8, probe_size=1000) -> list[str]:
-    if not 0 < target <= 1 or draws < 1 or probe_size <= 0:
-        raise common.ExperimentError("--target_acc in (0, 1], --draws and --probe_size positive")
+def run(base, out, widths, lrs, target=0.9, draws=8, probe_size=0) -> list[str]:
+    if not 0 < target <= 1 or draws < 1 or probe_size < 0:
+        raise common.ExperimentError("--target_acc in (0, 1], --draws > 0, --probe_size >= 0")
+    probe_size = probe_size or base.batchsize
     table, summary = [], []
     for w in widths:
         t, s = measure(base, out, w, lrs, target, draws, probe_size)
