@@ -63,6 +63,11 @@ def plot_timing(rows, path, base) -> str:
         if safe:
             ax.plot([r["lr"] for r in safe], [base.num_epochs] * len(safe), "^", color=f"C{seed}",
                     label=f"seed {seed}: no crash in {base.num_epochs} epochs")
+        for r in mine:  # a run that never learned cannot crash by this rule: show how far it got
+            if r["best_acc"] is not None:
+                y = r["crash_epoch"] if r["crash_epoch"] is not None else base.num_epochs
+                ax.annotate(f"best {100 * r['best_acc']:.0f}%", (r["lr"], y), fontsize=6,
+                            textcoords="offset points", xytext=(3, -9))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("epoch of the first crash")
