@@ -5,6 +5,9 @@ top-level parameter module, e.g. `layer0`) and for the whole network (`all`):
   angle        degrees between one NP estimate and the true gradient
   angle_mean   the same for the mean of `draws` NP estimates (-> 0 as draws grow: unbiased)
   sign_sym     fraction of entries where one NP estimate and the true gradient agree in sign
+               (an entry whose true gradient is exactly 0, e.g. into a dead ReLU, agrees only
+               if NP's is 0 too; NP's is not: its noise term reaches dead units)
+  zero_grad    fraction of entries whose true gradient is exactly 0
   norm_np, norm_sgd, ratio = norm_np / norm_sgd (the NP/SGD step-size ratio at the same lr)
   var          total variance of the NP estimate over draws (sum over entries), and
   rel_var      var / norm_sgd^2
@@ -66,7 +69,8 @@ def compare(true_grad, estimate) -> dict:
         r, e = flat(groups(true_grad)[name]), flat(groups(estimate)[name])
         out.update({f"{name}_angle": angle_deg(r, e), f"{name}_sign_sym": sign_symmetry(r, e),
                     f"{name}_norm_sgd": jnp.linalg.norm(r), f"{name}_norm_np": jnp.linalg.norm(e),
-                    f"{name}_ratio": jnp.linalg.norm(e) / jnp.linalg.norm(r)})
+                    f"{name}_ratio": jnp.linalg.norm(e) / jnp.linalg.norm(r),
+                    f"{name}_zero_grad": jnp.mean((r == 0).astype(jnp.float32))})
     return out
 
 
