@@ -110,17 +110,21 @@ def plot_replay(rows, path) -> str:
     fig, axes = common.figure(3, 2, size=(5.2, 3.0))
     steps = [r["step"] for r in rows]
     names = gradstats.layer_names(rows)
-    colors = {"NP": "C3", "SGD": "C2", **{n: f"C{i}" for i, n in enumerate(names)}}
+    colors = {"NP": "C3", "SGD": "C2", "true grad = 0 (whole)": "C7",
+              **{n: f"C{i}" for i, n in enumerate(names)}}
     panels = [("loss", "probe loss", [("", "loss")]),
               ("angle", "angle to true gradient (deg)", [("whole", "all_angle")] + [(n, f"{n}_angle") for n in names]),
               ("norms", "gradient norm (whole)", [("NP", "all_norm_np"), ("SGD", "all_norm_sgd")]),
-              ("sign", "sign symmetry", [("whole", "all_sign_sym")] + [(n, f"{n}_sign_sym") for n in names]),
+              ("sign", "sign symmetry; zero-gradient fraction",
+               [("whole", "all_sign_sym")] + [(n, f"{n}_sign_sym") for n in names]
+               + [("true grad = 0 (whole)", "all_zero_grad")]),
               ("w", "weight norm", [(n, f"{n}_w_norm") for n in names]),
               ("act", "activity norm (mean per example)", [(n, f"{n}_act_norm") for n in names])]
     for ax, (kind, ylabel, series) in zip(axes.ravel(), panels):
         for label, key in series:  # one colour per layer in every panel
             color = colors.get(label, "k")
-            ax.plot(steps, [r[key] for r in rows], color=color, lw=1, label=label or None)
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], color=color, lw=1,
+                    label=label or None)
         if kind in ("norms", "w", "act", "loss"):
             ax.set_yscale("log")
         ax.set_xlabel("step")
