@@ -4,8 +4,9 @@
 
 Two lr sweeps of ordinary runs (launch/sweep.py, resumable): widths at the preset's depth and
 depths at the preset's width. Per width/depth: the best final accuracy over lrs (mean over
-seeds) and the largest stable lr (every seed finished with no crash: no test accuracy
---crash_points below the best so far, no non-finite loss). Writes scaling_runs.csv (one row per
+seeds) and the largest stable lr: every seed finished with no crash (no test accuracy
+--crash_points below its best so far, no non-finite loss) and a final accuracy within
+--crash_points of the best run at that width/depth (a run that never learns is not stable). Writes scaling_runs.csv (one row per
 run), scaling.csv (one row per width/depth) and scaling.png.
 """
 
@@ -25,7 +26,7 @@ FLAGS = flags.FLAGS
 DEFAULT_LRS = common.log_grid(1e-3, 0.3, 6)
 
 
-def aggregate(rows: list[dict], key: str) -> list[dict]:
+def aggregate(rows: list[dict], key: str, points: float) -> list[dict]:
     out = []
     for value in sorted({r[key] for r in rows}):
         mine = [r for r in rows if r[key] == value]
@@ -34,8 +35,10 @@ def aggregate(rows: list[dict], key: str) -> list[dict]:
             by_lr.setdefault(r["lr"], []).append(r)
         means = {lr: np.mean([r["final_acc"] for r in rs]) for lr, rs in by_lr.items()
                  if all(r["final_acc"] is not None for r in rs)}
+        top = max((r["final_acc"] for r in mine if r["final_acc"] is not None), default=None)
         stable = [lr for lr, rs in by_lr.items()
-                  if all(r["status"] == "finished" and r["crash_epoch"] is None for r in rs)]
+                  if all(r["status"] == "finished" and r["crash_epoch"] is None
+                         and 100 * (top - r["final_acc"]) <= points for r in rs)]
         best_lr = max(means, key=means.get) if means else None
         out.append({"sweep": "width" if key == "hl_size" else "depth", key: value,
                     "best_final_acc": float(means[best_lr]) if best_lr else None,
@@ -75,7 +78,7 @@ def run(base, out, widths, depths, lrs, seeds, launch="inprocess", parallel=1) -
         mine = [common.run_summary(r, base.crash_points) for r in runs]
         rows += [{"sweep": "width" if key == "hl_size" else "depth",
                   "hl_size": r["cfg"].hl_size, "n_hl": r["cfg"].n_hl, **s} for r, s in zip(runs, mine)]
-        summary += aggregate(mine, key)
+        summary += aggregate(mine, key, base.crash_points)
     return [common.write_csv(os.path.join(out, "scaling_runs.csv"), rows),
             common.write_csv(os.path.join(out, "scaling.csv"), summary),
             plot(summary, os.path.join(out, "scaling.png"), base)]
