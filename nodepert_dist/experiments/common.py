@@ -258,6 +258,16 @@ def figure(nrows: int = 1, ncols: int = 1, size=(6.4, 4.2)):
     return fig, axes
 
 
+def log_axis(ax, which: str = "x", ticks=None) -> None:
+    """A log axis; with `ticks` (e.g. the lr grid), labelled at exactly those values in plain
+    numbers (matplotlib's own minor labels overlap on ranges of one or two decades)."""
+    from matplotlib.ticker import NullFormatter
+    getattr(ax, f"set_{which}scale")("log")
+    if ticks is not None and len(ticks) <= 12:
+        getattr(ax, f"set_{which}ticks")(list(ticks), [f"{t:g}" for t in ticks])
+        getattr(ax, f"{which}axis").set_minor_formatter(NullFormatter())
+
+
 def save_figure(fig, path: str) -> str:
     import matplotlib.pyplot as plt
     if metrics.is_writer():

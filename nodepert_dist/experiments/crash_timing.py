@@ -68,9 +68,10 @@ def plot_timing(rows, path, base) -> str:
                 y = r["crash_epoch"] if r["crash_epoch"] is not None else base.num_epochs
                 ax.annotate(f"best {100 * r['best_acc']:.0f}%", (r["lr"], y), fontsize=6,
                             textcoords="offset points", xytext=(3, -9))
-    ax.set_xscale("log")
+    common.log_axis(ax, ticks=sorted({r["lr"] for r in rows}))
     ax.set_xlabel("learning rate")
     ax.set_ylabel("epoch of the first crash")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"{base.update_rule.upper()} {base.network} {base.n_hl}x{base.hl_size} on "
                  f"{base.dataset}; crash = test acc {base.crash_points:g} points below best",
                  fontsize=9)
@@ -126,7 +127,7 @@ def plot_replay(rows, path) -> str:
             ax.plot(steps, [r.get(key, float("nan")) for r in rows], color=color, lw=1,
                     label=label or None)
         if kind in ("norms", "w", "act", "loss"):
-            ax.set_yscale("log")
+            common.log_axis(ax, "y")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

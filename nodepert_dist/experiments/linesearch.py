@@ -111,7 +111,7 @@ def plot(table, summary, path, base, target) -> str:
             ax.plot([r["lr"] for r in rows], [r["delta_loss"] for r in rows], style, color=f"C{i}",
                     label=f"{rule.upper()} width {w}")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xscale("log")
+    common.log_axis(ax)
     ax.set_yscale("symlog", linthresh=1e-4)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss change after one step")
@@ -126,8 +126,8 @@ def plot(table, summary, path, base, target) -> str:
             if pts:
                 ax.plot(*zip(*pts), style, marker=marker, color=color,
                         label=f"{rule.upper()} {key.replace('_lr', '')} lr")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    common.log_axis(ax, ticks=sorted({r["width"] for r in summary}))
+    common.log_axis(ax, "y")
     ax.set_xlabel("hidden layer width")
     ax.set_ylabel("learning rate")
     ax.legend(fontsize=7)

@@ -61,9 +61,9 @@ def plot(summary, path, base) -> str:
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)
             if key == "hl_size":
-                ax.set_xscale("log")
+                common.log_axis(ax, ticks=xs)
             if stat.endswith("lr"):
-                ax.set_yscale("log")
+                common.log_axis(ax, "y")
             ax.grid(alpha=0.3)
     fig.suptitle(f"{base.update_rule.upper()} {base.network} on {base.dataset}, {base.num_epochs} "
                  f"epochs (widths at depth {base.n_hl}, depths at width {base.hl_size})", fontsize=9)

@@ -46,7 +46,7 @@ def lr_sweep(base, out: str, name: str, series: str, values: list, lrs: list[flo
         bad = [r["lr"] for r in mine if r["status"] in ("diverged", "crashed")]
         if bad:
             ax.plot(bad, [0] * len(bad), "x", color=color, label=f"{label(value)} diverged")
-    ax.set_xscale("log")
+    common.log_axis(ax, ticks=lrs)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{base.network} {base.n_hl}x{base.hl_size} on {base.dataset}, "
