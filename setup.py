@@ -15,5 +15,6 @@ setup(
     entry_points={"console_scripts": [
         "nodepert-train=nodepert_dist.train:cli",
         "nodepert-plot=nodepert_dist.plot:cli",
+        "nodepert-experiment=nodepert_dist.experiments.__main__:main",
     ]},
 )

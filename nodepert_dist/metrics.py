@@ -38,17 +38,7 @@ class MetricsWriter:
 
     def truncate_after(self, epoch: int) -> None:
         """Drops rows past `epoch` (a resumed run rewrites the epochs it repeats)."""
-        if not is_writer():
-            return
-        rows = [r for r in read_jsonl(self.workdir) if r["epoch"] <= epoch]
-        self._rewrite(rows)
-
-    def _rewrite(self, rows) -> None:
-        for name, dump in (("metrics.jsonl", _write_jsonl), ("metrics.csv", _write_csv)):
-            tmp = os.path.join(self.workdir, f".{name}.tmp")
-            with open(tmp, "w", newline="") as f:
-                dump(f, rows)
-            os.replace(tmp, os.path.join(self.workdir, name))
+        truncate_after(self.workdir, epoch)
 
     def write(self, row: dict) -> None:
         if not is_writer():
@@ -67,6 +57,33 @@ class MetricsWriter:
             f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None))
 
 
+def truncate_after(workdir: str, epoch: int) -> None:
+    """Drops epoch rows past `epoch`; event rows (crash guard) stay: they are history."""
+    if not is_writer():
+        return
+    rows = [r for r in read_jsonl(workdir) if "event" in r or r["epoch"] <= epoch]
+    for name, dump in (("metrics.jsonl", _write_jsonl), ("metrics.csv", _write_csv)):
+        tmp = os.path.join(workdir, f".{name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            dump(f, rows)
+        os.replace(tmp, os.path.join(workdir, name))
+
+
+def write_event(workdir: str, event: dict) -> None:
+    """Appends an event row ({"event": ..., ...}) to metrics.jsonl only (not an epoch row)."""
+    if not is_writer():
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(event) + "\n")
+    logging.warning("%s", json.dumps(event))
+
+
+def epoch_rows(rows: list[dict]) -> list[dict]:
+    """The per-epoch rows of a metrics.jsonl, without event rows."""
+    return [r for r in rows if "event" not in r]
+
+
 def _write_jsonl(f, rows):
     for r in rows:
         f.write(json.dumps(r) + "\n")
@@ -75,7 +92,7 @@ def _write_jsonl(f, rows):
 def _write_csv(f, rows):
     w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(epoch_rows(rows))
 
 
 def _fmt(v):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+import types
 import warnings
 from typing import Optional
 
@@ -19,7 +20,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation, taps
+from nodepert_dist import (checkpoint, crash_guard, distributed, losses, metrics, models,
+                           perturbation, taps)
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, preprocess, sources, store
@@ -68,6 +70,10 @@ class Config:
     validation_size: int = 0      # hold out the last N training examples as a validation split
     cifar100_labels: str = "fine"  # fine (100 classes) or coarse (20)
     data_workers: int = 0         # 0: threaded prefetch; > 0: Grain worker processes
+    crash_guard: bool = False     # roll back and lower the lr on a crash or non-finite loss
+    crash_points: float = 25.0    # a crash: test accuracy this many points below the best so far
+    crash_lr_factor: float = 0.5  # the guard multiplies the lr by this at each rollback
+    crash_max_rollbacks: int = 3  # the guard gives up after this many rollbacks
 
     @property
     def checkpointing(self) -> bool:
@@ -111,6 +117,10 @@ class Config:
                      "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
+                and self.crash_max_rollbacks >= 0):
+            raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
+                             "--crash_max_rollbacks >= 0")
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
                              f"use another --workdir")
@@ -121,10 +131,20 @@ _RESUME_MUST_MATCH = ("dataset", "batchsize", "validation_size", "cifar100_label
 _RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsize", "eval_train",
                 "np_mode", "np_microbatches",
                 "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
-                "keep_checkpoint_every_steps", "resume", "save_final_params", "data_workers")
+                "keep_checkpoint_every_steps", "resume", "save_final_params", "data_workers",
+                "crash_guard", "crash_points", "crash_lr_factor", "crash_max_rollbacks")
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _notify(hooks, event: str, *args) -> None:
+    """Calls `hook.<event>(*args)` on the hooks that define it (experiments, crash guard):
+    start(ctx), after_step(step, state, x, labels, step_metrics), after_row(row, rows)."""
+    for hook in hooks:
+        fn = getattr(hook, event, None)
+        if fn is not None:
+            fn(*args)
+
 
 def evaluate(eval_step, params, batches, prep, mesh) -> tuple[float, float]:
     """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch."""
@@ -152,8 +172,8 @@ def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
     accumulates a step's metrics before any checkpoint of that step."""
     m = jax.device_get(step_metrics)
     if not np.isfinite(m["loss_sum"]):
-        raise ValueError(f"the training loss is {float(m['loss_sum'])} at step {step} (epoch "
-                         f"{epoch}): training diverged; use a lower --lr")
+        raise crash_guard.Diverged(f"the training loss is {float(m['loss_sum'])} at step {step} "
+                                   f"(epoch {epoch}): training diverged; use a lower --lr")
     sums["loss_sum"] += float(m["loss_sum"])
     sums["correct"] += float(m["correct"])
     sums["last_loss"] = float(m["loss_sum"]) / float(m["count"])
@@ -166,8 +186,10 @@ def train(cfg: Config) -> list[dict]:
     return run(cfg)[0]
 
 
-def run(cfg: Config) -> tuple[list[dict], str]:
-    """`train`, plus a line saying why the run ended early or did nothing ("" if it finished)."""
+def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
+    """`train`, plus a line saying why the run ended early or did nothing ("" if it finished).
+
+    `hooks`: objects told about the run (see `_notify`); none costs nothing per step."""
     cfg.validate()
     cfg = cfg.resolved()
 
@@ -267,6 +289,9 @@ def run(cfg: Config) -> tuple[list[dict], str]:
                                      keep_every_steps=cfg.keep_checkpoint_every_steps)
              if cfg.checkpointing else None)
     step = int(jax.device_get(state.step))
+    _notify(hooks, "start", types.SimpleNamespace(
+        cfg=cfg, model=model, mesh=mesh, data=data, splits=splits, prep_mode=prep_mode,
+        step=step, rows=rows, steps_per_epoch=n_steps, state=state))
 
     def save(epoch: int, step_in_epoch: int, sums, elapsed: float) -> None:
         """The loop's whole position: resuming runs from batch `step_in_epoch` of `epoch`."""
@@ -310,8 +335,10 @@ def run(cfg: Config) -> tuple[list[dict], str]:
         for i, (x, y) in enumerate(pipeline.iterate(batches, start=first, workers=cfg.data_workers),
                                    start=first):
             x, y = mesh_lib.global_batch(mesh, x, y)
-            state, m = train_step(state, prep(x), y)
+            x = prep(x)
+            state, m = train_step(state, x, y)
             step, done = step + 1, i + 1
+            _notify(hooks, "after_step", step, state, x, y, m)
             # At most one step in flight: dispatch step i, then wait for step i-1's metrics.
             # A deeper queue buys nothing here and, with simulated CPU devices, can deadlock
             # XLA's host thread pool in a collective rendezvous.
@@ -335,6 +362,12 @@ def run(cfg: Config) -> tuple[list[dict], str]:
             "epoch_time": epoch_time, "mean_step_loss": mean_loss,
             "step_train_acc": float(sums["correct"]) / (n_steps * cfg.batchsize),
             "examples_per_s": n_steps * cfg.batchsize / epoch_time}))
+        try:  # before this epoch's checkpoint: the crash guard may stop the run here
+            _notify(hooks, "after_row", rows[-1], rows)
+        except Exception:
+            if saver:  # an earlier save may be in flight: finish it before anything moves it
+                saver.wait()
+            raise
         if saver and (save_due(step) or stop_due(step) or epoch == cfg.num_epochs
                       or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
             save(epoch + 1, 0, None, 0.0)
@@ -428,6 +461,16 @@ flags.DEFINE_enum("cifar100_labels", _DEFAULTS.cifar100_labels, list(store.LABEL
                   "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses).")
 flags.DEFINE_integer("data_workers", _DEFAULTS.data_workers,
                      "Input prefetch: 0 = threads in each process, N > 0 = N Grain worker processes.")
+flags.DEFINE_bool("crash_guard", _DEFAULTS.crash_guard,
+                  "On a non-finite loss or a crash (test accuracy --crash_points below the best "
+                  "so far), roll back to the last good checkpoint and multiply the lr by "
+                  "--crash_lr_factor; events go to metrics.jsonl.")
+flags.DEFINE_float("crash_points", _DEFAULTS.crash_points,
+                   "A crash: test accuracy this many percentage points below the best so far.")
+flags.DEFINE_float("crash_lr_factor", _DEFAULTS.crash_lr_factor,
+                   "The crash guard multiplies the lr by this at each rollback.")
+flags.DEFINE_integer("crash_max_rollbacks", _DEFAULTS.crash_max_rollbacks,
+                     "The crash guard gives up after this many rollbacks.")
 flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
 flags.DEFINE_bool("xla_cpu_conv_flag", True,
                   f"On CPU, add XLA_FLAGS={mesh_lib.CPU_CONV_FLAG} (faster convolutions, "
@@ -449,7 +492,8 @@ def main(argv):
     try:
         # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
         distributed.initialize_from_flags()
-        rows, note = run(config_from_flags())
+        cfg = config_from_flags()
+        rows, note = crash_guard.run(run, cfg) if cfg.crash_guard else run(cfg)
     # checkpoint.CheckpointError is a ValueError
     except (ValueError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,0 +1,90 @@
+"""Crash detection and the crash guard (nodepert_dist/crash_guard.py), with an lr that blows up."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nodepert_dist import checkpoint, crash_guard, metrics, train
+
+# SGD with cross-entropy at lr 1e6 overflows within the first steps (measured: lr 1e4 gave inf at step
+# 10 on MNIST fc); lr 1 trains. 1000 training examples (7 steps an epoch) keep epochs short.
+BLOWS_UP = dict(update_rule="sgd", loss="ce", lr=1e6, n_hl=1, hl_size=16, validation_size=59000,
+                eval_train=False, eval_batchsize=2000, num_epochs=2, crash_guard=True)
+
+
+def cfg(tmp_path, mnist_dir, **kw):
+    return train.Config(**{**BLOWS_UP, "data_dir": mnist_dir, "workdir": str(tmp_path / "run"), **kw})
+
+
+def test_first_crash_is_25_points_below_the_best_so_far():
+    accs = [0.1, 0.8, 0.9, 0.7, 0.64, 0.95]
+    rows = [{"epoch": i, "test_acc": a} for i, a in enumerate(accs)] + [{"event": "rollback"}]
+    assert crash_guard.first_crash(rows, 25)["epoch"] == 4  # 90 -> 64: 26 points
+    assert crash_guard.first_crash(rows, 30) is None
+    assert crash_guard.first_crash(rows[:3] + [{"epoch": 3, "test_acc": float("nan")}], 25)["epoch"] == 3
+    with pytest.raises(crash_guard.Crashed, match="from 90.0% to 64.0% at epoch 4"):
+        crash_guard.Detector(25).after_row(rows[4], rows[:5])
+
+
+def test_guard_rolls_back_lowers_lr_and_finishes(tmp_path, mnist_dir):
+    c = cfg(tmp_path, mnist_dir, crash_lr_factor=1e-6)  # 1e6 -> 1: the second attempt trains
+    rows, _ = crash_guard.run(train.run, c)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["test_acc"] > 0.15  # chance: 0.1; 14 steps
+    logged = metrics.read_jsonl(c.workdir)
+    events = [r for r in logged if "event" in r]
+    assert len(events) == 1 and events[0]["reason"] == "non_finite_loss"
+    assert events[0]["lr"] == 1e6 and events[0]["new_lr"] == pytest.approx(1.0)
+    assert [r["epoch"] for r in metrics.epoch_rows(logged)] == [0, 1, 2]  # one row per epoch
+    with open(os.path.join(c.workdir, "config.json")) as f:
+        assert json.load(f)["lr"] == pytest.approx(1.0)  # config.json has the lr that ran
+    with open(os.path.join(c.workdir, "metrics.csv")) as f:
+        assert "event" not in f.read()
+    # A rerun (e.g. after preemption) keeps the lowered lr: the run is already finished.
+    assert crash_guard.run(train.run, c)[1].startswith("already finished")
+
+
+def test_guard_gives_up_after_k_rollbacks_with_one_line(tmp_path, mnist_dir):
+    args = {**BLOWS_UP, "crash_max_rollbacks": 2, "crash_lr_factor": 0.5}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodepert_dist.train", f"--data_dir={mnist_dir}",
+         f"--workdir={tmp_path / 'run'}", "--cpu_devices=1"] +
+        [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: crash guard gave up after 2 rollback(s) (lr 1e+06 -> 250000)"), last
+    assert "Traceback" not in proc.stderr
+    events = [r for r in metrics.read_jsonl(str(tmp_path / "run")) if "event" in r]
+    assert [e["event"] for e in events] == ["rollback", "rollback", "gave_up"]
+
+
+class _FakeCrash:
+    """Test hook: epoch 2's test accuracy reads 0 while the lr is the original one."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def start(self, ctx):
+        self.active = ctx.cfg.lr == self.lr
+
+    def after_row(self, row, rows):
+        if self.active and row["epoch"] == 2:
+            row["test_acc"] = 0.0
+
+
+def test_accuracy_crash_rolls_back_to_the_last_good_epoch(tmp_path, mnist_dir):
+    c = cfg(tmp_path, mnist_dir, lr=0.5, num_epochs=3, keep_checkpoints=0, crash_points=5,
+            checkpoint_every_steps=3)
+    rows, _ = crash_guard.run(train.run, c, hooks=[_FakeCrash(0.5)])
+    events = [r for r in metrics.read_jsonl(c.workdir) if "event" in r]
+    assert len(events) == 1 and events[0]["reason"] == "crash"
+    assert events[0]["last_good_epoch"] == 1 and events[0]["resume_step"] == 7
+    # the checkpoints after epoch 1 (steps 9, 12) were set aside, not deleted
+    aside = sorted(os.listdir(tmp_path / "run" / "rolled_back" / "1"))
+    assert aside == ["step_00000009", "step_00000012"]  # 14 was never saved
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[2]["test_acc"] > 0
+    assert checkpoint.committed_steps(os.path.join(c.workdir, "checkpoints"))[-1] == 21
