@@ -19,7 +19,7 @@ def tiny(seed=0, batch=32, hl=16):
 
 
 def true_grad(model, params, x, y):
-    return jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x)[0], y)))(params)
+    return jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x), y)))(params)
 
 
 def test_sgd_against_itself_gives_angle_0_and_sign_symmetry_1():

@@ -84,7 +84,7 @@ def surface_fn(model, loss: str):
         _, unravel = ravel_pytree(template)  # the params' tree structure and shapes
 
         def point(ab):
-            logits = model.apply({"params": unravel(final + ab[0] * d1 + ab[1] * d2)}, x)[0]
+            logits = model.apply({"params": unravel(final + ab[0] * d1 + ab[1] * d2)}, x)
             return jnp.mean(loss_fn(logits, y)), jnp.mean(jnp.argmax(logits, -1) == y)
         return jax.lax.map(point, coords)
 

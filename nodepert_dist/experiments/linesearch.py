@@ -42,7 +42,7 @@ def delta_fn(model, *, loss, sigma, seed, noise, draws):
     loss_fn = losses.get(loss)
 
     def mean_loss(p, x, y):
-        return jnp.mean(loss_fn(model.apply({"params": p}, x)[0], y))
+        return jnp.mean(loss_fn(model.apply({"params": p}, x), y))
 
     def f(params, x, y, lrs):
         start, g = jax.value_and_grad(mean_loss)(params, x, y)
