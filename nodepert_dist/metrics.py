@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,12 @@ CSV_COLUMNS = ("epoch", "step", "epoch_time", "train_acc", "test_acc", "train_lo
 
 def is_writer() -> bool:
     return jax.process_index() == 0
+
+
+def finite_or_none(row: dict) -> dict:
+    """NaN and Inf become None (JSON null): json.dumps would write NaN, which is not JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in row.items()}
 
 
 class MetricsWriter:
@@ -50,12 +57,14 @@ class MetricsWriter:
                 dump(f, rows)
             os.replace(tmp, os.path.join(self.workdir, name))
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict) -> dict:
+        """Appends `row` (non-finite values as null) and returns what was written."""
+        row = finite_or_none(row)
         if not is_writer():
-            return
+            return row
         jsonl = os.path.join(self.workdir, "metrics.jsonl")
         with open(jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         path = os.path.join(self.workdir, "metrics.csv")
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         with open(path, "a", newline="") as f:
@@ -65,11 +74,12 @@ class MetricsWriter:
             w.writerow(row)
         logging.info("epoch %d: %s", row["epoch"], "  ".join(
             f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None))
+        return row
 
 
 def _write_jsonl(f, rows):
     for r in rows:
-        f.write(json.dumps(r) + "\n")
+        f.write(json.dumps(finite_or_none(r)) + "\n")
 
 
 def _write_csv(f, rows):

@@ -220,8 +220,7 @@ def run(cfg: Config) -> tuple[list[dict], str]:
             row["train_acc"], row["train_loss"] = eval_split(data.train_x, data.train_y,
                                                              splits["train"])
         row.update(extra)
-        writer.write(row)
-        return row
+        return writer.write(row)  # NaN/Inf (e.g. an overflowing eval loss) written as null
 
     # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
     ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
