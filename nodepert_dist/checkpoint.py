@@ -54,6 +54,8 @@ import tensorstore as ts
 from absl import logging
 from jax.experimental import multihost_utils
 
+from nodepert_dist.params_io import leaf_name
+
 FORMAT = "nodepert_dist.checkpoint/1"
 MANIFEST = "manifest.json"
 TEST_DELAY_ENV = "NODEPERT_CKPT_TEST_WRITE_DELAY_S"
@@ -83,19 +85,6 @@ def committed_steps(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(directory)) if m)
-
-
-def leaf_name(path) -> str:
-    """A tree path as a file-system-safe name: `params.Dense_0.kernel`, `opt_state.0.mu....`."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", ".".join(parts))
 
 
 def _array_spec(path: str, shape=None, dtype=None, chunk=None) -> dict:

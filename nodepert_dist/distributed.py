@@ -283,30 +283,3 @@ def initialize_from_flags(env: Optional[Mapping[str, str]] = None) -> Layout:
     return initialize(f.coordinator_address, f.num_processes, f.process_id,
                       slurm_tasks=f.slurm_tasks, init_timeout_s=f.init_timeout_s,
                       expected_devices=f.expected_devices, env=env)
-
-
-
-def save_params_npz(path: str, params) -> None:
-    """Writes a parameter tree to one .npz (keys are '/'-joined tree paths) from process 0.
-
-    Every process must call it (the gather is a collective); sharded leaves are assembled whole.
-    """
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    arrays = {}
-    for key_path, leaf in leaves:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                        for k in key_path)
-        if jax.process_count() > 1 and not leaf.is_fully_replicated:
-            value = multihost_utils.process_allgather(leaf, tiled=True)
-        else:
-            value = jax.device_get(leaf)
-        arrays[name] = np.asarray(value)
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)

@@ -22,7 +22,7 @@ import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nodepert_dist import checkpoint, metrics, models
+from nodepert_dist import checkpoint, metrics, models, params_io
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 
@@ -188,7 +188,7 @@ def test_bare_tensorstore_reads_the_live_arrays(tmp_path):
     assert manifest["step"] == 3 and manifest["versions"]["jax"] == jax.__version__
     saved = saved_arrays(path)
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    assert [e["name"] for e in manifest["arrays"]] == [checkpoint.leaf_name(p) for p, _ in leaves]
+    assert [e["name"] for e in manifest["arrays"]] == [params_io.leaf_name(p) for p, _ in leaves]
     for entry, (_, live) in zip(manifest["arrays"], leaves):
         assert (tuple(entry["shape"]), entry["dtype"]) == (live.shape, str(live.dtype))
         np.testing.assert_array_equal(saved[entry["name"]], np.asarray(live), strict=True)
