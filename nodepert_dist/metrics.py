@@ -101,18 +101,20 @@ def read_jsonl(workdir: str) -> list[dict]:
 
 
 class Progress:
-    """A progress line during an epoch: in place on a terminal, a log line every ~10% otherwise."""
+    """A progress line during an epoch: in place on a terminal (~10 times a second), otherwise
+    one log line at the end of the epoch (logs and SLURM output files stay short)."""
 
     def __init__(self, epoch: int, total_steps: int, global_batch: int):
         self.epoch, self.total, self.batch = epoch, total_steps, global_batch
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
         self.tty = is_writer() and sys.stderr.isatty()
-        self.every = max(1, total_steps // 10)
 
     def update(self, done: int, loss=None) -> None:
         """`loss` is a callable, called only when a line is printed (it syncs with the device)."""
-        if not is_writer() or not (self.tty or done % self.every == 0 or done == self.total):
+        if not is_writer() or not (done == self.total or (
+                self.tty and time.perf_counter() - self.shown > 0.1)):
             return
+        self.shown = time.perf_counter()
         elapsed = time.perf_counter() - self.start
         rate = done * self.batch / max(elapsed, 1e-9)
         width = 30

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as pylogging
 import os
 import sys
 import time
@@ -291,6 +292,9 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     flags_ = config_lib.FLAGS
+    # jax logs every backend it probes and cannot start ("Unable to initialize backend 'tpu'")
+    # on each start; the devices actually used are logged by distributed.initialize.
+    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.ERROR)
     if flags_.xla_cpu_conv_flag:  # before the CPU backend starts
         mesh_lib.tune_cpu_convolutions()
     if flags_.cpu_devices > 0:  # before jax.distributed and before any device use
