@@ -69,6 +69,7 @@ import tensorstore as ts
 from absl import logging
 from jax.experimental import multihost_utils
 
+from nodepert_dist import agree
 from nodepert_dist.params_io import leaf_name
 
 FORMAT = "nodepert_dist.checkpoint/1"
@@ -153,40 +154,6 @@ def _set_aside(directory: str, name: str, why: str, token: str) -> str:
     aside = os.path.join(directory, f".{why}-{name}-{token}")
     os.rename(os.path.join(directory, name), aside)
     return aside
-
-
-# ----------------------------------------------------------------------------- coordination
-
-def _client():
-    """The jax.distributed coordination-service client (None with one process)."""
-    if jax.process_count() == 1:
-        return None
-    from jax._src import distributed  # the client jax's own multihost_utils use
-    return distributed.global_state.client
-
-
-_LOCAL_KV: dict = {}
-
-
-def _kv_set(key: str, value: str) -> None:
-    client = _client()
-    if client is None:
-        _LOCAL_KV[key] = value
-    else:
-        client.key_value_set(key, value)
-
-
-def _kv_get(key: str, timeout_s: float) -> Optional[str]:
-    """The value of `key` once set; None if it is not set within `timeout_s`."""
-    client = _client()
-    if client is None:
-        return _LOCAL_KV.pop(key, None)
-    try:
-        return client.blocking_key_value_get(key, max(1, int(timeout_s * 1000)))
-    except Exception as e:  # jax raises its runtime error for DEADLINE_EXCEEDED
-        if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
-            return None
-        raise
 
 
 def _one_line(e: BaseException) -> str:
@@ -281,7 +248,7 @@ class Checkpointer:
         # Host copies, so no extra device sync; agreed so that every process raises alike.
         finite = all(np.isfinite(d).all() for a in arrays for _, d in a["shards"]
                      if np.issubdtype(d.dtype, np.inexact))
-        if not _everywhere(finite):
+        if not agree.everywhere(finite):
             raise CheckpointError(f"the train state of step {step} holds NaN or Inf (training "
                                   f"diverged; use a lower --lr); it was not saved")
         meta = jax.device_get(meta)
@@ -315,7 +282,7 @@ class Checkpointer:
                                   f"{self.process}: {_one_line(error)}") from error
         if step is None:
             return
-        outcome = _kv_get(self._key(step, "commit"), self.commit_timeout_s)
+        outcome = agree.kv_get(self._key(step, "commit"), self.commit_timeout_s)
         if outcome is None:
             raise CheckpointError(f"saving checkpoint step {step}: process 0 did not commit it "
                                   f"within {self.commit_timeout_s:.0f} s")
@@ -345,7 +312,7 @@ class Checkpointer:
                         {"process": self.process, "position": position, "bytes": nbytes})
         except BaseException as e:  # re-raised on the main thread by the next save or wait
             self._error = e
-        _kv_set(self._key(step, f"written/{self.process}"),
+        agree.kv_set(self._key(step, f"written/{self.process}"),
                 "ok" if self._error is None else _one_line(self._error))
         if self.process != 0:
             return
@@ -357,13 +324,13 @@ class Checkpointer:
                              time.perf_counter() - t0, nbytes / 1e6, stall_s)
         except BaseException as e:
             self._error = e
-        _kv_set(self._key(step, "commit"), "committed" if self._error is None
+        agree.kv_set(self._key(step, "commit"), "committed" if self._error is None
                 else f"process 0: {_one_line(self._error)}")
 
     def _commit(self, step, tmp, arrays, meta) -> None:
         deadline = time.monotonic() + self.commit_timeout_s
         for p in range(1, self.process_count):  # every process's report, through the KV store
-            report = _kv_get(self._key(step, f"written/{p}"), deadline - time.monotonic())
+            report = agree.kv_get(self._key(step, f"written/{p}"), deadline - time.monotonic())
             if report is None:
                 raise CheckpointError(f"step {step}: process {p} did not report its write "
                                       f"within {self.commit_timeout_s:.0f} s")
@@ -413,123 +380,5 @@ class Checkpointer:
 
 # ----------------------------------------------------------------------------- restore
 
-def read_manifest(path: str) -> dict:
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpoint(f"{path}: unreadable {MANIFEST} ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return manifest
-
-
-def _open_checked(path: str, entry: dict):
-    """Opens one saved array and checks it against its manifest entry and its chunk files."""
-    name = entry["name"]
-    array_dir = os.path.join(path, "arrays", name)
-    try:
-        store = ts.open(_array_spec(array_dir), open=True).result()
-    except Exception as e:
-        raise CorruptCheckpoint(f"{path}: array {name!r} cannot be opened "
-                                f"({str(e).splitlines()[0]})") from None
-    saved = [list(store.shape), store.dtype.numpy_dtype.name]
-    if saved != [entry["shape"], entry["dtype"]]:
-        raise CorruptCheckpoint(f"{path}: array {name!r} is {saved[0]} {saved[1]} on disk but "
-                                f"{entry['shape']} {entry['dtype']} in the manifest")
-    chunk = entry["chunk"]
-    expected = int(np.prod([-(-n // c) for n, c in zip(entry["shape"], chunk)]))
-    keys = ts.KvStore.open({"driver": "file", "path": array_dir + "/"}).result().list().result()
-    found = sum(1 for k in keys if k == b"c" or k.startswith(b"c/"))
-    if found != expected:
-        raise CorruptCheckpoint(f"{path}: array {name!r} has {found} of its {expected} chunk files")
-    return store
-
-
-def load(path: str, target: Any) -> tuple[Any, dict]:
-    """Reads the checkpoint at `path` onto the shardings of `target` (a pytree of jax.Arrays)."""
-    manifest = read_manifest(path)
-    entries = {a["name"]: a for a in manifest["arrays"]}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    names = [leaf_name(p) for p, _ in leaves]
-    for name in names:
-        if name not in entries:
-            raise CheckpointError(f"checkpoint {path} has no array {name!r}: it was saved by "
-                                  f"another model or optimizer")
-    for name in entries:
-        if name not in names:
-            raise CheckpointError(f"checkpoint {path} has array {name!r} that this model lacks: "
-                                  f"it was saved by another model or optimizer")
-    out = []
-    for name, (_, leaf) in zip(names, leaves):
-        entry = entries[name]
-        store = _open_checked(path, entry)
-        if (tuple(entry["shape"]), entry["dtype"]) != (leaf.shape, np.dtype(leaf.dtype).name):
-            raise CheckpointError(
-                f"checkpoint {path}: array {name!r} is {tuple(entry['shape'])} {entry['dtype']} "
-                f"but this model has {leaf.shape} {np.dtype(leaf.dtype).name}")
-        cache = {}
-
-        def read(index, store=store, cache=cache):
-            key = repr(index)
-            if key not in cache:
-                cache[key] = store[index].read().result()
-            return cache[key]
-
-        try:
-            out.append(jax.make_array_from_callback(leaf.shape, leaf.sharding, read))
-        except Exception as e:
-            raise CorruptCheckpoint(f"{path}: array {name!r} cannot be read "
-                                    f"({str(e).splitlines()[0]})") from None
-    return jax.tree_util.tree_unflatten(treedef, out), manifest
-
-
-def _everywhere(ok: bool) -> bool:
-    """True when `ok` holds on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _from_process_0(value: int) -> int:
-    """Process 0's `value` on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return value
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
-
-
-def restore(directory: str, target: Any) -> Optional[tuple[Any, dict]]:
-    """(state, manifest) from the newest valid checkpoint in `directory`; None if there is none.
-
-    Process 0 chooses each candidate step and broadcasts it: every process restores the same
-    one, whatever its own listing shows. Unreadable ones are set aside (renamed, never deleted)
-    with a warning; if none is valid, CorruptCheckpoint.
-    """
-    candidates = list(reversed(committed_steps(directory))) if jax.process_index() == 0 else []
-    problems = []
-    while True:
-        step = _from_process_0(candidates.pop(0) if candidates else -1)
-        if step < 0:
-            break
-        try:
-            state, manifest = load(step_dir(directory, step), target)
-            error = None
-        except CorruptCheckpoint as e:
-            error = e
-        if _everywhere(error is None):
-            if problems:
-                logging.warning("restored checkpoint step %d, the newest valid one", step)
-            return state, manifest
-        error = error or CorruptCheckpoint(f"step {step} is unreadable on another process")
-        problems.append(str(error))
-        aside = ""
-        if jax.process_index() == 0:
-            aside = _set_aside(directory, os.path.basename(step_dir(directory, step)),
-                               "unreadable", secrets.token_hex(4))
-            logging.warning("checkpoint step %d cannot be read (%s); set aside as %s, not "
-                            "deleted (remove it once you know it is bad); %s", step, error, aside,
-                            f"falling back to step {candidates[0]}" if candidates
-                            else "no older checkpoint")
-    if problems:
-        raise CorruptCheckpoint(f"no valid checkpoint in {directory}: " + "; ".join(problems))
-    return None
+# Reading lives in its own file; imported last because it uses the names above.
+from nodepert_dist.checkpoint_restore import load, read_manifest, restore  # noqa: E402,F401

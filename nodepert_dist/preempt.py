@@ -23,9 +23,9 @@ import threading
 from typing import Optional
 
 import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+
+from nodepert_dist import agree
 
 EXIT_CODE = 75  # EX_TEMPFAIL ("try again later"): preempted, checkpoint saved, rerun to resume
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -68,10 +68,8 @@ class Watcher:
             os.kill(os.getpid(), signal.SIGTERM)
         if step % self.check_every:
             return False
-        asked = self.signal is not None
-        if jax.process_count() > 1:  # a collective: every process calls it at the same steps
-            asked = bool(np.any(multihost_utils.process_allgather(np.int32(asked))))
-        return asked
+        # A collective (with several processes): every process calls it at the same steps.
+        return agree.anywhere(self.signal is not None)
 
     def describe(self) -> str:
         return signal.Signals(self.signal).name if self.signal else "a signal to another process"

@@ -22,9 +22,9 @@ import time
 from typing import Optional
 
 import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+
+from nodepert_dist import agree
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 60.0
@@ -140,9 +140,7 @@ def hold(workdir: str):
             error = str(e)
         except OSError as e:  # read-only, full, or not permitted
             error = f"--workdir={workdir}: cannot write there ({e.strerror or e})"
-    ok = error is None
-    if jax.process_count() > 1:  # a collective: every process learns process 0's outcome
-        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+    ok = agree.from_process_0(int(error is None))  # every process learns process 0's outcome
     if not ok:
         raise WorkdirBusy(error or f"--workdir={workdir} could not be locked (process 0 says why)")
     try:
