@@ -93,3 +93,32 @@ def test_sbatch_templates_requeue_on_the_preemption_exit_code(tmp_path, script, 
     assert (calls[1:] == ["scontrol requeue 4242"]) == requeued, calls
     sbatch = (REPO / "launch" / "slurm" / f"{script}.sbatch").read_text()
     assert "#SBATCH --requeue" in sbatch and "#SBATCH --signal=USR1@120" in sbatch
+
+
+def test_watcher_records_sigusr1_and_restores_the_handlers():
+    import signal
+    before = signal.getsignal(signal.SIGUSR1)
+    with preempt.Watcher(check_every=3) as watcher:
+        assert not watcher.stop_now(3)
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal=USR1@120
+        assert not watcher.stop_now(4)  # only at multiples of check_every
+        assert watcher.stop_now(6) and watcher.describe() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_launcher_forwards_sigterm_and_exits_75_when_every_rank_was_preempted():
+    script = ("import os, signal, sys, time; r = os.environ['NODEPERT_PROCESS_ID'];"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('rank', r, 'saving', flush=True),"
+              " time.sleep(0.5 * int(r)), sys.exit(75)));"
+              "print('ready', r, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([PY, LAUNCH, "--num_processes=2", "--timeout_s=60", "--", PY, "-c",
+                             script], stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    lines = []
+    while len([l for l in lines if l.startswith(("[0] ready", "[1] ready"))]) < 2:
+        lines.append(proc.stdout.readline())
+    proc.send_signal(__import__("signal").SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    lines += out.splitlines()
+    assert proc.returncode == preempt.EXIT_CODE, lines
+    assert "[1] rank 1 saving" in "\n".join(lines)  # the slower rank was not killed
+    assert lines[-1] == "[launch] preempted: 2 rank(s) checkpointed and exited 75"
