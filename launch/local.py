@@ -164,21 +164,31 @@ def main(argv=None) -> int:
         parser.error("--num_processes must be >= 1")
     address = f"127.0.0.1:{args.port or free_port()}"
 
-    job = Job(command, args.num_processes, args.devices_per_process, address)
+    # Preemption signals are caught before any rank starts (one arriving while they start is
+    # forwarded once they all exist), so a rank can never outlive a launcher killed by them.
+    started: dict = {"job": None, "pending": None}
+
+    def forward(signum, _frame):  # preemption: the ranks checkpoint and exit PREEMPTED
+        job = started["job"]
+        if job is None:
+            started["pending"] = signum
+            return
+        job.say(f"[launch] got {signal.Signals(signum).name}; forwarded it to every rank")
+        job.signal_all(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGUSR1, forward)
+    job = started["job"] = Job(command, args.num_processes, args.devices_per_process, address)
     job.say(f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
             f"device(s), coordinator {address}: {' '.join(command)}")
+    if started["pending"] is not None:
+        forward(started["pending"], None)
 
     def on_signal(signum, _frame):
         job.kill_all()
         job.say(f"[launch] error: launcher got {signal.Signals(signum).name}; killed all ranks")
         sys.exit(128 + signum)
 
-    def forward(signum, _frame):  # preemption: the ranks checkpoint and exit PREEMPTED
-        job.say(f"[launch] got {signal.Signals(signum).name}; forwarded it to every rank")
-        job.signal_all(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGUSR1, forward)
     signal.signal(signal.SIGINT, on_signal)
     try:
         status, reason = job.wait(args.timeout_s, args.grace_s)
