@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, logging
 
-from nodepert_dist import checkpoint, distributed, metrics, models, params_io, preempt
+from nodepert_dist import agree, checkpoint, distributed, metrics, models, params_io, preempt
 from nodepert_dist import workdir_lock
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
@@ -154,7 +154,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher) -> tuple[list[dict]
     # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
     ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
     restored = checkpoint.restore(ckpt_dir, state) if cfg.resume else None
-    if restored is None and cfg.checkpointing and checkpoint.committed_steps(ckpt_dir):
+    # Process 0's listing decides (like restore's): stale caches must not split the processes.
+    if restored is None and cfg.checkpointing and agree.from_process_0(
+            len(checkpoint.committed_steps(ckpt_dir))):
         raise ValueError(f"--noresume, but {ckpt_dir} holds checkpoints of an earlier run; "
                          f"remove them or use another --workdir")
     if restored is not None:
