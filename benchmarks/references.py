@@ -17,35 +17,33 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nodepert_dist import losses, perturbation
-
-
-def _layer_shapes(apply_fn, params, x):
-    return [s.shape[1:] for s in jax.eval_shape(lambda: apply_fn(params, x[:1]))[1]]
+from nodepert_dist import losses, perturbation, taps
 
 
 def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
     loss_fn = losses.get(loss)
 
-    def gradient(apply_fn, params, x, labels, step, global_index):
-        shapes = _layer_shapes(apply_fn, params, x)
+    def gradient(model, params, x, labels, step, global_index):
+        shapes = taps.tap_shapes(model, params, x)
         keys = perturbation.example_keys(seed, step, global_index)
 
         def one_example(key, xi, yi):
-            noise = [jax.random.normal(jax.random.fold_in(key, l), s) for l, s in enumerate(shapes)]
-            clean_logits = apply_fn(params, xi[None])[0]
-            noisy_logits, _, inputs = apply_fn(params, xi[None], noise=[sigma * n[None] for n in noise])
+            noise = {k: jax.random.normal(jax.random.fold_in(key, taps.tap_id(k)), s)
+                     for k, s in shapes.items()}
+            clean_logits = model.apply({"params": params}, xi[None])
+            noisy_logits, values = taps.forward(model, params, xi[None],
+                                                {k: sigma * n[None] for k, n in noise.items()})
             clean = loss_fn(clean_logits, yi[None])[0]
             delta = loss_fn(noisy_logits, yi[None])[0] - clean
-            return delta, noise, [h[0] for h in inputs], clean, clean_logits[0]
+            return delta, noise, {k: v[0] for k, v in values.items()}, clean, clean_logits[0]
 
-        delta, noise, inputs, clean, logits = jax.vmap(one_example)(keys, x, labels)
+        delta, noise, values, clean, logits = jax.vmap(one_example)(keys, x, labels)
         coef = jax.lax.stop_gradient(delta / (sigma * global_batch))
 
         def surrogate(p):
-            preacts = apply_fn(p, x, layer_inputs=inputs)[1]
-            return sum(jnp.sum(coef.reshape((-1,) + (1,) * (n.ndim - 1)) * n * a)
-                       for n, a in zip(noise, preacts))
+            preacts = taps.replay(model, p, x, values)
+            return sum(jnp.sum(coef.reshape((-1,) + (1,) * (n.ndim - 1)) * n * preacts[k])
+                       for k, n in noise.items())
 
         return jax.grad(surrogate)(params), clean, logits
 
@@ -55,19 +53,20 @@ def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
 def original_np(*, loss: str, sigma: float, seed: int, global_batch: int):
     loss_fn = losses.get(loss)
 
-    def gradient(apply_fn, params, x, labels, step, global_index):
+    def gradient(model, params, x, labels, step, global_index):
         del global_index  # one draw for the whole batch
-        shapes = _layer_shapes(apply_fn, params, x)
+        shapes = taps.tap_shapes(model, params, x)
         key = jax.random.fold_in(perturbation.stream_key(seed, "noise"), step)
-        noise = [jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, l), s), (x.shape[0],) + s)
-                 for l, s in enumerate(shapes)]
-        clean_logits = apply_fn(params, x)[0]
-        noisy_logits, _, inputs = apply_fn(params, x, noise=[sigma * n for n in noise])
+        noise = {k: jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, taps.tap_id(k)), s),
+                                     (x.shape[0],) + s) for k, s in shapes.items()}
+        clean_logits = model.apply({"params": params}, x)
+        noisy_logits, values = taps.forward(model, params, x,
+                                            {k: sigma * n for k, n in noise.items()})
         clean = loss_fn(clean_logits, labels)
         mean_delta = jnp.mean(loss_fn(noisy_logits, labels) - clean)
-        preacts, vjp_fn = jax.vjp(lambda p: apply_fn(p, x, layer_inputs=inputs)[1], params)
+        preacts, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, values), params)
         scale = mean_delta / (sigma * global_batch)
-        (grads,) = vjp_fn([(scale * n).astype(a.dtype) for n, a in zip(noise, preacts)])
+        (grads,) = vjp_fn({k: (scale * noise[k]).astype(a.dtype) for k, a in preacts.items()})
         return grads, clean, clean_logits
 
     return gradient

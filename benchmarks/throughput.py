@@ -31,7 +31,11 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_list("networks", ["fc", "conv", "conv-large"], "Networks.")
+flags.DEFINE_list("networks", ["fc", "conv", "conv-large"], "Networks (models.NETWORKS).")
+flags.DEFINE_integer("width", 16, "vgg/vgg16/resnet: channels of the first stage (64: full "
+                     "VGG/ResNet-18).")
+flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes: float32, bfloat16 (NP's sigma: the "
+                  "network's default, in bf16 its measured floor).")
 flags.DEFINE_list("shapes", ["mnist", "cifar"], "Input shapes: mnist (28x28x1), cifar (32x32x3).")
 flags.DEFINE_list("batchsizes", ["128", "1024"], "Global batch sizes (conv-large: 128 only).")
 flags.DEFINE_list("devices", ["1", "8"], "Device counts.")
@@ -62,9 +66,10 @@ def _configs():
     for network in FLAGS.networks:
         for shape in FLAGS.shapes:
             for b in map(int, FLAGS.batchsizes):
-                if network == "conv-large" and b > 128:
-                    continue  # minutes per step on a CPU; the issue's matrix stops at 128
-                yield network, shape, b
+                if network in ("conv-large", "vgg", "vgg16", "resnet") and b > 128:
+                    continue  # minutes per step on a CPU
+                for dtype in FLAGS.dtypes:
+                    yield network, shape, b, dtype
 
 
 def _matmul_peak(mesh):
@@ -134,20 +139,20 @@ def worker(n_dev: int) -> None:
     mesh = mesh_lib.make_mesh(jax.devices()[:n_dev])
     peak = _matmul_peak(mesh)
     kind = jax.devices()[0].device_kind
-    for network, shape, b in _configs():
+    for network, shape, b, dtype in _configs():
         if b % n_dev:
             continue
         rng = np.random.default_rng(0)
         x = rng.normal(size=(b,) + SHAPES[shape]).astype(np.float32)
         y = rng.integers(0, 10, b).astype(np.int32)
         batch = mesh_lib.global_batch(mesh, x, y)
-        model = models.build_model(network, 10)
+        model = models.build_model(network, 10, width=FLAGS.width, dtype=dtype)
         opt = step_lib.make_optimizer("sgd", 1e-3, 0.0)
         runs = {}
         for variant in FLAGS.variants:
             if variant.endswith("-mb4") and (b // n_dev) % 4:
                 continue
-            fn = _build(variant, model, opt, mesh, b, models.default_sigma(network))
+            fn = _build(variant, model, opt, mesh, b, models.default_sigma(network, dtype))
             state = step_lib.init_state(model, opt, x, 0, mesh)
             t0 = time.perf_counter()
             compiled = fn.lower(state, *batch).compile()
@@ -169,6 +174,8 @@ def worker(n_dev: int) -> None:
         for variant, r in runs.items():
             t = step_s[variant]
             row = {"network": network, "shape": shape, "batchsize": b, "devices": n_dev,
+                   "dtype": dtype, "width": FLAGS.width if network in ("vgg", "vgg16", "resnet")
+                   else None,
                    "variant": variant, "device_kind": kind, "step_ms": 1e3 * t,
                    "step_iqr_over_median": spread[variant], "rounds": len(r["times"]),
                    "examples_per_s": b / t, "examples_per_s_per_device": b / t / n_dev,
@@ -183,19 +190,19 @@ def worker(n_dev: int) -> None:
                 row["temp_vs_sgd"] = r["temp_mb"] / runs["sgd"]["temp_mb"]
             with open(FLAGS.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        print(f"done: {network} {shape} B={b} on {n_dev} device(s)", flush=True)
+        print(f"done: {network} {shape} B={b} {dtype} on {n_dev} device(s)", flush=True)
 
 
 def report(rows) -> None:
     """The printed table and the PNG chart of the NP/SGD time and memory ratios."""
-    head = (f"{'network':<11}{'shape':<6}{'B':>5}{'dev':>4} {'variant':<20}{'ms':>9}{'±':>5}{'ex/s':>9}"
+    head = (f"{'network':<11}{'shape':<6}{'B':>5}{'dev':>4} {'dtype':<5} {'variant':<20}{'ms':>9}{'±':>5}{'ex/s':>9}"
             f"{'ex/s/dev':>9}{'comp s':>7}{'GFLOP':>8}{'%peak':>6}{'MB':>7}"
             f"{'/sgd':>6}{'/naive':>7}{'/orig':>6}{'mem/sgd':>8}")
     print(head)
     fmt = lambda v, w, p: f"{v:>{w}.{p}f}" if isinstance(v, float) else " " * (w - 1) + "-"
     for r in rows:
         print(f"{r['network']:<11}{r['shape']:<6}{r['batchsize']:>5}{r['devices']:>4} "
-              f"{r['variant']:<20}{r['step_ms']:>9.2f}{fmt(r['step_iqr_over_median'], 5, 2)}"
+              f"{r.get('dtype', 'float32')[:4]:<5} {r['variant']:<20}{r['step_ms']:>9.2f}{fmt(r['step_iqr_over_median'], 5, 2)}"
               f"{r['examples_per_s']:>9.0f}"
               f"{r['examples_per_s_per_device']:>9.0f}{r['compile_s']:>7.1f}"
               f"{r['gflop_per_step_per_device']:>8.3f}"
@@ -208,14 +215,16 @@ def report(rows) -> None:
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    configs = sorted({(r["network"], r["shape"], r["batchsize"], r["devices"]) for r in rows})
+    key_of = lambda r: (r["network"], r["shape"], r["batchsize"], r["devices"],
+                        r.get("dtype", "float32"))
+    configs = sorted({key_of(r) for r in rows})
     variants = [v for v in FLAGS.variants if v != "sgd"]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(configs)), 8), sharex=True)
     width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
         for ax, key in zip(axes, ("time_vs_sgd", "temp_vs_sgd")):
             vals = [next((r.get(key, float("nan")) for r in rows if r["variant"] == v and
-                          (r["network"], r["shape"], r["batchsize"], r["devices"]) == c), float("nan"))
+                          key_of(r) == c), float("nan"))
                     for c in configs]
             ax.bar([j + i * width for j in range(len(configs))], vals, width, label=v)
     for ax, title in zip(axes, ("step time / SGD step time", "peak temp memory / SGD's")):
@@ -226,7 +235,8 @@ def report(rows) -> None:
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
     axes[0].legend(fontsize=7, ncol=4)
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(configs))])
-    axes[1].set_xticklabels([f"{n}\n{s} B{b}\n{d} dev" for n, s, b, d in configs], fontsize=7)
+    axes[1].set_xticklabels([f"{n}\n{s} B{b}\n{d} dev" + ("\nbf16" if t == "bfloat16" else "")
+                             for n, s, b, d, t in configs], fontsize=7)
     fig.suptitle(f"NP vs SGD, {rows[0]['device_kind']}")
     fig.tight_layout()
     fig.savefig(FLAGS.png, dpi=110)

@@ -62,6 +62,13 @@ class Config:
     network: str = setting("fc", "Architecture.", group="model", choices=models.NETWORKS)
     n_hl: int = setting(2, "Hidden layers of fc/linfc.", group="model")
     hl_size: int = setting(500, "Units per hidden layer of fc/linfc.", group="model")
+    width: int = setting(64, "vgg/vgg16/resnet: channels of the first stage (64 is "
+                         "VGG/ResNet-18; later stages have 2x, 4x, 8x).", group="model")
+    norm: str = setting("none", "vgg/vgg16/resnet: per-example normalisation before each tap "
+                        "(batch norm would bias NP).", group="model", choices=models.NORMS)
+    dtype: str = setting("float32", "Compute dtype of matmuls and convs; parameters, optimizer "
+                         "state and loss differences stay float32.", group="model",
+                         choices=tuple(models.DTYPES))
     # training
     update_rule: str = setting("np", "np: node perturbation; sgd: backprop gradients.",
                                group="training", choices=step_lib.UPDATE_RULES)
@@ -78,8 +85,9 @@ class Config:
     max_steps: int = setting(0, "Stop after this many updates in all (0: no limit); a later "
                              "run resumes.", group="training", resume="free")
     # node perturbation
-    sigma: Optional[float] = setting(None, "NP noise scale (default 1e-4 for fc/linfc, 1e-5 "
-                                     "for conv nets).", group="node perturbation")
+    sigma: Optional[float] = setting(None, "NP noise scale (default: 1e-5 for conv/conv-large, "
+                                     "1e-4 otherwise; in bfloat16 the measured floor, see "
+                                     "README).", group="node perturbation")
     noise: str = setting("rademacher", "NP noise distribution: rademacher (random signs; on "
                          "CPU ~40x cheaper to draw) or gaussian.", group="node perturbation",
                          choices=perturbation.NOISE_KINDS)
@@ -123,7 +131,8 @@ class Config:
         return self.checkpoint_every_steps > 0 or self.checkpoint_every_epochs > 0
 
     def resolved(self) -> "Config":
-        sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network)
+        sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network,
+                                                                                self.dtype)
         return dataclasses.replace(self, sigma=float(sigma))
 
     def validate(self) -> None:
@@ -135,12 +144,18 @@ class Config:
                                  f"{', '.join(allowed)}")
         positive = {"lr": self.lr, "batchsize": self.batchsize, "eval_batchsize": self.eval_batchsize,
                     "hl_size": self.hl_size, "np_microbatches": self.np_microbatches,
-                    "preemption_check_steps": self.preemption_check_steps}
+                    "width": self.width, "preemption_check_steps": self.preemption_check_steps}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name}={value} must be positive")
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"--sigma={self.sigma} must be positive")
+        floor = models.sigma_floor(self.network, self.dtype)
+        if self.update_rule == "np" and self.sigma is not None and self.sigma < floor:
+            raise ValueError(f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
+                             f"which NP on {self.network} in {self.dtype} measured unbiased "
+                             f"(bf16 rounds smaller noise away); raise --sigma or use "
+                             f"--dtype=float32")
         if self.num_epochs < 0 or self.n_hl < 0 or self.wd < 0:
             raise ValueError("--num_epochs, --n_hl and --wd must be >= 0")
         for name in ("max_steps", "checkpoint_every_steps", "checkpoint_every_epochs",

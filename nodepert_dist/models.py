@@ -1,92 +1,219 @@
-"""The networks: flax modules with a node tap at every pre-activation.
+"""The model zoo: ordinary flax linen modules with a `Tap` after every pre-activation.
 
-Every network is a stack of linear maps (Dense or Conv), each followed by a *node tap* where
-node perturbation injects its noise, then the nonlinearity. The module returns the logits, the
-tapped pre-activations and every layer's input, so the NP estimator can reuse a forward pass.
-
-`layer_inputs=[...]` feeds each linear map a given (gradient-stopped) input instead of the
-previous layer's output: the VJP of that call is each layer's own weight-gradient op and nothing
-else (no backward chain through the network), which is the NP update of DESIGN.md section 2.
+fc, linfc, conv and conv-large are the original research code's networks (DESIGN.md section 7);
+vgg, vgg16 and resnet are the large conv nets, for 32x32x3 (and 28x28x1) inputs. None uses batch
+norm: batch statistics mix examples, which biases per-example NP (taps.check says so). Every
+model returns logits; `taps.py` runs them noisy or in replay for the NP estimator.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import math
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-NETWORKS = ("fc", "linfc", "conv", "conv-large")
+from nodepert_dist.taps import Tap
+
+NETWORKS = ("fc", "linfc", "conv", "conv-large", "vgg", "vgg16", "resnet")
+NORMS = ("none", "group", "layer")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+_xavier = nn.initializers.xavier_normal()
+_he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """One linear map of the stack: a dense layer or a SAME-padded convolution."""
+class MLP(nn.Module):
+    """Dense layers (layer0, layer1, ...), each with a tap; the last is the readout."""
 
-    kind: str  # "dense" or "conv"
-    features: int
-    kernel: int = 1
-    stride: int = 1
-
-
-class TappedNetwork(nn.Module):
-    """Linear maps, each followed by a node tap (noise is added there) and the activation.
-
-    The last layer is the readout: its pre-activation is the logits and gets no activation.
-    Convolutional inputs are flattened before the first dense layer.
-    """
-
-    layers: Sequence[Layer]
-    activation: str = "relu"  # "relu" or "linear"
+    widths: Sequence[int]
+    activation: str = "relu"  # "relu" or "linear" (linfc)
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, noise=None, layer_inputs=None):
-        """Returns (logits, pre-activations, layer inputs), one entry per linear map."""
-        init = nn.initializers.xavier_normal()
-        preacts, inputs = [], []
+    def __call__(self, x):
+        h = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.widths):
+            h = Tap(name=f"tap{i}")(nn.Dense(width, kernel_init=_xavier, dtype=self.dtype,
+                                             name=f"layer{i}")(h))
+            if i < len(self.widths) - 1 and self.activation == "relu":
+                h = nn.relu(h)
+        return h
+
+
+class ConvStack(nn.Module):
+    """The original code's conv nets: SAME convolutions (features, kernel, stride), each with a
+    tap and a ReLU, then a dense readout with a tap."""
+
+    convs: Sequence[tuple[int, int, int]]
+    num_classes: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
         h = x
-        for i, layer in enumerate(self.layers):
-            if layer_inputs is not None:
-                h = jax.lax.stop_gradient(layer_inputs[i])
-            if layer.kind == "dense":
-                h = h.reshape(h.shape[0], -1)
-                linear = nn.Dense(layer.features, kernel_init=init, dtype=self.dtype, name=f"layer{i}")
+        for i, (features, k, stride) in enumerate(self.convs):
+            conv = nn.Conv(features, (k, k), strides=stride, padding="SAME", kernel_init=_xavier,
+                           dtype=self.dtype, name=f"layer{i}")
+            h = nn.relu(Tap(name=f"tap{i}")(conv(h)))
+        n = len(self.convs)
+        readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"layer{n}")
+        return Tap(name=f"tap{n}")(readout(h.reshape(h.shape[0], -1)))
+
+
+def _norm(kind: str, dtype, name: str, zero_scale: bool = False):
+    """Per-example normalisation (never batch norm), or None."""
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+    if kind == "group":
+        return lambda h: nn.GroupNorm(num_groups=math.gcd(h.shape[-1], 32),
+                                      scale_init=scale_init, dtype=dtype, name=name)(h)
+    if kind == "layer":
+        return lambda h: nn.LayerNorm(scale_init=scale_init, dtype=dtype, name=name)(h)
+    return None
+
+
+class ConvUnit(nn.Module):
+    """conv -> optional norm -> Tap: one perturbed pre-activation."""
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    norm: str = "none"
+    zero_init: bool = False  # residual-branch scaling: the branch starts as zero
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        norm = _norm(self.norm, self.dtype, "norm", self.zero_init)
+        kernel_init = nn.initializers.zeros if (self.zero_init and norm is None) else _he
+        h = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
+                    use_bias=norm is None, kernel_init=kernel_init, dtype=self.dtype,
+                    name="conv")(h)
+        if norm is not None:
+            h = norm(h)
+        return Tap(name="tap")(h)
+
+
+# VGG layouts in units of `width` channels; "M" is a 2x2 max-pool.
+VGG_LAYOUTS = {
+    "vgg": (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),                      # VGG-11
+    "vgg16": (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"),
+}
+
+
+class VGG(nn.Module):
+    """VGG-style: 3x3 conv units with max-pooling (SAME, so 28x28 inputs work), dense readout."""
+
+    layout: Sequence
+    num_classes: int
+    width: int = 64
+    norm: str = "none"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h, i = x, 0
+        for item in self.layout:
+            if item == "M":
+                h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
             else:
-                linear = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                                 padding="SAME", kernel_init=init, dtype=self.dtype, name=f"layer{i}")
-            inputs.append(h)
-            a = linear(h)
-            if noise is not None:
-                a = a + noise[i].astype(a.dtype)
-            preacts.append(a)
-            is_readout = i == len(self.layers) - 1
-            h = a if (is_readout or self.activation == "linear") else nn.relu(a)
-        return preacts[-1], preacts, inputs
+                h = nn.relu(ConvUnit(item * self.width, norm=self.norm, dtype=self.dtype,
+                                     name=f"conv{i}")(h))
+                i += 1
+        readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name="readout")
+        return Tap(name="readout_tap")(readout(h.reshape(h.shape[0], -1)))
 
 
-def layer_stack(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500) -> tuple[Layer, ...]:
-    """The original research code's architectures (DESIGN.md section 7)."""
-    if network in ("fc", "linfc"):
-        hidden = [Layer("dense", hl_size) for _ in range(n_hl)]
-    elif network == "conv":
-        hidden = [Layer("conv", 32, 3, 1), Layer("conv", 32, 3, 2), Layer("conv", 32, 3, 1)]
-    elif network == "conv-large":
-        hidden = [Layer("conv", 96, 5, 1), Layer("conv", 96, 3, 2), Layer("conv", 192, 5, 1),
-                  Layer("conv", 192, 3, 2), Layer("conv", 192, 3, 1), Layer("conv", 192, 1, 1),
-                  Layer("conv", 10, 1, 1)]
-    else:
+class BasicBlock(nn.Module):
+    """Two 3x3 conv units and a shortcut (a tapped 1x1 conv unit where the shape changes)."""
+
+    features: int
+    stride: int = 1
+    norm: str = "none"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        unit = functools.partial(ConvUnit, self.features, norm=self.norm, dtype=self.dtype)
+        h = nn.relu(unit(stride=self.stride, name="unit1")(x))
+        h = unit(zero_init=True, name="unit2")(h)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            # Tapped, so its parameters reach its own tap only, not every later tap through
+            # the identity shortcuts (that would still be unbiased, but repeats its weight-
+            # gradient op once per later tap).
+            x = unit(kernel=1, stride=self.stride, name="shortcut")(x)
+        return nn.relu(h + x)
+
+
+class ResNet(nn.Module):
+    """ResNet-18-style CIFAR variant: 3x3 stem, 4 stages of 2 basic blocks, average pool."""
+
+    num_classes: int
+    width: int = 64
+    norm: str = "none"
+    blocks: Sequence[int] = (2, 2, 2, 2)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(ConvUnit(self.width, norm=self.norm, dtype=self.dtype, name="stem")(x))
+        for stage, n in enumerate(self.blocks):
+            for b in range(n):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                h = BasicBlock(self.width * 2 ** stage, stride, self.norm, self.dtype,
+                               name=f"stage{stage}_block{b}")(h)
+        h = jnp.mean(h, axis=(1, 2))
+        readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name="readout")
+        return Tap(name="readout_tap")(readout(h))
+
+
+_CONV_STACKS = {
+    "conv": ((32, 3, 1), (32, 3, 2), (32, 3, 1)),
+    "conv-large": ((96, 5, 1), (96, 3, 2), (192, 5, 1), (192, 3, 2), (192, 3, 1), (192, 1, 1),
+                   (10, 1, 1)),
+}
+
+
+def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500, *,
+                width: int = 64, norm: str = "none", dtype: str = "float32") -> nn.Module:
+    """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet."""
+    if network not in NETWORKS:
         raise ValueError(f"unknown --network={network!r}; choose one of {', '.join(NETWORKS)}")
-    return tuple(hidden) + (Layer("dense", num_classes),)
+    if norm not in NORMS:
+        raise ValueError(f"unknown --norm={norm!r}; choose one of {', '.join(NORMS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+    dt = DTYPES[dtype]
+    if network in ("fc", "linfc"):
+        return MLP((hl_size,) * n_hl + (num_classes,),
+                   activation="linear" if network == "linfc" else "relu", dtype=dt)
+    if network in _CONV_STACKS:
+        return ConvStack(_CONV_STACKS[network], num_classes, dtype=dt)
+    if network in VGG_LAYOUTS:
+        return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt)
+    return ResNet(num_classes, width, norm, dtype=dt)
 
 
-def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500) -> TappedNetwork:
-    activation = "linear" if network == "linfc" else "relu"
-    return TappedNetwork(layer_stack(network, num_classes, n_hl, hl_size), activation=activation)
+# The smallest sigma on the grid 3e-3, 1e-2, 3e-2, 1e-1 at which NP's mean estimate in bfloat16
+# matched float32's with the same noise (cosine >= 0.99, norm within 15%), measured by
+# benchmarks/bf16_sigma.py (README). bf16 keeps 8 significant bits: smaller noise is rounded
+# away at the taps and in the loss change. conv-large and vgg16 take conv's and vgg's values
+# (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18).
+BF16_SIGMA_FLOOR = {"fc": 3e-2, "linfc": 3e-2, "conv": 1e-2, "conv-large": 1e-2, "vgg": 3e-3,
+                    "vgg16": 3e-3, "resnet": 3e-2}
 
 
-def default_sigma(network: str) -> float:
-    """Noise scale of the original code: 1e-4 for dense nets, 1e-5 for conv nets."""
+def sigma_floor(network: str, dtype: str) -> float:
+    """The smallest sigma NP accepts for this network and dtype (0 in float32)."""
+    return BF16_SIGMA_FLOOR.get(network, 0.0) if dtype == "bfloat16" else 0.0
+
+
+def default_sigma(network: str, dtype: str = "float32") -> float:
+    """1e-4 for dense nets and 1e-5 for the original conv nets (the original code's values);
+    1e-4 for vgg/resnet, which the original code never ran (float32 delta precision:
+    perturbation.py); in bfloat16, the measured floor."""
+    if dtype == "bfloat16":
+        return sigma_floor(network, dtype)
     return 1e-5 if network.startswith("conv") else 1e-4

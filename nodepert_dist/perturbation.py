@@ -2,7 +2,8 @@
 
 Random streams are counter-based. `stream_key(seed, name)` separates parameter initialisation
 from the noise; the noise of example `i` at update `step` is keyed
-key(seed) -> "noise" tag -> step -> global example index i -> layer. A device draws only the noise
+key(seed) -> "noise" tag -> step -> global example index i -> tap (taps.tap_id of its name).
+A device draws only the noise
 of the examples it holds, with no communication, and an example's noise does not depend on how
 the batch is laid out over devices or processes.
 
@@ -11,10 +12,11 @@ The estimator (DESIGN.md section 2), for a batch of B examples:
     delta_i = L_i(noisy) - L_i(clean)                          one scalar per example
     g_l     = (1/B) sum_i (delta_i / sigma) J_{W_l}[f_l](h~_{l-1,i})^T xi_{l,i}
 
-The clean and noisy passes are two B-sized forwards of the same parameters and inputs, noise on
+where f_l is the computation from the previous taps to tap l (taps.py): the model runs in
+replay with every tap's output fixed at its noisy value, so each VJP is the weight-gradient op
+of the parameters feeding that tap, with no backward chain. The clean and noisy passes are two B-sized forwards of the same parameters and inputs, noise on
 the noisy one only: XLA computes the first layer's pre-activation once for both (common
-subexpression), which is what puts NP's matmul FLOPs at SGD's. The weight gradients are one VJP
-of every layer's own linear map at its noisy input (no backward chain). Per-example delta_i is
+subexpression), which is what puts NP's matmul FLOPs at SGD's. Per-example delta_i is
 essential: a batch-mean delta times per-example terms is biased.
 
 Precision: delta_i is a finite difference of float32 losses, and nothing cancels its rounding.
@@ -39,6 +41,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from nodepert_dist import taps
 
 NOISE_KINDS = ("rademacher", "gaussian")
 NP_MODES = ("keep", "regen")
@@ -65,7 +69,7 @@ def _rademacher(key, shape):
 
 
 def draw_layer(keys, layer: int, shape, kind: str = "rademacher"):
-    """Unit-variance, zero-mean noise of one layer's nodes for every example: (b, *shape)."""
+    """Unit-variance, zero-mean noise of one tap's nodes for every example: (b, *shape)."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown --noise={kind!r}; choose one of {', '.join(NOISE_KINDS)}")
     draw = _rademacher if kind == "rademacher" else (
@@ -77,24 +81,25 @@ def draw_layer(keys, layer: int, shape, kind: str = "rademacher"):
         return jax.vmap(lambda k: draw(jax.random.fold_in(k, layer), tuple(shape)))(keys)
 
 
-def draw_noise(keys, shapes, kind: str = "rademacher"):
-    """Every layer's noise: a list (one per layer) of (b, *shape)."""
-    return [draw_layer(keys, l, s, kind) for l, s in enumerate(shapes)]
+def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
+    """Every tap's noise, {tap name: (b, *shape)}, each from the tap's own stream."""
+    return {name: draw_layer(keys, taps.tap_id(name), s, kind) for name, s in shapes.items()}
 
 
-def np_gradient(apply_fn, params, x, labels, loss_fn, *, sigma: float, keys, normalizer,
+def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normalizer,
                 noise_kind: str = "rademacher", mode: str = "keep", microbatches: int = 1):
     """NP estimate of the gradient of the mean loss, summed over these examples / `normalizer`.
 
-    apply_fn(params, x, noise=None, layer_inputs=None) -> (logits, pre-activations, layer inputs).
-    Returns (grads, per-example clean loss, clean logits). Pass `normalizer` = global batch size
-    so that summing the result over devices gives the global-batch estimate. `microbatches` > 1
-    runs the estimate over that many consecutive slices of the examples in sequence (each with
-    its own examples' keys, so the update is the same) and sums them: activation memory / K.
+    `model` is a flax module with taps (taps.py). Returns (grads, per-example clean loss, clean
+    logits). Pass `normalizer` = global batch size so that summing the result over devices gives
+    the global-batch estimate. `microbatches` > 1 runs the estimate over that many consecutive
+    slices of the examples in sequence (each with its own examples' keys, so the update is the
+    same) and sums them: activation memory / K.
     """
     if mode not in NP_MODES:
         raise ValueError(f"unknown --np_mode={mode!r}; choose one of {', '.join(NP_MODES)}")
-    estimate = lambda x, labels, keys: _np_estimate(apply_fn, params, x, labels, loss_fn, sigma,
+    taps.check(model, params, x)
+    estimate = lambda x, labels, keys: _np_estimate(model, params, x, labels, loss_fn, sigma,
                                                     keys, normalizer, noise_kind, mode)
     if microbatches == 1:
         return estimate(x, labels, keys)
@@ -132,31 +137,30 @@ def _keys_after(keys, after):
     return jax.random.wrap_key_data(later, impl=jax.random.key_impl(keys))
 
 
-def _np_estimate(apply_fn, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode):
-    _, shapes, _ = jax.eval_shape(lambda: apply_fn(params, x[:1]))
-    shapes = [s.shape[1:] for s in shapes]
+def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode):
+    shapes = taps.tap_shapes(model, params, x)
     xi = draw_noise(keys, shapes, noise_kind)
-    clean_logits = apply_fn(params, x)[0]
-    noisy_logits, _, noisy_inputs = apply_fn(params, x, noise=[sigma * n for n in xi])
+    clean_logits = model.apply({"params": params}, x)
+    noisy_logits, noisy = taps.forward(model, params, x, {k: sigma * n for k, n in xi.items()})
     clean_loss = loss_fn(clean_logits, labels)
     delta = loss_fn(noisy_logits, labels) - clean_loss  # float32 or wider, one per example
     coef = delta / (sigma * normalizer)
 
-    # Each layer's own weight-gradient op at its noisy input (the primal matmuls are dead code),
-    # one layer at a time from the last to the first: a zero-valued data dependency on the
-    # previous layer's result makes XLA finish one layer before it starts the next one's
-    # cotangent and input transposes, so each noisy input is freed as soon as its layer is
-    # done. Measured on conv-large, CIFAR shape, B=128: peak temp memory 310 -> 130 MB (SGD 217).
+    # One tap at a time from the last to the first, each the VJP of its own pre-activation in
+    # replay (the primal ops of the other taps are dead code). A zero-valued data dependency on
+    # the previous tap's result makes XLA finish one tap before it starts the next one's
+    # cotangent and input transposes, so each noisy value is freed as soon as it is used.
+    # Measured on conv-large, CIFAR shape, B=128: peak temp memory 310 -> 130 MB (SGD 217).
     grads, after = None, jnp.zeros((), coef.dtype)
-    for l in reversed(range(len(shapes))):
-        inputs = [jax.lax.stop_gradient(h) for h in noisy_inputs]
-        if l > 0:  # not the step's input x: it is alive anyway, and adding would copy it
-            inputs[l] = inputs[l] + after.astype(inputs[l].dtype)
-        preact, vjp_fn = jax.vjp(lambda p: apply_fn(p, x, layer_inputs=inputs)[1][l], params)
-        if mode == "regen":  # this layer's noise again, drawn only now
-            xi[l] = draw_layer(_keys_after(keys, after), l, shapes[l], noise_kind)
-        coef_l = (coef + after).reshape((-1,) + (1,) * (xi[l].ndim - 1))
-        (g,) = vjp_fn((coef_l * xi[l]).astype(preact.dtype))
+    for name in reversed(list(shapes)):
+        # The step's input x gets no `after`: it is alive anyway, and adding would copy it.
+        values = {k: jax.lax.stop_gradient(v) + after.astype(v.dtype) for k, v in noisy.items()}
+        preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, values)[name], params)
+        if mode == "regen":  # this tap's noise again, drawn only now
+            xi[name] = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],
+                                  noise_kind)
+        coef_l = (coef + after).reshape((-1,) + (1,) * (xi[name].ndim - 1))
+        (g,) = vjp_fn((coef_l * xi[name]).astype(preact.dtype))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         after = _zero_after(g).astype(coef.dtype)
     return grads, clean_loss, clean_logits

@@ -49,7 +49,7 @@ def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
     return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
 
 
-# A local gradient: (apply_fn, params, x, labels, step, global_index) ->
+# A local gradient: (model, params, x, labels, step, global_index) ->
 # (this device's share of the global-batch gradient, per-example loss, logits).
 LocalGradient = Callable[..., tuple]
 
@@ -62,15 +62,15 @@ def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, glob
         raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
     loss_fn = losses.get(loss)
 
-    def np_grad(apply_fn, params, x, labels, step, global_index):
+    def np_grad(model, params, x, labels, step, global_index):
         keys = perturbation.example_keys(seed, step, global_index)
-        return perturbation.np_gradient(apply_fn, params, x, labels, loss_fn, sigma=sigma, keys=keys,
+        return perturbation.np_gradient(model, params, x, labels, loss_fn, sigma=sigma, keys=keys,
                                         normalizer=global_batch, noise_kind=noise, mode=np_mode,
                                         microbatches=np_microbatches)
 
-    def sgd_grad(apply_fn, params, x, labels, step, global_index):
+    def sgd_grad(model, params, x, labels, step, global_index):
         def summed_loss(p):
-            logits = apply_fn(p, x)[0]
+            logits = model.apply({"params": p}, x)
             example_loss = loss_fn(logits, labels)
             return jnp.sum(example_loss) / global_batch, (example_loss, logits)
         grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
@@ -89,14 +89,11 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
     """
     gradient = gradient or local_gradient(global_batch=global_batch, **rule)
 
-    def apply_fn(params, x, noise=None, layer_inputs=None):
-        return model.apply({"params": params}, x, noise=noise, layer_inputs=layer_inputs)
-
     def local_step(state: TrainState, x, labels):
         b = x.shape[0]
         params = jax.lax.pcast(state.params, DATA, to="varying")
         global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
-        grads, example_loss, logits = gradient(apply_fn, params, x, labels, state.step, global_index)
+        grads, example_loss, logits = gradient(model, params, x, labels, state.step, global_index)
         grads = jax.lax.psum(grads, DATA)
         metrics = jax.lax.psum({
             "loss_sum": jnp.sum(example_loss),
@@ -117,7 +114,7 @@ def make_eval_step(model, mesh, *, loss: str) -> Callable:
     loss_fn = losses.get(loss)
 
     def local_eval(params, x, labels, mask):
-        logits = model.apply({"params": params}, x)[0]
+        logits = model.apply({"params": params}, x)
         return jax.lax.psum({
             "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),

@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, logging
 
 from nodepert_dist import agree, checkpoint, distributed, metrics, models, params_io, preempt
+from nodepert_dist import taps
 from nodepert_dist import workdir_lock
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
@@ -117,9 +118,11 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher) -> tuple[list[dict]
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
 
     # Model, optimizer and replicated train state.
-    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size)
+    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
+                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
     optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
+    taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)

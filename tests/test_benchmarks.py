@@ -47,14 +47,12 @@ def test_naive_reference_is_the_same_unbiased_np():
     x = jax.random.normal(jax.random.key(0), (16, 12, 12, 1))
     y = jnp.arange(16) % 10
     params = model.init(jax.random.key(1), x[:1])["params"]
-    apply_fn = lambda p, x, noise=None, layer_inputs=None: model.apply(
-        {"params": p}, x, noise=noise, layer_inputs=layer_inputs)
     common = dict(loss="mse", sigma=1e-3, seed=0, global_batch=16)
     ours = step_lib.local_gradient(update_rule="np", noise="gaussian", **common)
     naive = references.naive_np(**common)
     args = (params, x, y, jnp.int32(4), jnp.arange(16))
     with jax.threefry_partitionable(False):
-        (g1, l1, _), (g2, l2, _) = [jax.jit(lambda *a, f=f: f(apply_fn, *a))(*args)
+        (g1, l1, _), (g2, l2, _) = [jax.jit(lambda *a, f=f: f(model, *a))(*args)
                                     for f in (ours, naive)]
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):

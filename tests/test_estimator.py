@@ -1,32 +1,81 @@
 """NP is unbiased: the mean of many NP estimates matches jax.grad, per layer type and per leaf.
 
-The same harness run on the batch-mean estimator of DESIGN.md section 2 (one shared noise draw,
-one batch-mean loss change) must fail, so these tests can tell a biased estimator apart.
+Each case is a small flax model with taps (taps.py) around one layer type. The same harness run
+on the batch-mean estimator of DESIGN.md section 2 (one shared noise draw, one batch-mean loss
+change) must fail, so these tests can tell a biased estimator apart.
 """
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
-from nodepert_dist.models import Layer
+from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib, taps
+from nodepert_dist.taps import Tap
 
 BATCH = 32
 
 
-def _setup(layers, input_shape, activation="relu", loss="ce", dtype=jnp.float32):
-    model = models.TappedNetwork(tuple(layers), activation=activation, dtype=dtype)
+class Net(nn.Module):
+    """The layers named by `body`, each with its tap, then a dense readout with a tap."""
+
+    body: str
+    activation: str = "relu"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        act = nn.relu if self.activation == "relu" else (lambda h: h)
+        conv = functools.partial(nn.Conv, padding="SAME", dtype=self.dtype)
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
+        h = x
+        if self.body == "dense":
+            pass
+        elif self.body == "mlp":
+            h = h.reshape(h.shape[0], -1)
+            for i in range(2):
+                h = act(Tap()(dense(16)(h)))
+        elif self.body == "conv":
+            h = act(Tap()(conv(3, (3, 3))(h)))
+        elif self.body == "strided":
+            h = act(Tap()(conv(3, (3, 3))(h)))
+            h = act(Tap()(conv(3, (3, 3), strides=2)(h)))
+        elif self.body in ("maxpool", "avgpool"):
+            h = act(Tap()(conv(4, (3, 3))(h)))
+            pool = nn.max_pool if self.body == "maxpool" else nn.avg_pool
+            h = pool(h, (2, 2), strides=(2, 2), padding="SAME")
+        elif self.body == "residual":
+            h = act(models.ConvUnit(3, dtype=self.dtype)(h))
+            h = models.BasicBlock(3, dtype=self.dtype)(h)      # identity shortcut
+            h = models.BasicBlock(4, 2, dtype=self.dtype)(h)   # tapped projection shortcut
+            h = jnp.mean(h, axis=(1, 2))
+        elif self.body == "groupnorm":
+            h = act(models.ConvUnit(4, norm="group", dtype=self.dtype)(h))
+        elif self.body == "layernorm":
+            h = h.reshape(h.shape[0], -1)
+            h = act(Tap()(nn.LayerNorm(dtype=self.dtype)(dense(16)(h))))
+        else:
+            raise ValueError(self.body)
+        return Tap(name="readout_tap")(dense(10)(h.reshape(h.shape[0], -1)))
+
+
+def _setup(body, input_shape, activation="relu", loss="ce", dtype=jnp.float32):
+    model = Net(body, activation, dtype)
     x = jax.random.normal(jax.random.key(1), (BATCH,) + input_shape, dtype)
     y = jnp.arange(BATCH) % 10
     params = model.init(jax.random.key(0), x)["params"]
-
-    def apply_fn(p, x, noise=None, layer_inputs=None):
-        return model.apply({"params": p}, x, noise=noise, layer_inputs=layer_inputs)
-
+    if body == "residual":  # unit2 starts at zero (skip-init): move it so its input gets a signal
+        params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(2), p.shape),
+                              params)
     loss_fn = losses.get(loss)
-    true = jax.grad(lambda p: jnp.mean(loss_fn(apply_fn(p, x)[0], y)))(params)
-    return apply_fn, params, x, y, loss_fn, true
+    # The true gradient: of the float32 model, whatever dtype the estimate runs in.
+    model32 = model.clone(dtype=jnp.float32)
+    true = jax.grad(lambda p: jnp.mean(loss_fn(model32.apply({"params": p}, x.astype(jnp.float32)),
+                                               y)))(params)
+    return model, params, x, y, loss_fn, true
 
 
 def _mean_estimate(estimate, like, draws):
@@ -52,35 +101,39 @@ def _assert_unbiased(mean, true):
     assert all(0.85 <= r <= 1.15 for r in ratio.values()), ratio
 
 
-def _np_estimate(apply_fn, params, x, y, loss_fn, sigma, step, **options):
+def _np_estimate(model, params, x, y, loss_fn, sigma, step, **options):
     keys = perturbation.example_keys(0, step, jnp.arange(BATCH))
-    return perturbation.np_gradient(apply_fn, params, x, y, loss_fn, sigma=sigma, keys=keys,
+    return perturbation.np_gradient(model, params, x, y, loss_fn, sigma=sigma, keys=keys,
                                     normalizer=BATCH, **options)[0]
 
 
-def _np_mean(apply_fn, params, x, y, loss_fn, sigma, draws, **options):
-    estimate = jax.jit(lambda step: _np_estimate(apply_fn, params, x, y, loss_fn, sigma, step,
+def _np_mean(model, params, x, y, loss_fn, sigma, draws, **options):
+    estimate = jax.jit(lambda step: _np_estimate(model, params, x, y, loss_fn, sigma, step,
                                                  **options))
     return jax.jit(lambda: _mean_estimate(estimate, params, draws))()
 
 
 CASES = {
-    # name: (layers, input shape, activation, loss, sigma, draws)
-    "dense": ([Layer("dense", 10)], (12,), "relu", "ce", 1e-4, 3000),
-    "conv": ([Layer("conv", 3, 3, 2), Layer("dense", 10)], (6, 6, 2), "relu", "ce", 1e-4, 6000),
-    "fc-mse": ([Layer("dense", 16), Layer("dense", 16), Layer("dense", 10)], (12,), "relu", "mse", 1e-4, 8000),
-    "linfc": ([Layer("dense", 16), Layer("dense", 10)], (12,), "linear", "ce", 1e-4, 8000),
-    "conv-net-sigma1e-5": ([Layer("conv", 3, 3, 1), Layer("conv", 3, 3, 2), Layer("dense", 10)],
-                           (6, 6, 1), "relu", "mse", 1e-5, 32000),
+    # name: (body, input shape, activation, loss, sigma, draws)
+    "dense": ("dense", (12,), "relu", "ce", 1e-4, 3000),
+    "conv": ("conv", (6, 6, 2), "relu", "ce", 1e-4, 20000),
+    "fc-mse": ("mlp", (12,), "relu", "mse", 1e-4, 8000),
+    "linfc": ("mlp", (12,), "linear", "ce", 1e-4, 8000),
+    "strided-conv-sigma1e-5": ("strided", (6, 6, 1), "relu", "mse", 1e-5, 96000),
+    "maxpool": ("maxpool", (6, 6, 2), "relu", "ce", 1e-4, 20000),
+    "avgpool": ("avgpool", (4, 4, 2), "relu", "ce", 1e-4, 32000),
+    "residual": ("residual", (4, 4, 2), "relu", "ce", 1e-4, 12000),
+    "groupnorm": ("groupnorm", (6, 6, 2), "relu", "ce", 1e-4, 32000),
+    "layernorm": ("layernorm", (12,), "relu", "ce", 1e-4, 8000),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_np_is_unbiased_per_layer(name):
     """Default options (Rademacher noise, keep mode)."""
-    layers, shape, act, loss, sigma, draws = CASES[name]
-    apply_fn, params, x, y, loss_fn, true = _setup(layers, shape, act, loss)
-    _assert_unbiased(_np_mean(apply_fn, params, x, y, loss_fn, sigma, draws), true)
+    body, shape, act, loss, sigma, draws = CASES[name]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
+    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, sigma, draws), true)
 
 
 OPTIONS = {
@@ -94,17 +147,39 @@ OPTIONS = {
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("name", ["fc-mse", "conv"])
 def test_np_is_unbiased_with_each_estimator_option(name, option):
-    layers, shape, act, loss, sigma, draws = CASES[name]
-    apply_fn, params, x, y, loss_fn, true = _setup(layers, shape, act, loss)
-    _assert_unbiased(_np_mean(apply_fn, params, x, y, loss_fn, sigma, draws, **OPTIONS[option]),
+    body, shape, act, loss, sigma, draws = CASES[name]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
+    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, sigma, draws, **OPTIONS[option]),
                      true)
+
+
+BF16_SIGMA = max(models.BF16_SIGMA_FLOOR.values())
+
+
+@pytest.mark.parametrize("name", ["dense", "conv", "maxpool", "residual", "layernorm"])
+def test_np_is_unbiased_in_bfloat16_at_the_documented_sigma(name):
+    """bf16 matmuls/convs, float32 parameters and loss differences, against the float32
+    gradient, at the largest sigma floor of models.BF16_SIGMA_FLOOR. Twice float32's draws:
+    bf16 rounding adds variance (conv at 20000 draws: kernel cosine 0.988; at 40000: 0.994)."""
+    body, shape, act, loss, _, draws = CASES[name]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss, jnp.bfloat16)
+    assert x.dtype == jnp.bfloat16
+    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, BF16_SIGMA, 2 * draws), true)
+
+
+def test_bfloat16_below_the_floor_is_biased():
+    """What the floor guards against: at sigma 1e-3 bf16 rounds most of the noise away."""
+    body, shape, act, loss, _, draws = CASES["dense"]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss, jnp.bfloat16)
+    with pytest.raises(AssertionError):
+        _assert_unbiased(_np_mean(model, params, x, y, loss_fn, 1e-3, draws), true)
 
 
 def test_scale_check_rejects_a_doubled_estimate():
     """The norm check catches what the cosine cannot: a correctly aimed, wrongly scaled update."""
-    layers, shape, act, loss, sigma, draws = CASES["dense"]
-    apply_fn, params, x, y, loss_fn, true = _setup(layers, shape, act, loss)
-    mean = _np_mean(apply_fn, params, x, y, loss_fn, sigma, draws)
+    body, shape, act, loss, sigma, draws = CASES["dense"]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
+    mean = _np_mean(model, params, x, y, loss_fn, sigma, draws)
     with pytest.raises(AssertionError):
         _assert_unbiased(jax.tree.map(lambda g: 2 * g, mean), true)
 
@@ -113,15 +188,15 @@ def test_scale_check_rejects_a_doubled_estimate():
 def test_modes_give_the_same_update(option):
     """regen redraws the same noise; microbatches run the same examples with the same keys and
     return every example's loss and logits in place. float64: layouts agree to ~1e-12."""
-    layers, shape, act, loss, sigma, _ = CASES["conv-net-sigma1e-5"]
+    body, shape, act, loss, sigma, _ = CASES["residual"]
     options = {"regen": dict(mode="regen"), "microbatches": dict(microbatches=4)}[option]
     with jax.enable_x64(True):
-        apply_fn, params, x, y, loss_fn, _ = _setup(layers, shape, act, loss, jnp.float64)
+        model, params, x, y, loss_fn, _ = _setup(body, shape, act, loss, jnp.float64)
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         assert x.dtype == jnp.float64 and jax.tree.leaves(params)[0].dtype == jnp.float64
         keys = perturbation.example_keys(0, 3, jnp.arange(BATCH))
         for noise in perturbation.NOISE_KINDS:
-            run = lambda **o: perturbation.np_gradient(apply_fn, params, x, y, loss_fn, sigma=1e-3,
+            run = lambda **o: perturbation.np_gradient(model, params, x, y, loss_fn, sigma=1e-3,
                                                        keys=keys, normalizer=BATCH,
                                                        noise_kind=noise, **o)
             for u, v in zip(jax.tree.leaves(run()), jax.tree.leaves(run(**options))):
@@ -130,24 +205,25 @@ def test_modes_give_the_same_update(option):
 
 def test_regen_draws_the_noise_again():
     """regen must redraw (that is what frees the noise), not reuse the first draw."""
-    layers, shape, act, loss, _, _ = CASES["fc-mse"]
-    apply_fn, params, x, y, loss_fn, _ = _setup(layers, shape, act, loss)
+    body, shape, act, loss, _, _ = CASES["fc-mse"]
+    model, params, x, y, loss_fn, _ = _setup(body, shape, act, loss)
     keys = perturbation.example_keys(0, 0, jnp.arange(BATCH))
     draws = lambda mode: str(jax.make_jaxpr(lambda p: perturbation.np_gradient(
-        apply_fn, p, x, y, loss_fn, sigma=1e-4, keys=keys, normalizer=BATCH, mode=mode))(
+        model, p, x, y, loss_fn, sigma=1e-4, keys=keys, normalizer=BATCH, mode=mode))(
         params)).count("random_bits")
     assert draws("regen") == 2 * draws("keep") > 0
 
 
-def test_noise_differs_between_steps_examples_and_layers():
+def test_noise_differs_between_steps_examples_and_taps():
     """A constant step or example index in the keys would reuse noise (and pass the MC tests)."""
     draw = lambda step, idx: perturbation.draw_noise(
-        perturbation.example_keys(0, step, jnp.asarray(idx)), [(64,), (64,)], "gaussian")
+        perturbation.example_keys(0, step, jnp.asarray(idx)), {"a": (64,), "b": (64,)},
+        "gaussian").values()
     (a0, a1), (b0, _) = draw(0, [0, 1]), draw(1, [0, 1])
     assert not np.allclose(a0[0], a0[1])   # examples 0 and 1, same step
     assert not np.allclose(a0[0], b0[0])   # steps 0 and 1, same example
-    assert not np.allclose(a0[0], a1[0])   # layers 0 and 1
-    c0 = draw(0, [1])[0]
+    assert not np.allclose(a0[0], a1[0])   # taps a and b
+    c0 = list(draw(0, [1]))[0]
     np.testing.assert_array_equal(c0[0], a0[1])  # an example's noise depends on its index only
 
 
@@ -167,7 +243,7 @@ def test_init_and_noise_streams_are_apart():
 
 def test_rademacher_noise_is_signs_with_unit_variance():
     keys = perturbation.example_keys(0, 0, jnp.arange(64))
-    (n,) = perturbation.draw_noise(keys, [(7, 5)], "rademacher")
+    (n,) = perturbation.draw_noise(keys, {"t": (7, 5)}, "rademacher").values()
     assert n.shape == (64, 7, 5)
     assert set(np.unique(np.asarray(n)).tolist()) == {-1.0, 1.0}
     assert abs(float(n.mean())) < 0.05 and abs(float((n ** 2).mean()) - 1.0) < 1e-6
@@ -177,20 +253,19 @@ def test_rademacher_noise_is_signs_with_unit_variance():
 
 def test_same_harness_rejects_the_batch_mean_estimator():
     """The pitfall: one noise draw shared by the batch and the batch-mean loss change."""
-    layers, shape, act, loss, sigma, draws = CASES["fc-mse"]
-    apply_fn, params, x, y, loss_fn, true = _setup(layers, shape, act, loss)
+    body, shape, act, loss, sigma, draws = CASES["fc-mse"]
+    model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
 
     @jax.jit
     def biased(step):
         key = perturbation.example_keys(0, step, jnp.zeros((1,), jnp.int32))
-        shapes = [a.shape[1:] for a in apply_fn(params, x)[1]]
-        shared = [jnp.broadcast_to(n, (BATCH,) + n.shape[1:])
-                  for n in perturbation.draw_noise(key, shapes, "gaussian")]
-        clean = loss_fn(apply_fn(params, x)[0], y)
-        noisy_logits, _, noisy_inputs = apply_fn(params, x, noise=[sigma * n for n in shared])
+        shared = {k: jnp.broadcast_to(n, (BATCH,) + n.shape[1:]) for k, n in perturbation.draw_noise(
+            key, taps.tap_shapes(model, params, x), "gaussian").items()}
+        clean = loss_fn(model.apply({"params": params}, x), y)
+        noisy_logits, values = taps.forward(model, params, x, {k: sigma * n for k, n in shared.items()})
         mean_delta = jnp.mean(loss_fn(noisy_logits, y) - clean)
-        _, vjp = jax.vjp(lambda p: apply_fn(p, x, layer_inputs=noisy_inputs)[1], params)
-        return vjp([mean_delta / (sigma * BATCH) * n for n in shared])[0]
+        _, vjp = jax.vjp(lambda p: taps.replay(model, p, x, values), params)
+        return vjp({k: mean_delta / (sigma * BATCH) * n for k, n in shared.items()})[0]
 
     mean = jax.jit(lambda: _mean_estimate(biased, params, draws))()
     cos = _cosines(mean, true)
