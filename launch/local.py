@@ -9,6 +9,9 @@ and, with --devices_per_process=K, K simulated CPU devices via
 XLA_FLAGS=--xla_force_host_platform_device_count=K. Every output line is prefixed with its rank.
 If any process exits non-zero, or the job outlives --timeout_s, every process group is killed
 and the launcher exits non-zero with one line naming the rank (status 1; 124 for the timeout).
+Preemption: SIGTERM or SIGUSR1 to the launcher is forwarded to every rank; a rank that exits
+with PREEMPTED (75: checkpoint saved, nodepert_dist/preempt.py) is not a failure, the others
+get --grace_s to do the same, and the launcher then exits 75 too.
 Standard library only: it does not import jax.
 """
 
@@ -28,6 +31,7 @@ ENV_COORDINATOR = "NODEPERT_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "NODEPERT_NUM_PROCESSES"
 ENV_PROCESS_ID = "NODEPERT_PROCESS_ID"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+PREEMPTED = 75  # nodepert_dist.preempt.EXIT_CODE (this file does not import the package)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,10 +109,19 @@ class Job:
         for pump in self.pumps:
             pump.join(timeout=2)
 
-    def wait(self, timeout_s: float) -> tuple[int, str]:
-        """(exit status, reason); status 0 once every rank exited 0."""
+    def signal_all(self, sig) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def wait(self, timeout_s: float, grace_s: float = 120.0) -> tuple[int, str]:
+        """(exit status, reason); status 0 once every rank exited 0, PREEMPTED once every rank
+        exited 0 or PREEMPTED with at least one PREEMPTED."""
         deadline = time.monotonic() + timeout_s
-        finished = 0
+        finished, preempted = 0, 0
         while finished < len(self.procs):
             try:
                 rank, rc = self.exits.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
@@ -119,10 +132,15 @@ class Job:
                                  f"still running; killed all")
                 continue
             finished += 1
-            if rc != 0:
+            if rc == PREEMPTED:  # the others stop at the same step: give them time to
+                preempted += 1
+                deadline = min(deadline, time.monotonic() + grace_s)
+            elif rc != 0:
                 return 1, f"rank {rank} {describe_exit(rc)}; killed the other ranks"
         for pump in self.pumps:
             pump.join(timeout=5)
+        if preempted:
+            return PREEMPTED, f"preempted: {preempted} rank(s) checkpointed and exited {PREEMPTED}"
         return 0, "all ranks exited 0"
 
 
@@ -135,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout_s", type=float, default=3600,
                         help="kill everything and fail after this many seconds")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+    parser.add_argument("--grace_s", type=float, default=120,
+                        help="after a signal or a preempted rank, wait this long for the others")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -144,23 +164,40 @@ def main(argv=None) -> int:
         parser.error("--num_processes must be >= 1")
     address = f"127.0.0.1:{args.port or free_port()}"
 
-    job = Job(command, args.num_processes, args.devices_per_process, address)
+    # Preemption signals are caught before any rank starts (one arriving while they start is
+    # forwarded once they all exist), so a rank can never outlive a launcher killed by them.
+    started: dict = {"job": None, "pending": None}
+
+    def forward(signum, _frame):  # preemption: the ranks checkpoint and exit PREEMPTED
+        job = started["job"]
+        if job is None:
+            started["pending"] = signum
+            return
+        job.say(f"[launch] got {signal.Signals(signum).name}; forwarded it to every rank")
+        job.signal_all(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGUSR1, forward)
+    job = started["job"] = Job(command, args.num_processes, args.devices_per_process, address)
     job.say(f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
             f"device(s), coordinator {address}: {' '.join(command)}")
+    if started["pending"] is not None:
+        forward(started["pending"], None)
 
     def on_signal(signum, _frame):
         job.kill_all()
         job.say(f"[launch] error: launcher got {signal.Signals(signum).name}; killed all ranks")
         sys.exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        status, reason = job.wait(args.timeout_s)
+        status, reason = job.wait(args.timeout_s, args.grace_s)
     finally:
         if any(p.poll() is None for p in job.procs):
             job.kill_all()
-    if status:
+    if status == PREEMPTED:
+        job.say(f"[launch] {reason}")
+    elif status:
         job.say(f"[launch] error: {reason}")
     return status
 

@@ -9,6 +9,8 @@ Layout under `<workdir>/checkpoints/` (plain zarr3 + JSON, readable without this
       done/process_<i>.json           process i's "my shards are written" marker + data position
     .tmp-step_00000150-<token>/       a save in flight, or left by a crash: never read
     .deleting-.../                    an old checkpoint being removed
+    .unreadable-step_00000180-<token>/  set aside: failed to read at restore (maybe transiently)
+    .superseded-step_00000190-<token>/  set aside: newer than a step saved after it
 
 Save (`Checkpointer.save`): the train loop waits for the previous save, then copies the shards
 it holds with replica_id == 0 to host memory (the only stall), and a background thread writes
@@ -16,28 +18,41 @@ them into the temporary directory, then writes this process's done marker. No ga
 one host. The background thread runs no collectives, so it cannot misorder or deadlock them.
 A state holding NaN or Inf (a diverged run) is refused with a CheckpointError, on every process.
 
-Commit (complete or invisible): process 0's background thread waits until every process's done
-marker is in the temporary directory (checkpoints need a file system shared by all processes),
-writes manifest.json last, fsyncs, and renames the directory to `step_<step>`, one atomic
-rename. Only then are older checkpoints pruned: the newest `keep` stay, plus every step that is
-a multiple of `keep_every_steps`. The temporary name carries a token chosen by process 0 at start
-up, so the markers of a crashed attempt at the same step can never complete a new one.
-`Checkpointer.wait` (end of training) joins the thread and then runs one barrier on the main
-thread, so no process exits before the commit.
+Commit (complete or invisible): each process's background thread reports "written" or its error
+under a key of the jax.distributed coordination service (key-value store; a dict with one
+process). Process 0's thread waits for every report, checks that every done marker is in the
+temporary directory (checkpoints need a file system shared by all processes), writes
+manifest.json last, fsyncs, renames the directory to `step_<step>` (one atomic rename) and
+publishes "committed" or the error. Only then are older checkpoints pruned: the newest `keep`
+stay, plus every step that is a multiple of `keep_every_steps`; nothing newer than the step just
+saved is deleted (it is set aside). The next `save` or `wait` on every process reads that
+outcome, so a failed write or commit anywhere raises the same CheckpointError on every process
+at the same point (no process is left waiting in a collective), within `commit_timeout_s`.
+The temporary name carries a token chosen by process 0 at start up, so the markers of a crashed
+attempt at the same step can never complete a new one. `Checkpointer.wait` (end of training)
+also runs one barrier, so no process exits before the commit. A full disk or a read-only
+workdir is such an error (one line); the previous checkpoint is untouched.
 
-Restore (`restore`): the newest committed checkpoint that reads back completely is loaded onto
-the target's shardings (whatever mesh wrote it: resharding happens on read). A corrupt one
-(unreadable manifest, missing array or chunk, checksum failure, manifest that disagrees with the
-array) is skipped with a warning naming the fallback; a checkpoint of another model (names,
-shapes or dtypes unlike the target's) is a one-line error naming the array.
+Restore (`restore`): process 0 lists the directory and broadcasts each candidate step, newest
+first, so every process restores the same step even when a stale shared-file-system cache shows
+them different listings. The step is loaded onto the target's shardings (whatever mesh wrote it:
+resharding happens on read). One that fails to read on any process (unreadable manifest,
+missing array or chunk, checksum failure, manifest that disagrees with the array; possibly a
+transient I/O error) is renamed aside to `.unreadable-...` by process 0, never deleted, and the
+next older one is tried; a checkpoint of another model (names, shapes or dtypes unlike the
+target's) is a one-line error naming the array.
 
 Test hook: NODEPERT_CKPT_TEST_WRITE_DELAY_S="SECONDS[@FROM_STEP]" makes the background writer
 sleep SECONDS after writing its first array (for saves at step >= FROM_STEP), so tests can kill a
-process while a save is in flight. Never set it outside tests.
+process while a save is in flight. NODEPERT_CKPT_TEST_FAIL="PROCESS@FROM_STEP[:ERRNO_NAME]"
+makes that process's writer raise OSError (default EIO; e.g. ENOSPC for a full disk) for saves
+at step >= FROM_STEP. NODEPERT_CKPT_TEST_HIDE_NEWEST="PROCESS" makes that process's listing
+miss the newest committed step (a stale file-system cache). Never set them outside tests.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import os
@@ -54,9 +69,14 @@ import tensorstore as ts
 from absl import logging
 from jax.experimental import multihost_utils
 
+from nodepert_dist import agree
+from nodepert_dist.params_io import leaf_name
+
 FORMAT = "nodepert_dist.checkpoint/1"
 MANIFEST = "manifest.json"
 TEST_DELAY_ENV = "NODEPERT_CKPT_TEST_WRITE_DELAY_S"
+TEST_FAIL_ENV = "NODEPERT_CKPT_TEST_FAIL"
+TEST_HIDE_ENV = "NODEPERT_CKPT_TEST_HIDE_NEWEST"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
            {"name": "zstd", "configuration": {"level": 3}},
@@ -82,20 +102,10 @@ def committed_steps(directory: str) -> list[int]:
     """Steps of the committed checkpoints in `directory`, ascending."""
     if not os.path.isdir(directory):
         return []
-    return sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(directory)) if m)
-
-
-def leaf_name(path) -> str:
-    """A tree path as a file-system-safe name: `params.Dense_0.kernel`, `opt_state.0.mu....`."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", ".".join(parts))
+    steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(directory)) if m)
+    if os.environ.get(TEST_HIDE_ENV) == str(jax.process_index()):
+        steps = steps[:-1]
+    return steps
 
 
 def _array_spec(path: str, shape=None, dtype=None, chunk=None) -> dict:
@@ -139,6 +149,19 @@ def _remove(directory: str, name: str, token: str) -> None:
     shutil.rmtree(doomed)
 
 
+def _set_aside(directory: str, name: str, why: str, token: str) -> str:
+    """Renames a checkpoint out of the `step_*` names, keeping it: never deleted here."""
+    aside = os.path.join(directory, f".{why}-{name}-{token}")
+    os.rename(os.path.join(directory, name), aside)
+    return aside
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    text = text[0] if text else ""
+    return text if isinstance(e, CheckpointError) else f"{type(e).__name__}: {text}"
+
+
 def _versions() -> dict:
     out = {}
     for package in _VERSIONED:
@@ -158,6 +181,17 @@ def _test_delay(step: int) -> None:
         time.sleep(float(seconds))
 
 
+def _test_fail(step: int, process: int) -> None:
+    value = os.environ.get(TEST_FAIL_ENV)
+    if not value:
+        return
+    who, _, rest = value.partition("@")
+    from_step, _, name = rest.partition(":")
+    if int(who) == process and step >= int(from_step or 0):
+        code = getattr(errno, name or "EIO")
+        raise OSError(code, os.strerror(code) + " (injected by " + TEST_FAIL_ENV + ")")
+
+
 # ----------------------------------------------------------------------------- save
 
 class Checkpointer:
@@ -175,6 +209,7 @@ class Checkpointer:
         self.process, self.process_count = jax.process_index(), jax.process_count()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._pending: Optional[int] = None  # the step whose commit outcome is not read yet
         self.last_step: Optional[int] = None
         if self.process == 0:
             os.makedirs(directory, exist_ok=True)
@@ -184,6 +219,9 @@ class Checkpointer:
         # A collective: no process saves before the clean-up above is done.
         token = multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31)))
         self.token = f"{int(token):08x}"
+
+    def _key(self, step: int, what: str) -> str:
+        return f"nodepert_dist/checkpoint/{self.token}/{step}/{what}"
 
     def save(self, step: int, state: Any, meta: dict, position: Optional[dict] = None) -> None:
         """Starts saving `state` (a pytree of jax.Arrays) as step `step`; returns once the
@@ -210,7 +248,7 @@ class Checkpointer:
         # Host copies, so no extra device sync; agreed so that every process raises alike.
         finite = all(np.isfinite(d).all() for a in arrays for _, d in a["shards"]
                      if np.issubdtype(d.dtype, np.inexact))
-        if not _everywhere(finite):
+        if not agree.everywhere(finite):
             raise CheckpointError(f"the train state of step {step} holds NaN or Inf (training "
                                   f"diverged; use a lower --lr); it was not saved")
         meta = jax.device_get(meta)
@@ -218,12 +256,12 @@ class Checkpointer:
         if len(set(names)) != len(names):
             raise CheckpointError(f"two train-state leaves share a checkpoint name: {names}")
         t2 = time.perf_counter()
-        self.last_step = step
+        self.last_step = self._pending = step
         self._thread = threading.Thread(
             target=self._write, name=f"checkpoint-{step}", daemon=True,
             args=(step, arrays, meta, position or {}, t2 - t0))
         self._thread.start()
-        logging.info("checkpoint step %d: train loop blocked %.3f s (%.3f s waiting for the "
+        logging.debug("checkpoint step %d: train loop blocked %.3f s (%.3f s waiting for the "
                      "previous save, %.3f s for the device to finish the step, %.3f s "
                      "device-to-host)", step, t2 - t0, t1 - t0, t_ready - t1, t2 - t_ready)
 
@@ -233,12 +271,23 @@ class Checkpointer:
         multihost_utils.sync_global_devices("nodepert_dist.checkpoint.wait")
 
     def _join(self) -> None:
+        """Waits for the save in flight and its commit; the same outcome on every process."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        step, self._pending = self._pending, None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"saving a checkpoint failed: {error}") from error
+            raise CheckpointError(f"saving checkpoint step {step} failed on process "
+                                  f"{self.process}: {_one_line(error)}") from error
+        if step is None:
+            return
+        outcome = agree.kv_get(self._key(step, "commit"), self.commit_timeout_s)
+        if outcome is None:
+            raise CheckpointError(f"saving checkpoint step {step}: process 0 did not commit it "
+                                  f"within {self.commit_timeout_s:.0f} s")
+        if outcome != "committed":
+            raise CheckpointError(f"saving checkpoint step {step} failed: {outcome}")
 
     # Background thread: file I/O only, no collectives.
     def _write(self, step, arrays, meta, position, stall_s) -> None:
@@ -257,20 +306,37 @@ class Checkpointer:
                     _test_delay(step)
             for w in writes:
                 w.result()
+            _test_fail(step, self.process)
             nbytes = sum(d.nbytes for a in arrays for _, d in a["shards"])
             _write_json(os.path.join(tmp, "done", f"process_{self.process}.json"),
                         {"process": self.process, "position": position, "bytes": nbytes})
-            if self.process == 0:
-                self._commit(step, tmp, arrays, meta)
-            logging.info("checkpoint step %d: background write %.3f s (%.1f MB from this "
-                         "process; the loop was blocked %.3f s)", step,
-                         time.perf_counter() - t0, nbytes / 1e6, stall_s)
         except BaseException as e:  # re-raised on the main thread by the next save or wait
             self._error = e
+        agree.kv_set(self._key(step, f"written/{self.process}"),
+                "ok" if self._error is None else _one_line(self._error))
+        if self.process != 0:
+            return
+        try:
+            if self._error is None:
+                self._commit(step, tmp, arrays, meta)
+                logging.info("checkpoint step %d: written and committed in %.3f s (%.1f MB "
+                             "from this process; the loop was blocked %.3f s)", step,
+                             time.perf_counter() - t0, nbytes / 1e6, stall_s)
+        except BaseException as e:
+            self._error = e
+        agree.kv_set(self._key(step, "commit"), "committed" if self._error is None
+                else f"process 0: {_one_line(self._error)}")
 
     def _commit(self, step, tmp, arrays, meta) -> None:
-        markers = [os.path.join(tmp, "done", f"process_{p}.json") for p in range(self.process_count)]
         deadline = time.monotonic() + self.commit_timeout_s
+        for p in range(1, self.process_count):  # every process's report, through the KV store
+            report = agree.kv_get(self._key(step, f"written/{p}"), deadline - time.monotonic())
+            if report is None:
+                raise CheckpointError(f"step {step}: process {p} did not report its write "
+                                      f"within {self.commit_timeout_s:.0f} s")
+            if report != "ok":
+                raise CheckpointError(f"process {p} failed to write step {step}: {report}")
+        markers = [os.path.join(tmp, "done", f"process_{p}.json") for p in range(self.process_count)]
         while not all(map(os.path.exists, markers)):
             if time.monotonic() > deadline:
                 raise CheckpointError(
@@ -290,8 +356,8 @@ class Checkpointer:
         _write_json(os.path.join(tmp, MANIFEST), manifest)
         _fsync_dir(tmp)
         final = step_dir(self.directory, step)
-        if os.path.exists(final):  # left by an abandoned run that got further than this one
-            _remove(self.directory, os.path.basename(final), self.token)
+        if os.path.exists(final):  # left by an earlier attempt that got further than this one
+            _set_aside(self.directory, os.path.basename(final), "superseded", self.token)
         os.rename(tmp, final)
         _fsync_dir(self.directory)
         self._prune(step)
@@ -303,115 +369,16 @@ class Checkpointer:
         if self.keep_every_steps > 0:
             keep |= {s for s in older if s % self.keep_every_steps == 0}
         for s in steps:
-            if s > newest:
-                logging.warning("removing checkpoint step %d: newer than step %d just saved, it "
-                                "belongs to an abandoned run", s, newest)
-            if s not in keep:
-                _remove(self.directory, os.path.basename(step_dir(self.directory, s)), self.token)
+            name = os.path.basename(step_dir(self.directory, s))
+            if s > newest:  # never deleted: it may be the newest good one
+                aside = _set_aside(self.directory, name, "superseded", self.token)
+                logging.warning("checkpoint step %d is newer than step %d just saved; set aside "
+                                "as %s (not deleted)", s, newest, aside)
+            elif s not in keep:
+                _remove(self.directory, name, self.token)
 
 
 # ----------------------------------------------------------------------------- restore
 
-def read_manifest(path: str) -> dict:
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpoint(f"{path}: unreadable {MANIFEST} ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return manifest
-
-
-def _open_checked(path: str, entry: dict):
-    """Opens one saved array and checks it against its manifest entry and its chunk files."""
-    name = entry["name"]
-    array_dir = os.path.join(path, "arrays", name)
-    try:
-        store = ts.open(_array_spec(array_dir), open=True).result()
-    except Exception as e:
-        raise CorruptCheckpoint(f"{path}: array {name!r} cannot be opened "
-                                f"({str(e).splitlines()[0]})") from None
-    saved = [list(store.shape), store.dtype.numpy_dtype.name]
-    if saved != [entry["shape"], entry["dtype"]]:
-        raise CorruptCheckpoint(f"{path}: array {name!r} is {saved[0]} {saved[1]} on disk but "
-                                f"{entry['shape']} {entry['dtype']} in the manifest")
-    chunk = entry["chunk"]
-    expected = int(np.prod([-(-n // c) for n, c in zip(entry["shape"], chunk)]))
-    keys = ts.KvStore.open({"driver": "file", "path": array_dir + "/"}).result().list().result()
-    found = sum(1 for k in keys if k == b"c" or k.startswith(b"c/"))
-    if found != expected:
-        raise CorruptCheckpoint(f"{path}: array {name!r} has {found} of its {expected} chunk files")
-    return store
-
-
-def load(path: str, target: Any) -> tuple[Any, dict]:
-    """Reads the checkpoint at `path` onto the shardings of `target` (a pytree of jax.Arrays)."""
-    manifest = read_manifest(path)
-    entries = {a["name"]: a for a in manifest["arrays"]}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    names = [leaf_name(p) for p, _ in leaves]
-    for name in names:
-        if name not in entries:
-            raise CheckpointError(f"checkpoint {path} has no array {name!r}: it was saved by "
-                                  f"another model or optimizer")
-    for name in entries:
-        if name not in names:
-            raise CheckpointError(f"checkpoint {path} has array {name!r} that this model lacks: "
-                                  f"it was saved by another model or optimizer")
-    out = []
-    for name, (_, leaf) in zip(names, leaves):
-        entry = entries[name]
-        store = _open_checked(path, entry)
-        if (tuple(entry["shape"]), entry["dtype"]) != (leaf.shape, np.dtype(leaf.dtype).name):
-            raise CheckpointError(
-                f"checkpoint {path}: array {name!r} is {tuple(entry['shape'])} {entry['dtype']} "
-                f"but this model has {leaf.shape} {np.dtype(leaf.dtype).name}")
-        cache = {}
-
-        def read(index, store=store, cache=cache):
-            key = repr(index)
-            if key not in cache:
-                cache[key] = store[index].read().result()
-            return cache[key]
-
-        try:
-            out.append(jax.make_array_from_callback(leaf.shape, leaf.sharding, read))
-        except Exception as e:
-            raise CorruptCheckpoint(f"{path}: array {name!r} cannot be read "
-                                    f"({str(e).splitlines()[0]})") from None
-    return jax.tree_util.tree_unflatten(treedef, out), manifest
-
-
-def _everywhere(ok: bool) -> bool:
-    """True when `ok` holds on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def restore(directory: str, target: Any) -> Optional[tuple[Any, dict]]:
-    """(state, manifest) from the newest valid checkpoint in `directory`; None if there is none.
-
-    Corrupt checkpoints are skipped with a warning; if none is valid, CorruptCheckpoint.
-    """
-    steps = committed_steps(directory)
-    problems = []
-    for i, step in enumerate(reversed(steps)):
-        try:
-            state, manifest = load(step_dir(directory, step), target)
-            error = None
-        except CorruptCheckpoint as e:
-            error = e
-        if _everywhere(error is None):
-            if problems:
-                logging.warning("restored checkpoint step %d, the newest valid one", step)
-            return state, manifest
-        error = error or CorruptCheckpoint(f"step {step} is unreadable on another process")
-        problems.append(str(error))
-        older = list(reversed(steps))[i + 1:]
-        logging.warning("checkpoint is corrupt: %s; %s", error,
-                        f"falling back to step {older[0]}" if older else "no older checkpoint")
-    if problems:
-        raise CorruptCheckpoint(f"no valid checkpoint in {directory}: " + "; ".join(problems))
-    return None
+# Reading lives in its own file; imported last because it uses the names above.
+from nodepert_dist.checkpoint_restore import load, read_manifest, restore  # noqa: E402,F401

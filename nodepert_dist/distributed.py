@@ -4,10 +4,14 @@ Where the process layout comes from, first match wins:
   1. explicit settings: the flags `--coordinator_address --num_processes --process_id`, or, for
      any of them left unset, the env vars NODEPERT_COORDINATOR_ADDRESS / NODEPERT_NUM_PROCESSES /
      NODEPERT_PROCESS_ID (set by launch/local.py for whatever command it starts);
-  2. SLURM (`srun`): coordinator = first host of SLURM_JOB_NODELIST (or SLURM_NODELIST) on a port
-     derived from SLURM_JOB_ID, process id/count = SLURM_PROCID / SLURM_NTASKS. One process per
-     GPU by default (GPU = SLURM_LOCALID, or the single GPU SLURM bound to the task); with
-     `--slurm_tasks=per_node` one process per node that uses all of the node's GPUs;
+  2. jax.distributed's own cluster detection (`jax._src.clusters`: SLURM inside `srun`, Open
+     MPI's `mpirun`, Kubernetes, Cloud TPU), the same code `jax.distributed.initialize()` runs
+     with no arguments: e.g. under SLURM the coordinator is the first host of
+     SLURM_STEP_NODELIST on a port derived from SLURM_JOB_ID, process id/count = SLURM_PROCID /
+     SLURM_NTASKS, one process per GPU (GPU = SLURM_LOCALID; device 0 when the scheduler bound
+     a single GPU to the task); `--slurm_tasks=per_node`: one process per node using all its
+     GPUs. It runs here, before `initialize`, so the layout can be logged and the coordinator
+     checked with our timeouts;
   3. nothing: a single process, `jax.distributed` is not started.
 
 A peer that never shows up is not a Python exception in jax: the process aborts once the
@@ -18,14 +22,15 @@ with status 3 when `jax.distributed.initialize` has not returned after `--init_t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import re
 import socket
 import sys
 import threading
 import time
 from typing import Mapping, Optional
+from unittest import mock
 
 from absl import flags, logging
 
@@ -36,7 +41,8 @@ SLURM_TASKS = ("per_gpu", "per_node")
 INIT_TIMEOUT_EXIT_CODE = 3
 
 flags.DEFINE_string("coordinator_address", None,
-                    f"host:port of process 0's coordinator (env {ENV_COORDINATOR}; SLURM: auto).")
+                    f"host:port of process 0's coordinator (env {ENV_COORDINATOR}; SLURM, Open MPI, "
+                    "Kubernetes: detected by jax).")
 flags.DEFINE_integer("num_processes", None, f"Processes in the job (env {ENV_NUM_PROCESSES}).")
 flags.DEFINE_integer("process_id", None, f"This process's rank, 0-based (env {ENV_PROCESS_ID}).")
 flags.DEFINE_enum("slurm_tasks", "per_gpu", list(SLURM_TASKS),
@@ -52,7 +58,8 @@ class DistributedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Who this process is. `source` is 'flags', 'env', 'slurm' or 'single'."""
+    """Who this process is. `source`: 'flags', 'env', a jax cluster name ('slurm', 'ompi', ...)
+    or 'single'."""
     source: str
     num_processes: int = 1
     process_id: int = 0
@@ -64,62 +71,43 @@ class Layout:
         return self.num_processes > 1
 
 
-# ----------------------------------------------------------------------------- SLURM
+# ----------------------------------------------------------------------------- detection
 
-def parse_hostlist(hostlist: str) -> list[str]:
-    """Expands a SLURM hostlist: 'node[001-003,007],gpu-a' -> node001 node002 node003 node007 gpu-a.
+def cluster_layout(slurm_tasks: str = "per_gpu", env: Optional[Mapping[str, str]] = None,
+                   timeout_s: int = 300) -> Optional[Layout]:
+    """The layout jax.distributed's own cluster detection finds (SLURM under srun, Open MPI,
+    Kubernetes, Cloud TPU; `jax._src.clusters`), or None outside any cluster.
 
-    Ranges keep their zero padding; several bracket groups in one name multiply out
-    ('r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2).
+    jax's ClusterEnv classes read os.environ; an explicit `env` (tests) stands in for it.
     """
-    hosts: list[str] = []
-    for item in _split_top_level(hostlist.strip()):
-        expanded = [""]
-        for literal, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
-            choices = [literal]
-            if group:
-                choices = [literal + v for v in _expand_ranges(group, item)]
-            expanded = [prefix + c for prefix in expanded for c in choices]
-        hosts.extend(h for h in expanded if h)
-    return hosts
+    from jax._src import clusters  # what jax.distributed.initialize() itself uses
+
+    if slurm_tasks not in SLURM_TASKS:
+        raise DistributedError(f"--slurm_tasks={slurm_tasks!r} is not one of {', '.join(SLURM_TASKS)}")
+    with mock.patch.dict(os.environ, env, clear=True) if env is not None else _nothing():
+        found = next((c for c in clusters.ClusterEnv._cluster_types
+                      if not c.opt_in_only_method and c.is_env_present()), None)
+        if found is None:
+            return None
+        try:
+            address, num, pid, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                None, None, None, None, found.name or None, timeout_s)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise DistributedError(f"{found.__name__} environment found but incomplete: {e}") from None
+        name = found.name or found.__name__
+        if name == "slurm" and slurm_tasks == "per_node":
+            local_ids = None  # one process uses every GPU of its node
+        elif local_ids is not None and len(_gpu_list(os.environ.get("CUDA_VISIBLE_DEVICES")) or []) == 1:
+            # jax takes the task's local rank as its GPU; if the scheduler bound one GPU to the
+            # task (SLURM --gpus-per-task=1 / --gpu-bind), that GPU is device 0 of what it sees.
+            local_ids = [0]
+    return Layout(name, num_processes=int(num), process_id=int(pid), coordinator_address=address,
+                  local_device_ids=None if local_ids is None else tuple(local_ids))
 
 
-def _split_top_level(s: str) -> list[str]:
-    """Splits on commas that are outside brackets."""
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(s):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(s[start:i])
-            start = i + 1
-        if depth < 0 or depth > 1:
-            raise DistributedError(f"malformed SLURM hostlist {s!r}")
-    if depth:
-        raise DistributedError(f"malformed SLURM hostlist {s!r}")
-    items.append(s[start:])
-    return [i.strip() for i in items if i.strip()]
-
-
-def _expand_ranges(group: str, item: str) -> list[str]:
-    out = []
-    for part in group.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise DistributedError(f"malformed range {part!r} in SLURM hostlist item {item!r}")
-        lo, hi = m.group(1), m.group(2) or m.group(1)
-        if int(hi) < int(lo):
-            raise DistributedError(f"descending range {part!r} in SLURM hostlist item {item!r}")
-        width = len(lo)
-        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
-    return out
-
-
-def slurm_port(job_id: int) -> int:
-    """A coordinator port every task of the job derives alike, spread over 61000-64999."""
-    return 61000 + int(job_id) % 4000
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def _gpu_list(value: Optional[str]) -> Optional[list[str]]:
@@ -129,44 +117,17 @@ def _gpu_list(value: Optional[str]) -> Optional[list[str]]:
     return [v for v in value.split(",") if v.strip()]
 
 
-def slurm_layout(env: Mapping[str, str], tasks: str = "per_gpu") -> Optional[Layout]:
-    """The layout of an `srun` task from its environment; None when not inside a SLURM step."""
-    if tasks not in SLURM_TASKS:
-        raise DistributedError(f"--slurm_tasks={tasks!r} is not one of {', '.join(SLURM_TASKS)}")
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
-        return None
-    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-    if job_id is None:
-        raise DistributedError("SLURM_JOB_ID is not set; cannot derive the coordinator port")
-    hosts = parse_hostlist(nodelist)
-    if not hosts:
-        raise DistributedError(f"empty SLURM hostlist {nodelist!r}")
-    num, pid = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
-    local_ids = None
-    if tasks == "per_gpu":
-        # If SLURM bound one GPU to the task (--gpus-per-task=1 / --gpu-bind), it is device 0 of
-        # what the task sees; otherwise the task sees all GPUs of the node and takes its local id.
-        visible = _gpu_list(env.get("CUDA_VISIBLE_DEVICES"))
-        local_ids = (0,) if visible is not None and len(visible) == 1 else (
-            int(env.get("SLURM_LOCALID", "0")),)
-    return Layout("slurm", num_processes=num, process_id=pid,
-                  coordinator_address=f"{hosts[0]}:{slurm_port(int(job_id))}",
-                  local_device_ids=local_ids)
-
-
-# ----------------------------------------------------------------------------- detection
-
 def detect(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
            process_id: Optional[int] = None, *, slurm_tasks: str = "per_gpu",
            env: Optional[Mapping[str, str]] = None) -> Layout:
-    """Pure: the layout from explicit values, then NODEPERT_* env vars, then SLURM, else single."""
-    env = os.environ if env is None else env
+    """The layout from explicit values, then NODEPERT_* env vars, then jax's cluster detection,
+    else a single process."""
+    environ = os.environ if env is None else env
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
     source = "flags" if any(v is not None for v in given.values()) else None
-    from_env = {"coordinator_address": env.get(ENV_COORDINATOR),
-                "num_processes": env.get(ENV_NUM_PROCESSES), "process_id": env.get(ENV_PROCESS_ID)}
+    from_env = {"coordinator_address": environ.get(ENV_COORDINATOR),
+                "num_processes": environ.get(ENV_NUM_PROCESSES), "process_id": environ.get(ENV_PROCESS_ID)}
     if any(v for v in from_env.values()):
         source = source or "env"
         for k, v in from_env.items():
@@ -183,9 +144,9 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
                 f"(or {', '.join('NODEPERT_' + m.upper() for m in missing)})")
         return _checked(Layout(source, num_processes=num, process_id=int(given["process_id"]),
                                coordinator_address=str(given["coordinator_address"])))
-    slurm = slurm_layout(env, slurm_tasks)
-    if slurm is not None:
-        return _checked(slurm) if slurm.multi_process else Layout("slurm")
+    cluster = cluster_layout(slurm_tasks, env)
+    if cluster is not None:
+        return _checked(cluster) if cluster.multi_process else Layout(cluster.source)
     return Layout("single")
 
 
@@ -256,13 +217,15 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         if layout.process_id != 0:
             _wait_for_coordinator(layout.coordinator_address, deadline)
         done = _watchdog(layout, max(1.0, deadline - time.monotonic()))
-        # jax's own timeout a little later than the watchdog, so our one-line error wins.
+        # jax's own timeout a little later than the watchdog, so our one-line error wins. The
+        # layout is complete (from flags/env, or from jax's own ClusterEnv detection above), so
+        # jax must not detect again: it would give a per-node process only GPU 0.
         jax.distributed.initialize(
             coordinator_address=layout.coordinator_address, num_processes=layout.num_processes,
             process_id=layout.process_id,
             local_device_ids=None if layout.local_device_ids is None else list(layout.local_device_ids),
             initialization_timeout=int(init_timeout_s) + 30,
-            cluster_detection_method="deactivate")  # the layout is ours; jax must not re-detect
+            cluster_detection_method="deactivate")
         done.set()
         logging.info("distributed: joined in %.1fs", time.monotonic() - start)
     n_global, n_local = jax.device_count(), jax.local_device_count()
@@ -283,30 +246,3 @@ def initialize_from_flags(env: Optional[Mapping[str, str]] = None) -> Layout:
     return initialize(f.coordinator_address, f.num_processes, f.process_id,
                       slurm_tasks=f.slurm_tasks, init_timeout_s=f.init_timeout_s,
                       expected_devices=f.expected_devices, env=env)
-
-
-
-def save_params_npz(path: str, params) -> None:
-    """Writes a parameter tree to one .npz (keys are '/'-joined tree paths) from process 0.
-
-    Every process must call it (the gather is a collective); sharded leaves are assembled whole.
-    """
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    arrays = {}
-    for key_path, leaf in leaves:
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                        for k in key_path)
-        if jax.process_count() > 1 and not leaf.is_fully_replicated:
-            value = multihost_utils.process_allgather(leaf, tiled=True)
-        else:
-            value = jax.device_get(leaf)
-        arrays[name] = np.asarray(value)
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)

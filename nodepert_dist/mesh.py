@@ -51,7 +51,24 @@ def make_mesh(devices=None) -> Mesh:
     """All devices by default; tests pass a subset to compare mesh shapes in one process."""
     devices = jax.devices() if devices is None else list(devices)
     # Auto axis types: eager ops on the sharded batch work outside `jit` (DESIGN.md section 4).
-    return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
+    mesh = jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
+    check_process_order(mesh.devices.flat)
+    return mesh
+
+
+def check_process_order(devices) -> None:
+    """The mesh must hold each process's devices together and the processes in order.
+
+    Process p feeds positions [p*b, (p+1)*b) of each global batch, and the NP noise key of an
+    example is its position in the global batch; both agree only while mesh position follows
+    process order. jax.make_mesh may reorder devices for the interconnect; if it ever put them
+    out of process order, training would silently use other examples' noise.
+    """
+    order = [d.process_index for d in devices]
+    if order != sorted(order):
+        raise ValueError(f"the device mesh is not in process order (process of each mesh "
+                         f"position: {order}); global batch positions would not match the "
+                         f"processes' slices")
 
 
 def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> None:

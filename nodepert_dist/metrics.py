@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,12 @@ CSV_COLUMNS = ("epoch", "step", "epoch_time", "train_acc", "test_acc", "train_lo
 
 def is_writer() -> bool:
     return jax.process_index() == 0
+
+
+def finite_or_none(row: dict) -> dict:
+    """NaN and Inf become None (JSON null): json.dumps would write NaN, which is not JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in row.items()}
 
 
 class MetricsWriter:
@@ -40,12 +47,14 @@ class MetricsWriter:
         """Drops rows past `epoch` (a resumed run rewrites the epochs it repeats)."""
         truncate_after(self.workdir, epoch)
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict) -> dict:
+        """Appends `row` (non-finite values as null) and returns what was written."""
+        row = finite_or_none(row)
         if not is_writer():
-            return
+            return row
         jsonl = os.path.join(self.workdir, "metrics.jsonl")
         with open(jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         path = os.path.join(self.workdir, "metrics.csv")
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         with open(path, "a", newline="") as f:
@@ -55,6 +64,7 @@ class MetricsWriter:
             w.writerow(row)
         logging.info("epoch %d: %s", row["epoch"], "  ".join(
             f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None))
+        return row
 
 
 def truncate_after(workdir: str, epoch: int) -> None:
@@ -86,7 +96,7 @@ def epoch_rows(rows: list[dict]) -> list[dict]:
 
 def _write_jsonl(f, rows):
     for r in rows:
-        f.write(json.dumps(r) + "\n")
+        f.write(json.dumps(finite_or_none(r)) + "\n")
 
 
 def _write_csv(f, rows):
@@ -108,18 +118,20 @@ def read_jsonl(workdir: str) -> list[dict]:
 
 
 class Progress:
-    """A progress line during an epoch: in place on a terminal, a log line every ~10% otherwise."""
+    """A progress line during an epoch: in place on a terminal (~10 times a second), otherwise
+    one log line at the end of the epoch (logs and SLURM output files stay short)."""
 
     def __init__(self, epoch: int, total_steps: int, global_batch: int):
         self.epoch, self.total, self.batch = epoch, total_steps, global_batch
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
         self.tty = is_writer() and sys.stderr.isatty()
-        self.every = max(1, total_steps // 10)
 
     def update(self, done: int, loss=None) -> None:
         """`loss` is a callable, called only when a line is printed (it syncs with the device)."""
-        if not is_writer() or not (self.tty or done % self.every == 0 or done == self.total):
+        if not is_writer() or not (done == self.total or (
+                self.tty and time.perf_counter() - self.shown > 0.1)):
             return
+        self.shown = time.perf_counter()
         elapsed = time.perf_counter() - self.start
         rate = done * self.batch / max(elapsed, 1e-9)
         width = 30

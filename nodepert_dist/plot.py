@@ -1,49 +1,85 @@
-"""`nodepert-plot`: learning curves (test accuracy vs epoch) of several runs in one PNG.
+"""`nodepert-plot`: learning curves of several runs in one PNG.
 
     nodepert-plot --workdirs=runs/np,runs/sgd --out=runs/np_vs_sgd.png
+    nodepert-plot --workdirs=runs/np,runs/sgd --metric=test_loss --x=time --out=runs/loss.png
+
+A metric of metrics.jsonl (test accuracy by default; any *_acc or *_loss key) against the epoch
+or against wall-clock training time (--x=time: the cumulative epoch_time, evaluation excluded).
+The title names the dataset and network; each legend entry names the update rule and, for NP,
+its noise scale and optimizer apart from the rule.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
 from absl import app, flags
 
+from nodepert_dist import cli as cli_lib
 from nodepert_dist.metrics import read_jsonl
 
-flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl).", required=True)
+flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
 flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
-flags.DEFINE_string("metric", "test_acc", "Metric to plot against epoch (a metrics.jsonl key).")
+flags.DEFINE_string("metric", "test_acc", "Metric to plot (a metrics.jsonl key: test_acc, "
+                    "train_acc, val_acc, test_loss, train_loss, mean_step_loss, ...).")
+flags.DEFINE_enum("x", "epoch", ["epoch", "time"], "x axis: epoch, or wall-clock training "
+                  "time in seconds (cumulative epoch_time).")
 FLAGS = flags.FLAGS
 
 
-def run_label(workdir: str) -> str:
+
+def _config(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return os.path.basename(os.path.normpath(workdir))
+        return {}
     with open(path) as f:
-        c = json.load(f)
-    return f"{c['update_rule'].upper()} {c['network']} lr={c['lr']:g} ({c['optimizer']}, {c['loss']})"
+        return json.load(f)
 
 
-def plot(workdirs: list[str], out: str, metric: str = "test_acc") -> str:
+def run_label(workdir: str) -> str:
+    c = _config(workdir)
+    if "update_rule" not in c:
+        return os.path.basename(os.path.normpath(workdir))
+    rule = c["update_rule"]
+    if rule == "np":
+        sigma = f", sigma={c['sigma']:g}" if c.get("sigma") else ""
+        what = f"NP (node perturbation{sigma}; {c['optimizer']} optimizer)"
+    else:
+        what = f"{rule.upper()} (backprop; {c['optimizer']} optimizer)"
+    return f"{what}, lr={c['lr']:g}, {c['loss']} loss"
+
+
+def title(workdirs: list[str]) -> str:
+    configs = [_config(w) for w in workdirs]
+    datasets = sorted({c.get("dataset", "?") for c in configs})
+    networks = sorted({c.get("network", "?") for c in configs})
+    return f"{', '.join(datasets)}: {', '.join(networks)}"
+
+
+def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoch") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    scale = 100.0 if metric.endswith("_acc") else 1.0
     for workdir in workdirs:
         rows = [r for r in read_jsonl(workdir) if r.get(metric) is not None]
         if not rows:
             raise ValueError(f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?")
-        scale = 100.0 if metric.endswith("_acc") else 1.0
-        ax.plot([r["epoch"] for r in rows], [scale * r[metric] for r in rows], marker="o",
-                markersize=3, label=run_label(workdir))
-    ax.set_xlabel("epoch")
+        if x == "time":  # epoch 0 (before training) at t=0
+            xs = list(itertools.accumulate(r.get("epoch_time") or 0.0 for r in rows))
+        else:
+            xs = [r["epoch"] for r in rows]
+        ax.plot(xs, [scale * r[metric] for r in rows], marker="o", markersize=3,
+                label=run_label(workdir))
+    ax.set_title(title(workdirs))
+    ax.set_xlabel("epoch" if x == "epoch" else "training time (s)")
     ax.set_ylabel(metric.replace("_", " ") + (" (%)" if metric.endswith("_acc") else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out)
@@ -52,15 +88,19 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc") -> str:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdirs:
+        raise SystemExit("error: --workdirs is required, e.g. --workdirs=runs/np,runs/sgd")
     try:
-        print(plot(FLAGS.workdirs, FLAGS.out, FLAGS.metric))
-    except (ValueError, KeyError) as e:
+        print(plot(FLAGS.workdirs, FLAGS.out, FLAGS.metric, FLAGS.x))
+    except (ValueError, KeyError, OSError) as e:
         raise SystemExit(f"error: {e}")
 
 
 def cli():
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(
+        argv, "nodepert-plot", __doc__, {"flags": __name__}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`nodepert-train`: node perturbation (or SGD) on a device mesh, epoch by epoch.
 
-Sections: config -> mesh -> data -> model and state -> steps -> resume or epoch 0 -> train loop.
+Sections: mesh -> data -> model and state -> steps -> resume or epoch 0 -> train loop.
 Every process runs this same program; process 0 alone writes files and prints progress.
+The settings (`Config`, one declaration each, and the flags made from them) are in config.py.
 Checkpoints (nodepert_dist/checkpoint.py) go to <workdir>/checkpoints; a run resumes from the
 newest one exactly: same data order, noise keys, optimizer state and metric rows.
 """
@@ -10,129 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as pylogging
 import os
+import sys
 import time
 import types
 import warnings
-from typing import Optional
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 
-from nodepert_dist import (checkpoint, crash_guard, distributed, losses, metrics, models,
-                           perturbation, taps)
+from nodepert_dist import agree, checkpoint, crash_guard, distributed, metrics, models
+from nodepert_dist import params_io, preempt
+from nodepert_dist import taps
+from nodepert_dist import workdir_lock
+from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
+from nodepert_dist.config import Config
 from nodepert_dist.data import pipeline, preprocess, sources, store
 
 NAN = float("nan")
 
 # Buffer donation is a no-op on CPU; the train step donates its state for GPU memory.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-
-
-# ----------------------------------------------------------------------------- config
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str = "mnist"
-    network: str = "fc"
-    update_rule: str = "np"
-    n_hl: int = 2
-    hl_size: int = 500
-    width: int = 64               # vgg/resnet: channels of the first stage (64: VGG/ResNet-18)
-    norm: str = "none"            # vgg/resnet: none, group or layer (never batch: biased NP)
-    dtype: str = "float32"        # bfloat16: matmuls/convs in bf16, params and losses in float32
-    lr: float = 1e-2
-    batchsize: int = 128          # global, over all devices; the original code used 100
-    num_epochs: int = 10
-    wd: float = 0.0
-    seed: int = 0
-    optimizer: str = "sgd"
-    loss: str = "mse"
-    sigma: Optional[float] = None  # None: 1e-4 for fc/linfc, 1e-5 for conv nets
-    noise: str = "rademacher"     # on CPU ~40x cheaper to draw than gaussian (README)
-    np_mode: str = "keep"
-    np_microbatches: int = 1      # NP over this many slices of each device's batch, in turn
-    data_dir: str = "data"
-    workdir: str = "runs/default"
-    eval_batchsize: int = 1024
-    eval_train: bool = True       # full-train-set accuracy every epoch (as the original code)
-    max_steps: int = 0            # stop after this many updates in all (0: no limit); resumable
-    checkpoint_every_steps: int = 0   # 0: not by steps
-    checkpoint_every_epochs: int = 1  # 0: not by epochs
-    keep_checkpoints: int = 3         # the newest N stay (0: all)
-    keep_checkpoint_every_steps: int = 0  # also keep every step that is a multiple of this
-    resume: bool = True           # continue from the newest checkpoint in the workdir, if any
-    preprocess: str = "auto"      # auto: per_channel for CIFAR, standardize for MNIST/FMNIST
-    augment: bool = False         # random crop (4-pixel zero padding) and horizontal flip
-    validation_size: int = 0      # hold out the last N training examples as a validation split
-    cifar100_labels: str = "fine"  # fine (100 classes) or coarse (20)
-    data_workers: int = 0         # 0: threaded prefetch; > 0: Grain worker processes
-    crash_guard: bool = False     # roll back and lower the lr on a crash or non-finite loss
-    crash_points: float = 25.0    # a crash: test accuracy this many points below the best so far
-    crash_lr_factor: float = 0.5  # the guard multiplies the lr by this at each rollback
-    crash_max_rollbacks: int = 3  # the guard gives up after this many rollbacks
-
-    @property
-    def checkpointing(self) -> bool:
-        return self.checkpoint_every_steps > 0 or self.checkpoint_every_epochs > 0
-    save_final_params: str = ""   # if set: .npz of the final parameters (tests compare layouts)
-
-    def resolved(self) -> "Config":
-        sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network,
-                                                                                self.dtype)
-        return dataclasses.replace(self, sigma=float(sigma))
-
-    def validate(self) -> None:
-        """One-line errors for bad settings, before anything is loaded or compiled."""
-        choices = {"dataset": store.DATASETS, "network": models.NETWORKS,
-                   "preprocess": preprocess.MODES, "cifar100_labels": store.LABEL_SETS,
-                   "update_rule": step_lib.UPDATE_RULES, "optimizer": step_lib.OPTIMIZERS,
-                   "loss": losses.LOSSES, "noise": perturbation.NOISE_KINDS,
-                   "np_mode": perturbation.NP_MODES, "norm": models.NORMS,
-                   "dtype": tuple(models.DTYPES)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        positive = {"lr": self.lr, "batchsize": self.batchsize, "eval_batchsize": self.eval_batchsize,
-                    "hl_size": self.hl_size, "np_microbatches": self.np_microbatches,
-                    "width": self.width}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"--{name}={value} must be positive")
-        if self.sigma is not None and not self.sigma > 0:
-            raise ValueError(f"--sigma={self.sigma} must be positive")
-        floor = models.sigma_floor(self.network, self.dtype)
-        if self.update_rule == "np" and self.sigma is not None and self.sigma < floor:
-            raise ValueError(f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
-                             f"which NP on {self.network} in {self.dtype} measured unbiased "
-                             f"(bf16 rounds smaller noise away); raise --sigma or use "
-                             f"--dtype=float32")
-        if self.num_epochs < 0 or self.n_hl < 0 or self.wd < 0:
-            raise ValueError("--num_epochs, --n_hl and --wd must be >= 0")
-        for name in ("max_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
-                     "keep_checkpoints", "keep_checkpoint_every_steps", "validation_size",
-                     "data_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
-        if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
-                and self.crash_max_rollbacks >= 0):
-            raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
-                             "--crash_max_rollbacks >= 0")
-        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
-                             f"use another --workdir")
-
-# Settings a checkpoint must share with the run resuming it (the data position depends on them).
-_RESUME_MUST_MATCH = ("dataset", "batchsize", "validation_size", "cifar100_labels")
-# Settings a resumed run may change silently.
-_RESUME_FREE = ("data_dir", "workdir", "num_epochs", "max_steps", "eval_batchsize", "eval_train",
-                "np_mode", "np_microbatches",
-                "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
-                "keep_checkpoint_every_steps", "resume", "save_final_params", "data_workers",
-                "crash_guard", "crash_points", "crash_lr_factor", "crash_max_rollbacks")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -203,7 +106,13 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
                          f"{per_device} examples per device; use a divisor of {per_device}")
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
+    # SIGTERM/SIGUSR1 from here on stop the run at a step boundary with a checkpoint.
+    with preempt.Watcher(cfg.preemption_check_steps) as watcher, \
+            workdir_lock.hold(cfg.workdir):  # one live run per workdir
+        return _run_locked(cfg, mesh, watcher, hooks)
 
+
+def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[list[dict], str]:
     # Data: memory-mapped uint8 arrays (store.py); each process gathers only its share, and
     # the preprocessing (training-split statistics) runs per batch on the device.
     data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
@@ -256,18 +165,19 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
             row["train_acc"], row["train_loss"] = eval_split(data.train_x, data.train_y,
                                                              splits["train"])
         row.update(extra)
-        writer.write(row)
-        return row
+        return writer.write(row)  # NaN/Inf (e.g. an overflowing eval loss) written as null
 
     # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
     ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
     restored = checkpoint.restore(ckpt_dir, state) if cfg.resume else None
-    if restored is None and cfg.checkpointing and checkpoint.committed_steps(ckpt_dir):
+    # Process 0's listing decides (like restore's): stale caches must not split the processes.
+    if restored is None and cfg.checkpointing and agree.from_process_0(
+            len(checkpoint.committed_steps(ckpt_dir))):
         raise ValueError(f"--noresume, but {ckpt_dir} holds checkpoints of an earlier run; "
                          f"remove them or use another --workdir")
     if restored is not None:
         state, manifest = restored
-        check_resume_config(manifest["config"], dataclasses.asdict(cfg))
+        config_lib.check_resume_config(manifest["config"], dataclasses.asdict(cfg))
         loop = manifest["loop"]
         saved_order = manifest.get("rng", {}).get("data_order")
         if loop["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
@@ -320,6 +230,7 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
         return bool(cfg.max_steps and step >= cfg.max_steps)
 
     # Train loop.
+    preempted = False
     for epoch in range(epoch_start, cfg.num_epochs + 1):
         if stop_due(step):
             break
@@ -346,15 +257,17 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
                 accumulate(sums, pending, epoch)
             pending = (m, step)
             progress.update(done, lambda: sums["last_loss"])
-            if done < n_steps and (save_due(step) or (saver and stop_due(step))):
+            preempted = watcher.stop_now(step)  # agreed by every process
+            stopping = stop_due(step) or preempted
+            if done < n_steps and (save_due(step) or (saver and stopping)):
                 accumulate(sums, pending, epoch)
                 pending = None
                 save(epoch, done, sums, time.perf_counter() - start)
-            if stop_due(step):
+            if stopping:
                 break
         if pending is not None:
             accumulate(sums, pending, epoch)
-        if done < n_steps:  # stopped by --max_steps inside the epoch: no row for it
+        if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
             break
         epoch_time = time.perf_counter() - start
         mean_loss = float(sums["loss_sum"]) / (n_steps * cfg.batchsize)
@@ -368,13 +281,20 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
             if saver:  # an earlier save may be in flight: finish it before anything moves it
                 saver.wait()
             raise
-        if saver and (save_due(step) or stop_due(step) or epoch == cfg.num_epochs
+        if saver and (save_due(step) or stop_due(step) or preempted or epoch == cfg.num_epochs
                       or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
             save(epoch + 1, 0, None, 0.0)
+        if preempted:
+            break
     if saver:
         saver.wait()
+    if preempted:
+        raise preempt.Preempted(
+            f"preempted by {watcher.describe()} at step {step}: "
+            + ("checkpoint saved; run the same command again to resume" if saver else
+               "no checkpoint (checkpointing is off)") + f" (exit {preempt.EXIT_CODE})")
     if cfg.save_final_params:
-        distributed.save_params_npz(cfg.save_final_params, state.params)
+        params_io.save_npz(cfg.save_final_params, state.params)
     # Said at the end: otherwise the last line printed is an earlier epoch's row.
     note = ""
     if restored is not None and epoch_start > cfg.num_epochs:
@@ -388,114 +308,36 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     return rows, note
 
 
-def check_resume_config(saved: dict, current: dict) -> None:
-    """Errors for settings that break the data position; warnings for other changed settings."""
-    for name in _RESUME_MUST_MATCH:
-        if saved.get(name) != current[name]:
-            raise ValueError(f"the checkpoint was saved with --{name}={saved.get(name)}, this run "
-                             f"has --{name}={current[name]}; resuming needs the same value")
-    changed = [f"--{k}: {saved.get(k)} -> {v}" for k, v in current.items()
-               if k not in _RESUME_FREE and saved.get(k) != v]
-    if changed:
-        logging.warning("resuming with changed settings: %s", ", ".join(changed))
-
-
 # ----------------------------------------------------------------------------- CLI
 
-_DEFAULTS = Config()
-flags.DEFINE_enum("dataset", _DEFAULTS.dataset, list(store.DATASETS),
-                  "Dataset (fetch it first: python -m nodepert_dist.data fetch NAME).")
-flags.DEFINE_enum("network", _DEFAULTS.network, list(models.NETWORKS), "Architecture.")
-flags.DEFINE_enum("update_rule", _DEFAULTS.update_rule, list(step_lib.UPDATE_RULES),
-                  "np: node perturbation; sgd: backprop gradients.")
-flags.DEFINE_integer("n_hl", _DEFAULTS.n_hl, "Hidden layers of fc/linfc.")
-flags.DEFINE_integer("hl_size", _DEFAULTS.hl_size, "Units per hidden layer of fc/linfc.")
-flags.DEFINE_integer("width", _DEFAULTS.width, "vgg/vgg16/resnet: channels of the first stage "
-                     "(64 is VGG/ResNet-18; later stages have 2x, 4x, 8x).")
-flags.DEFINE_enum("norm", _DEFAULTS.norm, list(models.NORMS), "vgg/vgg16/resnet: per-example "
-                  "normalisation before each tap (batch norm would bias NP).")
-flags.DEFINE_enum("dtype", _DEFAULTS.dtype, list(models.DTYPES), "Compute dtype of matmuls and "
-                  "convs; parameters, optimizer state and loss differences stay float32.")
-flags.DEFINE_float("lr", _DEFAULTS.lr, "Learning rate.")
-flags.DEFINE_integer("batchsize", _DEFAULTS.batchsize, "Global batch size (all devices).")
-flags.DEFINE_integer("num_epochs", _DEFAULTS.num_epochs, "Epochs to train.")
-flags.DEFINE_float("wd", _DEFAULTS.wd, "Decoupled weight decay: w <- w - lr*u(dw) - wd*w.")
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of parameters, data order and noise.")
-flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, list(step_lib.OPTIMIZERS), "Optimizer.")
-flags.DEFINE_enum("loss", _DEFAULTS.loss, list(losses.LOSSES), "mse (sigmoid outputs) or ce.")
-flags.DEFINE_float("sigma", None, "NP noise scale (default: 1e-5 for conv/conv-large, 1e-4 "
-                   "otherwise; in bfloat16 the measured floor, see README).")
-flags.DEFINE_enum("noise", _DEFAULTS.noise, list(perturbation.NOISE_KINDS),
-                  "NP noise distribution: rademacher (random signs) or gaussian.")
-flags.DEFINE_enum("np_mode", _DEFAULTS.np_mode, list(perturbation.NP_MODES),
-                  "keep: reuse the noise of the noisy pass in the update; regen: draw it again "
-                  "from its keys (nothing kept alive). Same update.")
-flags.DEFINE_integer("np_microbatches", _DEFAULTS.np_microbatches,
-                     "Run NP over this many slices of each device's batch in turn: activation "
-                     "memory / N, same update and FLOPs.")
-flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "Where datasets live (see `nodepert_dist.data fetch`).")
-flags.DEFINE_string("workdir", _DEFAULTS.workdir, "Where config.json and metrics are written.")
-flags.DEFINE_integer("eval_batchsize", _DEFAULTS.eval_batchsize, "Global batch size of evaluation.")
-flags.DEFINE_bool("eval_train", _DEFAULTS.eval_train, "Evaluate on the whole training set each epoch.")
-flags.DEFINE_integer("max_steps", _DEFAULTS.max_steps,
-                     "Stop after this many updates in all (0: no limit); a later run resumes.")
-flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
-                     "Checkpoint every N updates (0: not by steps).")
-flags.DEFINE_integer("checkpoint_every_epochs", _DEFAULTS.checkpoint_every_epochs,
-                     "Checkpoint every N epochs (0: not by epochs); the last epoch always is.")
-flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints,
-                     "Keep the newest N checkpoints (0: all).")
-flags.DEFINE_integer("keep_checkpoint_every_steps", _DEFAULTS.keep_checkpoint_every_steps,
-                     "Also keep, permanently, checkpoints at multiples of N steps (0: none).")
-flags.DEFINE_bool("resume", _DEFAULTS.resume,
-                  "Continue from the newest valid checkpoint in <workdir>/checkpoints, if any.")
-flags.DEFINE_string("save_final_params", "", "If set, write the final parameters to this .npz.")
-flags.DEFINE_enum("preprocess", _DEFAULTS.preprocess, list(preprocess.MODES),
-                  "auto (per_channel for CIFAR, standardize otherwise), standardize (train-set "
-                  "mean/std), per_channel, unit ([0, 1]) or zca (ZCA whitening).")
-flags.DEFINE_bool("augment", _DEFAULTS.augment, "Random crop (4-pixel padding) and horizontal flip "
-                  "of training images, a pure function of (seed, epoch, example).")
-flags.DEFINE_integer("validation_size", _DEFAULTS.validation_size,
-                     "Hold out the last N training examples as a validation split (val_acc).")
-flags.DEFINE_enum("cifar100_labels", _DEFAULTS.cifar100_labels, list(store.LABEL_SETS),
-                  "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses).")
-flags.DEFINE_integer("data_workers", _DEFAULTS.data_workers,
-                     "Input prefetch: 0 = threads in each process, N > 0 = N Grain worker processes.")
-flags.DEFINE_bool("crash_guard", _DEFAULTS.crash_guard,
-                  "On a non-finite loss or a crash (test accuracy --crash_points below the best "
-                  "so far), roll back to the last good checkpoint and multiply the lr by "
-                  "--crash_lr_factor; events go to metrics.jsonl.")
-flags.DEFINE_float("crash_points", _DEFAULTS.crash_points,
-                   "A crash: test accuracy this many percentage points below the best so far.")
-flags.DEFINE_float("crash_lr_factor", _DEFAULTS.crash_lr_factor,
-                   "The crash guard multiplies the lr by this at each rollback.")
-flags.DEFINE_integer("crash_max_rollbacks", _DEFAULTS.crash_max_rollbacks,
-                     "The crash guard gives up after this many rollbacks.")
-flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (testing on CPU).")
-flags.DEFINE_bool("xla_cpu_conv_flag", True,
-                  f"On CPU, add XLA_FLAGS={mesh_lib.CPU_CONV_FLAG} (faster convolutions, "
-                  "measured) unless XLA_FLAGS already sets that option.")
-FLAGS = flags.FLAGS
+USAGE = """nodepert-train: node perturbation (or SGD) training on every device of the job.
 
-
-def config_from_flags() -> Config:
-    return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)})
+Writes config.json, metrics.jsonl and metrics.csv into --workdir, checkpoints into
+<workdir>/checkpoints, and resumes from them when started again with the same command.
+Example:  nodepert-train --config=mnist_np --workdir=runs/np"""
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.xla_cpu_conv_flag:  # before the CPU backend starts
+        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    flags_ = config_lib.FLAGS
+    # jax logs every backend it probes and cannot start ("Unable to initialize backend 'tpu'")
+    # on each start; the devices actually used are logged by distributed.initialize.
+    pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.ERROR)
+    if flags_.xla_cpu_conv_flag:  # before the CPU backend starts
         mesh_lib.tune_cpu_convolutions()
-    if FLAGS.cpu_devices > 0:  # before jax.distributed and before any device use
-        mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
+    if flags_.cpu_devices > 0:  # before jax.distributed and before any device use
+        mesh_lib.simulate_cpu_devices(flags_.cpu_devices)
     try:
-        # Multi-process start-up (flags, NODEPERT_* env, SLURM, or a single process).
+        cfg = config_lib.from_flags()
+        # Multi-process start-up (flags, NODEPERT_* env, cluster detection, or one process).
         distributed.initialize_from_flags()
-        cfg = config_from_flags()
         rows, note = crash_guard.run(run, cfg) if cfg.crash_guard else run(cfg)
-    # checkpoint.CheckpointError is a ValueError
-    except (ValueError, sources.DataError, distributed.DistributedError) as e:
+    except preempt.Preempted as e:
+        sys.stderr.write(f"{e}\n")
+        raise SystemExit(preempt.EXIT_CODE)
+    # checkpoint.CheckpointError is a ValueError; OSError: e.g. a read-only or full workdir
+    except (ValueError, OSError, sources.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))
@@ -504,7 +346,7 @@ def main(argv):
 
 
 def cli():
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,17 @@ import sys
 
 from absl import app
 
-from nodepert_dist import distributed, train
+from nodepert_dist import config, distributed, train
 
 
 def main(argv):
     del argv
-    if train.FLAGS.cpu_devices > 0:
+    if config.FLAGS.cpu_devices > 0:
         import jax
-        jax.config.update("jax_num_cpu_devices", train.FLAGS.cpu_devices)
+        jax.config.update("jax_num_cpu_devices", config.FLAGS.cpu_devices)
     distributed.initialize_from_flags()
     import jax
-    rows = train.train(train.config_from_flags())
+    rows = train.train(config.from_flags())
     print(f"ROWS {jax.process_index()} {json.dumps(rows)}", flush=True)
     sys.stdout.flush()
 

@@ -22,7 +22,7 @@ import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nodepert_dist import checkpoint, metrics, models
+from nodepert_dist import checkpoint, metrics, models, params_io
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 
@@ -188,7 +188,7 @@ def test_bare_tensorstore_reads_the_live_arrays(tmp_path):
     assert manifest["step"] == 3 and manifest["versions"]["jax"] == jax.__version__
     saved = saved_arrays(path)
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    assert [e["name"] for e in manifest["arrays"]] == [checkpoint.leaf_name(p) for p, _ in leaves]
+    assert [e["name"] for e in manifest["arrays"]] == [params_io.leaf_name(p) for p, _ in leaves]
     for entry, (_, live) in zip(manifest["arrays"], leaves):
         assert (tuple(entry["shape"]), entry["dtype"]) == (live.shape, str(live.dtype))
         np.testing.assert_array_equal(saved[entry["name"]], np.asarray(live), strict=True)
@@ -232,11 +232,46 @@ def test_corrupt_checkpoint_falls_back_then_errors(corrupt, tmp_path, caplog):
                                   np.asarray(_state(mesh, seed=1)["sharded"]))
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "train.params.layer0.kernel" in warning and "falling back to step 1" in warning
+    # The unreadable one (perhaps a transient error) is set aside, never deleted, so a later
+    # save cannot prune it as "newer than the step just saved".
+    aside = [n for n in os.listdir(tmp_path) if n.startswith(".unreadable-step_00000002-")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "manifest.json").exists()
+    assert checkpoint.committed_steps(str(tmp_path)) == [1]
     # With no valid checkpoint left: a clear one-line error naming the array.
-    shutil.rmtree(tmp_path / "step_00000001")
+    corrupt(tmp_path / "step_00000001")
     with pytest.raises(checkpoint.CorruptCheckpoint) as e:
         checkpoint.restore(str(tmp_path), target)
     assert "train.params.layer0.kernel" in str(e.value) and "\n" not in str(e.value)
+    assert len([n for n in os.listdir(tmp_path) if n.startswith(".unreadable-")]) == 2
+
+
+def test_prune_sets_newer_checkpoints_aside_never_deletes_them(tmp_path):
+    mesh = mesh_lib.make_mesh()
+    for step in (1, 2, 3):
+        _save(tmp_path, _state(mesh, seed=step), step, keep=1)
+    assert checkpoint.committed_steps(str(tmp_path)) == [3]
+    _save(tmp_path, _state(mesh, seed=9), 2, keep=1)  # e.g. a run restarted from step 1
+    assert checkpoint.committed_steps(str(tmp_path)) == [2]
+    aside = [n for n in os.listdir(tmp_path) if n.startswith(".superseded-step_00000003-")]
+    assert len(aside) == 1 and (tmp_path / aside[0] / "manifest.json").exists()
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    mesh = mesh_lib.make_mesh()
+    saver = checkpoint.Checkpointer(str(tmp_path))
+    saver.save(1, _state(mesh, seed=1), meta={})
+    monkeypatch.setenv(checkpoint.TEST_FAIL_ENV, "0@2:ENOSPC")
+    saver.save(2, _state(mesh, seed=2), meta={})
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        saver.wait()
+    assert str(e.value).startswith("saving checkpoint step 2 failed on process 0: OSError: "
+                                   "[Errno 28] No space left on device")
+    assert "\n" not in str(e.value)
+    assert checkpoint.committed_steps(str(tmp_path)) == [1]
+    restored, manifest = checkpoint.restore(str(tmp_path), _state(mesh))
+    assert manifest["step"] == 1
+    np.testing.assert_array_equal(np.asarray(restored["sharded"]),
+                                  np.asarray(_state(mesh, seed=1)["sharded"]))
 
 
 def test_other_model_is_a_clear_error(tmp_path):

@@ -82,3 +82,20 @@ def test_max_steps_and_finished_runs_say_so_at_the_end(tmp_path, mnist_dir):
     out = _train(common)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1].startswith("already finished: 1 epochs done (step 234)")
+
+
+def test_metrics_write_null_for_non_finite_values(tmp_path):
+    from nodepert_dist import metrics
+
+    def strict(line):  # json.loads accepts NaN by default; real JSON does not
+        return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+    writer = metrics.MetricsWriter(str(tmp_path), {"lr": 1.0})
+    written = writer.write({"epoch": 1, "step": 5, "test_acc": 0.1, "test_loss": float("nan"),
+                            "train_loss": float("inf")})
+    assert written["test_loss"] is None and written["train_loss"] is None
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert strict(lines[0]) == {"epoch": 1, "step": 5, "test_acc": 0.1, "test_loss": None,
+                                "train_loss": None}
+    writer.truncate_after(1)  # the rewrite path too
+    assert strict((tmp_path / "metrics.jsonl").read_text())["test_loss"] is None

@@ -91,7 +91,7 @@ def test_two_processes_train_like_one(mnist_dir, tmp_path, rule, atol, loss_rel,
         np.testing.assert_allclose(p_multi[k], p_single[k], rtol=0, atol=atol, err_msg=k)
     # The tolerance is far below how far training moved the parameters.
     init = _init_params(mnist_dir)
-    moved = max(float(np.abs(p_single[k] - init[k.split("/")[0]][k.split("/")[1]]).max())
+    moved = max(float(np.abs(p_single[k] - init[k.split(".")[0]][k.split(".")[1]]).max())
                 for k in p_single)
     assert moved > 100 * atol, moved
 

@@ -1,0 +1,131 @@
+"""Restore: the newest checkpoint that reads back, onto any mesh (see checkpoint.py's docstring).
+
+Process 0 lists the directory and broadcasts each candidate step, so every process restores the
+same one whatever its own (possibly stale) listing shows; one that does not read back on every
+process is renamed aside by process 0, never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import tensorstore as ts
+from absl import logging
+
+from nodepert_dist import agree
+from nodepert_dist.checkpoint import (FORMAT, MANIFEST, CheckpointError, CorruptCheckpoint,
+                                      _array_spec, _set_aside, committed_steps, step_dir)
+from nodepert_dist.params_io import leaf_name
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path}: unreadable {MANIFEST} ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+def _open_checked(path: str, entry: dict):
+    """Opens one saved array and checks it against its manifest entry and its chunk files."""
+    name = entry["name"]
+    array_dir = os.path.join(path, "arrays", name)
+    try:
+        store = ts.open(_array_spec(array_dir), open=True).result()
+    except Exception as e:
+        raise CorruptCheckpoint(f"{path}: array {name!r} cannot be opened "
+                                f"({str(e).splitlines()[0]})") from None
+    saved = [list(store.shape), store.dtype.numpy_dtype.name]
+    if saved != [entry["shape"], entry["dtype"]]:
+        raise CorruptCheckpoint(f"{path}: array {name!r} is {saved[0]} {saved[1]} on disk but "
+                                f"{entry['shape']} {entry['dtype']} in the manifest")
+    chunk = entry["chunk"]
+    expected = int(np.prod([-(-n // c) for n, c in zip(entry["shape"], chunk)]))
+    keys = ts.KvStore.open({"driver": "file", "path": array_dir + "/"}).result().list().result()
+    found = sum(1 for k in keys if k == b"c" or k.startswith(b"c/"))
+    if found != expected:
+        raise CorruptCheckpoint(f"{path}: array {name!r} has {found} of its {expected} chunk files")
+    return store
+
+
+def load(path: str, target: Any) -> tuple[Any, dict]:
+    """Reads the checkpoint at `path` onto the shardings of `target` (a pytree of jax.Arrays)."""
+    manifest = read_manifest(path)
+    entries = {a["name"]: a for a in manifest["arrays"]}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    names = [leaf_name(p) for p, _ in leaves]
+    for name in names:
+        if name not in entries:
+            raise CheckpointError(f"checkpoint {path} has no array {name!r}: it was saved by "
+                                  f"another model or optimizer")
+    for name in entries:
+        if name not in names:
+            raise CheckpointError(f"checkpoint {path} has array {name!r} that this model lacks: "
+                                  f"it was saved by another model or optimizer")
+    out = []
+    for name, (_, leaf) in zip(names, leaves):
+        entry = entries[name]
+        store = _open_checked(path, entry)
+        if (tuple(entry["shape"]), entry["dtype"]) != (leaf.shape, np.dtype(leaf.dtype).name):
+            raise CheckpointError(
+                f"checkpoint {path}: array {name!r} is {tuple(entry['shape'])} {entry['dtype']} "
+                f"but this model has {leaf.shape} {np.dtype(leaf.dtype).name}")
+        cache = {}
+
+        def read(index, store=store, cache=cache):
+            key = repr(index)
+            if key not in cache:
+                cache[key] = store[index].read().result()
+            return cache[key]
+
+        try:
+            out.append(jax.make_array_from_callback(leaf.shape, leaf.sharding, read))
+        except Exception as e:
+            raise CorruptCheckpoint(f"{path}: array {name!r} cannot be read "
+                                    f"({str(e).splitlines()[0]})") from None
+    return jax.tree_util.tree_unflatten(treedef, out), manifest
+
+
+def restore(directory: str, target: Any) -> Optional[tuple[Any, dict]]:
+    """(state, manifest) from the newest valid checkpoint in `directory`; None if there is none.
+
+    Process 0 chooses each candidate step and broadcasts it: every process restores the same
+    one, whatever its own listing shows. Unreadable ones are set aside (renamed, never deleted)
+    with a warning; if none is valid, CorruptCheckpoint.
+    """
+    candidates = list(reversed(committed_steps(directory))) if jax.process_index() == 0 else []
+    problems = []
+    while True:
+        step = agree.from_process_0(candidates.pop(0) if candidates else -1)
+        if step < 0:
+            break
+        try:
+            state, manifest = load(step_dir(directory, step), target)
+            error = None
+        except CorruptCheckpoint as e:
+            error = e
+        if agree.everywhere(error is None):
+            if problems:
+                logging.warning("restored checkpoint step %d, the newest valid one", step)
+            return state, manifest
+        error = error or CorruptCheckpoint(f"step {step} is unreadable on another process")
+        problems.append(str(error))
+        aside = ""
+        if jax.process_index() == 0:
+            aside = _set_aside(directory, os.path.basename(step_dir(directory, step)),
+                               "unreadable", secrets.token_hex(4))
+            logging.warning("checkpoint step %d cannot be read (%s); set aside as %s, not "
+                            "deleted (remove it once you know it is bad); %s", step, error, aside,
+                            f"falling back to step {candidates[0]}" if candidates
+                            else "no older checkpoint")
+    if problems:
+        raise CorruptCheckpoint(f"no valid checkpoint in {directory}: " + "; ".join(problems))
+    return None

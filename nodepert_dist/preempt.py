@@ -1,0 +1,83 @@
+"""Preemption: on SIGTERM or SIGUSR1 every process stops at the same step, checkpoints, exits 75.
+
+A signal handler only records the signal. At step boundaries (every `check_every` steps, the
+same global steps on every process) the train loop asks `Watcher.stop_now(step)`: with several
+processes that is one small all-gather of "did I get a signal?", so a signal delivered to any
+one process (or to each at a slightly different time) stops all of them after the same step.
+The loop then saves a checkpoint, waits for it to commit, and `main` exits with EXIT_CODE;
+`launch/slurm/*.sbatch` requeue the job on it and the restarted run resumes exactly.
+
+Why not jax's preemption sync manager (`multihost_utils.reached_preemption_sync_point`): it
+exists only under jax.distributed (not for one process), and listens to SIGTERM only; SLURM's
+advance warning (`--signal=USR1@120`) is SIGUSR1.
+
+Test hook: NODEPERT_TEST_SIGNAL_AT_STEP="STEP[@PROCESS]" makes the process (only PROCESS, if
+given) send itself SIGTERM right after it dispatched step STEP. Never set it outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Optional
+
+import jax
+from absl import logging
+
+from nodepert_dist import agree
+
+EXIT_CODE = 75  # EX_TEMPFAIL ("try again later"): preempted, checkpoint saved, rerun to resume
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+TEST_SIGNAL_ENV = "NODEPERT_TEST_SIGNAL_AT_STEP"
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving its position (message: one line)."""
+
+
+class Watcher:
+    """Context manager: records SIGTERM/SIGUSR1 while the run lives (main thread only)."""
+
+    def __init__(self, check_every: int = 1):
+        self.check_every = check_every
+        self.signal: Optional[int] = None
+        self._previous: dict = {}
+        self._test_step, self._test_process = _test_hook()
+
+    def __enter__(self) -> "Watcher":
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _record(self, signum, _frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+            logging.warning("got %s: stopping at the next step boundary to checkpoint",
+                            signal.Signals(signum).name)
+
+    def stop_now(self, step: int) -> bool:
+        """Called by every process after every step; True on all of them, or on none."""
+        if step == self._test_step and self._test_process in (None, jax.process_index()):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step % self.check_every:
+            return False
+        # A collective (with several processes): every process calls it at the same steps.
+        return agree.anywhere(self.signal is not None)
+
+    def describe(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else "a signal to another process"
+
+
+def _test_hook() -> tuple[Optional[int], Optional[int]]:
+    value = os.environ.get(TEST_SIGNAL_ENV)
+    if not value:
+        return None, None
+    step, _, process = value.partition("@")
+    return int(step), (int(process) if process else None)

@@ -1,0 +1,82 @@
+"""Test helper: parses command lines of one program without running it (tests/test_docs.py).
+
+    python tests/_parse_commands.py TARGET < argvs.json
+
+TARGET is a module (`nodepert_dist.train`) or a script path (`benchmarks/throughput.py`);
+stdin holds a JSON list of argument lists. absl programs: the module is imported (defining its
+flags) and each argument list parsed into the flags; nodepert-train's also resolves --config.
+argparse programs: main() runs until its parser returns, then stops. Prints one JSON list: for
+each argument list, null or the error.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _load(target):
+    if target.endswith(".py"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+        spec = importlib.util.spec_from_file_location("docs_check_target", target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(target)
+
+
+def check(module, target, argv):
+    from absl import flags
+    if "argparse" in vars(module) and "app" not in vars(module):
+        original = argparse.ArgumentParser.parse_args
+
+        def parse_then_stop(self, args=None, namespace=None):
+            original(self, args, namespace)
+            raise _Parsed
+
+        argparse.ArgumentParser.parse_args = parse_then_stop
+        sys.argv = [target, *argv]
+        try:
+            module.main(argv) if module.main.__code__.co_argcount else module.main()
+        except _Parsed:
+            return None
+        except SystemExit as e:
+            return f"argparse exit {e.code}"
+        return "main() returned without parsing its arguments"
+    if argv == ["--help"] and target in ("nodepert_dist.train", "nodepert_dist.plot"):
+        return None  # their flags_parser (nodepert_dist/cli.py) answers it; test_config tests it
+    flags.FLAGS.unparse_flags()
+    try:
+        rest = flags.FLAGS([target, *argv])
+    except flags.Error as e:
+        return str(e)
+    if target == "nodepert_dist.data.__main__":
+        from nodepert_dist.data import store
+        if rest[1:2] != ["fetch"] or not set(rest[2:]) <= set(store.DATASETS) or not rest[2:]:
+            return f"not 'fetch NAME...': {rest[1:]}"
+        return None
+    if target == "nodepert_dist.train":
+        if rest[1:]:
+            return f"unexpected arguments {rest[1:]}"
+        from nodepert_dist import config
+        try:
+            config.from_flags().validate()
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def main():
+    target = sys.argv[1]
+    module = _load(target)
+    print(json.dumps([check(module, target, argv) for argv in json.load(sys.stdin)]))
+
+
+if __name__ == "__main__":
+    main()

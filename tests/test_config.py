@@ -1,0 +1,77 @@
+"""Settings: one declaration per setting (Config field -> flag), presets and JSON config files."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from nodepert_dist import config
+
+
+@pytest.fixture
+def parse():
+    """Parses a command line into the global absl flags, and un-parses it afterwards."""
+    def _parse(*args):
+        config.FLAGS.unparse_flags()
+        config.FLAGS(["nodepert-train", *args])
+        return config.from_flags()
+    yield _parse
+    config.FLAGS.unparse_flags()
+
+
+def test_every_setting_is_a_flag_with_its_default_and_help():
+    for f in dataclasses.fields(config.Config):
+        flag = config.FLAGS[f.name]
+        assert flag.default == f.default and flag.help.endswith(f.metadata["help"]), f.name
+        if f.metadata["choices"]:
+            assert list(flag.parser.enum_values) == list(f.metadata["choices"]), f.name
+
+
+def test_flags_override_a_preset_which_overrides_the_defaults(parse):
+    assert parse() == config.Config()
+    cfg = parse("--config=mnist_np", "--lr=0.05")
+    expected = dataclasses.replace(config.Config(), **config.PRESETS["mnist_np"])
+    assert cfg == dataclasses.replace(expected, lr=0.05)
+    assert cfg.update_rule == "np" and expected.lr == 0.02
+
+
+def test_json_config_file(parse, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"network": "conv", "sigma": 1e-3, "eval_train": False}))
+    cfg = parse(f"--config={path}", "--seed=3")
+    assert (cfg.network, cfg.sigma, cfg.eval_train, cfg.seed) == ("conv", 1e-3, False, 3)
+    path.write_text(json.dumps({"netwrok": "conv"}))
+    with pytest.raises(ValueError, match="unknown setting.* netwrok"):
+        parse(f"--config={path}")
+    path.write_text(json.dumps({"network": "mlp"}))
+    with pytest.raises(ValueError, match="network='mlp'"):
+        parse(f"--config={path}")
+    with pytest.raises(ValueError, match="neither a preset"):
+        parse("--config=nonexistent")
+
+
+def _help(module):
+    return subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def test_train_help_lists_this_programs_flags_by_group():
+    out = _help("nodepert_dist.train")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Try --helpfull" not in text and "--logtostderr" not in text  # absl's own flags
+    groups = [g for g in config.GROUPS if f"\n{g}:\n" in text]
+    assert groups == list(config.GROUPS)
+    for f in dataclasses.fields(config.Config):
+        assert f"--{f.name}" in text or f"--[no]{f.name}" in text, f.name
+    assert text.index("\nmodel:") < text.index("--n_hl") < text.index("\ntraining:")
+    assert "--coordinator_address" in text.split("\ncluster:")[1]
+
+
+def test_plot_help_lists_its_flags():
+    out = _help("nodepert_dist.plot")
+    assert out.returncode == 0, out.stderr
+    assert "Try --helpfull" not in out.stdout and "--workdirs" in out.stdout

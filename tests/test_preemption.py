@@ -1,0 +1,124 @@
+"""Preemption: a signal mid-epoch stops every process at the same step with a checkpoint and
+exit 75; the same command then finishes with exactly the metrics of an uninterrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from nodepert_dist import checkpoint, preempt
+
+PY = sys.executable
+LAUNCH = str(REPO / "launch" / "local.py")
+# 7 steps of 8000 examples per epoch; the signal lands at step 10 = epoch 2, step 3 of 7.
+SMALL = ["--n_hl=1", "--hl_size=32", "--batchsize=8000", "--num_epochs=2", "--eval_batchsize=2000",
+         "--checkpoint_every_epochs=1"]
+TIMING = ("epoch_time", "examples_per_s")
+
+
+def _env(**extra):
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"}
+    return dict(e, PYTHONPATH=str(REPO), **extra)
+
+
+def _run(cmd, **extra):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(**extra),
+                          cwd=REPO)
+
+
+def _untimed(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_signal_mid_epoch_checkpoints_and_the_rerun_matches_an_uninterrupted_run(
+        tmp_path, mnist_dir, processes):
+    def cmd(workdir):
+        train = [PY, "-m", "nodepert_dist.train", *SMALL, f"--data_dir={mnist_dir}",
+                 f"--workdir={workdir}"]
+        if processes == 1:
+            return train
+        return [PY, LAUNCH, f"--num_processes={processes}", "--devices_per_process=2",
+                "--timeout_s=200", "--", *train]
+
+    # Only the last process gets the signal: the others must stop at the same step anyway.
+    hook = "10" if processes == 1 else f"10@{processes - 1}"
+    out = _run(cmd(tmp_path / "cut"), **{preempt.TEST_SIGNAL_ENV: hook})
+    assert out.returncode == preempt.EXIT_CODE, (out.stdout + out.stderr)[-3000:]
+    text = out.stdout + out.stderr
+    assert text.count("preempted by ") == processes, text[-3000:]
+    last = [l for l in text.splitlines() if "preempted by " in l][-1]
+    assert "at step 10: checkpoint saved; run the same command again to resume (exit 75)" in last
+    steps = checkpoint.committed_steps(str(tmp_path / "cut" / "checkpoints"))
+    assert steps == [7, 10]  # epoch 1's and the preemption's
+    manifest = checkpoint.read_manifest(checkpoint.step_dir(str(tmp_path / "cut" / "checkpoints"), 10))
+    assert (manifest["loop"]["epoch"], manifest["loop"]["step_in_epoch"]) == (2, 3)
+    assert [r["epoch"] for r in _untimed(tmp_path / "cut")] == [0, 1]
+
+    out = _run(cmd(tmp_path / "cut"))  # the same command again: resumes at step 10
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "at epoch 2, step 3 of the epoch (step 10 in all)" in out.stdout + out.stderr
+    out = _run(cmd(tmp_path / "whole"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    whole = _untimed(tmp_path / "whole")
+    assert [r["epoch"] for r in whole] == [0, 1, 2] and whole[-1]["step"] == 14
+    assert _untimed(tmp_path / "cut") == whole  # bit-identical: same layout, same seed
+
+
+@pytest.mark.parametrize("script", ["multinode", "singlenode"])
+@pytest.mark.parametrize("rc, requeued", [(75, True), (0, False), (1, False)])
+def test_sbatch_templates_requeue_on_the_preemption_exit_code(tmp_path, script, rc, requeued):
+    # Fake srun / scontrol / nvidia-smi on PATH: the templates' own shell logic runs.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", f"echo srun \"$@\" >> {tmp_path}/calls; exit {rc}"),
+                       ("scontrol", f"echo scontrol \"$@\" >> {tmp_path}/calls"),
+                       ("nvidia-smi", "echo GPU 0; echo GPU 1")):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[1-2]", SLURM_NTASKS="16")
+    out = subprocess.run(["bash", str(REPO / "launch" / "slurm" / f"{script}.sbatch"),
+                          "--num_epochs=3"], capture_output=True, text=True, timeout=60,
+                         env=env, cwd=tmp_path)
+    assert out.returncode == rc, out.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("srun ") and "--workdir=runs/slurm/4242/run" in calls[0]
+    assert calls[0].endswith("--num_epochs=3")
+    assert (calls[1:] == ["scontrol requeue 4242"]) == requeued, calls
+    sbatch = (REPO / "launch" / "slurm" / f"{script}.sbatch").read_text()
+    assert "#SBATCH --requeue" in sbatch and "#SBATCH --signal=USR1@120" in sbatch
+
+
+def test_watcher_records_sigusr1_and_restores_the_handlers():
+    import signal
+    before = signal.getsignal(signal.SIGUSR1)
+    with preempt.Watcher(check_every=3) as watcher:
+        assert not watcher.stop_now(3)
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal=USR1@120
+        assert not watcher.stop_now(4)  # only at multiples of check_every
+        assert watcher.stop_now(6) and watcher.describe() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_launcher_forwards_sigterm_and_exits_75_when_every_rank_was_preempted():
+    script = ("import os, signal, sys, time; r = os.environ['NODEPERT_PROCESS_ID'];"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('rank', r, 'saving', flush=True),"
+              " time.sleep(0.5 * int(r)), sys.exit(75)));"
+              "print('ready', r, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([PY, LAUNCH, "--num_processes=2", "--timeout_s=60", "--", PY, "-c",
+                             script], stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    lines = []
+    while len([l for l in lines if l.startswith(("[0] ready", "[1] ready"))]) < 2:
+        lines.append(proc.stdout.readline())
+    proc.send_signal(__import__("signal").SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    lines += out.splitlines()
+    assert proc.returncode == preempt.EXIT_CODE, lines
+    assert "[1] rank 1 saving" in "\n".join(lines)  # the slower rank was not killed
+    assert lines[-1] == "[launch] preempted: 2 rank(s) checkpointed and exited 75"
