@@ -109,12 +109,24 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def read_jsonl(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSONL file ([] if there is none), stopping at a half-written last line (a run
+    killed mid-write)."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def read_jsonl(workdir: str) -> list[dict]:
+    """A run's metrics.jsonl rows."""
+    return read_rows(os.path.join(workdir, "metrics.jsonl"))
 
 
 class Progress:

@@ -130,18 +130,7 @@ def probe_batch(data, splits, prep_mode: str, size: int, seed: int):
     return np.asarray(x, np.float32), np.asarray(data.train_y[rows], np.int32)
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL file, stopping at a half-written last line."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
+read_rows = metrics.read_rows  # rows of a JSONL file, up to a half-written last line
 
 
 def layer_names(rows: list[dict]) -> list[str]:
