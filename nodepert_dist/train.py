@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from nodepert_dist import checkpoint, distributed, losses, metrics, models, perturbation, taps
+from nodepert_dist import (checkpoint, distributed, losses, metrics, models, optim,
+                           perturbation, taps)
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import pipeline, preprocess, sources, store
@@ -48,11 +49,21 @@ class Config:
     wd: float = 0.0
     seed: int = 0
     optimizer: str = "sgd"
+    lr_schedule: str = "constant"  # constant, cosine (to 0 at the last step) or step decay
+    warmup_epochs: float = 0.0    # linear warm-up from 0 before the schedule
+    lr_decay_epochs: int = 0      # step schedule: multiply lr by lr_decay_factor every N epochs
+    lr_decay_factor: float = 0.1
+    clip_norm: float = 0.0        # > 0: clip the update's global norm to this, before optimizer
+    weight_norm: bool = False     # hold each kernel at its initial norm (Hiratani et al. 2022)
     loss: str = "mse"
     sigma: Optional[float] = None  # None: 1e-4 for fc/linfc, 1e-5 for conv nets
     noise: str = "rademacher"     # on CPU ~40x cheaper to draw than gaussian (README)
     np_mode: str = "keep"
     np_microbatches: int = 1      # NP over this many slices of each device's batch, in turn
+    np_antithetic: bool = False   # +sigma/-sigma pairs instead of clean/noisy (perturbation.py)
+    np_draws: int = 1             # noise draws per example, averaged, sharing one clean pass
+    np_delta: str = "finite"      # finite difference, or jvp: the exact sigma -> 0 limit
+    np_layerwise: bool = False    # one noisy pass per tap, each tap's own delta
     data_dir: str = "data"
     workdir: str = "runs/default"
     eval_batchsize: int = 1024
@@ -86,13 +97,14 @@ class Config:
                    "update_rule": step_lib.UPDATE_RULES, "optimizer": step_lib.OPTIMIZERS,
                    "loss": losses.LOSSES, "noise": perturbation.NOISE_KINDS,
                    "np_mode": perturbation.NP_MODES, "norm": models.NORMS,
+                   "np_delta": perturbation.NP_DELTAS, "lr_schedule": optim.SCHEDULES,
                    "dtype": tuple(models.DTYPES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = {"lr": self.lr, "batchsize": self.batchsize, "eval_batchsize": self.eval_batchsize,
                     "hl_size": self.hl_size, "np_microbatches": self.np_microbatches,
-                    "width": self.width}
+                    "width": self.width, "np_draws": self.np_draws}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{name}={value} must be positive")
@@ -111,6 +123,13 @@ class Config:
                      "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        for name in ("warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.lr_schedule == "step" and not self.lr_decay_epochs:
+            raise ValueError("--lr_schedule=step needs --lr_decay_epochs > 0")
+        perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
+                                   self.np_delta)
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
                              f"use another --workdir")
@@ -202,7 +221,11 @@ def run(cfg: Config) -> tuple[list[dict], str]:
     # Model, optimizer and replicated train state.
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
                                width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
-    optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
+    optimizer = step_lib.make_optimizer(
+        cfg.optimizer, cfg.lr, cfg.wd, schedule=cfg.lr_schedule,
+        total_steps=cfg.num_epochs * n_steps, warmup_steps=round(cfg.warmup_epochs * n_steps),
+        decay_every=cfg.lr_decay_epochs * n_steps, decay_factor=cfg.lr_decay_factor,
+        clip_norm=cfg.clip_norm, weight_norm=cfg.weight_norm)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
     taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -213,7 +236,8 @@ def run(cfg: Config) -> tuple[list[dict], str]:
     train_step = step_lib.make_train_step(
         model, optimizer, mesh, update_rule=cfg.update_rule, loss=cfg.loss, sigma=cfg.sigma,
         seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
-        np_microbatches=cfg.np_microbatches)
+        np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
+        np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     writer = metrics.MetricsWriter(cfg.workdir, dict(
         dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
@@ -389,6 +413,20 @@ flags.DEFINE_integer("num_epochs", _DEFAULTS.num_epochs, "Epochs to train.")
 flags.DEFINE_float("wd", _DEFAULTS.wd, "Decoupled weight decay: w <- w - lr*u(dw) - wd*w.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of parameters, data order and noise.")
 flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, list(step_lib.OPTIMIZERS), "Optimizer.")
+flags.DEFINE_enum("lr_schedule", _DEFAULTS.lr_schedule, list(optim.SCHEDULES),
+                  "lr over training: constant, cosine (decays to 0 at the last step of "
+                  "--num_epochs) or step (x --lr_decay_factor every --lr_decay_epochs).")
+flags.DEFINE_float("warmup_epochs", _DEFAULTS.warmup_epochs,
+                   "Linear lr warm-up from 0 over this many epochs, before --lr_schedule.")
+flags.DEFINE_integer("lr_decay_epochs", _DEFAULTS.lr_decay_epochs,
+                     "--lr_schedule=step: decay every N epochs.")
+flags.DEFINE_float("lr_decay_factor", _DEFAULTS.lr_decay_factor,
+                   "--lr_schedule=step: multiply lr by this at each decay.")
+flags.DEFINE_float("clip_norm", _DEFAULTS.clip_norm,
+                   "If > 0, clip the update's global norm (all layers) to this before the optimizer.")
+flags.DEFINE_bool("weight_norm", _DEFAULTS.weight_norm,
+                  "After each update, rescale every kernel to its initial norm (weight "
+                  "normalisation against NP's weight diffusion, Hiratani et al. 2022).")
 flags.DEFINE_enum("loss", _DEFAULTS.loss, list(losses.LOSSES), "mse (sigmoid outputs) or ce.")
 flags.DEFINE_float("sigma", None, "NP noise scale (default: 1e-5 for conv/conv-large, 1e-4 "
                    "otherwise; in bfloat16 the measured floor, see README).")
@@ -400,6 +438,18 @@ flags.DEFINE_enum("np_mode", _DEFAULTS.np_mode, list(perturbation.NP_MODES),
 flags.DEFINE_integer("np_microbatches", _DEFAULTS.np_microbatches,
                      "Run NP over this many slices of each device's batch in turn: activation "
                      "memory / N, same update and FLOPs.")
+flags.DEFINE_bool("np_antithetic", _DEFAULTS.np_antithetic,
+                  "NP: noisy passes at +sigma*xi and -sigma*xi replace clean and noisy, delta = "
+                  "(L+ - L-)/2 (even orders of sigma cancel); same cost.")
+flags.DEFINE_integer("np_draws", _DEFAULTS.np_draws,
+                     "NP: noise draws per example sharing one clean pass, averaged (variance / K, "
+                     "cost ~K noisy passes).")
+flags.DEFINE_enum("np_delta", _DEFAULTS.np_delta, list(perturbation.NP_DELTAS),
+                  "NP: finite (loss difference / sigma) or jvp (exact directional derivative "
+                  "along the noise by forward-mode AD: the sigma -> 0 limit, no rounding).")
+flags.DEFINE_bool("np_layerwise", _DEFAULTS.np_layerwise,
+                  "NP: one noisy pass per tap, perturbing that tap alone; each tap's update "
+                  "uses its own pass's delta. Cost: one noisy pass per tap.")
 flags.DEFINE_string("data_dir", _DEFAULTS.data_dir, "Where datasets live (see `nodepert_dist.data fetch`).")
 flags.DEFINE_string("workdir", _DEFAULTS.workdir, "Where config.json and metrics are written.")
 flags.DEFINE_integer("eval_batchsize", _DEFAULTS.eval_batchsize, "Global batch size of evaluation.")
