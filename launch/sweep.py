@@ -11,6 +11,8 @@ Spec (JSON, or a .py file defining a dict SPEC):
      "root": "runs/sweeps/lr_np_vs_sgd",         # the workdirs go under it
      "base": {"num_epochs": 10},                 # flags shared by every run
      "grid": {"update_rule": ["np", "sgd"], "lr": [0.01, 0.001]},
+     "variants": {"plain": {}, "jvp": {"np_delta": "jvp"}},  # optional: named flag sets,
+                                                 # one more grid axis (outermost), "variant=NAME"
      "seeds": 2,                                 # or an explicit list [0, 1, 7]
      "slurm": {"time": "02:00:00", "gpus": 1}}   # optional, for --mode=slurm
 Rows are the product of the grid values in spec order with the seed innermost; row i is what
@@ -48,12 +50,16 @@ def load_spec(path: str) -> dict:
     else:
         with open(path) as f:
             spec = json.load(f)
-    unknown = set(spec) - {"command", "root", "base", "grid", "seeds", "slurm"}
+    unknown = set(spec) - {"command", "root", "base", "grid", "seeds", "slurm", "variants"}
     if unknown:
         raise SystemExit(f"error: unknown spec keys {sorted(unknown)} in {path}")
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             raise SystemExit(f"error: grid entry {key!r} must be a non-empty list")
+    variants = spec.get("variants", {"-": {}})
+    if not isinstance(variants, dict) or not variants or not all(
+            isinstance(v, dict) for v in variants.values()):
+        raise SystemExit("error: variants must be a non-empty dict of name -> dict of flags")
     return spec
 
 
@@ -80,12 +86,16 @@ def expand(spec: dict) -> list[dict]:
     root = spec.get("root", "runs/sweep")
     command = list(spec.get("command", DEFAULT_COMMAND))
     rows = []
-    for values in itertools.product(*grid.values()):
+    variants = spec.get("variants", {None: {}})
+    for (variant, variant_flags), values in itertools.product(variants.items(),
+                                                             itertools.product(*grid.values())):
         for seed in seeds_of(spec):
-            settings = dict(zip(grid.keys(), values))
+            settings = {} if variant is None else {"variant": variant}
+            settings.update(zip(grid.keys(), values))
             settings["seed"] = seed
             workdir = os.path.join(root, run_name(settings))
-            run_flags = {**spec.get("base", {}), **settings, "workdir": workdir}
+            swept = {k: v for k, v in settings.items() if k != "variant"}
+            run_flags = {**spec.get("base", {}), **variant_flags, **swept, "workdir": workdir}
             argv = command + [f"--{k}={_fmt(v)}" for k, v in run_flags.items()]
             rows.append({"index": len(rows), "settings": settings, "flags": run_flags,
                          "workdir": workdir, "argv": argv})

@@ -128,3 +128,16 @@ def test_local_mode_runs_every_row_and_skips_finished(tmp_path):
     assert sweep.run_local(runs, parallel=2, skip_finished=True, log=log.append) == 0
     assert "[sweep] skipping 3 finished run(s)" in log
     assert sum(line.startswith("[sweep] start") for line in log) == 5
+
+
+def test_variants_are_named_flag_sets_outermost(tmp_path):
+    """Options that go together (a flag set per variant) without a product over every flag."""
+    path = make_spec(tmp_path, variants={"plain": {}, "jvp": {"np_delta": "jvp", "sigma": 0.1}},
+                     grid={"lr": [0.01, 0.001]}, seeds=1)
+    runs = sweep.expand(sweep.load_spec(path))
+    assert [r["settings"] for r in runs] == [
+        {"variant": v, "lr": lr, "seed": 0} for v in ("plain", "jvp") for lr in (0.01, 0.001)]
+    assert os.path.basename(runs[2]["workdir"]) == "variant=jvp,lr=0.01,seed=0"
+    assert "--np_delta=jvp" in runs[2]["argv"] and "--sigma=0.1" in runs[2]["argv"]
+    assert not any(a.startswith("--variant") for r in runs for a in r["argv"])
+    assert not any("np_delta" in a for a in runs[0]["argv"])
