@@ -5,6 +5,7 @@
     python launch/sweep.py --spec=... --mode=local --parallel=2      # run here, 2 at a time
     python launch/sweep.py --spec=... --mode=slurm > sweep.sbatch    # a SLURM job array
     python launch/sweep.py --spec=... --mode=summary                 # CSV of finished runs
+    python launch/sweep.py --spec=... --mode=table                   # markdown, seeds pooled
 
 Spec (JSON, or a .py file defining a dict SPEC):
     {"command": ["nodepert-train"],             # optional, this is the default
@@ -155,6 +156,44 @@ def summary(runs: list[dict], out_path: str) -> tuple[int, int]:
     return written, len(runs) - written
 
 
+def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
+    """Markdown, one row per setting with its seeds pooled: epochs, final and best test accuracy
+    (mean and half the min-max range over seeds), training seconds to reach each threshold (the
+    summed epoch_time up to the first epoch at or above it, mean over seeds; '-' unless every
+    seed reached it; epoch resolution), examples/s (median of all epochs), the command."""
+    groups: dict = {}
+    for run in runs:
+        key = tuple((k, v) for k, v in run["settings"].items() if k != "seed")
+        groups.setdefault(key, []).append(run)
+    pct = lambda vs: f"{100 * sum(vs) / len(vs):.1f} ± {50 * (max(vs) - min(vs)):.1f}"
+    head = ["setting", "epochs", "final test %", "best test %"]
+    head += [f"s to {100 * t:g}%" for t in thresholds] + ["examples/s", "seeds", "command"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, members in groups.items():
+        metric_rows = [read_metrics(r["workdir"]) for r in members if final_row(r)]
+        if not metric_rows:
+            continue
+        epochs = [[r for r in m if r["epoch"] > 0] for m in metric_rows]  # 0: untrained
+        cells = [",".join(f"{k}={_fmt(v)}" for k, v in key) or "-", str(len(epochs[0])),
+                 pct([e[-1]["test_acc"] for e in epochs]),
+                 pct([max(r["test_acc"] for r in e) for e in epochs])]
+        for t in thresholds:
+            times = []
+            for e in epochs:
+                elapsed = [sum(r["epoch_time"] for r in e[:i + 1]) for i in range(len(e))]
+                times += [next((s for s, r in zip(elapsed, e) if r["test_acc"] >= t), None)]
+            cells.append("-" if None in times else f"{sum(times) / len(times):.0f}")
+        speeds = sorted(r["examples_per_s"] for e in epochs for r in e)
+        cells += [f"{speeds[len(speeds) // 2]:,.0f}", str(len(epochs))]
+        flags = {k: v for k, v in members[0]["flags"].items() if k not in ("workdir", "seed")}
+        argv = members[0]["argv"]
+        command = argv[:len(argv) - len(members[0]["flags"])]
+        command += [f"--{k}={_fmt(v)}" for k, v in flags.items()]
+        cells.append(f"`{shlex.join(command)} --seed=S`")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- modes
 
 def slurm_script(runs: list[dict], spec: dict, spec_path: str) -> str:
@@ -204,7 +243,8 @@ def run_local(runs: list[dict], parallel: int, skip_finished: bool, log=print) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="JSON file or .py file defining SPEC")
-    parser.add_argument("--mode", choices=("print", "local", "slurm", "summary"), default="print")
+    parser.add_argument("--mode", choices=("print", "local", "slurm", "summary", "table"),
+                        default="print")
     parser.add_argument("--index", type=int, default=None, help="only this row (print/local)")
     parser.add_argument("--parallel", type=int, default=1, help="local mode: runs at a time")
     parser.add_argument("--skip_finished", action="store_true", help="local mode")
@@ -227,6 +267,8 @@ def main(argv=None) -> int:
         if failures:
             print(f"[sweep] error: {failures} of {len(runs)} run(s) failed", file=sys.stderr)
             return 1
+    elif args.mode == "table":
+        sys.stdout.write(table(runs))
     else:
         out = args.out or os.path.join(spec.get("root", "runs/sweep"), "summary.csv")
         written, skipped = summary(runs, out)
