@@ -160,7 +160,8 @@ def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
     """Markdown, one row per setting with its seeds pooled: epochs, final and best test accuracy
     (mean and half the min-max range over seeds), training seconds to reach each threshold (the
     summed epoch_time up to the first epoch at or above it, mean over seeds; '-' unless every
-    seed reached it; epoch resolution), examples/s (median of all epochs), the command."""
+    seed reached it; epoch resolution) with the epochs that took in brackets (seconds depend on
+    the machine's load, epochs do not), examples/s (median of all epochs), the command."""
     groups: dict = {}
     for run in runs:
         key = tuple((k, v) for k, v in run["settings"].items() if k != "seed")
@@ -178,11 +179,13 @@ def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
                  pct([e[-1]["test_acc"] for e in epochs]),
                  pct([max(r["test_acc"] for r in e) for e in epochs])]
         for t in thresholds:
-            times = []
+            times, counts = [], []
             for e in epochs:
-                elapsed = [sum(r["epoch_time"] for r in e[:i + 1]) for i in range(len(e))]
-                times += [next((s for s, r in zip(elapsed, e) if r["test_acc"] >= t), None)]
-            cells.append("-" if None in times else f"{sum(times) / len(times):.0f}")
+                first = next((i for i, r in enumerate(e) if r["test_acc"] >= t), None)
+                counts.append(first if first is None else first + 1)
+                times.append(first if first is None else sum(r["epoch_time"] for r in e[:first + 1]))
+            cells.append("-" if None in times else
+                         f"{sum(times) / len(times):.0f} ({sum(counts) / len(counts):g})")
         speeds = sorted(r["examples_per_s"] for e in epochs for r in e)
         cells += [f"{speeds[len(speeds) // 2]:,.0f}", str(len(epochs))]
         flags = {k: v for k, v in members[0]["flags"].items() if k not in ("workdir", "seed")}

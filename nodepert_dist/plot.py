@@ -24,7 +24,16 @@ def run_label(workdir: str) -> str:
         return os.path.basename(os.path.normpath(workdir))
     with open(path) as f:
         c = json.load(f)
-    return f"{c['update_rule'].upper()} {c['network']} lr={c['lr']:g} ({c['optimizer']}, {c['loss']})"
+    extras = [c["optimizer"], c["loss"]]
+    if c.get("lr_schedule", "constant") != "constant":
+        extras.append(c["lr_schedule"])
+    if c["update_rule"] == "np":  # the estimator options that are set (perturbation.py)
+        extras += [name for name, on in (
+            ("antithetic", c.get("np_antithetic")), (f"{c.get('np_draws')} draws",
+                                                     c.get("np_draws", 1) > 1),
+            ("jvp", c.get("np_delta") == "jvp"), ("layerwise", c.get("np_layerwise")),
+            ("weight norm", c.get("weight_norm"))) if on]
+    return f"{c['update_rule'].upper()} {c['network']} lr={c['lr']:g} ({', '.join(extras)})"
 
 
 def plot(workdirs: list[str], out: str, metric: str = "test_acc") -> str:

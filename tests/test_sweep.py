@@ -160,6 +160,7 @@ def test_table_pools_seeds_and_times_thresholds(tmp_path):
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     # final 94/96 -> 95.0 ± 1.0; 90%: seed 0 at epoch 2 (2+4 s), seed 1 at epoch 2 (6 s); 93%:
     # epoch 3 (12 s) and epoch 2 (6 s) -> 9; 95%: seed 0 never -> '-'
-    assert cells[:8] == ["lr=0.1", "3", "95.0 ± 1.0", "95.0 ± 1.0", "6", "9", "-", "200"], cells
+    assert cells[:8] == ["lr=0.1", "3", "95.0 ± 1.0", "95.0 ± 1.0", "6 (2)", "9 (2.5)", "-",
+                         "200"], cells
     assert cells[8] == "2" and cells[9].startswith("`nodepert-train ") and "--lr=0.1" in cells[9]
     assert [c.strip() for c in lines[3].split("|")[1:-1]][8] == "1"  # lr=0.2: one seed finished
