@@ -9,7 +9,9 @@ variant, again and again) so machine drift hits all alike; the median round is r
 
 Variants: `sgd`; this engine's NP for each noise kind and mode (`np-rademacher`,
 `np-gaussian`, `np-rademacher-regen`, `np-gaussian-regen`, `np-rademacher-mb4`: 4 microbatches);
-`naive` and `original` (benchmarks/references.py). Per variant: median step time, examples/s
+`naive` and `original` (benchmarks/references.py); on request, the variance-reduction options
+(`np-antithetic`, `np-jvp`, `np-layerwise`, `np-draws4`, `np-layerwise-jvp`,
+`np-layerwise-jvp-draws4`). Per variant: median step time, examples/s
 (total and per device), FLOPs per step and per device (XLA cost analysis), achieved FLOP/s
 against the matmul peak of the same mesh measured in the same run (all devices at once), peak temp memory (XLA memory analysis), and the
 ratios to SGD, naive and original (NP/naive compares like with like for `np-gaussian`: naive
@@ -60,6 +62,13 @@ NP_VARIANTS = {  # name -> (noise, mode, microbatches)
     "np-rademacher-regen": ("rademacher", "regen", 1), "np-gaussian-regen": ("gaussian", "regen", 1),
     "np-rademacher-mb4": ("rademacher", "keep", 4),
 }
+# The variance-reduction options (Rademacher, keep), on request: --variants=sgd,np-antithetic,...
+NP_OPTION_VARIANTS = {
+    "np-antithetic": dict(np_antithetic=True), "np-jvp": dict(np_delta="jvp"),
+    "np-layerwise": dict(np_layerwise=True), "np-draws4": dict(np_draws=4),
+    "np-layerwise-jvp": dict(np_layerwise=True, np_delta="jvp"),
+    "np-layerwise-jvp-draws4": dict(np_layerwise=True, np_delta="jvp", np_draws=4),
+}
 
 
 def _configs():
@@ -105,6 +114,9 @@ def _build(variant, model, opt, mesh, batch, sigma):
         noise, mode, mb = NP_VARIANTS[variant]
         return step_lib.make_train_step(model, opt, mesh, update_rule="np", noise=noise,
                                         np_mode=mode, np_microbatches=mb, **common)
+    if variant in NP_OPTION_VARIANTS:
+        return step_lib.make_train_step(model, opt, mesh, update_rule="np",
+                                        **NP_OPTION_VARIANTS[variant], **common)
     ref = {"naive": references.naive_np, "original": references.original_np}[variant]
     return step_lib.make_train_step(model, opt, mesh, gradient=ref(**common),
                                     global_batch=batch)

@@ -5,12 +5,15 @@
     python launch/sweep.py --spec=... --mode=local --parallel=2      # run here, 2 at a time
     python launch/sweep.py --spec=... --mode=slurm > sweep.sbatch    # a SLURM job array
     python launch/sweep.py --spec=... --mode=summary                 # CSV of finished runs
+    python launch/sweep.py --spec=... --mode=table                   # markdown, seeds pooled
 
 Spec (JSON, or a .py file defining a dict SPEC):
     {"command": ["nodepert-train"],             # optional, this is the default
      "root": "runs/sweeps/lr_np_vs_sgd",         # the workdirs go under it
      "base": {"num_epochs": 10},                 # flags shared by every run
      "grid": {"update_rule": ["np", "sgd"], "lr": [0.01, 0.001]},
+     "variants": {"plain": {}, "jvp": {"np_delta": "jvp"}},  # optional: named flag sets,
+                                                 # one more grid axis (outermost), "variant=NAME"
      "seeds": 2,                                 # or an explicit list [0, 1, 7]
      "slurm": {"time": "02:00:00", "gpus": 1}}   # optional, for --mode=slurm
 Rows are the product of the grid values in spec order with the seed innermost; row i is what
@@ -48,12 +51,16 @@ def load_spec(path: str) -> dict:
     else:
         with open(path) as f:
             spec = json.load(f)
-    unknown = set(spec) - {"command", "root", "base", "grid", "seeds", "slurm"}
+    unknown = set(spec) - {"command", "root", "base", "grid", "seeds", "slurm", "variants"}
     if unknown:
         raise SystemExit(f"error: unknown spec keys {sorted(unknown)} in {path}")
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             raise SystemExit(f"error: grid entry {key!r} must be a non-empty list")
+    variants = spec.get("variants", {"-": {}})
+    if not isinstance(variants, dict) or not variants or not all(
+            isinstance(v, dict) for v in variants.values()):
+        raise SystemExit("error: variants must be a non-empty dict of name -> dict of flags")
     return spec
 
 
@@ -80,12 +87,16 @@ def expand(spec: dict) -> list[dict]:
     root = spec.get("root", "runs/sweep")
     command = list(spec.get("command", DEFAULT_COMMAND))
     rows = []
-    for values in itertools.product(*grid.values()):
+    variants = spec.get("variants", {None: {}})
+    for (variant, variant_flags), values in itertools.product(variants.items(),
+                                                             itertools.product(*grid.values())):
         for seed in seeds_of(spec):
-            settings = dict(zip(grid.keys(), values))
+            settings = {} if variant is None else {"variant": variant}
+            settings.update(zip(grid.keys(), values))
             settings["seed"] = seed
             workdir = os.path.join(root, run_name(settings))
-            run_flags = {**spec.get("base", {}), **settings, "workdir": workdir}
+            swept = {k: v for k, v in settings.items() if k != "variant"}
+            run_flags = {**spec.get("base", {}), **variant_flags, **swept, "workdir": workdir}
             argv = command + [f"--{k}={_fmt(v)}" for k, v in run_flags.items()]
             rows.append({"index": len(rows), "settings": settings, "flags": run_flags,
                          "workdir": workdir, "argv": argv})
@@ -145,6 +156,47 @@ def summary(runs: list[dict], out_path: str) -> tuple[int, int]:
     return written, len(runs) - written
 
 
+def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
+    """Markdown, one row per setting with its seeds pooled: epochs, final and best test accuracy
+    (mean and half the min-max range over seeds), training seconds to reach each threshold (the
+    summed epoch_time up to the first epoch at or above it, mean over seeds; '-' unless every
+    seed reached it; epoch resolution) with the epochs that took in brackets (seconds depend on
+    the machine's load, epochs do not), examples/s (median of all epochs), the command."""
+    groups: dict = {}
+    for run in runs:
+        key = tuple((k, v) for k, v in run["settings"].items() if k != "seed")
+        groups.setdefault(key, []).append(run)
+    pct = lambda vs: f"{100 * sum(vs) / len(vs):.1f} ± {50 * (max(vs) - min(vs)):.1f}"
+    head = ["setting", "epochs", "final test %", "best test %"]
+    head += [f"s to {100 * t:g}%" for t in thresholds] + ["examples/s", "seeds", "command"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, members in groups.items():
+        metric_rows = [read_metrics(r["workdir"]) for r in members if final_row(r)]
+        if not metric_rows:
+            continue
+        epochs = [[r for r in m if r["epoch"] > 0] for m in metric_rows]  # 0: untrained
+        cells = [",".join(f"{k}={_fmt(v)}" for k, v in key) or "-", str(len(epochs[0])),
+                 pct([e[-1]["test_acc"] for e in epochs]),
+                 pct([max(r["test_acc"] for r in e) for e in epochs])]
+        for t in thresholds:
+            times, counts = [], []
+            for e in epochs:
+                first = next((i for i, r in enumerate(e) if r["test_acc"] >= t), None)
+                counts.append(first if first is None else first + 1)
+                times.append(first if first is None else sum(r["epoch_time"] for r in e[:first + 1]))
+            cells.append("-" if None in times else
+                         f"{sum(times) / len(times):.0f} ({sum(counts) / len(counts):g})")
+        speeds = sorted(r["examples_per_s"] for e in epochs for r in e)
+        cells += [f"{speeds[len(speeds) // 2]:,.0f}", str(len(epochs))]
+        flags = {k: v for k, v in members[0]["flags"].items() if k not in ("workdir", "seed")}
+        argv = members[0]["argv"]
+        command = argv[:len(argv) - len(members[0]["flags"])]
+        command += [f"--{k}={_fmt(v)}" for k, v in flags.items()]
+        cells.append(f"`{shlex.join(command)} --seed=S`")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- modes
 
 def slurm_script(runs: list[dict], spec: dict, spec_path: str) -> str:
@@ -194,7 +246,8 @@ def run_local(runs: list[dict], parallel: int, skip_finished: bool, log=print) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="JSON file or .py file defining SPEC")
-    parser.add_argument("--mode", choices=("print", "local", "slurm", "summary"), default="print")
+    parser.add_argument("--mode", choices=("print", "local", "slurm", "summary", "table"),
+                        default="print")
     parser.add_argument("--index", type=int, default=None, help="only this row (print/local)")
     parser.add_argument("--parallel", type=int, default=1, help="local mode: runs at a time")
     parser.add_argument("--skip_finished", action="store_true", help="local mode")
@@ -217,6 +270,8 @@ def main(argv=None) -> int:
         if failures:
             print(f"[sweep] error: {failures} of {len(runs)} run(s) failed", file=sys.stderr)
             return 1
+    elif args.mode == "table":
+        sys.stdout.write(table(runs))
     else:
         out = args.out or os.path.join(spec.get("root", "runs/sweep"), "summary.csv")
         written, skipped = summary(runs, out)

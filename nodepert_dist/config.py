@@ -19,7 +19,7 @@ from typing import Optional
 
 from absl import flags, logging
 
-from nodepert_dist import cli, losses, models, perturbation
+from nodepert_dist import cli, losses, models, optim, perturbation
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import preprocess, store
 from nodepert_dist.experiments import presets as experiment_presets
@@ -81,6 +81,21 @@ class Config:
                         group="training")
     seed: int = setting(0, "Seed of parameters, data order and noise.", group="training")
     optimizer: str = setting("sgd", "Optimizer.", group="training", choices=step_lib.OPTIMIZERS)
+    lr_schedule: str = setting("constant", "lr over training: constant, cosine (decays to 0 at "
+                               "the last step of --num_epochs) or step (x --lr_decay_factor "
+                               "every --lr_decay_epochs).", group="training",
+                               choices=optim.SCHEDULES)
+    warmup_epochs: float = setting(0.0, "Linear lr warm-up from 0 over this many epochs, before "
+                                   "--lr_schedule.", group="training")
+    lr_decay_epochs: int = setting(0, "--lr_schedule=step: decay every N epochs.",
+                                   group="training")
+    lr_decay_factor: float = setting(0.1, "--lr_schedule=step: multiply lr by this at each "
+                                     "decay.", group="training")
+    clip_norm: float = setting(0.0, "If > 0, clip the update's global norm (all layers) to this "
+                               "before the optimizer.", group="training")
+    weight_norm: bool = setting(False, "After each update, rescale every kernel to its initial "
+                                "norm (weight normalisation against NP's weight diffusion, "
+                                "Hiratani et al. 2022).", group="training")
     loss: str = setting("mse", "mse (sigmoid outputs) or ce.", group="training",
                         choices=losses.LOSSES)
     max_steps: int = setting(0, "Stop after this many updates in all (0: no limit); a later "
@@ -109,6 +124,18 @@ class Config:
     np_microbatches: int = setting(1, "Run NP over this many slices of each device's batch in "
                                    "turn: activation memory / N, same update and FLOPs.",
                                    group="node perturbation", resume="free")
+    np_antithetic: bool = setting(False, "Noisy passes at +sigma*xi and -sigma*xi replace clean "
+                                  "and noisy, delta = (L+ - L-)/2; same FLOPs.",
+                                  group="node perturbation")
+    np_draws: int = setting(1, "Noise draws per example sharing one clean pass, averaged "
+                            "(variance / K, cost ~K noisy passes).", group="node perturbation")
+    np_delta: str = setting("finite", "finite (loss difference / sigma) or jvp (the exact "
+                            "directional derivative along the noise by forward-mode AD: the "
+                            "sigma -> 0 limit, no rounding).", group="node perturbation",
+                            choices=perturbation.NP_DELTAS)
+    np_layerwise: bool = setting(False, "One noisy pass per tap, perturbing that tap alone; each "
+                                 "tap's update uses its own pass's delta. Cost: one noisy pass "
+                                 "per tap.", group="node perturbation")
     # evaluation
     eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation",
                                   resume="free")
@@ -174,6 +201,15 @@ class Config:
                      "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        for name in ("warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.lr_schedule == "step" and not self.lr_decay_epochs:
+            raise ValueError("--lr_schedule=step needs --lr_decay_epochs > 0")
+        if not self.np_draws > 0:
+            raise ValueError(f"--np_draws={self.np_draws} must be positive")
+        perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
+                                   self.np_delta)
         if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
                 and self.crash_max_rollbacks >= 0):
             raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "

@@ -33,6 +33,28 @@ Modes (`--np_mode`), the same update with a different memory/compute trade-off:
          several noise-sized uint32 intermediates per draw and regen draws twice.
 `microbatches` (`--np_microbatches`) runs the estimator over slices of the device's examples in
 sequence: NP needs no backward chain, so nothing but the gradient sum crosses slices.
+
+Variance reduction (issue 10), each still NP (one scalar loss change per example, per-node noise):
+  antithetic  (`--np_antithetic`) passes at +sigma*xi and -sigma*xi replace the clean and noisy
+              ones: delta_i = (L_i(+) - L_i(-)) / 2 cancels the even orders of the loss in sigma
+              (the curvature term sigma/2 xi^T H xi). Same matmul cost. The replay (layer
+              inputs) is at the mean of the two passes' tap values; the step's loss/accuracy
+              metrics are of the mean of their losses and logits (the clean values to
+              O(sigma^2); no third pass for metrics). With zero-mean symmetric noise (both
+              kinds here) the one-sided estimator's O(sigma) bias term, E[(xi^T H xi) xi], is
+              already zero: what antithetic removes is that term's variance, which grows with
+              sigma; the remaining bias is O(sigma^2) for both (tests/test_variance.py).
+  draws=K     (`--np_draws`) K noise draws per example share one clean pass; the K estimates
+              are averaged. Draw 0 is the usual noise; draw d > 0 folds d into the example key.
+              Cost: K noisy passes and K weight-gradient ops per tap.
+  delta=jvp   (`--np_delta=jvp`) delta_i / sigma is the exact directional derivative of L_i
+              along xi (forward-mode jax.linearize through the forward, noise as its argument),
+              the sigma -> 0 limit of the finite difference: a noise-free reference that needs
+              no sigma. Replay at the clean values. Cost: one forward and one tangent pass per
+              draw/group.
+  layerwise   (`--np_layerwise`) one noisy pass per tap, each perturbing that tap alone; a tap's
+              update uses only its own pass's delta, so it carries no other tap's noise. Cost: one
+              noisy pass per tap (XLA shares the clean prefix up to the tap).
 """
 
 from __future__ import annotations
@@ -46,6 +68,7 @@ from nodepert_dist import taps
 
 NOISE_KINDS = ("rademacher", "gaussian")
 NP_MODES = ("keep", "regen")
+NP_DELTAS = ("finite", "jvp")
 _STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
 
 
@@ -87,20 +110,23 @@ def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
 
 
 def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normalizer,
-                noise_kind: str = "rademacher", mode: str = "keep", microbatches: int = 1):
+                noise_kind: str = "rademacher", mode: str = "keep", microbatches: int = 1,
+                antithetic: bool = False, draws: int = 1, delta: str = "finite",
+                layerwise: bool = False):
     """NP estimate of the gradient of the mean loss, summed over these examples / `normalizer`.
 
     `model` is a flax module with taps (taps.py). Returns (grads, per-example clean loss, clean
     logits). Pass `normalizer` = global batch size so that summing the result over devices gives
     the global-batch estimate. `microbatches` > 1 runs the estimate over that many consecutive
     slices of the examples in sequence (each with its own examples' keys, so the update is the
-    same) and sums them: activation memory / K.
+    same) and sums them: activation memory / K. `antithetic`, `draws`, `delta` and `layerwise`
+    are the variance-reduction options of the module docstring.
     """
-    if mode not in NP_MODES:
-        raise ValueError(f"unknown --np_mode={mode!r}; choose one of {', '.join(NP_MODES)}")
+    check_options(mode, antithetic, draws, delta)
     taps.check(model, params, x)
+    options = dict(antithetic=antithetic, draws=draws, delta=delta, layerwise=layerwise)
     estimate = lambda x, labels, keys: _np_estimate(model, params, x, labels, loss_fn, sigma,
-                                                    keys, normalizer, noise_kind, mode)
+                                                    keys, normalizer, noise_kind, mode, **options)
     if microbatches == 1:
         return estimate(x, labels, keys)
     if x.shape[0] % microbatches:
@@ -122,6 +148,25 @@ def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normal
     return grads, jnp.concatenate(losses), jnp.concatenate(logits)
 
 
+def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
+                  delta: str = "finite") -> None:
+    """One-line errors for estimator settings that are unknown or do not combine."""
+    if mode not in NP_MODES:
+        raise ValueError(f"unknown --np_mode={mode!r}; choose one of {', '.join(NP_MODES)}")
+    if delta not in NP_DELTAS:
+        raise ValueError(f"unknown --np_delta={delta!r}; choose one of {', '.join(NP_DELTAS)}")
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ValueError(f"--np_draws={draws} must be a positive integer")
+    if antithetic and delta == "jvp":
+        raise ValueError("--np_antithetic does nothing with --np_delta=jvp (the directional "
+                         "derivative is exact); use one of them")
+
+
+def draw_keys(keys, draw: int):
+    """The example keys of noise draw `draw`: draw 0 is the keys themselves (today's noise)."""
+    return keys if draw == 0 else jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
+
+
 def _zero_after(tree):
     """0 * (one entry of each leaf): a scalar zero XLA cannot fold, so whatever adds it runs
     after `tree` is computed. XLA's CPU pipeline drops optimization barriers before scheduling,
@@ -137,30 +182,77 @@ def _keys_after(keys, after):
     return jax.random.wrap_key_data(later, impl=jax.random.key_impl(keys))
 
 
-def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode):
+def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode,
+                 antithetic=False, draws=1, delta="finite", layerwise=False):
     shapes = taps.tap_shapes(model, params, x)
-    xi = draw_noise(keys, shapes, noise_kind)
-    clean_logits = model.apply({"params": params}, x)
-    noisy_logits, noisy = taps.forward(model, params, x, {k: sigma * n for k, n in xi.items()})
-    clean_loss = loss_fn(clean_logits, labels)
-    delta = loss_fn(noisy_logits, labels) - clean_loss  # float32 or wider, one per example
-    coef = delta / (sigma * normalizer)
+    groups = [[n] for n in shapes] if layerwise else [list(shapes)]
+    clean = metrics = None
+    if delta == "finite" and not antithetic:  # the one clean pass every draw shares
+        clean_logits = model.apply({"params": params}, x)
+        clean = loss_fn(clean_logits, labels)
+        metrics = (clean, clean_logits)
 
+    grads, after = None, None  # after: a zero that orders each draw/group after the previous
+    for d in range(draws):
+        draw_k = keys if d == 0 else _keys_after(draw_keys(keys, d), after)
+        xi = draw_noise(draw_k, shapes, noise_kind)
+        for group in groups:
+            noise = {k: xi[k] if after is None else xi[k] + after.astype(xi[k].dtype)
+                     for k in group}
+            if delta == "jvp":
+                # Forward-mode derivative with the noise as the argument, at zero noise: the
+                # primal is the clean pass, the tangent delta_i / sigma (only `group` perturbed;
+                # the other taps get no noise variable, so no tangent work).
+                def forward(n):
+                    logits, values = taps.forward(model, params, x, n)
+                    return loss_fn(logits, labels), logits, values
+                zero = {k: jnp.zeros_like(n) for k, n in noise.items()}
+                (loss, logits, values), (diff, _, _) = jax.jvp(forward, (zero,), (noise,))
+                metrics, scale = metrics or (loss, logits), 1.0
+            else:
+                plus_logits, values = taps.forward(model, params, x,
+                                                   {k: sigma * n for k, n in noise.items()})
+                plus = loss_fn(plus_logits, labels)
+                if antithetic:
+                    minus_logits, minus_values = taps.forward(
+                        model, params, x, {k: -sigma * n for k, n in noise.items()})
+                    minus = loss_fn(minus_logits, labels)
+                    # Replay at the pair's mean: the O(sigma) change of the layer inputs cancels
+                    # (measured, fc-mse at sigma 0.3 / 1.0: bias 0.116 -> 0.102 / 0.454 -> 0.312).
+                    values = {k: (v + minus_values[k]) / 2 for k, v in values.items()}
+                    metrics = metrics or ((plus + minus) / 2, (plus_logits + minus_logits) / 2)
+                    diff = (plus - minus) / 2
+                else:
+                    diff = plus - clean  # float32 or wider, one per example
+                scale = sigma
+            coef = diff / (scale * normalizer * draws)
+            g, after = _tap_gradients(model, params, x, values, coef, xi, group, shapes,
+                                      keys=draw_k, noise_kind=noise_kind, mode=mode, after=after)
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    return grads, metrics[0], metrics[1]
+
+
+def _tap_gradients(model, params, x, values, coef, xi, group, shapes, *, keys, noise_kind, mode,
+                   after):
+    """sum over the taps of `group` of the VJP of each tap's pre-activation (replay at `values`)
+    with cotangent coef_i * xi_i; returns it and a zero that orders later work after it."""
     # One tap at a time from the last to the first, each the VJP of its own pre-activation in
     # replay (the primal ops of the other taps are dead code). A zero-valued data dependency on
     # the previous tap's result makes XLA finish one tap before it starts the next one's
     # cotangent and input transposes, so each noisy value is freed as soon as it is used.
     # Measured on conv-large, CIFAR shape, B=128: peak temp memory 310 -> 130 MB (SGD 217).
-    grads, after = None, jnp.zeros((), coef.dtype)
-    for name in reversed(list(shapes)):
+    grads, after = None, jnp.zeros((), coef.dtype) if after is None else after.astype(coef.dtype)
+    for name in reversed(group):
         # The step's input x gets no `after`: it is alive anyway, and adding would copy it.
-        values = {k: jax.lax.stop_gradient(v) + after.astype(v.dtype) for k, v in noisy.items()}
-        preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, values)[name], params)
+        replay_values = {k: jax.lax.stop_gradient(v) + after.astype(v.dtype)
+                         for k, v in values.items()}
+        preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, replay_values)[name], params)
+        noise = xi[name]
         if mode == "regen":  # this tap's noise again, drawn only now
-            xi[name] = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],
-                                  noise_kind)
-        coef_l = (coef + after).reshape((-1,) + (1,) * (xi[name].ndim - 1))
-        (g,) = vjp_fn((coef_l * xi[name]).astype(preact.dtype))
+            noise = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],
+                               noise_kind)
+        coef_l = (coef + after).reshape((-1,) + (1,) * (noise.ndim - 1))
+        (g,) = vjp_fn((coef_l * noise).astype(preact.dtype))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         after = _zero_after(g).astype(coef.dtype)
-    return grads, clean_loss, clean_logits
+    return grads, after

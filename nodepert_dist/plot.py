@@ -43,11 +43,18 @@ def run_label(workdir: str) -> str:
     if "update_rule" not in c:
         return os.path.basename(os.path.normpath(workdir))
     rule = c["update_rule"]
+    optimizer = c["optimizer"] + (f", {c['lr_schedule']} lr"
+                                  if c.get("lr_schedule", "constant") != "constant" else "")
     if rule == "np":
         sigma = f", sigma={c['sigma']:g}" if c.get("sigma") else ""
-        what = f"NP (node perturbation{sigma}; {c['optimizer']} optimizer)"
+        options = "".join(f", {name}" for name, on in (  # the estimator options set
+            ("antithetic", c.get("np_antithetic")), (f"{c.get('np_draws')} draws",
+                                                     c.get("np_draws", 1) > 1),
+            ("jvp", c.get("np_delta") == "jvp"), ("layerwise", c.get("np_layerwise")),
+            ("weight norm", c.get("weight_norm"))) if on)
+        what = f"NP (node perturbation{sigma}{options}; {optimizer} optimizer)"
     else:
-        what = f"{rule.upper()} (backprop; {c['optimizer']} optimizer)"
+        what = f"{rule.upper()} (backprop; {optimizer} optimizer)"
     return f"{what}, lr={c['lr']:g}, {c['loss']} loss"
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from nodepert_dist import losses, perturbation
+from nodepert_dist import losses, optim, perturbation
 from nodepert_dist.mesh import DATA, serialize_if_multiprocess_cpu
 
 UPDATE_RULES = ("np", "sgd")
@@ -30,16 +30,27 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(name: str, lr: float, wd: float) -> optax.GradientTransformation:
+def make_optimizer(name: str, lr: float, wd: float, *, schedule: str = "constant",
+                   total_steps: int = 0, warmup_steps: int = 0, decay_every: int = 0,
+                   decay_factor: float = 0.1, clip_norm: float = 0.0,
+                   weight_norm: bool = False) -> optax.GradientTransformation:
     """`w <- w - lr * u(dw) - wd * w`, with u the identity (sgd) or Adam's scaling (adam).
 
     The decay is decoupled and not scaled by lr, as in the original research code, hence the
     negative rate given to optax's add_decayed_weights (which adds +rate * w to the update).
+    Training aids (optim.py): `schedule` for lr over `total_steps` (with `warmup_steps`, and
+    `decay_every`/`decay_factor` for step decay), `clip_norm` > 0 clips the global gradient norm
+    first, `weight_norm` holds every kernel at its initial norm after the update.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown --optimizer={name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    base = optax.sgd(lr) if name == "sgd" else optax.adam(lr)
-    return optax.chain(base, optax.add_decayed_weights(-wd)) if wd else base
+    rate = optim.lr_schedule(schedule, lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                             decay_every=decay_every, decay_factor=decay_factor)
+    base = optax.sgd(rate) if name == "sgd" else optax.adam(rate)
+    parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [base]
+    parts += [optax.add_decayed_weights(-wd)] if wd else []
+    parts += [optim.keep_kernel_norms()] if weight_norm else []
+    return optax.chain(*parts) if len(parts) > 1 else base
 
 
 def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
@@ -56,17 +67,21 @@ LocalGradient = Callable[..., tuple]
 
 def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, global_batch: int,
                    noise: str = "rademacher", np_mode: str = "keep",
-                   np_microbatches: int = 1) -> LocalGradient:
+                   np_microbatches: int = 1, np_antithetic: bool = False, np_draws: int = 1,
+                   np_delta: str = "finite", np_layerwise: bool = False) -> LocalGradient:
     """The NP estimate or the backprop gradient of this device's examples, / global batch."""
     if update_rule not in UPDATE_RULES:
         raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
     loss_fn = losses.get(loss)
+    options = dict(antithetic=np_antithetic, draws=np_draws, delta=np_delta,
+                   layerwise=np_layerwise)
+    perturbation.check_options(np_mode, np_antithetic, np_draws, np_delta)
 
     def np_grad(model, params, x, labels, step, global_index):
         keys = perturbation.example_keys(seed, step, global_index)
         return perturbation.np_gradient(model, params, x, labels, loss_fn, sigma=sigma, keys=keys,
                                         normalizer=global_batch, noise_kind=noise, mode=np_mode,
-                                        microbatches=np_microbatches)
+                                        microbatches=np_microbatches, **options)
 
     def sgd_grad(model, params, x, labels, step, global_index):
         def summed_loss(p):
@@ -84,7 +99,7 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
 
     `rule` holds `local_gradient`'s settings (update_rule, loss, sigma, seed, noise, np_mode,
-    np_microbatches);
+    np_microbatches, np_antithetic, np_draws, np_delta, np_layerwise);
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
     """
     gradient = gradient or local_gradient(global_batch=global_batch, **rule)

@@ -133,7 +133,11 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     # Model, optimizer and replicated train state.
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
                                width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
-    optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
+    optimizer = step_lib.make_optimizer(
+        cfg.optimizer, cfg.lr, cfg.wd, schedule=cfg.lr_schedule,
+        total_steps=cfg.num_epochs * n_steps, warmup_steps=round(cfg.warmup_epochs * n_steps),
+        decay_every=cfg.lr_decay_epochs * n_steps, decay_factor=cfg.lr_decay_factor,
+        clip_norm=cfg.clip_norm, weight_norm=cfg.weight_norm)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
     taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -144,7 +148,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     train_step = step_lib.make_train_step(
         model, optimizer, mesh, update_rule=cfg.update_rule, loss=cfg.loss, sigma=cfg.sigma,
         seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
-        np_microbatches=cfg.np_microbatches)
+        np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
+        np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     writer = metrics.MetricsWriter(cfg.workdir, dict(
         dataclasses.asdict(cfg), preprocess_resolved=prep_mode,

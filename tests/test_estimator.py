@@ -107,10 +107,11 @@ def _np_estimate(model, params, x, y, loss_fn, sigma, step, **options):
                                     normalizer=BATCH, **options)[0]
 
 
-def _np_mean(model, params, x, y, loss_fn, sigma, draws, **options):
+def _np_mean(model, params, x, y, loss_fn, sigma, samples, **options):
+    """The mean of `samples` estimates (steps 0..samples-1); `options` go to np_gradient."""
     estimate = jax.jit(lambda step: _np_estimate(model, params, x, y, loss_fn, sigma, step,
                                                  **options))
-    return jax.jit(lambda: _mean_estimate(estimate, params, draws))()
+    return jax.jit(lambda: _mean_estimate(estimate, params, samples))()
 
 
 CASES = {

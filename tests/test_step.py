@@ -25,9 +25,9 @@ def _run(n_devices, network, update_rule, optimizer="sgd", n_steps=3, lr=0.05, d
     state = step_lib.init_state(model, opt, batches[0][0], 0, mesh)
     state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                          state)
+    options.setdefault("sigma", models.default_sigma(network))
     step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="mse",
-                                    sigma=models.default_sigma(network), seed=3,
-                                    global_batch=GLOBAL_BATCH, **options)
+                                    seed=3, global_batch=GLOBAL_BATCH, **options)
     m = None
     for x, y in batches[:n_steps]:
         state, m = step(state, *mesh_lib.global_batch(mesh, x, y))
@@ -57,12 +57,26 @@ def test_same_update_on_1_and_8_devices_float64(network, update_rule):
         assert _relative_change_difference(network, update_rule, np.float64) < 1e-9
 
 
-@pytest.mark.parametrize("options", [dict(noise="gaussian", np_mode="regen"),
-                                     dict(np_microbatches=2)], ids=["gaussian-regen", "microbatches"])
-def test_np_options_same_update_on_1_and_8_devices_float64(options):
-    """Microbatches split each device's 8 examples in two: 1 device runs 2 x 32, 8 run 2 x 4."""
+NP_OPTIONS = {
+    "gaussian-regen": dict(noise="gaussian", np_mode="regen"),
+    "microbatches": dict(np_microbatches=2),
+    "antithetic": dict(np_antithetic=True, sigma=1e-2),
+    "2-draws": dict(np_draws=2),
+    "jvp": dict(np_delta="jvp"),
+    "layerwise": dict(np_layerwise=True),
+    "layerwise-jvp-2-draws-microbatches": dict(np_layerwise=True, np_delta="jvp", np_draws=2,
+                                               np_microbatches=2),
+}
+
+
+@pytest.mark.parametrize("option", list(NP_OPTIONS))
+def test_np_options_same_update_on_1_and_8_devices_float64(option):
+    """Microbatches split each device's 8 examples in two: 1 device runs 2 x 32, 8 run 2 x 4.
+    The variance-reduction options (perturbation.py) run on fc, the rest on conv."""
+    network = "conv" if option in ("gaussian-regen", "microbatches") else "fc"
     with jax.enable_x64(True):
-        assert _relative_change_difference("conv", "np", np.float64, **options) < 1e-9
+        assert _relative_change_difference(network, "np", np.float64,
+                                           **NP_OPTIONS[option]) < 1e-9
 
 
 @pytest.mark.parametrize("update_rule", ["np", "sgd"])

@@ -128,3 +128,39 @@ def test_local_mode_runs_every_row_and_skips_finished(tmp_path):
     assert sweep.run_local(runs, parallel=2, skip_finished=True, log=log.append) == 0
     assert "[sweep] skipping 3 finished run(s)" in log
     assert sum(line.startswith("[sweep] start") for line in log) == 5
+
+
+def test_variants_are_named_flag_sets_outermost(tmp_path):
+    """Options that go together (a flag set per variant) without a product over every flag."""
+    path = make_spec(tmp_path, variants={"plain": {}, "jvp": {"np_delta": "jvp", "sigma": 0.1}},
+                     grid={"lr": [0.01, 0.001]}, seeds=1)
+    runs = sweep.expand(sweep.load_spec(path))
+    assert [r["settings"] for r in runs] == [
+        {"variant": v, "lr": lr, "seed": 0} for v in ("plain", "jvp") for lr in (0.01, 0.001)]
+    assert os.path.basename(runs[2]["workdir"]) == "variant=jvp,lr=0.01,seed=0"
+    assert "--np_delta=jvp" in runs[2]["argv"] and "--sigma=0.1" in runs[2]["argv"]
+    assert not any(a.startswith("--variant") for r in runs for a in r["argv"])
+    assert not any("np_delta" in a for a in runs[0]["argv"])
+
+
+def test_table_pools_seeds_and_times_thresholds(tmp_path):
+    runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1, 0.2]})))
+    accs = {0: [0.85, 0.91, 0.94], 1: [0.89, 0.93, 0.96], 2: [0.5, 0.6, 0.7]}  # run 3 unfinished
+    for run in runs[:3]:
+        os.makedirs(run["workdir"])
+        with open(os.path.join(run["workdir"], "config.json"), "w") as f:
+            json.dump({"num_epochs": 3}, f)
+        with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"epoch": 0, "test_acc": 0.1}) + "\n")
+            for e, acc in enumerate(accs[run["index"]], 1):
+                f.write(json.dumps({"epoch": e, "test_acc": acc, "epoch_time": 2.0 * e,
+                                    "examples_per_s": 100.0 * e}) + "\n")
+    lines = sweep.table(runs).splitlines()
+    assert len(lines) == 4, lines
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    # final 94/96 -> 95.0 ± 1.0; 90%: seed 0 at epoch 2 (2+4 s), seed 1 at epoch 2 (6 s); 93%:
+    # epoch 3 (12 s) and epoch 2 (6 s) -> 9; 95%: seed 0 never -> '-'
+    assert cells[:8] == ["lr=0.1", "3", "95.0 ± 1.0", "95.0 ± 1.0", "6 (2)", "9 (2.5)", "-",
+                         "200"], cells
+    assert cells[8] == "2" and cells[9].startswith("`nodepert-train ") and "--lr=0.1" in cells[9]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]][8] == "1"  # lr=0.2: one seed finished
