@@ -63,6 +63,8 @@ def classify(cmd):
             module, args = cmd[2], cmd[3:]
             if module in ("venv", "pytest"):
                 return None
+            if module == "nodepert_dist.experiments":
+                return experiment(args)
             return (f"{module}.__main__" if module == "nodepert_dist.data" else module), args
         script, args = cmd[1], cmd[2:]
         assert (REPO / script).exists(), f"no script {script}"
@@ -74,6 +76,8 @@ def classify(cmd):
         return "nodepert_dist.train", cmd[1:]
     if prog == "nodepert-plot":
         return "nodepert_dist.plot", cmd[1:]
+    if prog == "nodepert-experiment":
+        return experiment(cmd[1:])
     if prog == "sbatch":
         script = next((t for t in cmd[1:] if t.endswith(".sbatch")), None)
         if script and script.startswith("launch/"):
@@ -86,6 +90,13 @@ def classify(cmd):
     if prog in IGNORED or " ".join(cmd[:3]) in IGNORED:
         return None
     raise AssertionError(f"unclassified command in the docs: {' '.join(cmd)}")
+
+
+def experiment(args):
+    """`nodepert-experiment NAME FLAGS`: the flags of that experiment's module."""
+    from nodepert_dist.experiments import EXPERIMENTS
+    assert args and args[0] in EXPERIMENTS, f"no experiment {args[:1]}"
+    return f"nodepert_dist.experiments.{EXPERIMENTS[args[0]][0]}", args[1:]
 
 
 def nested(cmd):
