@@ -136,6 +136,11 @@ class Config:
     np_layerwise: bool = setting(False, "One noisy pass per tap, perturbing that tap alone; each "
                                  "tap's update uses its own pass's delta. Cost: one noisy pass "
                                  "per tap.", group="node perturbation")
+    np_estimator: str = setting("per_example", "per_example: each example's own noise and loss "
+                                "change (unbiased). original: the original research code's "
+                                "estimator, for comparison only: one noise draw shared by the "
+                                "batch and the batch-mean loss change; BIASED (DESIGN.md 2).",
+                                group="node perturbation", choices=perturbation.NP_ESTIMATORS)
     # evaluation
     eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation",
                                   resume="free")
@@ -209,7 +214,9 @@ class Config:
         if not self.np_draws > 0:
             raise ValueError(f"--np_draws={self.np_draws} must be positive")
         perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
-                                   self.np_delta)
+                                   self.np_delta, estimator=self.np_estimator,
+                                   layerwise=self.np_layerwise,
+                                   microbatches=self.np_microbatches)
         if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
                 and self.crash_max_rollbacks >= 0):
             raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "

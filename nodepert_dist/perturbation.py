@@ -55,6 +55,16 @@ Variance reduction (issue 10), each still NP (one scalar loss change per example
   layerwise   (`--np_layerwise`) one noisy pass per tap, each perturbing that tap alone; a tap's
               update uses only its own pass's delta, so it carries no other tap's noise. Cost: one
               noisy pass per tap (XLA shares the clean prefix up to the tap).
+
+The original research code's estimator (`--np_estimator=original`, `original_gradient`), kept as
+a labelled reference to compare against, never the default: ONE noise draw shared by every
+example of the global batch and the batch-MEAN loss change,
+
+    g_l = (mean_i delta_i / sigma) (1/B) sum_i J_{W_l}[f_l](h~_{l-1,i})^T xi_l.
+
+Biased (DESIGN.md section 2): to first order in sigma its expectation for a dense layer is
+(mean_i h_{l-1,i}) outer (mean_i dL_i/da_{l,i}), the product of the batch means, where the
+gradient is the batch mean of the products.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ from nodepert_dist import taps
 NOISE_KINDS = ("rademacher", "gaussian")
 NP_MODES = ("keep", "regen")
 NP_DELTAS = ("finite", "jvp")
+NP_ESTIMATORS = ("per_example", "original")
 _STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
 
 
@@ -77,10 +88,16 @@ def stream_key(seed: int, stream: str):
     return jax.random.fold_in(jax.random.key(seed), _STREAMS[stream])
 
 
+def step_key(seed: int, step):
+    """The noise key of update `step`: the example keys fold each example's index into it; the
+    original estimator draws its one batch-wide noise from it directly."""
+    return jax.random.fold_in(stream_key(seed, "noise"), step)
+
+
 def example_keys(seed: int, step, global_index):
     """One noise key per example, from (seed, step, global example index)."""
-    step_key = jax.random.fold_in(stream_key(seed, "noise"), step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(global_index)
+    key = step_key(seed, step)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(global_index)
 
 
 def _rademacher(key, shape):
@@ -149,8 +166,21 @@ def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normal
 
 
 def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
-                  delta: str = "finite") -> None:
+                  delta: str = "finite", *, estimator: str = "per_example",
+                  layerwise: bool = False, microbatches: int = 1) -> None:
     """One-line errors for estimator settings that are unknown or do not combine."""
+    if estimator not in NP_ESTIMATORS:
+        raise ValueError(f"unknown --np_estimator={estimator!r}; choose one of "
+                         f"{', '.join(NP_ESTIMATORS)}")
+    if estimator == "original":
+        extra = [flag for flag, on in (
+            ("--np_antithetic", antithetic), (f"--np_draws={draws}", draws != 1),
+            (f"--np_delta={delta}", delta != "finite"), ("--np_layerwise", layerwise),
+            (f"--np_microbatches={microbatches}", microbatches != 1),
+            (f"--np_mode={mode}", mode != "keep")) if on]
+        if extra:
+            raise ValueError(f"--np_estimator=original is the original code's estimator as it "
+                             f"was, a reference; drop {', '.join(extra)}")
     if mode not in NP_MODES:
         raise ValueError(f"unknown --np_mode={mode!r}; choose one of {', '.join(NP_MODES)}")
     if delta not in NP_DELTAS:
@@ -160,6 +190,30 @@ def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
     if antithetic and delta == "jvp":
         raise ValueError("--np_antithetic does nothing with --np_delta=jvp (the directional "
                          "derivative is exact); use one of them")
+
+
+def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, normalizer,
+                      noise_kind: str = "rademacher", axis_name=None):
+    """The original code's biased estimator (module docstring): (grads, clean loss, logits).
+
+    `key`: the step's noise key (`step_key`), the same on every device; `axis_name`: the mesh
+    axis the batch is split over (inside shard_map), so that the loss change is the mean over
+    the global batch of `normalizer` examples and the update does not depend on the mesh."""
+    taps.check(model, params, x)
+    shapes = taps.tap_shapes(model, params, x)
+    b = x.shape[0]
+    shared = draw_noise(key[None], shapes, noise_kind)  # one example's worth, for all of them
+    xi = {k: jnp.broadcast_to(n, (b,) + n.shape[1:]) for k, n in shared.items()}
+    clean_logits = model.apply({"params": params}, x)
+    clean = loss_fn(clean_logits, labels)
+    noisy_logits, values = taps.forward(model, params, x, {k: sigma * n for k, n in xi.items()})
+    delta_sum = jnp.sum(loss_fn(noisy_logits, labels) - clean)
+    if axis_name is not None:  # the global batch's sum, then back to this device's share
+        delta_sum = jax.lax.pcast(jax.lax.psum(delta_sum, axis_name), axis_name, to="varying")
+    coef = jnp.full((b,), delta_sum / normalizer / (sigma * normalizer))
+    grads, _ = _tap_gradients(model, params, x, values, coef, xi, list(shapes), shapes,
+                              keys=None, noise_kind=noise_kind, mode="keep", after=None)
+    return grads, clean, clean_logits
 
 
 def draw_keys(keys, draw: int):

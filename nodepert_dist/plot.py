@@ -51,6 +51,7 @@ def run_label(workdir: str) -> str:
             ("antithetic", c.get("np_antithetic")), (f"{c.get('np_draws')} draws",
                                                      c.get("np_draws", 1) > 1),
             ("jvp", c.get("np_delta") == "jvp"), ("layerwise", c.get("np_layerwise")),
+            ("original estimator, biased", c.get("np_estimator") == "original"),
             ("weight norm", c.get("weight_norm"))) if on)
         what = f"NP (node perturbation{sigma}{options}; {optimizer} optimizer)"
     else:

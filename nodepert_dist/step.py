@@ -68,20 +68,31 @@ LocalGradient = Callable[..., tuple]
 def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, global_batch: int,
                    noise: str = "rademacher", np_mode: str = "keep",
                    np_microbatches: int = 1, np_antithetic: bool = False, np_draws: int = 1,
-                   np_delta: str = "finite", np_layerwise: bool = False) -> LocalGradient:
-    """The NP estimate or the backprop gradient of this device's examples, / global batch."""
+                   np_delta: str = "finite", np_layerwise: bool = False,
+                   np_estimator: str = "per_example") -> LocalGradient:
+    """The NP estimate or the backprop gradient of this device's examples, / global batch.
+    np_estimator="original" reduces its loss change over the `data` axis: call it inside the
+    train step's shard_map."""
     if update_rule not in UPDATE_RULES:
         raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
     loss_fn = losses.get(loss)
     options = dict(antithetic=np_antithetic, draws=np_draws, delta=np_delta,
                    layerwise=np_layerwise)
-    perturbation.check_options(np_mode, np_antithetic, np_draws, np_delta)
+    perturbation.check_options(np_mode, np_antithetic, np_draws, np_delta,
+                               estimator=np_estimator, layerwise=np_layerwise,
+                               microbatches=np_microbatches)
 
     def np_grad(model, params, x, labels, step, global_index):
         keys = perturbation.example_keys(seed, step, global_index)
         return perturbation.np_gradient(model, params, x, labels, loss_fn, sigma=sigma, keys=keys,
                                         normalizer=global_batch, noise_kind=noise, mode=np_mode,
                                         microbatches=np_microbatches, **options)
+
+    def original_np_grad(model, params, x, labels, step, global_index):
+        del global_index  # one noise draw for the whole batch
+        return perturbation.original_gradient(
+            model, params, x, labels, loss_fn, sigma=sigma, key=perturbation.step_key(seed, step),
+            normalizer=global_batch, noise_kind=noise, axis_name=DATA)
 
     def sgd_grad(model, params, x, labels, step, global_index):
         def summed_loss(p):
@@ -91,7 +102,9 @@ def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, glob
         grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
         return grads, example_loss, logits
 
-    return np_grad if update_rule == "np" else sgd_grad
+    if update_rule == "sgd":
+        return sgd_grad
+    return original_np_grad if np_estimator == "original" else np_grad
 
 
 def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: LocalGradient = None,
@@ -99,7 +112,7 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
 
     `rule` holds `local_gradient`'s settings (update_rule, loss, sigma, seed, noise, np_mode,
-    np_microbatches, np_antithetic, np_draws, np_delta, np_layerwise);
+    np_microbatches, np_antithetic, np_draws, np_delta, np_layerwise, np_estimator);
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
     """
     gradient = gradient or local_gradient(global_batch=global_batch, **rule)

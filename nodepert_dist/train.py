@@ -95,6 +95,10 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     `hooks`: objects told about the run (see `_notify`); none costs nothing per step."""
     cfg.validate()
     cfg = cfg.resolved()
+    if cfg.update_rule == "np" and cfg.np_estimator == "original":
+        logging.warning("--np_estimator=original: the original code's BIASED estimator (one "
+                        "noise draw per batch, batch-mean loss change), a reference to compare "
+                        "against; the default per_example estimator is unbiased")
 
     # Mesh: one `data` axis over every device of every process.
     mesh = mesh_lib.make_mesh()
@@ -149,7 +153,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         model, optimizer, mesh, update_rule=cfg.update_rule, loss=cfg.loss, sigma=cfg.sigma,
         seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
         np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
-        np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise)
+        np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise,
+        np_estimator=cfg.np_estimator)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     writer = metrics.MetricsWriter(cfg.workdir, dict(
         dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
