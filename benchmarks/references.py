@@ -1,15 +1,14 @@
 """Two reference estimators the throughput benchmark times beside this engine's NP step.
 
 Both plug into `step.make_train_step(gradient=...)`, so they run in the very same sharded step.
-Neither is used for training.
+naive_np is used for nothing else; original_np is what `--np_estimator=original` trains with.
 
 - `naive_np`: unbiased NP written the straightforward way: each example's Gaussian noise and
   its clean and noisy forward under `vmap`, the update by `jax.grad` of a surrogate loss
   sum_i (delta_i / sigma) <xi_i, a_i(W)> with every layer's noisy input held fixed.
 - `original_np`: the original research code's estimator at its HEAD: one noise draw shared by
-  the whole batch and the batch-mean loss change. Biased (DESIGN.md section 2); timed only as
-  the speed its users had. On several devices each averages delta over its own examples (the
-  original ran on one GPU).
+  the whole batch and the batch-mean loss change, i.e. the engine's `--np_estimator=original`
+  with Gaussian noise. Biased (DESIGN.md section 2); timed as the speed its users had.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nodepert_dist import losses, perturbation, taps
+from nodepert_dist import losses, perturbation, step, taps
 
 
 def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
@@ -51,22 +50,8 @@ def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
 
 
 def original_np(*, loss: str, sigma: float, seed: int, global_batch: int):
-    loss_fn = losses.get(loss)
-
-    def gradient(model, params, x, labels, step, global_index):
-        del global_index  # one draw for the whole batch
-        shapes = taps.tap_shapes(model, params, x)
-        key = jax.random.fold_in(perturbation.stream_key(seed, "noise"), step)
-        noise = {k: jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, taps.tap_id(k)), s),
-                                     (x.shape[0],) + s) for k, s in shapes.items()}
-        clean_logits = model.apply({"params": params}, x)
-        noisy_logits, values = taps.forward(model, params, x,
-                                            {k: sigma * n for k, n in noise.items()})
-        clean = loss_fn(clean_logits, labels)
-        mean_delta = jnp.mean(loss_fn(noisy_logits, labels) - clean)
-        preacts, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, values), params)
-        scale = mean_delta / (sigma * global_batch)
-        (grads,) = vjp_fn({k: (scale * noise[k]).astype(a.dtype) for k, a in preacts.items()})
-        return grads, clean, clean_logits
-
-    return gradient
+    # The engine's own `--np_estimator=original` (perturbation.original_gradient), with the
+    # original code's Gaussian noise.
+    return step.local_gradient(update_rule="np", loss=loss, sigma=sigma, seed=seed,
+                               global_batch=global_batch, noise="gaussian",
+                               np_estimator="original")

@@ -55,6 +55,9 @@ def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
     (["--np_microbatches=3"], "--np_microbatches=3 does not divide the 16 examples per device"),
     (["--np_microbatches=0"], "--np_microbatches=0 must be positive"),
     (["--np_mode=lazy"], "--np_mode"),
+    (["--np_estimator=original", "--np_layerwise"],
+     "--np_estimator=original is the original code's estimator as it was, a reference; drop "
+     "--np_layerwise"),
 ])
 def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, args, message):
     out = _train([f"--workdir={tmp_path / 'run'}", *args], timeout=120)
@@ -88,3 +91,18 @@ def test_plot_draws_the_learning_curves(tmp_path):
     assert np_label.startswith("NP (node perturbation, sigma=0.0001; sgd optimizer)")
     assert sgd_label.startswith("SGD (backprop; sgd optimizer)")
     assert plot.title([str(tmp_path / "np"), str(tmp_path / "sgd")]) == "fmnist: fc"
+
+
+def test_original_estimator_is_warned_about_and_labelled(tmp_path, mnist_dir):
+    """--np_estimator=original: one warning line at start, recorded in config.json, named in the
+    plot legend."""
+    workdir = tmp_path / "original"
+    out = _train(["--update_rule=np", "--np_estimator=original", "--n_hl=1", "--hl_size=8",
+                  "--num_epochs=1", "--max_steps=2", "--batchsize=256", "--noeval_train",
+                  f"--data_dir={mnist_dir}", f"--workdir={workdir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    warned = [line for line in out.stderr.splitlines() if "BIASED" in line]
+    assert len(warned) == 1 and "--np_estimator=original" in warned[0], warned
+    assert json.loads((workdir / "config.json").read_text())["np_estimator"] == "original"
+    from nodepert_dist import plot
+    assert "original estimator, biased" in plot.run_label(str(workdir))

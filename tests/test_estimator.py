@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib, taps
+from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
 from nodepert_dist.taps import Tap
 
 BATCH = 32
@@ -253,20 +253,16 @@ def test_rademacher_noise_is_signs_with_unit_variance():
 
 
 def test_same_harness_rejects_the_batch_mean_estimator():
-    """The pitfall: one noise draw shared by the batch and the batch-mean loss change."""
+    """The pitfall: one noise draw shared by the batch and the batch-mean loss change
+    (`--np_estimator=original`)."""
     body, shape, act, loss, sigma, draws = CASES["fc-mse"]
     model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
 
     @jax.jit
     def biased(step):
-        key = perturbation.example_keys(0, step, jnp.zeros((1,), jnp.int32))
-        shared = {k: jnp.broadcast_to(n, (BATCH,) + n.shape[1:]) for k, n in perturbation.draw_noise(
-            key, taps.tap_shapes(model, params, x), "gaussian").items()}
-        clean = loss_fn(model.apply({"params": params}, x), y)
-        noisy_logits, values = taps.forward(model, params, x, {k: sigma * n for k, n in shared.items()})
-        mean_delta = jnp.mean(loss_fn(noisy_logits, y) - clean)
-        _, vjp = jax.vjp(lambda p: taps.replay(model, p, x, values), params)
-        return vjp({k: mean_delta / (sigma * BATCH) * n for k, n in shared.items()})[0]
+        return perturbation.original_gradient(model, params, x, y, loss_fn, sigma=sigma,
+                                              key=perturbation.step_key(0, step),
+                                              normalizer=BATCH, noise_kind="gaussian")[0]
 
     mean = jax.jit(lambda: _mean_estimate(biased, params, draws))()
     cos = _cosines(mean, true)

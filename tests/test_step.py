@@ -66,6 +66,7 @@ NP_OPTIONS = {
     "layerwise": dict(np_layerwise=True),
     "layerwise-jvp-2-draws-microbatches": dict(np_layerwise=True, np_delta="jvp", np_draws=2,
                                                np_microbatches=2),
+    "original-estimator": dict(np_estimator="original"),
 }
 
 
