@@ -67,6 +67,21 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_original_estimator_is_warned_about_and_labelled(tmp_path, mnist_dir):
+    """--np_estimator=original: one warning line at start, recorded in config.json, named in the
+    plot legend."""
+    workdir = tmp_path / "original"
+    out = _train(["--update_rule=np", "--np_estimator=original", "--n_hl=1", "--hl_size=8",
+                  "--num_epochs=1", "--max_steps=2", "--batchsize=256", "--noeval_train",
+                  f"--data_dir={mnist_dir}", f"--workdir={workdir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    warned = [line for line in out.stderr.splitlines() if "BIASED" in line]
+    assert len(warned) == 1 and "--np_estimator=original" in warned[0], warned
+    assert json.loads((workdir / "config.json").read_text())["np_estimator"] == "original"
+    from nodepert_dist import plot
+    assert "original estimator, biased" in plot.run_label(str(workdir))
+
+
 def test_plot_draws_the_learning_curves(tmp_path):
     for rule, accs in (("np", [0.1, 0.5, 0.7]), ("sgd", [0.1, 0.9, 0.95])):
         run = tmp_path / rule
@@ -92,17 +107,3 @@ def test_plot_draws_the_learning_curves(tmp_path):
     assert sgd_label.startswith("SGD (backprop; sgd optimizer)")
     assert plot.title([str(tmp_path / "np"), str(tmp_path / "sgd")]) == "fmnist: fc"
 
-
-def test_original_estimator_is_warned_about_and_labelled(tmp_path, mnist_dir):
-    """--np_estimator=original: one warning line at start, recorded in config.json, named in the
-    plot legend."""
-    workdir = tmp_path / "original"
-    out = _train(["--update_rule=np", "--np_estimator=original", "--n_hl=1", "--hl_size=8",
-                  "--num_epochs=1", "--max_steps=2", "--batchsize=256", "--noeval_train",
-                  f"--data_dir={mnist_dir}", f"--workdir={workdir}"])
-    assert out.returncode == 0, out.stderr[-3000:]
-    warned = [line for line in out.stderr.splitlines() if "BIASED" in line]
-    assert len(warned) == 1 and "--np_estimator=original" in warned[0], warned
-    assert json.loads((workdir / "config.json").read_text())["np_estimator"] == "original"
-    from nodepert_dist import plot
-    assert "original estimator, biased" in plot.run_label(str(workdir))
