@@ -106,4 +106,3 @@ def test_plot_draws_the_learning_curves(tmp_path):
     assert np_label.startswith("NP (node perturbation, sigma=0.0001; sgd optimizer)")
     assert sgd_label.startswith("SGD (backprop; sgd optimizer)")
     assert plot.title([str(tmp_path / "np"), str(tmp_path / "sgd")]) == "fmnist: fc"
-
