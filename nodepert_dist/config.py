@@ -141,6 +141,10 @@ class Config:
                                 "estimator, for comparison only: one noise draw shared by the "
                                 "batch and the batch-mean loss change; BIASED (DESIGN.md 2).",
                                 group="node perturbation", choices=perturbation.NP_ESTIMATORS)
+    np_local: bool = setting(False, "fc/linfc: block-local losses. Each hidden layer gets an "
+                             "auxiliary linear readout (trained by NP too); each block's update "
+                             "uses the change of its own readout's loss, noise on its taps "
+                             "only.", group="node perturbation")
     # evaluation
     eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation",
                                   resume="free")
@@ -216,7 +220,7 @@ class Config:
         perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
                                    self.np_delta, estimator=self.np_estimator,
                                    layerwise=self.np_layerwise,
-                                   microbatches=self.np_microbatches)
+                                   microbatches=self.np_microbatches, local=self.np_local)
         if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
                 and self.crash_max_rollbacks >= 0):
             raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "

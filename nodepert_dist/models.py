@@ -13,6 +13,7 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nodepert_dist.taps import Tap
@@ -26,11 +27,17 @@ _he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
 class MLP(nn.Module):
-    """Dense layers (layer0, layer1, ...), each with a tap; the last is the readout."""
+    """Dense layers (layer0, layer1, ...), each with a tap; the last is the readout.
+
+    `local_heads` (--np_local): after each hidden layer i an auxiliary linear readout `head{i}`
+    with its own tap `head_tap{i}` (its logits, read by the estimator, unused by the network),
+    and the next layer's input is stop-gradient'ed, so that jax.grad of the sum of the blocks'
+    losses is each block's local gradient (the reference of the Monte-Carlo test)."""
 
     widths: Sequence[int]
     activation: str = "relu"  # "relu" or "linear" (linfc)
     dtype: jnp.dtype = jnp.float32
+    local_heads: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -40,6 +47,10 @@ class MLP(nn.Module):
                                              name=f"layer{i}")(h))
             if i < len(self.widths) - 1 and self.activation == "relu":
                 h = nn.relu(h)
+            if self.local_heads and i < len(self.widths) - 1:
+                Tap(name=f"head_tap{i}")(nn.Dense(self.widths[-1], kernel_init=_xavier,
+                                                  dtype=self.dtype, name=f"head{i}")(h))
+                h = jax.lax.stop_gradient(h)
         return h
 
 
@@ -177,8 +188,10 @@ _CONV_STACKS = {
 
 
 def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500, *,
-                width: int = 64, norm: str = "none", dtype: str = "float32") -> nn.Module:
-    """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet."""
+                width: int = 64, norm: str = "none", dtype: str = "float32",
+                local_heads: bool = False) -> nn.Module:
+    """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet;
+    local_heads (fc/linfc only): an auxiliary readout per hidden layer (--np_local)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown --network={network!r}; choose one of {', '.join(NETWORKS)}")
     if norm not in NORMS:
@@ -186,9 +199,13 @@ def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 50
     if dtype not in DTYPES:
         raise ValueError(f"unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
     dt = DTYPES[dtype]
+    if local_heads and network not in ("fc", "linfc"):
+        raise ValueError(f"--np_local is built for the MLPs (fc, linfc), not "
+                         f"--network={network}")
     if network in ("fc", "linfc"):
         return MLP((hl_size,) * n_hl + (num_classes,),
-                   activation="linear" if network == "linfc" else "relu", dtype=dt)
+                   activation="linear" if network == "linfc" else "relu", dtype=dt,
+                   local_heads=local_heads)
     if network in _CONV_STACKS:
         return ConvStack(_CONV_STACKS[network], num_classes, dtype=dt)
     if network in VGG_LAYOUTS:

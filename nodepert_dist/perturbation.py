@@ -80,6 +80,7 @@ NOISE_KINDS = ("rademacher", "gaussian")
 NP_MODES = ("keep", "regen")
 NP_DELTAS = ("finite", "jvp")
 NP_ESTIMATORS = ("per_example", "original")
+HEAD_PREFIX = "head_"  # --np_local: the tap of tap t's auxiliary readout head is head_t
 _STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
 
 
@@ -129,7 +130,7 @@ def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
 def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normalizer,
                 noise_kind: str = "rademacher", mode: str = "keep", microbatches: int = 1,
                 antithetic: bool = False, draws: int = 1, delta: str = "finite",
-                layerwise: bool = False):
+                layerwise: bool = False, local: bool = False):
     """NP estimate of the gradient of the mean loss, summed over these examples / `normalizer`.
 
     `model` is a flax module with taps (taps.py). Returns (grads, per-example clean loss, clean
@@ -137,11 +138,13 @@ def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normal
     the global-batch estimate. `microbatches` > 1 runs the estimate over that many consecutive
     slices of the examples in sequence (each with its own examples' keys, so the update is the
     same) and sums them: activation memory / K. `antithetic`, `draws`, `delta` and `layerwise`
-    are the variance-reduction options of the module docstring.
+    are the variance-reduction options of the module docstring; `local`: block-local losses.
     """
-    check_options(mode, antithetic, draws, delta)
+    check_options(mode, antithetic, draws, delta, layerwise=layerwise, local=local)
     taps.check(model, params, x)
     options = dict(antithetic=antithetic, draws=draws, delta=delta, layerwise=layerwise)
+    if local:
+        options["local"] = True
     estimate = lambda x, labels, keys: _np_estimate(model, params, x, labels, loss_fn, sigma,
                                                     keys, normalizer, noise_kind, mode, **options)
     if microbatches == 1:
@@ -167,8 +170,11 @@ def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normal
 
 def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
                   delta: str = "finite", *, estimator: str = "per_example",
-                  layerwise: bool = False, microbatches: int = 1) -> None:
+                  layerwise: bool = False, microbatches: int = 1, local: bool = False) -> None:
     """One-line errors for estimator settings that are unknown or do not combine."""
+    if local and (layerwise or estimator != "per_example"):
+        raise ValueError(f"--np_local perturbs one block at a time already; drop "
+                         f"{'--np_layerwise' if layerwise else '--np_estimator=' + estimator}")
     if estimator not in NP_ESTIMATORS:
         raise ValueError(f"unknown --np_estimator={estimator!r}; choose one of "
                          f"{', '.join(NP_ESTIMATORS)}")
@@ -236,32 +242,66 @@ def _keys_after(keys, after):
     return jax.random.wrap_key_data(later, impl=jax.random.key_impl(keys))
 
 
+def local_blocks(shapes: dict) -> tuple[list, list]:
+    """--np_local's blocks: ([[tap, its head's tap], ..., [last tap]], [head tap or None]).
+    A tap `t` with a head tap `head_t` is a block whose loss is read at `head_t`; the last tap
+    (the readout) is a block with the network's loss; any other tap is an error."""
+    body = [n for n in shapes if not n.split("/")[-1].startswith(HEAD_PREFIX)]
+    groups, heads = [], []
+    for i, name in enumerate(body):
+        head = "/".join(name.split("/")[:-1] + [HEAD_PREFIX + name.split("/")[-1]])
+        if head in shapes:
+            groups.append([name, head])
+            heads.append(head)
+        elif i == len(body) - 1:
+            groups.append([name])
+            heads.append(None)
+        else:
+            raise ValueError(f"--np_local: tap {name} has no auxiliary head ({head}); use a "
+                             f"model built with local heads (--network=fc or linfc)")
+    return groups, heads
+
+
 def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode,
-                 antithetic=False, draws=1, delta="finite", layerwise=False):
+                 antithetic=False, draws=1, delta="finite", layerwise=False, local=False):
     shapes = taps.tap_shapes(model, params, x)
     groups = [[n] for n in shapes] if layerwise else [list(shapes)]
+    heads = [None] * len(groups)  # where each group's loss is read (None: the logits)
+    if local:
+        groups, heads = local_blocks(shapes)
     clean = metrics = None
     if delta == "finite" and not antithetic:  # the one clean pass every draw shares
-        clean_logits = model.apply({"params": params}, x)
+        clean_values = None
+        if local:
+            clean_logits, clean_values = taps.forward(model, params, x)
+        else:
+            clean_logits = model.apply({"params": params}, x)
         clean = loss_fn(clean_logits, labels)
         metrics = (clean, clean_logits)
+    block_loss = lambda logits_loss, values, head: (
+        logits_loss if head is None else loss_fn(values[head], labels))
 
     grads, after = None, None  # after: a zero that orders each draw/group after the previous
     for d in range(draws):
         draw_k = keys if d == 0 else _keys_after(draw_keys(keys, d), after)
         xi = draw_noise(draw_k, shapes, noise_kind)
-        for group in groups:
+        for group, head in zip(groups, heads):
             noise = {k: xi[k] if after is None else xi[k] + after.astype(xi[k].dtype)
                      for k in group}
             if delta == "jvp":
                 # Forward-mode derivative with the noise as the argument, at zero noise: the
                 # primal is the clean pass, the tangent delta_i / sigma (only `group` perturbed;
                 # the other taps get no noise variable, so no tangent work).
-                def forward(n):
+                def forward(n, head=head):
                     logits, values = taps.forward(model, params, x, n)
-                    return loss_fn(logits, labels), logits, values
+                    loss = loss_fn(logits, labels)
+                    if head is None:
+                        return loss, logits, values
+                    return block_loss(loss, values, head), (loss, logits), values
                 zero = {k: jnp.zeros_like(n) for k, n in noise.items()}
                 (loss, logits, values), (diff, _, _) = jax.jvp(forward, (zero,), (noise,))
+                if head is not None:
+                    loss, logits = logits
                 metrics, scale = metrics or (loss, logits), 1.0
             else:
                 plus_logits, values = taps.forward(model, params, x,
@@ -273,11 +313,14 @@ def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noi
                     minus = loss_fn(minus_logits, labels)
                     # Replay at the pair's mean: the O(sigma) change of the layer inputs cancels
                     # (measured, fc-mse at sigma 0.3 / 1.0: bias 0.116 -> 0.102 / 0.454 -> 0.312).
+                    values_plus = values
                     values = {k: (v + minus_values[k]) / 2 for k, v in values.items()}
                     metrics = metrics or ((plus + minus) / 2, (plus_logits + minus_logits) / 2)
-                    diff = (plus - minus) / 2
+                    diff = (block_loss(plus, values_plus, head)
+                            - block_loss(minus, minus_values, head)) / 2
                 else:
-                    diff = plus - clean  # float32 or wider, one per example
+                    # float32 or wider, one per example
+                    diff = block_loss(plus, values, head) - block_loss(clean, clean_values, head)
                 scale = sigma
             coef = diff / (scale * normalizer * draws)
             g, after = _tap_gradients(model, params, x, values, coef, xi, group, shapes,

@@ -52,6 +52,7 @@ def run_label(workdir: str) -> str:
                                                      c.get("np_draws", 1) > 1),
             ("jvp", c.get("np_delta") == "jvp"), ("layerwise", c.get("np_layerwise")),
             ("original estimator, biased", c.get("np_estimator") == "original"),
+            ("local losses", c.get("np_local")),
             ("weight norm", c.get("weight_norm"))) if on)
         what = f"NP (node perturbation{sigma}{options}; {optimizer} optimizer)"
     else:

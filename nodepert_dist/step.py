@@ -69,7 +69,7 @@ def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, glob
                    noise: str = "rademacher", np_mode: str = "keep",
                    np_microbatches: int = 1, np_antithetic: bool = False, np_draws: int = 1,
                    np_delta: str = "finite", np_layerwise: bool = False,
-                   np_estimator: str = "per_example") -> LocalGradient:
+                   np_estimator: str = "per_example", np_local: bool = False) -> LocalGradient:
     """The NP estimate or the backprop gradient of this device's examples, / global batch.
     np_estimator="original" reduces its loss change over the `data` axis: call it inside the
     train step's shard_map."""
@@ -77,10 +77,13 @@ def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, glob
         raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
     loss_fn = losses.get(loss)
     options = dict(antithetic=np_antithetic, draws=np_draws, delta=np_delta,
-                   layerwise=np_layerwise)
+                   layerwise=np_layerwise, **({"local": True} if np_local else {}))
+    if np_local and update_rule != "np":
+        raise ValueError("--np_local is node perturbation with block-local losses; drop it "
+                         "with --update_rule=sgd")
     perturbation.check_options(np_mode, np_antithetic, np_draws, np_delta,
                                estimator=np_estimator, layerwise=np_layerwise,
-                               microbatches=np_microbatches)
+                               microbatches=np_microbatches, local=np_local)
 
     def np_grad(model, params, x, labels, step, global_index):
         keys = perturbation.example_keys(seed, step, global_index)
@@ -112,7 +115,7 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
 
     `rule` holds `local_gradient`'s settings (update_rule, loss, sigma, seed, noise, np_mode,
-    np_microbatches, np_antithetic, np_draws, np_delta, np_layerwise, np_estimator);
+    np_microbatches, np_antithetic, np_draws, np_delta, np_layerwise, np_estimator, np_local);
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
     """
     gradient = gradient or local_gradient(global_batch=global_batch, **rule)

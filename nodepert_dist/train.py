@@ -136,7 +136,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
 
     # Model, optimizer and replicated train state.
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
-                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
+                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype,
+                               local_heads=cfg.np_local)
     optimizer = step_lib.make_optimizer(
         cfg.optimizer, cfg.lr, cfg.wd, schedule=cfg.lr_schedule,
         total_steps=cfg.num_epochs * n_steps, warmup_steps=round(cfg.warmup_epochs * n_steps),
@@ -154,7 +155,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
         np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
         np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise,
-        np_estimator=cfg.np_estimator)
+        np_estimator=cfg.np_estimator, np_local=cfg.np_local)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     writer = metrics.MetricsWriter(cfg.workdir, dict(
         dataclasses.asdict(cfg), preprocess_resolved=prep_mode,

@@ -19,7 +19,8 @@ def _batches(n_steps, shape=(8, 8, 1)):
 def _run(n_devices, network, update_rule, optimizer="sgd", n_steps=3, lr=0.05, dtype=np.float32,
          **options):
     mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
-    model = models.build_model(network, 10, n_hl=2, hl_size=32, width=2).clone(dtype=dtype)
+    model = models.build_model(network, 10, n_hl=2, hl_size=32, width=2,
+                               local_heads=options.get("np_local", False)).clone(dtype=dtype)
     opt = step_lib.make_optimizer(optimizer, lr, 1e-4)
     batches = [(x.astype(dtype), y) for x, y in _batches(max(n_steps, 1))]
     state = step_lib.init_state(model, opt, batches[0][0], 0, mesh)
@@ -36,7 +37,8 @@ def _run(n_devices, network, update_rule, optimizer="sgd", n_steps=3, lr=0.05, d
 
 def _relative_change_difference(network, update_rule, dtype, n_steps=3, **options):
     """max over leaves of |(p1 - p0) - (p8 - p0)| / |p1 - p0|: 1-device vs 8-device runs."""
-    p0, _ = _run(1, network, update_rule, n_steps=0, dtype=dtype)
+    p0, _ = _run(1, network, update_rule, n_steps=0, dtype=dtype,
+                 **{k: v for k, v in options.items() if k == "np_local"})  # same parameters
     p1, m1 = _run(1, network, update_rule, n_steps=n_steps, dtype=dtype, **options)
     p8, m8 = _run(8, network, update_rule, n_steps=n_steps, dtype=dtype, **options)
     worst = 0.0
@@ -67,6 +69,9 @@ NP_OPTIONS = {
     "layerwise-jvp-2-draws-microbatches": dict(np_layerwise=True, np_delta="jvp", np_draws=2,
                                                np_microbatches=2),
     "original-estimator": dict(np_estimator="original"),
+    "local": dict(np_local=True),
+    "local-antithetic-2-draws-microbatches": dict(np_local=True, np_antithetic=True, sigma=1e-2,
+                                                  np_draws=2, np_microbatches=2),
 }
 
 
