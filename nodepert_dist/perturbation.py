@@ -56,6 +56,13 @@ Variance reduction (issue 10), each still NP (one scalar loss change per example
               update uses only its own pass's delta, so it carries no other tap's noise. Cost: one
               noisy pass per tap (XLA shares the clean prefix up to the tap).
 
+Block-local losses (`--np_local`, models.MLP(local_heads=True)): each hidden layer with its
+auxiliary readout head is a block, the readout layer another (`local_blocks`). The estimate is
+layer-wise NP over blocks: one noisy pass per block with noise on that block's taps only, and
+delta_i the change of that block's own loss (read at its head's tap; the readout block's is the
+network's loss). The heads learn by NP like every other layer. E[g] is the gradient of each
+block's local objective with the block's input held fixed (tests/test_local_losses.py).
+
 The original research code's estimator (`--np_estimator=original`, `original_gradient`), kept as
 a labelled reference to compare against, never the default: ONE noise draw shared by every
 example of the global batch and the batch-MEAN loss change,
