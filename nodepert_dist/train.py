@@ -9,6 +9,7 @@ newest one exactly: same data order, noise keys, optimizer state and metric rows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging as pylogging
@@ -107,12 +108,14 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
     # SIGTERM/SIGUSR1 from here on stop the run at a step boundary with a checkpoint.
+    # ExitStack: the input pipeline's workers are stopped whichever way the run ends.
     with preempt.Watcher(cfg.preemption_check_steps) as watcher, \
-            workdir_lock.hold(cfg.workdir):  # one live run per workdir
-        return _run_locked(cfg, mesh, watcher, hooks)
+            workdir_lock.hold(cfg.workdir), contextlib.ExitStack() as cleanup:
+        return _run_locked(cfg, mesh, watcher, hooks, cleanup)
 
 
-def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[list[dict], str]:
+def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
+                cleanup: contextlib.ExitStack) -> tuple[list[dict], str]:
     # Data: memory-mapped uint8 arrays (store.py); each process gathers only its share, and
     # the preprocessing (training-split statistics) runs per batch on the device.
     data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
@@ -248,8 +251,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         sums = dict(resumed_sums) if first else {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN}
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
         done, pending = first, None  # pending: (metrics, step) of the step in flight
-        for i, (x, y) in enumerate(pipeline.iterate(batches, start=first, workers=cfg.data_workers),
-                                   start=first):
+        stream = cleanup.enter_context(contextlib.closing(
+            pipeline.iterate(batches, start=first, workers=cfg.data_workers)))
+        for i, (x, y) in enumerate(stream, start=first):
             x, y = mesh_lib.global_batch(mesh, x, y)
             x = prep(x)
             state, m = train_step(state, x, y)
@@ -270,6 +274,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
                 save(epoch, done, sums, time.perf_counter() - start)
             if stopping:
                 break
+        stream.close()  # stops the prefetch (and the workers) now, not at exit
         if pending is not None:
             accumulate(sums, pending, epoch)
         if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
