@@ -119,6 +119,15 @@ def read_metrics(workdir: str) -> list[dict]:
     return rows
 
 
+def epoch_rows(rows: list[dict]) -> list[dict]:
+    """The epoch rows of a metrics.jsonl: event rows (crash guard) dropped, and of a file where
+    the epochs start over (two runs appended by versions before the fresh-start rule) the last
+    run only. The rule of nodepert_dist.metrics.epoch_rows (this script imports no package)."""
+    rows = [r for r in rows if "event" not in r]
+    restarts = [i for i in range(1, len(rows)) if rows[i]["epoch"] <= rows[i - 1]["epoch"]]
+    return rows[restarts[-1]:] if restarts else rows
+
+
 def num_epochs_of(run: dict) -> Optional[int]:
     """The run's num_epochs from its config.json (what it actually ran with), else its flags."""
     config = os.path.join(run["workdir"], "config.json")
@@ -171,7 +180,7 @@ def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
     head += [f"s to {100 * t:g}%" for t in thresholds] + ["examples/s", "seeds", "command"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, members in groups.items():
-        metric_rows = [read_metrics(r["workdir"]) for r in members if final_row(r)]
+        metric_rows = [epoch_rows(read_metrics(r["workdir"])) for r in members if final_row(r)]
         if not metric_rows:
             continue
         epochs = [[r for r in m if r["epoch"] > 0] for m in metric_rows]  # 0: untrained

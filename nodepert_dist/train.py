@@ -154,10 +154,6 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
         np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
-    writer = metrics.MetricsWriter(cfg.workdir, dict(
-        dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
-        data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}))
-
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
             images, labels, global_batch=cfg.eval_batchsize, process_index=jax.process_index(),
@@ -183,6 +179,11 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             len(checkpoint.committed_steps(ckpt_dir))):
         raise ValueError(f"--noresume, but {ckpt_dir} holds checkpoints of an earlier run; "
                          f"remove them or use another --workdir")
+    # A fresh start never appends to an earlier run's metrics: they are moved aside (kept).
+    writer = metrics.MetricsWriter(cfg.workdir, dict(
+        dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
+        data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}),
+        fresh=restored is None)
     if restored is not None:
         state, manifest = restored
         config_lib.check_resume_config(manifest["config"], dataclasses.asdict(cfg))
@@ -203,8 +204,10 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     else:
         rows, epoch_start, step_start = [epoch_row(0, {})], 1, 0
         resumed_sums, resumed_elapsed = None, 0.0
+    # Pruning keeps the crash guard's rollback target: the checkpoint of the last epoch row.
     saver = (checkpoint.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
-                                     keep_every_steps=cfg.keep_checkpoint_every_steps)
+                                     keep_every_steps=cfg.keep_checkpoint_every_steps,
+                                     rollback_step=rows[-1]["step"])
              if cfg.checkpointing else None)
     step = int(jax.device_get(state.step))
     _notify(hooks, "start", types.SimpleNamespace(
@@ -294,6 +297,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         if saver and (save_due(step) or stop_due(step) or preempted or epoch == cfg.num_epochs
                       or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
             save(epoch + 1, 0, None, 0.0)
+        if saver:  # this epoch's row passed the hooks (the crash guard): the new rollback target
+            saver.rollback_step = step
         if preempted:
             break
     if saver:

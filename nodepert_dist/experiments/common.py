@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from nodepert_dist import crash_guard, distributed, metrics, train
+from nodepert_dist import checkpoint, crash_guard, distributed, metrics, train
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist.experiments import presets
 
@@ -125,7 +125,7 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
             crash_guard.run(train.run, cfg, hooks)
         else:
             train.run(cfg, hooks)
-    except crash_guard.Diverged as e:
+    except (crash_guard.Diverged, checkpoint.NonFiniteState) as e:  # in the loss or the params
         _write_json(os.path.join(cfg.workdir, "outcome.json"), {"status": "diverged", "detail": str(e)})
     except crash_guard.GaveUp:
         pass  # its events are in metrics.jsonl
@@ -328,7 +328,7 @@ def run_summary(run: dict, crash_points: float) -> dict:
 
 def load_point(cfg: train.Config, step: int):
     """(model, params on one device, data, splits, prep_mode) of cfg's run at checkpoint `step`."""
-    from nodepert_dist import checkpoint, models
+    from nodepert_dist import models
     from nodepert_dist import step as step_lib
     from nodepert_dist.data import preprocess, store
     from nodepert_dist.experiments import gradstats
