@@ -138,6 +138,7 @@ def run(train_run, cfg, hooks=()) -> tuple[list[dict], str]:
     It holds the workdir lock and the preemption watcher across attempts: no other run can
     start in the workdir while checkpoints are moved, and a signal during a rollback stops
     the run (exit 75) with the rollback done."""
+    cfg.validate()  # bad input is one line before the workdir is touched
     if not cfg.checkpointing and cfg.crash_max_rollbacks > 0:
         raise ValueError("--crash_guard rolls back to checkpoints: set --checkpoint_every_epochs "
                          "or --checkpoint_every_steps")
