@@ -48,6 +48,8 @@ class WorkdirBusy(ValueError):
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # no pid recorded (0 and -1 would name a process group and every process)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,7 +87,7 @@ def _owner() -> dict:
 
 def stale_reason(holder: dict, age_s: float, me: dict,
                  stale_s: float = STALE_S) -> Optional[str]:
-    """Why the lock `holder` (last touched `age_s` ago) may be taken over by `me`; None: it is live."""
+    """Why the lock `holder` (last touched `age_s` ago) may be taken over by `me`; None: live."""
     if (holder.get("slurm_job_id") and holder["slurm_job_id"] == me["slurm_job_id"]
             and int(holder.get("slurm_restart_count", 0)) < me["slurm_restart_count"]):
         return f"SLURM job {me['slurm_job_id']} was requeued"
@@ -95,8 +97,8 @@ def stale_reason(holder: dict, age_s: float, me: dict,
             return "this host has rebooted since"
         if not _alive(pid):
             return f"its process {pid} on this host is gone"
-        start = process_start(pid)
-        if holder.get("pid_start") is not None and start is not None and start != holder["pid_start"]:
+        started, now = holder.get("pid_start"), process_start(pid)
+        if started is not None and now is not None and now != started:
             return f"its process {pid} on this host is gone (that pid is now another process)"
         return None
     if age_s > stale_s:

@@ -97,7 +97,8 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path, mnist_dir, live_pid, 
     assert not (workdir / workdir_lock.LOCK_NAME).exists()  # released at the end
 
 
-def test_two_starters_that_judged_one_lock_stale_cannot_both_take_it(tmp_path, dead_pid, monkeypatch):
+def test_two_starters_that_judged_one_lock_stale_cannot_both_take_it(tmp_path, dead_pid,
+                                                                     monkeypatch):
     """Forced interleavings of two starters A and B that both found the same stale lock."""
     orig_stale, orig_rename = workdir_lock.stale_reason, os.rename
     # 1. A takes the lock over between B's judgment ("stale") and B's move: B must not move

@@ -138,7 +138,8 @@ def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4,
     A generator: close it (or run it to the end) to stop the prefetch threads or workers."""
     ds = batches[start:]
     if workers <= 0:
-        it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)))
+        options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
+        it = iter(ds.to_iter_dataset(options))
         try:
             yield from it
         finally:
