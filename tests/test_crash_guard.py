@@ -151,3 +151,35 @@ def test_non_finite_state_at_a_save_rolls_back_under_the_lock_and_a_signal_then_
     rows, _ = crash_guard.run(train.run, c)  # the same command again: lr 1e300 * 1e-300 = 1
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["test_acc"] > 0.15
     assert len([r for r in metrics.read_jsonl(c.workdir) if "event" in r]) == 1
+
+
+def test_guard_without_checkpoints_is_refused_before_any_work(tmp_path, mnist_dir):
+    c = cfg(tmp_path, mnist_dir, checkpoint_every_epochs=0)
+    with pytest.raises(ValueError, match="--crash_guard rolls back to checkpoints: set "):
+        crash_guard.run(train.run, c)
+    assert not os.path.exists(c.workdir)
+
+
+class _FakeCrashLosingTheTarget(_FakeCrash):
+    """_FakeCrash that also deletes the checkpoint the guard would roll back to (by hand)."""
+
+    def start(self, ctx):
+        super().start(ctx)
+        self.workdir = ctx.cfg.workdir
+
+    def after_row(self, row, rows):
+        super().after_row(row, rows)
+        if self.active and row["epoch"] == 2:
+            import shutil
+            shutil.rmtree(checkpoint.step_dir(os.path.join(self.workdir, "checkpoints"), 7))
+
+
+def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_rows(tmp_path, mnist_dir):
+    c = cfg(tmp_path, mnist_dir, lr=0.5, num_epochs=3, crash_points=5, checkpoint_every_steps=2)
+    with pytest.raises(crash_guard.GaveUp, match="no checkpoint at or before the last good epoch 1 "
+                                                  r"\(step 7\) is left in "):
+        crash_guard.run(train.run, c, hooks=[_FakeCrashLosingTheTarget(0.5)])
+    logged = metrics.read_jsonl(c.workdir)
+    assert [r["epoch"] for r in metrics.epoch_rows(logged)] == [0, 1, 2]  # nothing truncated
+    assert [r["event"] for r in logged if "event" in r] == ["gave_up"]
+    assert checkpoint.committed_steps(os.path.join(c.workdir, "checkpoints")) == [8, 10, 12]

@@ -242,3 +242,14 @@ def test_a_lock_is_the_pid_and_its_start_time_and_a_requeued_slurm_job_takes_its
     lock = WorkdirLock(str(tmp_path))
     lock.acquire()  # the attempt before the requeue: stale, although its pid is alive here
     assert json.loads(path.read_text())["token"] == lock.me["token"]
+
+
+def test_a_run_whose_lock_was_taken_over_stops_refreshing_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+    lock = WorkdirLock(str(tmp_path))
+    lock.acquire()
+    path = _plant(tmp_path, pid=1, age_s=1000, token="the new owner")  # taken over meanwhile
+    time.sleep(0.3)
+    assert time.time() - path.stat().st_mtime > 900  # not touched: its owner judges it
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "the new owner"  # not removed either
