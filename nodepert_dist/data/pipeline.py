@@ -149,7 +149,7 @@ def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4,
     # Grain's threads spawn the workers during this call and the first `next`. Threads and
     # spawned processes inherit the signal mask, so the run's signals stay blocked in a worker
     # until `_ignore_run_signals` ignores them: none can kill a worker while it starts up.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS)
+    blocked, it = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS), None
     try:
         # Python's resource tracker, if it starts here, unblocks SIGINT/SIGTERM in the thread
         # that starts it: start it first (it ignores them itself), then block them again.
@@ -157,6 +157,10 @@ def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4,
         signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS)
         it = iter(ds.to_iter_dataset().mp_prefetch(options, worker_init_fn=_ignore_run_signals))
         element = next(it, None)
+    except BaseException:
+        if it is not None:
+            it.close()
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
