@@ -15,7 +15,10 @@ into float32 on the device.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 from multiprocessing import resource_tracker
 from typing import Iterator
 
@@ -124,10 +127,19 @@ _RUN_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 def _ignore_run_signals(*_worker) -> None:
     """Grain worker init: a SIGTERM to the run's process group (SLURM, a terminal) must not kill
     a worker mid-batch (the main process would wait for its batch forever); the main process
-    stops the workers when it closes the iterator."""
+    stops the workers when it closes the iterator. As the worker ignores SIGTERM, it exits by
+    itself if the main process dies (kill -9) without stopping it."""
     for sig in _RUN_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
+    threading.Thread(target=_exit_without, args=(os.getppid(),), daemon=True,
+                     name="exit-with-run").start()
+
+
+def _exit_without(parent: int) -> None:
+    while os.getppid() == parent:  # re-parented once the main process is gone
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4,
