@@ -106,9 +106,16 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
+def idx_name(published: str, spelling: int) -> str:
+    """0: the published name (train-images-idx3-ubyte.gz); 1: without .gz; 2: the dotted
+    spelling of many unpacked copies (train-images.idx3-ubyte)."""
+    stem = published.removesuffix(".gz")
+    return (published, stem, stem.replace("-idx", ".idx"))[spelling]
+
+
 def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1, spelling=0):
-    """The four IDX files of a small MNIST; gz=False writes them un-gzipped. spelling: index
-    into sources.spellings (0: as published, 1: no .gz, 2: train-images.idx3-ubyte)."""
+    """The four IDX files of a small MNIST; gz=False writes them un-gzipped, under the name
+    idx_name(..., spelling)."""
     rng = np.random.default_rng(seed)
     arrays = {
         sources.TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28)),
@@ -118,7 +125,7 @@ def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1, spelling=0):
     }
     os.makedirs(root, exist_ok=True)
     for name, a in arrays.items():
-        path = os.path.join(root, sources.spellings(name)[spelling])
+        path = os.path.join(root, idx_name(name, spelling))
         with (gzip.open if gz else open)(path, "wb") as f:
             f.write(idx_bytes(a))
     return arrays

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from _fake_data import CIFAR_FORMS, fake_cifar, py2_pickle, py3_pickle, write_cifar_tarball, write_idx_dataset
+from _fake_data import (CIFAR_FORMS, fake_cifar, idx_name, py2_pickle, py3_pickle, write_cifar_tarball,
+                        write_idx_dataset)
 from conftest import REPO
 from nodepert_dist.data import cifar, fetch, sources, store
 from nodepert_dist.data.raw import DataError
@@ -89,7 +90,7 @@ def test_corrupt_mnist_pickle_is_a_clear_error(tmp_path):
 def test_un_gzipped_idx_copies_under_their_common_names_import_as_unverified(tmp_path, name, spelling):
     arrays = write_idx_dataset(tmp_path / "src", gz=False, spelling=spelling)
     src, data_dir = str(tmp_path / "src"), str(tmp_path / "data")
-    raw_name = sources.spellings(sources.TRAIN_IMAGES)[spelling]
+    raw_name = idx_name(sources.TRAIN_IMAGES, spelling)
     with pytest.raises(DataError, match=f"{raw_name} is un-gzipped, and only the published "
                                         f"{sources.TRAIN_IMAGES} has a pinned SHA-256 .*; if you "
                                         f"trust this copy, pass --allow_unverified"):
@@ -104,7 +105,7 @@ def test_un_gzipped_idx_copies_under_their_common_names_import_as_unverified(tmp
 
 def test_an_incomplete_from_folder_names_the_file_and_the_users_data_dir(tmp_path):
     write_idx_dataset(tmp_path / "src", gz=False, spelling=2)
-    os.remove(tmp_path / "src" / sources.spellings(sources.TRAIN_LABELS)[2])
+    os.remove(tmp_path / "src" / idx_name(sources.TRAIN_LABELS, 2))
     data_dir = tmp_path / "my data"
     with pytest.raises(DataError) as e:
         fetch.fetch("mnist", str(data_dir), from_path=str(tmp_path / "src"), allow_unverified=True)
