@@ -258,6 +258,17 @@ def test_a_hostile_pickle_cannot_run_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("builtins", "getattr"),
+                                          ("numpy", "load"), ("subprocess", "Popen"),
+                                          ("numpy.core.multiarray", "_unknown")])
+def test_the_unpickler_builds_data_only(module, name):
+    from nodepert_dist.data import safe_pickle
+    payload = pickle.PROTO + b"\x02c" + f"{module}\n{name}\n".encode() + b"X\x01\x00\x00\x00x\x85R."
+    with pytest.raises(DataError, match=rf"^f: refused to unpickle {module}\.{name} "):
+        safe_pickle.loads(payload, "f")
+    assert safe_pickle.loads(pickle.dumps({"a": np.arange(3)}, protocol=2), "f")["a"].tolist() == [0, 1, 2]
+
+
 def test_a_failed_reconversion_keeps_the_good_store(tmp_path):
     tarball, folder, arrays, members = fake_cifar(tmp_path)
     fetch.fetch("cifar10", str(tmp_path / "data"), from_path=tarball, allow_unverified=True)

@@ -17,11 +17,12 @@ the file; `str_keys` makes bytes keys `str` as well.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import importlib
 import io
 import pickle
+
+import numpy as np
 
 from nodepert_dist.data.raw import DataError
 
@@ -34,44 +35,38 @@ class Refused(pickle.UnpicklingError):
         self.name = name
 
 
-def _numpy(*paths: str):
-    """The first of `module:name` that imports: numpy 2 moved numpy.core to numpy._core."""
-    def resolve():
-        for path in paths:
-            module, name = path.split(":")
-            try:
-                return getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):
-                continue
-        raise ImportError(f"none of {', '.join(paths)}")
-    return resolve
+def _first(*paths: str):
+    """The first `module:name` that imports (numpy 2 moved numpy.core to numpy._core)."""
+    for path in paths:
+        module, name = path.split(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"none of {', '.join(paths)}")
 
 
 def _latin1_encode(text, encoding="latin1"):
-    """`_codecs.encode` as Python 3 pickles bytes (protocols 0-2): latin-1 text only."""
-    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
+    """`_codecs.encode` as Python 3 pickles bytes at protocols 0-2: latin-1 text only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise Refused(f"_codecs.encode(..., {encoding!r})")
     return text.encode("latin1")
 
 
-_RECONSTRUCT = _numpy("numpy._core.multiarray:_reconstruct", "numpy.core.multiarray:_reconstruct")
-_SCALAR = _numpy("numpy._core.multiarray:scalar", "numpy.core.multiarray:scalar")
-_FROMBUFFER = _numpy("numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer")
-_NDARRAY, _DTYPE = _numpy("numpy:ndarray"), _numpy("numpy:dtype")
-_value = lambda v: (lambda: v)
+_RECONSTRUCT = _first("numpy._core.multiarray:_reconstruct", "numpy.core.multiarray:_reconstruct")
+_SCALAR = _first("numpy._core.multiarray:scalar", "numpy.core.multiarray:scalar")
+_FROMBUFFER = _first("numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer")
 
-ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _DTYPE,
-    ("_codecs", "encode"): _value(_latin1_encode),
-    ("collections", "OrderedDict"): _value(collections.OrderedDict),
-    **{(module, t.__name__): _value(t) for module in ("builtins", "__builtin__")
+ALLOWED = {  # (module, name) as written in the pickle -> what it builds
+    **{(f"numpy.{core}.{module}", name): obj for core in ("core", "_core")
+       for module, name, obj in (("multiarray", "_reconstruct", _RECONSTRUCT),
+                                 ("multiarray", "scalar", _SCALAR),
+                                 ("numeric", "_frombuffer", _FROMBUFFER))},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{(module, t.__name__): t for module in ("builtins", "__builtin__")
        for t in (bytes, bytearray, set, frozenset, complex)},
 }
 
@@ -80,7 +75,7 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in ALLOWED:
             raise Refused(f"{module}.{name}")
-        return ALLOWED[(module, name)]()
+        return ALLOWED[(module, name)]
 
 
 def loads(data: bytes, where: str, kind: str = "dataset file"):
