@@ -144,13 +144,15 @@ def _explicit(source: str, given: dict) -> Layout:
 def _unusable(launch: launchers.Launch, missing: list[str]) -> str:
     """One line: the launcher found, what it does not say, the flags that say it."""
     of = "an unknown number" if launch.num_processes is None else str(launch.num_processes)
-    need = {"coordinator_address": "--coordinator_address=HOST:PORT (process 0's host, a free port)",
+    lacks = {"coordinator_address": "where process 0's coordinator is",
+             "num_processes": "how many processes there are", "process_id": "this process's rank"}
+    need = {"coordinator_address": "--coordinator_address=HOST:PORT",
             "num_processes": "--num_processes=N", "process_id": "--process_id=RANK"}
     env_names = ", ".join("NODEPERT_" + m.upper() for m in missing)
     return (f"{launch.label} started this as process {launch.process_id} of {of} "
-            f"({launch.evidence}) but does not say {' or '.join(m.replace('_', ' ') for m in missing)}; "
-            f"pass {' '.join(need[m] for m in missing)} (or env {env_names}); the rest comes "
-            f"from {launch.label}")
+            f"({launch.evidence}) but does not say {' or '.join(lacks[m] for m in missing)}: "
+            f"pass {' '.join(need[m] for m in missing)} (or env {env_names}; HOST is process 0's "
+            f"host, PORT a free port there) and the rest comes from {launch.label}")
 
 
 def _jax_cluster(slurm_tasks: str) -> Layout:
