@@ -169,7 +169,7 @@ def _jax_cluster(slurm_tasks: str) -> Layout:
     name = found.name or found.__name__
     try:
         address, num, pid, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-            None, None, None, None, found.name or None, None)
+            None, None, None, None, found.name or None, 300)  # s to look the coordinator up
     except (KeyError, ValueError, RuntimeError) as e:
         raise DistributedError(f"{found.__name__} environment found but incomplete: {e}") from None
     if int(num) <= 1:
