@@ -46,8 +46,7 @@ SUMMARY_METRICS = ("epoch", "step", "test_acc", "test_loss", "train_acc", "train
 # ----------------------------------------------------------------------------- spec -> rows
 
 def fail(message: str) -> NoReturn:
-    """Stops with one `error:` line (argparse-style exit status 2 is for usage; this is 1)."""
-    raise SystemExit(f"error: {message}")
+    raise SystemExit(f"error: {message}")  # one line on stderr, status 1
 
 
 SPEC_KEYS = ("command", "root", "base", "grid", "seeds", "slurm", "variants")
@@ -63,7 +62,7 @@ def load_spec(path: str) -> dict:
         try:
             spec = runpy.run_path(path).get("SPEC")
         except Exception as e:  # the user's own code: any failure is theirs to fix
-            fail(f"{path} failed to run: {type(e).__name__}: {e}")
+            fail(f"{path} failed to run: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
         if not isinstance(spec, dict):
             fail(f"{path} does not define a dict SPEC")
     else:
@@ -103,9 +102,8 @@ def check_spec(spec, path: str) -> None:
     if not ((type(seeds) is int and seeds >= 1) or (isinstance(seeds, list) and seeds and all(
             type(s) is int for s in seeds))):
         fail(f'{path}: "seeds" must be a count >= 1 or a non-empty list of integers, not {seeds!r}')
-    names = [*spec.get("base", {}), *spec.get("grid", {})] + [
-        k for v in variants.values() for k in v]
-    for name in names + list(spec.get("slurm", {})):
+    for name in [*spec.get("base", {}), *spec.get("grid", {}), *spec.get("slurm", {})] + [
+            k for v in variants.values() for k in v]:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             fail(f"{path}: {name!r} is not a flag or option name")
 

@@ -104,6 +104,8 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
             except ValueError:
                 raise DistributedError(f"--{k} (or NODEPERT_{k.upper()}) = {given[k]!r} is not "
                                        f"an integer") from None
+    if source is not None and given["num_processes"] == 1 and given["process_id"] in (None, 0):
+        return Layout(source)
     try:
         if source is not None and None not in given.values():
             return _explicit(source, given)
@@ -113,8 +115,6 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
     if launch is None:
         if source is not None:
             missing = [k for k, v in given.items() if v is None]
-            if given["num_processes"] == 1 and given["process_id"] in (None, 0):
-                return Layout(source)
             raise DistributedError(
                 f"incomplete process layout from {source}: set --{' --'.join(missing)} "
                 f"(or {', '.join('NODEPERT_' + m.upper() for m in missing)})")
@@ -135,10 +135,8 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
 
 
 def _explicit(source: str, given: dict) -> Layout:
-    num, pid = given["num_processes"], given["process_id"]
-    if num == 1 and pid == 0:
-        return Layout(source)
-    return _checked(Layout(source, num, pid, str(given["coordinator_address"])))
+    return _checked(Layout(source, given["num_processes"], given["process_id"],
+                           str(given["coordinator_address"])))
 
 
 def _unusable(launch: launchers.Launch, missing: list[str]) -> str:
