@@ -398,4 +398,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OSError as e:  # an unwritable root or --out: one line, as for every other problem
+        fail(f"{e.filename or 'sweep'}: {e.strerror}")
