@@ -226,3 +226,17 @@ def test_detect_reads_only_the_environment_it_is_given(monkeypatch):
         layout = dist.detect(env={**SLURM_ENV, "CUDA_VISIBLE_DEVICES": "6,7"})
         single = dist.detect(env={})
     assert layout.local_device_ids == (0, 1) and single == Layout("single")
+
+
+def test_training_under_open_mpi_5_stops_with_the_launcher_line_not_a_single_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODEPERT_", "SLURM_"))}
+    res = subprocess.run([sys.executable, "-m", "nodepert_dist.train", f"--workdir={tmp_path / 'w'}",
+                          f"--data_dir={tmp_path / 'no-data'}", "--num_epochs=1"],
+                         env={**env, **OMPI5_ENV}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: Open MPI 5 (PRRTE/PMIx) started "
+                                                          "this as process 1 of 4")
+    assert not (tmp_path / "w").exists()  # nothing started: no lock, no run
