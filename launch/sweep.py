@@ -15,7 +15,8 @@ Spec (JSON, or a .py file defining a dict SPEC):
      "variants": {"plain": {}, "jvp": {"np_delta": "jvp"}},  # optional: named flag sets,
                                                  # one more grid axis (outermost), "variant=NAME"
      "seeds": 2,                                 # or an explicit list [0, 1, 7]
-     "slurm": {"time": "02:00:00", "gpus": 1}}   # optional, for --mode=slurm
+     "slurm": {"time": "02:00:00", "gpus": 1}}   # optional sbatch options, for --mode=slurm
+Flag values: true -> --flag, false -> --noflag (as absl reads them), a list -> --flag=a,b.
 Rows are the product of the grid values in spec order with the seed innermost; row i is what
 SLURM_ARRAY_TASK_ID=i runs. A run is finished when the last epoch in its metrics.jsonl equals
 its num_epochs; --mode=summary and --skip_finished leave unfinished runs out / in.
