@@ -237,7 +237,13 @@ def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
         metric_rows = [read_metrics(r["workdir"]) for r in members if final_row(r)]
         if not metric_rows:
             continue
-        epochs = [[r for r in m if r["epoch"] > 0] for m in metric_rows]  # 0: untrained
+        # epoch rows only (event rows such as the crash guard's rollbacks have no accuracy);
+        # epoch 0 is the untrained net; a non-finite accuracy is written as null
+        epochs = [[r for r in m if isinstance(r.get("epoch"), int) and "event" not in r
+                   and r["epoch"] > 0 and isinstance(r.get("test_acc"), (int, float))]
+                  for m in metric_rows]
+        if not all(epochs):
+            continue
         cells = [",".join(f"{k}={_fmt(v)}" for k, v in key) or "-", str(len(epochs[0])),
                  pct([e[-1]["test_acc"] for e in epochs]),
                  pct([max(r["test_acc"] for r in e) for e in epochs])]

@@ -300,3 +300,24 @@ def test_a_row_that_cannot_start_is_a_failure_and_the_rest_still_run(tmp_path):
     assert sum(line.startswith("[sweep] FAILED") for line in log) == len(runs)
     for run in runs:
         assert "error: could not start" in open(os.path.join(run["workdir"], "run.log")).read()
+
+
+def test_table_reads_guarded_runs_event_rows_and_null_accuracy(tmp_path):
+    """A crash-guarded run's metrics.jsonl holds event rows (no accuracy) and may hold a null
+    accuracy (a non-finite value): the table pools the epoch rows and skips neither run."""
+    runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1]})))
+    for run, middle in zip(runs, ({"event": "rollback", "reason": "accuracy", "resume_step": 3},
+                                  {"epoch": 1, "test_acc": None, "epoch_time": 1.0,
+                                   "examples_per_s": 50.0})):
+        os.makedirs(run["workdir"])
+        with open(os.path.join(run["workdir"], "config.json"), "w") as f:
+            json.dump({"num_epochs": 2}, f)
+        rows = [{"epoch": 0, "test_acc": 0.1}, {"epoch": 1, "test_acc": 0.9, "epoch_time": 1.0,
+                                                 "examples_per_s": 100.0},
+                middle, {"epoch": 2, "test_acc": 0.96, "epoch_time": 1.0, "examples_per_s": 100.0}]
+        with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    lines = sweep.table(runs).splitlines()
+    assert len(lines) == 3, lines
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[1:4] == ["2", "96.0 ± 0.0", "96.0 ± 0.0"] and cells[8] == "2", cells
