@@ -18,7 +18,7 @@ import os
 from absl import app, flags
 
 from nodepert_dist import cli as cli_lib
-from nodepert_dist.metrics import read_jsonl
+from nodepert_dist.metrics import epoch_rows, read_jsonl
 
 flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
 flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
@@ -79,7 +79,7 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     scale = 100.0 if metric.endswith("_acc") else 1.0
     for workdir in workdirs:
-        rows = [r for r in read_jsonl(workdir) if r.get(metric) is not None]
+        rows = [r for r in epoch_rows(read_jsonl(workdir)) if r.get(metric) is not None]
         if not rows:
             raise ValueError(f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?")
         if x == "time":  # epoch 0 (before training) at t=0
