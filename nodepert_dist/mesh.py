@@ -77,9 +77,18 @@ def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> Non
     if global_batch <= 0 or global_batch % n_dev:
         raise ValueError(
             f"{what}={global_batch} is not divisible by the {n_dev} devices of the mesh; "
-            f"use a multiple of {n_dev}")
+            f"use a multiple of {n_dev}" + (
+                f" (e.g. {global_batch // n_dev * n_dev or n_dev} or "
+                f"{(global_batch // n_dev + 1) * n_dev})" if global_batch > 0 else ""))
     if global_batch % n_proc:
         raise ValueError(f"{what}={global_batch} is not divisible by {n_proc} processes")
+
+
+def round_up_batch(global_batch: int, mesh: Mesh) -> int:
+    """The smallest multiple of the device count >= `global_batch` (for evaluation, whose
+    padded last batch makes any batch size give the same result)."""
+    n_dev = mesh.devices.size
+    return -(-global_batch // n_dev) * n_dev
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, logging
 
 from nodepert_dist import agree, checkpoint, crash_guard, distributed, metrics, models
-from nodepert_dist import params_io, preempt
+from nodepert_dist import params_io, preempt, resume
 from nodepert_dist import taps
 from nodepert_dist import workdir_lock
 from nodepert_dist import config as config_lib
@@ -99,7 +99,6 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     # Mesh: one `data` axis over every device of every process.
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_batch(cfg.batchsize, mesh)
-    mesh_lib.check_batch(cfg.eval_batchsize, mesh, "--eval_batchsize")
     per_device = cfg.batchsize // mesh.devices.size
     if cfg.update_rule == "np" and per_device % cfg.np_microbatches:
         raise ValueError(f"--np_microbatches={cfg.np_microbatches} does not divide the "
@@ -113,6 +112,9 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
 
 
 def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[list[dict], str]:
+    # A resumed run's settings against its checkpoint's (config.RESUME_RULES), before any work.
+    ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
+    cfg = resume.settle(ckpt_dir, cfg)
     # Data: memory-mapped uint8 arrays (store.py); each process gathers only its share, and
     # the preprocessing (training-split statistics) runs per batch on the device.
     data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
@@ -133,16 +135,17 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     # Model, optimizer and replicated train state.
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
                                width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
-    optimizer = step_lib.make_optimizer(
-        cfg.optimizer, cfg.lr, cfg.wd, schedule=cfg.lr_schedule,
-        total_steps=cfg.num_epochs * n_steps, warmup_steps=round(cfg.warmup_epochs * n_steps),
-        decay_every=cfg.lr_decay_epochs * n_steps, decay_factor=cfg.lr_decay_factor,
-        clip_norm=cfg.clip_norm, weight_norm=cfg.weight_norm)
+    optimizer = step_lib.optimizer_from(cfg, n_steps)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
     taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
+    if cfg.lr_schedule == "cosine":
+        logging.info("lr: cosine from %g to 0 over %d epochs (--lr_schedule_epochs; kept on "
+                     "resume whatever --num_epochs says)", cfg.lr, cfg.lr_schedule_epochs)
+    # Evaluation pads its last batch anyway: any batch works once it splits over the devices.
+    eval_batch = mesh_lib.round_up_batch(cfg.eval_batchsize, mesh)
 
     # Steps.
     train_step = step_lib.make_train_step(
@@ -157,7 +160,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
 
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
-            images, labels, global_batch=cfg.eval_batchsize, process_index=jax.process_index(),
+            images, labels, global_batch=eval_batch, process_index=jax.process_index(),
             process_count=jax.process_count(), rows=rows), prep, mesh)
 
     def epoch_row(epoch: int, extra: dict) -> dict:
@@ -173,8 +176,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         return writer.write(row)  # NaN/Inf (e.g. an overflowing eval loss) written as null
 
     # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
-    ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
-    restored = checkpoint.restore(ckpt_dir, state) if cfg.resume else None
+    restored = (resume.restore(ckpt_dir, cfg, state, optimizer, mesh, n_steps) if cfg.resume
+                else None)
     # Process 0's listing decides (like restore's): stale caches must not split the processes.
     if restored is None and cfg.checkpointing and agree.from_process_0(
             len(checkpoint.committed_steps(ckpt_dir))):
@@ -182,7 +185,6 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
                          f"remove them or use another --workdir")
     if restored is not None:
         state, manifest = restored
-        config_lib.check_resume_config(manifest["config"], dataclasses.asdict(cfg))
         loop = manifest["loop"]
         saved_order = manifest.get("rng", {}).get("data_order")
         if loop["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
@@ -304,7 +306,10 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     note = ""
     if restored is not None and epoch_start > cfg.num_epochs:
         note = (f"already finished: {cfg.num_epochs} epochs done (step {step}); nothing to do "
-                f"(raise --num_epochs to train on)")
+                f"(raise --num_epochs to train on" + (
+                    f", and --lr_schedule_epochs with it: the cosine schedule ends at epoch "
+                    f"{cfg.lr_schedule_epochs} and is recomputed over the new length from here)"
+                    if cfg.lr_schedule == "cosine" else ")"))
     elif rows[-1]["epoch"] < cfg.num_epochs and stop_due(step):
         note = (f"stopped at --max_steps={cfg.max_steps} (step {step}, {rows[-1]['epoch']} of "
                 f"{cfg.num_epochs} epochs done); rerun with a larger --max_steps to continue")

@@ -1,0 +1,129 @@
+"""Resuming under changed settings: config.RESUME_RULES applied to a checkpoint, and its
+optimizer state carried onto this run's optimizer part by part.
+
+`settle` runs first, before any data is read or anything compiles: it refuses a change the
+table refuses (one line naming the flag) and fills the "inherit" settings from the newest
+checkpoint. `restore` reads the checkpoint with the optimizer the checkpoint was saved with
+(its recorded settings say which parts it had), then keeps the state of every part this run
+shares with it and starts this run's other parts fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import optax
+from absl import logging
+
+from nodepert_dist import agree, checkpoint
+from nodepert_dist import config as config_lib
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import step as step_lib
+from nodepert_dist.checkpoint_restore import read_manifest
+from nodepert_dist.config import Config
+
+LR_SETTINGS = ("lr", "lr_schedule", "lr_schedule_epochs", "warmup_epochs", "lr_decay_epochs",
+               "lr_decay_factor")
+
+
+def _mid_epoch(manifest: dict) -> bool:
+    return bool(manifest.get("loop", {}).get("step_in_epoch"))
+
+
+def _newest_manifest(ckpt_dir: str) -> Optional[dict]:
+    """The newest committed checkpoint's manifest that reads on every process (process 0's
+    listing decides, as in restore); None if there is none."""
+    candidates = (list(reversed(checkpoint.committed_steps(ckpt_dir)))
+                  if jax.process_index() == 0 else [])
+    while True:
+        step = agree.from_process_0(candidates.pop(0) if candidates else -1)
+        if step < 0:
+            return None
+        try:
+            manifest = read_manifest(checkpoint.step_dir(ckpt_dir, step))
+        except checkpoint.CorruptCheckpoint:
+            manifest = None  # restore sets it aside and falls back, as here
+        if agree.everywhere(manifest is not None):
+            return manifest
+
+
+def settle(ckpt_dir: str, cfg: Config) -> Config:
+    """This run's settings against the newest checkpoint's, before any work: refusals raise a
+    one-line ValueError; "inherit" settings (the cosine horizon) are filled in."""
+    manifest = _newest_manifest(ckpt_dir) if cfg.resume else None
+    saved = manifest["config"] if manifest is not None else None
+    cfg, _ = config_lib.settle_resume(cfg, saved, manifest is not None and _mid_epoch(manifest))
+    return cfg
+
+
+def saved_config(saved: dict) -> Config:
+    """The checkpoint's settings as a Config (settings it predates take their defaults)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in names})
+
+
+def _part_names(cfg: Config) -> list[str]:
+    return [name for name, _ in step_lib.optimizer_parts(**_optimizer_args(cfg))]
+
+
+def _lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    rate = step_lib.schedule_from(cfg, steps_per_epoch)
+    return float(rate(step)) if callable(rate) else float(rate)
+
+
+def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, mesh,
+            steps_per_epoch: int) -> Optional[tuple[Any, dict]]:
+    """(state, manifest) from the newest valid checkpoint, on this run's optimizer; None if
+    there is none. `fresh`: this run's initial state (its parameters give the shapes)."""
+    replicated = mesh_lib.replicated(mesh)
+
+    def target(manifest: dict):  # the state as it was saved, for checkpoint.load
+        config_lib.settle_resume(cfg, manifest["config"], _mid_epoch(manifest))  # refusals
+        parts = step_lib.optimizer_parts(**_optimizer_args(saved_config(manifest["config"])))
+        shapes = jax.eval_shape(optax.chain(*[t for _, t in parts]).init if len(parts) > 1
+                                else parts[0][1].init, fresh.params)
+        opt_state = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+        return fresh.replace(opt_state=opt_state)
+
+    try:
+        restored = checkpoint.restore(ckpt_dir, target)
+    except checkpoint.CheckpointError as e:  # arrays that do not match the recorded settings
+        if isinstance(e, checkpoint.CorruptCheckpoint):
+            raise
+        logging.error("%s", e)
+        raise ValueError(f"the newest checkpoint in {ckpt_dir} does not match the settings it "
+                         f"recorded (written by another version of nodepert_dist?); resume it "
+                         f"with that version, or use another --workdir") from None
+    if restored is None:
+        return None
+    state, manifest = restored
+    saved = saved_config(manifest["config"])
+    _, changed = config_lib.settle_resume(cfg, manifest["config"], _mid_epoch(manifest))
+    if changed:
+        logging.warning("resuming with changed settings: %s", ", ".join(changed))
+    step = int(jax.device_get(state.step))
+    if any(getattr(saved, k) != getattr(cfg, k) for k in LR_SETTINGS):
+        logging.warning("the lr at step %d changes from %g to %g (the lr settings changed)",
+                        step, _lr_at(saved, step, steps_per_epoch),
+                        _lr_at(cfg, step, steps_per_epoch))
+    before, now = _part_names(saved), _part_names(cfg)
+    if before != now:
+        kept = step_lib.part_states(before, state.opt_state)
+        initial = step_lib.part_states(now, jax.jit(optimizer.init, out_shardings=replicated)(
+            state.params))
+        opt_state = step_lib.join_part_states(now, {n: kept.get(n, initial[n]) for n in now})
+        state = state.replace(opt_state=opt_state)
+        logging.warning("optimizer parts: kept %s; started fresh %s; dropped %s",
+                        [n for n in now if n in before] or "none",
+                        [n for n in now if n not in before] or "none",
+                        [n for n in before if n not in now] or "none")
+    return state, manifest
+
+
+def _optimizer_args(cfg: Config) -> dict:
+    """The settings that decide the optimizer state's structure (the schedule does not)."""
+    return dict(name=cfg.optimizer, lr=cfg.lr, wd=cfg.wd, clip_norm=cfg.clip_norm,
+                weight_norm=cfg.weight_norm)
