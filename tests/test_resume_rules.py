@@ -28,8 +28,7 @@ MID, BOUNDARY = 2, 4  # the two checkpoints' steps: inside epoch 1, and epoch 2'
 def _base(data_dir, workdir) -> Config:
     return Config(network="fc", n_hl=1, hl_size=8, batchsize=1000, validation_size=56000,
                   eval_batchsize=8000, eval_train=False, num_epochs=2, lr=0.05, sigma=3e-2,
-                  lr_schedule="cosine", lr_schedule_epochs=3, checkpoint_every_steps=2,
-                  data_dir=data_dir, workdir=str(workdir))
+                  checkpoint_every_steps=2, data_dir=data_dir, workdir=str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +89,10 @@ CHANGES = {
     "preprocess": dict(preprocess="unit"), "dtype": dict(dtype="bfloat16"),
     "update_rule": dict(update_rule="sgd"), "lr": dict(lr=0.1), "wd": dict(wd=1e-3),
     "optimizer": dict(optimizer="adam"),
-    "lr_schedule": dict(lr_schedule="constant", lr_schedule_epochs=0),
+    "lr_schedule": dict(lr_schedule="cosine"),
     "warmup_epochs": dict(warmup_epochs=0.5),
-    "lr_decay_epochs": dict(lr_schedule="step", lr_schedule_epochs=0, lr_decay_epochs=1),
-    "lr_decay_factor": dict(lr_schedule="step", lr_schedule_epochs=0, lr_decay_epochs=1,
-                            lr_decay_factor=0.5),
+    "lr_decay_epochs": dict(lr_schedule="step", lr_decay_epochs=1),
+    "lr_decay_factor": dict(lr_schedule="step", lr_decay_epochs=1, lr_decay_factor=0.5),
     "clip_norm": dict(clip_norm=1.0), "weight_norm": dict(weight_norm=True),
     "loss": dict(loss="ce"), "sigma": dict(sigma=5e-2), "noise": dict(noise="gaussian"),
     "np_antithetic": dict(np_antithetic=True), "np_draws": dict(np_draws=2),
@@ -104,7 +102,7 @@ CHANGES = {
     "cifar100_labels": dict(cifar100_labels="coarse"), "batchsize": dict(batchsize=2000),
     "network": dict(network="linfc"), "n_hl": dict(n_hl=2), "hl_size": dict(hl_size=16),
     "width": dict(width=32), "norm": dict(norm="group"),
-    "lr_schedule_epochs": dict(lr_schedule_epochs=4),
+    "lr_schedule_epochs": dict(lr_schedule="cosine", lr_schedule_epochs=4),
 }
 # Settings the resumed state depends on (optimizer parts, lr, batches): their cases train a step.
 STEPPED = ("wd", "optimizer", "clip_norm", "weight_norm", "lr", "lr_schedule", "warmup_epochs",
@@ -168,9 +166,9 @@ def test_resume_with_a_changed_setting_does_what_the_table_says(cuts, tmp_path, 
     (dict(optimizer="adam", wd=1e-3), [], ["adam", "decay"]),
     (dict(wd=1e-3), ["sgd"], ["decay"]),
     (dict(warmup_epochs=0.5), ["sgd"], []),
-    (dict(lr_schedule="constant", lr_schedule_epochs=0), ["sgd"], []),
+    (dict(lr_schedule="cosine"), ["sgd"], []),
     (dict(weight_norm=True, clip_norm=1.0), ["sgd"], ["clip", "weight_norm"]),
-])
+], ids=["adam+wd", "wd", "warmup", "cosine", "weight_norm+clip"])
 def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, kept, fresh):
     """Each optimizer change the table allows resumes (main: "has no array 'opt_state.0.0.count'"
     or "... that this model lacks"): the parameters and shared parts are the checkpoint's, new
@@ -200,33 +198,34 @@ def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, 
 
 # ----------------------------------------------------------------------------- lr schedule horizon
 
-def test_num_epochs_on_resume_keeps_the_cosine_horizon(cuts, tmp_path, mnist_dir):
-    """--num_epochs never moves the cosine curve: the horizon is recorded at the first start and
-    kept; going past it is refused (one line) unless --lr_schedule_epochs is given with it."""
-    # Within the recorded horizon (3 epochs): free, and the run is the uninterrupted 3-epoch one.
-    workdir, cfg, run = _resume(cuts, MID, tmp_path, num_epochs=3, max_steps=0)
-    rows, note = run()
-    assert json.loads((workdir / "config.json").read_text())["lr_schedule_epochs"] == 3
-    whole = dataclasses.replace(cfg, workdir=str(tmp_path / "whole"))
+def test_num_epochs_on_resume_keeps_the_cosine_horizon(tmp_path, mnist_dir):
+    """--num_epochs never moves the cosine curve (main recomputed it over the new total): the
+    horizon is recorded at the first start and kept; going past it is refused (one line) unless
+    --lr_schedule_epochs is given with it."""
+    cosine = dataclasses.replace(_base(mnist_dir, tmp_path / "cut"), lr_schedule="cosine")
     untimed = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "examples_per_s")}
                           for r in rs]
-    assert untimed(rows) == untimed(train.run(whole)[0])
-    # Finished: the hint names both flags.
-    cfg3 = dataclasses.replace(cfg, lr_schedule_epochs=0)
-    assert "--lr_schedule_epochs" in train.run(cfg3)[1]
+    train.run(dataclasses.replace(cosine, max_steps=MID))  # horizon: its 2 epochs
     # Past it: refused before any work, naming the flag to give.
-    with pytest.raises(ValueError, match=r"--num_epochs=4 goes past the cosine schedule's 3 "
-                                         r"epochs.*--lr_schedule_epochs=4"):
-        train.run(dataclasses.replace(cfg3, num_epochs=4))
-    # With the horizon given: allowed, recomputed over it.
-    rows, _ = train.run(dataclasses.replace(cfg3, num_epochs=4, lr_schedule_epochs=4))
-    assert rows[-1]["epoch"] == 4
-    assert json.loads((workdir / "config.json").read_text())["lr_schedule_epochs"] == 4
+    with pytest.raises(ValueError, match=r"--num_epochs=3 goes past the cosine schedule's 2 "
+                                         r"epochs.*--lr_schedule_epochs=3"):
+        train.run(dataclasses.replace(cosine, num_epochs=3))
+    # Lowering it keeps the curve: the run is the uninterrupted 2-epoch run's first epoch.
+    rows, note = train.run(dataclasses.replace(cosine, num_epochs=1))
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["lr_schedule_epochs"] == 2
+    whole = train.run(dataclasses.replace(cosine, workdir=str(tmp_path / "whole")))[0]
+    assert untimed(rows) == untimed(whole[:2])
+    # Finished: the hint names both flags.
+    assert "--lr_schedule_epochs" in train.run(dataclasses.replace(cosine, num_epochs=1))[1]
+    # With the horizon given: allowed, recomputed over it from here.
+    rows, _ = train.run(dataclasses.replace(cosine, num_epochs=3, lr_schedule_epochs=3))
+    assert rows[-1]["epoch"] == 3
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["lr_schedule_epochs"] == 3
 
 
 # ----------------------------------------------------------------------------- data order
 
-@pytest.mark.parametrize("changes", [dict(seed=1), dict(augment=True)])
+@pytest.mark.parametrize("changes", [dict(seed=1), dict(augment=True)], ids=["seed", "augment"])
 def test_settings_of_the_data_order_change_only_at_an_epoch_boundary(cuts, tmp_path, changes):
     """main only warned: a mid-epoch resume with another seed repeats and skips examples."""
     (name,) = changes
