@@ -305,11 +305,15 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     # Said at the end: otherwise the last line printed is an earlier epoch's row.
     note = ""
     if restored is not None and epoch_start > cfg.num_epochs:
+        more = "raise --num_epochs to train on"
+        if cfg.lr_schedule == "cosine":  # its length is recorded; --num_epochs never moves it
+            more = (f"raise --num_epochs, up to {cfg.lr_schedule_epochs}, to train on along the "
+                    f"same cosine" if cfg.num_epochs < cfg.lr_schedule_epochs else
+                    f"the cosine lr reached 0 at epoch {cfg.lr_schedule_epochs}: raise "
+                    f"--num_epochs and --lr_schedule_epochs together to train on (the cosine is "
+                    f"then recomputed over the new length from here)")
         note = (f"already finished: {cfg.num_epochs} epochs done (step {step}); nothing to do "
-                f"(raise --num_epochs to train on" + (
-                    f", and --lr_schedule_epochs with it: the cosine schedule ends at epoch "
-                    f"{cfg.lr_schedule_epochs} and is recomputed over the new length from here)"
-                    if cfg.lr_schedule == "cosine" else ")"))
+                f"({more})")
     elif rows[-1]["epoch"] < cfg.num_epochs and stop_due(step):
         note = (f"stopped at --max_steps={cfg.max_steps} (step {step}, {rows[-1]['epoch']} of "
                 f"{cfg.num_epochs} epochs done); rerun with a larger --max_steps to continue")

@@ -198,7 +198,7 @@ def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, 
 
 # ----------------------------------------------------------------------------- lr schedule horizon
 
-def test_num_epochs_on_resume_keeps_the_cosine_horizon(tmp_path, mnist_dir):
+def test_num_epochs_on_resume_keeps_the_cosine_horizon(tmp_path, mnist_dir, caplog):
     """--num_epochs never moves the cosine curve (main recomputed it over the new total): the
     horizon is recorded at the first start and kept; going past it is refused (one line) unless
     --lr_schedule_epochs is given with it."""
@@ -215,12 +215,18 @@ def test_num_epochs_on_resume_keeps_the_cosine_horizon(tmp_path, mnist_dir):
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["lr_schedule_epochs"] == 2
     whole = train.run(dataclasses.replace(cosine, workdir=str(tmp_path / "whole")))[0]
     assert untimed(rows) == untimed(whole[:2])
-    # Finished: the hint names both flags.
-    assert "--lr_schedule_epochs" in train.run(dataclasses.replace(cosine, num_epochs=1))[1]
+    # Finished: the hint says how far --num_epochs goes on this curve.
+    assert "raise --num_epochs, up to 2, to train on along the same cosine" in train.run(
+        dataclasses.replace(cosine, num_epochs=1))[1]
     # With the horizon given: allowed, recomputed over it from here.
+    caplog.set_level(logging.WARNING)
     rows, _ = train.run(dataclasses.replace(cosine, num_epochs=3, lr_schedule_epochs=3))
     assert rows[-1]["epoch"] == 3
+    # at step 4: half-way along 8 steps (0.025), a third of the way along 12 (0.0375)
+    assert "the lr at step 4 changes from 0.025 to 0.0375" in caplog.text
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["lr_schedule_epochs"] == 3
+    note = train.run(dataclasses.replace(cosine, num_epochs=3))[1]  # 3 kept, not given again
+    assert "raise --num_epochs and --lr_schedule_epochs together" in note
 
 
 # ----------------------------------------------------------------------------- data order
@@ -235,3 +241,14 @@ def test_settings_of_the_data_order_change_only_at_an_epoch_boundary(cuts, tmp_p
     _, _, run = _resume(cuts, BOUNDARY, tmp_path / "boundary", **changes)
     rows, note = run()
     assert "stopped at --max_steps=5" in note
+
+
+def test_readme_table_lists_the_rules():
+    """README's resume table names each setting under its rule ("free" may abbreviate)."""
+    import re
+    from conftest import REPO
+    text = (REPO / "README.md").read_text()
+    for rule, names in config_lib.RESUME_RULES.items():
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| {rule} | `--")]
+        listed = set(re.findall(r"`--(\w+)`", row.split("|")[2]))
+        assert listed <= set(names) and (rule == "free" or listed == set(names)), rule
