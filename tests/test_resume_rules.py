@@ -252,3 +252,14 @@ def test_readme_table_lists_the_rules():
         (row,) = [line for line in text.splitlines() if line.startswith(f"| {rule} | `--")]
         listed = set(re.findall(r"`--(\w+)`", row.split("|")[2]))
         assert listed <= set(names) and (rule == "free" or listed == set(names)), rule
+
+
+def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_path):
+    """experiments' load_point built the optimizer from --optimizer/--lr/--wd only: a run with
+    --weight_norm or --clip_norm failed with "has no array 'opt_state...'"."""
+    from nodepert_dist.experiments import common
+    workdir, cfg, run = _resume(cuts, MID, tmp_path, weight_norm=True, clip_norm=1.0)
+    run()
+    _, params, _, _, _ = common.load_point(cfg, MID + 1)
+    saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID + 1))
+    np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
