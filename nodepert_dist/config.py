@@ -277,48 +277,7 @@ RESUME_RULES = {
     "inherit": ("lr_schedule_epochs",),
 }
 RESUME_RULE = {name: rule for rule, names in RESUME_RULES.items() for name in names}
-
-
-def _saved_value(saved: dict, name: str):
-    """A setting as the checkpoint recorded it; its default if it predates the setting."""
-    return saved[name] if name in saved else Config.__dataclass_fields__[name].default
-
-
-def settle_resume(cfg: Config, saved: Optional[dict], mid_epoch: bool = False
-                  ) -> tuple[Config, list[str]]:
-    """The run's settings against the checkpoint's (`saved`, its config; None: a fresh start).
-
-    Returns the settings to run with ("inherit" rows filled in: from `saved`, or on a fresh
-    start the cosine horizon from --num_epochs) and one line per changed "warn"/"epoch"
-    setting; raises a one-line ValueError naming the flag for a refused change."""
-    horizon = cfg.lr_schedule_epochs
-    if cfg.lr_schedule == "cosine" and not horizon:
-        if saved is not None and _saved_value(saved, "lr_schedule") == "cosine":
-            # checkpoints older than the setting ran cosine over their --num_epochs
-            horizon = _saved_value(saved, "lr_schedule_epochs") or saved["num_epochs"]
-        else:
-            horizon = cfg.num_epochs
-    cfg = dataclasses.replace(cfg, lr_schedule_epochs=horizon)
-    cfg.validate()
-    if saved is None:
-        return cfg, []
-    changed = []
-    for f in dataclasses.fields(Config):
-        name, value = f.name, getattr(cfg, f.name)
-        before, rule = _saved_value(saved, name), RESUME_RULE[f.name]
-        if value == before or rule == "free":
-            continue
-        if rule == "refuse":
-            raise ValueError(f"the checkpoint was saved with --{name}={before}, this run has "
-                             f"--{name}={value}: a resumed run needs the same value; use "
-                             f"--{name}={before} or another --workdir")
-        if rule == "epoch" and mid_epoch:
-            raise ValueError(f"the checkpoint stopped mid-epoch under --{name}={before}, this run "
-                             f"has --{name}={value}, which changes the rest of the epoch's batches "
-                             f"(examples repeated or skipped); resume with --{name}={before} and "
-                             f"change it at an epoch boundary")
-        changed.append(f"--{name}: {before} -> {value}")
-    return cfg, changed
+# resume.settle_resume applies them.
 
 
 # ----------------------------------------------------------------------------- presets

@@ -28,6 +28,48 @@ LR_SETTINGS = ("lr", "lr_schedule", "lr_schedule_epochs", "warmup_epochs", "lr_d
                "lr_decay_factor")
 
 
+def _saved_value(saved: dict, name: str):
+    """A setting as the checkpoint recorded it; its default if it predates the setting."""
+    return saved[name] if name in saved else Config.__dataclass_fields__[name].default
+
+
+def settle_resume(cfg: Config, saved: Optional[dict], mid_epoch: bool = False
+                  ) -> tuple[Config, list[str]]:
+    """The run's settings against the checkpoint's (`saved`, its config; None: a fresh start).
+
+    Returns the settings to run with ("inherit" rows filled in: from `saved`, or on a fresh
+    start the cosine horizon from --num_epochs) and one line per changed "warn"/"epoch"
+    setting; raises a one-line ValueError naming the flag for a refused change."""
+    horizon = cfg.lr_schedule_epochs
+    if cfg.lr_schedule == "cosine" and not horizon:
+        if saved is not None and _saved_value(saved, "lr_schedule") == "cosine":
+            # checkpoints older than the setting ran cosine over their --num_epochs
+            horizon = _saved_value(saved, "lr_schedule_epochs") or saved["num_epochs"]
+        else:
+            horizon = cfg.num_epochs
+    cfg = dataclasses.replace(cfg, lr_schedule_epochs=horizon)
+    cfg.validate()
+    if saved is None:
+        return cfg, []
+    changed = []
+    for f in dataclasses.fields(Config):
+        name, value = f.name, getattr(cfg, f.name)
+        before, rule = _saved_value(saved, name), config_lib.RESUME_RULE[f.name]
+        if value == before or rule == "free":
+            continue
+        if rule == "refuse":
+            raise ValueError(f"the checkpoint was saved with --{name}={before}, this run has "
+                             f"--{name}={value}: a resumed run needs the same value; use "
+                             f"--{name}={before} or another --workdir")
+        if rule == "epoch" and mid_epoch:
+            raise ValueError(f"the checkpoint stopped mid-epoch under --{name}={before}, this run "
+                             f"has --{name}={value}, which changes the rest of the epoch's batches "
+                             f"(examples repeated or skipped); resume with --{name}={before} and "
+                             f"change it at an epoch boundary")
+        changed.append(f"--{name}: {before} -> {value}")
+    return cfg, changed
+
+
 def _mid_epoch(manifest: dict) -> bool:
     return bool(manifest.get("loop", {}).get("step_in_epoch"))
 
@@ -54,7 +96,7 @@ def settle(ckpt_dir: str, cfg: Config) -> Config:
     one-line ValueError; "inherit" settings (the cosine horizon) are filled in."""
     manifest = _newest_manifest(ckpt_dir) if cfg.resume else None
     saved = manifest["config"] if manifest is not None else None
-    cfg, _ = config_lib.settle_resume(cfg, saved, manifest is not None and _mid_epoch(manifest))
+    cfg, _ = settle_resume(cfg, saved, manifest is not None and _mid_epoch(manifest))
     return cfg
 
 
@@ -80,7 +122,7 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
     replicated = mesh_lib.replicated(mesh)
 
     def target(manifest: dict):  # the state as it was saved, for checkpoint.load
-        config_lib.settle_resume(cfg, manifest["config"], _mid_epoch(manifest))  # refusals
+        settle_resume(cfg, manifest["config"], _mid_epoch(manifest))  # refusals
         parts = step_lib.optimizer_parts(**_optimizer_args(saved_config(manifest["config"])))
         shapes = jax.eval_shape(optax.chain(*[t for _, t in parts]).init if len(parts) > 1
                                 else parts[0][1].init, fresh.params)
@@ -101,7 +143,7 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
         return None
     state, manifest = restored
     saved = saved_config(manifest["config"])
-    _, changed = config_lib.settle_resume(cfg, manifest["config"], _mid_epoch(manifest))
+    _, changed = settle_resume(cfg, manifest["config"], _mid_epoch(manifest))
     if changed:
         logging.warning("resuming with changed settings: %s", ", ".join(changed))
     step = int(jax.device_get(state.step))
