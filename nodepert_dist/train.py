@@ -146,6 +146,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
                      "resume whatever --num_epochs says)", cfg.lr, cfg.lr_schedule_epochs)
     # Evaluation pads its last batch anyway: any batch works once it splits over the devices.
     eval_batch = mesh_lib.round_up_batch(cfg.eval_batchsize, mesh)
+    if eval_batch != cfg.eval_batchsize:
+        logging.info("--eval_batchsize=%d rounded up to %d, a multiple of the %d devices",
+                     cfg.eval_batchsize, eval_batch, mesh.devices.size)
 
     # Steps.
     train_step = step_lib.make_train_step(

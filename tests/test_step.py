@@ -197,3 +197,11 @@ def test_default_eval_batch_works_on_any_device_count(tmp_path, mnist_dir):
 def test_eval_batch_rounds_up_to_the_devices():
     mesh = mesh_lib.make_mesh(jax.devices()[:3])
     assert [mesh_lib.round_up_batch(b, mesh) for b in (1, 3, 1024, 1026)] == [3, 3, 1026, 1026]
+
+
+def test_batch_error_suggests_the_nearest_multiples():
+    mesh = mesh_lib.make_mesh(jax.devices()[:3])
+    with pytest.raises(ValueError, match=r"multiple of 3 \(e.g. 126 or 129\)$"):
+        mesh_lib.check_batch(128, mesh)
+    with pytest.raises(ValueError, match=r"multiple of 3 \(e.g. 3\)$"):
+        mesh_lib.check_batch(2, mesh)
