@@ -23,6 +23,7 @@ from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.checkpoint_restore import read_manifest
 from nodepert_dist.config import Config
+from nodepert_dist.params_io import leaf_name
 
 LR_SETTINGS = ("lr", "lr_schedule", "lr_schedule_epochs", "warmup_epochs", "lr_decay_epochs",
                "lr_decay_factor")
@@ -120,14 +121,15 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
     """(state, manifest) from the newest valid checkpoint, on this run's optimizer; None if
     there is none. `fresh`: this run's initial state (its parameters give the shapes)."""
     replicated = mesh_lib.replicated(mesh)
+    legacy = []  # whether the restored checkpoint kept a schedule counter (see _saved_parts)
 
     def target(manifest: dict):  # the state as it was saved, for checkpoint.load
         settle_resume(cfg, manifest["config"], _mid_epoch(manifest))  # refusals
-        parts = step_lib.optimizer_parts(**_optimizer_args(saved_config(manifest["config"])))
-        shapes = jax.eval_shape(optax.chain(*[t for _, t in parts]).init if len(parts) > 1
-                                else parts[0][1].init, fresh.params)
+        parts, legacy[:] = _saved_parts(manifest, fresh.params)
+        transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
         opt_state = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+            jax.eval_shape(transform.init, fresh.params))
         return fresh.replace(opt_state=opt_state)
 
     try:
@@ -152,17 +154,37 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
                         step, _lr_at(saved, step, steps_per_epoch),
                         _lr_at(cfg, step, steps_per_epoch))
     before, now = _part_names(saved), _part_names(cfg)
+    kept = step_lib.part_states(before, state.opt_state)
+    if legacy:  # the counter equals the step, which the schedule now reads instead
+        kept[saved.optimizer] = (kept[saved.optimizer][0], optax.ScaleState())
     if before != now:
-        kept = step_lib.part_states(before, state.opt_state)
         initial = step_lib.part_states(now, jax.jit(optimizer.init, out_shardings=replicated)(
             state.params))
-        opt_state = step_lib.join_part_states(now, {n: kept.get(n, initial[n]) for n in now})
-        state = state.replace(opt_state=opt_state)
         logging.warning("optimizer parts: kept %s; started fresh %s; dropped %s",
                         [n for n in now if n in before] or "none",
                         [n for n in now if n not in before] or "none",
                         [n for n in before if n not in now] or "none")
+        kept = {n: kept.get(n, initial[n]) for n in now}
+    state = state.replace(opt_state=step_lib.join_part_states(now, kept))
     return state, manifest
+
+
+def _saved_parts(manifest: dict, params) -> tuple[list, list]:
+    """The optimizer parts a checkpoint was saved with, from its recorded settings, and [True]
+    if it is of a version whose sgd/adam kept optax's schedule counter (an array `...count`
+    beside a non-constant lr), else []."""
+    saved = saved_config(manifest["config"])
+    parts = step_lib.optimizer_parts(**_optimizer_args(saved))
+    transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+    expected = {"opt_state." + leaf_name(p) if p else "opt_state"
+                for p, _ in jax.tree_util.tree_flatten_with_path(
+                    jax.eval_shape(transform.init, params))[0]}
+    stored = {a["name"] for a in manifest["arrays"] if a["name"].startswith("opt_state")}
+    if stored == expected or (saved.lr_schedule == "constant" and not saved.warmup_epochs):
+        return parts, []
+    scheduled = {"sgd": optax.sgd, "adam": optax.adam}[saved.optimizer](
+        optax.constant_schedule(1.0))  # the structure only: optax's counter and all
+    return [(n, scheduled if n == saved.optimizer else t) for n, t in parts], [True]
 
 
 def _optimizer_args(cfg: Config) -> dict:

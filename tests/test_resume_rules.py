@@ -261,3 +261,32 @@ def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_pat
     _, params, _, _, _ = common.load_point(cfg, MID + 1)
     saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID + 1))
     np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
+
+
+def test_a_checkpoint_with_optax_schedule_counter_still_resumes(tmp_path, mnist_dir):
+    """Checkpoints of the previous version kept optax's schedule counter (`opt_state.1.count`)
+    for a cosine or warm-up run; they resume onto the step-driven schedule exactly."""
+    import jax.numpy as jnp
+    import optax
+    from nodepert_dist import mesh as mesh_lib
+    cosine = dataclasses.replace(_base(mnist_dir, tmp_path / "new"), lr_schedule="cosine")
+    train.run(dataclasses.replace(cosine, max_steps=MID))
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    shutil.rmtree(tmp_path / "old" / "checkpoints")
+    hook = StateAtStart()  # the state as restored, written back with the old layout
+    train.run(dataclasses.replace(cosine, max_steps=MID), hooks=(hook,))
+    manifest = json.loads((tmp_path / "new" / "checkpoints" / f"step_{MID:08d}" /
+                           "manifest.json").read_text())
+    old_state = hook.state.replace(opt_state=(optax.EmptyState(), optax.ScaleByScheduleState(
+        count=jnp.asarray(MID, jnp.int32))))
+    saver = checkpoint.Checkpointer(str(tmp_path / "old" / "checkpoints"))
+    saver.save(MID, jax.device_put(old_state, mesh_lib.replicated(mesh_lib.make_mesh())),
+               meta={k: manifest[k] for k in ("epoch", "config", "rng", "loop")},
+               position=manifest["processes"][0]["position"])
+    saver.wait()
+    assert "opt_state.1.count" in saved_arrays(checkpoint.step_dir(
+        str(tmp_path / "old" / "checkpoints"), MID))
+    untimed = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "examples_per_s")}
+                          for r in rs]
+    old = train.run(dataclasses.replace(cosine, workdir=str(tmp_path / "old")))[0]
+    assert untimed(old) == untimed(train.run(cosine)[0])
