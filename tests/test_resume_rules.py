@@ -33,13 +33,14 @@ def _base(data_dir, workdir) -> Config:
 
 @pytest.fixture(scope="module")
 def cuts(mnist_dir, tmp_path_factory):
-    """{MID: workdir, BOUNDARY: workdir} of the base run, cut at those steps."""
+    """{MID: workdir, BOUNDARY: workdir} of the base run cut at those steps, and its
+    "data_dir"."""
     root = tmp_path_factory.mktemp("cuts")
     run = _base(mnist_dir, root / "run")
     train.run(dataclasses.replace(run, max_steps=MID))
     shutil.copytree(root / "run", root / "mid")
     train.run(dataclasses.replace(run, max_steps=BOUNDARY))
-    return {MID: root / "mid", BOUNDARY: root / "run"}
+    return {MID: root / "mid", BOUNDARY: root / "run", "data_dir": mnist_dir}
 
 
 class StateAtStart:
@@ -54,17 +55,9 @@ def _resume(cuts, at, tmp_path, hooks=(), **changes):
     more step (or as --max_steps says)."""
     workdir = tmp_path / "resumed"
     shutil.copytree(cuts[at], workdir)
-    data_dir = changes.pop("data_dir_", None) or _DATA[0]
+    data_dir = changes.pop("data_dir_", None) or cuts["data_dir"]
     cfg = dataclasses.replace(_base(data_dir, workdir), **{"max_steps": at + 1, **changes})
     return workdir, cfg, lambda: train.run(cfg, hooks=hooks)
-
-
-_DATA = []  # the mnist data_dir, set by the autouse fixture below
-
-
-@pytest.fixture(autouse=True)
-def _data_dir(mnist_dir):
-    _DATA[:] = [mnist_dir]
 
 
 def _listing(workdir):
@@ -131,7 +124,7 @@ def test_resume_with_a_changed_setting_does_what_the_table_says(cuts, tmp_path, 
                                                                 rule, at):
     changes = dict(CHANGES[name])
     if changes.get("data_dir_") == "SYMLINK":
-        os.symlink(_DATA[0], tmp_path / "same_data")
+        os.symlink(cuts["data_dir"], tmp_path / "same_data")
         changes["data_dir_"] = str(tmp_path / "same_data")
     if changes.get("save_final_params") == "FINAL":
         changes["save_final_params"] = str(tmp_path / "final.npz")
