@@ -299,7 +299,7 @@ def overrides(name_or_path: str) -> dict:
         values = PRESETS[name_or_path]
     elif name_or_path.endswith(".json") or os.path.exists(name_or_path):
         try:
-            with open(name_or_path) as f:
+            with open(name_or_path, encoding="utf-8-sig") as f:  # Windows editors add a BOM
                 values = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"--config={name_or_path}: cannot read it as JSON ({e})") from None

@@ -34,8 +34,11 @@ def _config(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a hand-edited copy may carry a BOM
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
 
 
 def run_label(workdir: str) -> str:
@@ -66,6 +69,9 @@ def title(workdirs: list[str]) -> str:
 
 
 def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoch") -> str:
+    missing = [w for w in workdirs if not os.path.isdir(w)]
+    if missing:
+        raise ValueError(f"--workdirs: {missing[0]} is not a folder (a run's --workdir)")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

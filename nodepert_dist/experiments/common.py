@@ -295,19 +295,19 @@ def done(paths: list[str]) -> None:
 
 def command(body):
     """absl main for an experiment: `body()` returns the files it wrote; bad input -> one line."""
-    from absl import app
     from nodepert_dist.data import sources
 
     def main(argv):
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
         try:
             setup_devices()
             paths = body()
         except Submitted as e:
             print(e)
             return
-        except (ValueError, sources.DataError, distributed.DistributedError) as e:
+        # OSError: e.g. a read-only or full --out (as nodepert-train)
+        except (ValueError, OSError, sources.DataError, distributed.DistributedError) as e:
             raise SystemExit(f"error: {e}")
         done(paths)
     return main
