@@ -337,8 +337,10 @@ def load_point(cfg: train.Config, step: int):
     data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
     n_train = len(data.train_y) - cfg.validation_size
     splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
-    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size)
-    optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
+    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
+                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
+    # The run's whole optimizer (its parts decide the state's arrays; the schedule does not).
+    optimizer = step_lib.optimizer_from(cfg, steps_per_epoch=1)
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
     target = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh_lib.make_mesh())
     path = checkpoint.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
