@@ -10,6 +10,11 @@ setup(
         "jax>=0.10.2", "jaxlib>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "grain>=0.2.18",
         "numpy", "absl-py", "tensorstore>=0.1.86",
         "matplotlib",  # learning-curve plots (nodepert-plot)
+        # SLURM hostlists (first host of "r[1-2]-n[07-08]-ib,login"): one small pure-Python
+        # module from a supercomputing centre (NSC), maintained for years, no dependencies; it
+        # knows every form SLURM writes, which jax's own parser does not. ClusterShell does the
+        # same with far more than we need (node sets, remote execution).
+        "python-hostlist>=2.0",
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [

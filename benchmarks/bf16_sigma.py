@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nodepert_dist import losses, models, perturbation
+from nodepert_dist import cli, losses, models, perturbation
 
 BATCH = 32
 
@@ -55,17 +55,33 @@ def worst(mean, true):
     return min(cos), min(ratio), max(ratio)
 
 
+def _comma_list(kind):
+    """argparse type of a comma list whose items `kind` checks (a bad item: one-line error)."""
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _network(name):
+    if name not in models.NETWORKS:
+        raise ValueError(f"{name!r} is not one of {', '.join(models.NETWORKS)}")
+    return name
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", default="fc,conv,vgg,resnet")
-    parser.add_argument("--sigmas", default="1e-3,3e-3,1e-2,3e-2,1e-1")
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--networks", default="fc,conv,vgg,resnet", type=_comma_list(_network))
+    parser.add_argument("--sigmas", default="1e-3,3e-3,1e-2,3e-2,1e-1", type=_comma_list(float))
     parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--out", default="benchmarks/results/bf16_sigma.json")
     args = parser.parse_args()
     x = jax.random.normal(jax.random.key(1), (BATCH, 8, 8, 3))
     y = jnp.arange(BATCH) % 10
     rows = []
-    for network in args.networks.split(","):
+    for network in args.networks:
         base = models.build_model(network, 10, n_hl=2, hl_size=32, width=2)
         params = base.init(jax.random.key(0), x)["params"]
         # Zero-initialised leaves (biases, resnet's residual-branch convs) get small random
@@ -74,7 +90,7 @@ def main():
         params = jax.tree.map(lambda p, k: p if jnp.any(p) else 0.1 * jax.random.normal(k, p.shape),
                               params, _keys_like(params))
         true = jax.grad(lambda p: jnp.mean(losses.ce(base.apply({"params": p}, x), y)))(params)
-        for sigma in map(float, args.sigmas.split(",")):
+        for sigma in args.sigmas:
             t = time.time()
             f32, bf16 = mean_estimates([base, base.clone(dtype=jnp.bfloat16)], params, x, y,
                                        sigma, args.draws)
@@ -87,13 +103,13 @@ def main():
                 and c["norm_ratio"][1] <= 1.15
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t:.0f} s)", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     print("\nbf16 mean vs float32 mean, same noise: worst cosine / norm ratio range")
-    print("| network | " + " | ".join(f"sigma {s}" for s in args.sigmas.split(",")) + " | floor |")
-    print("|---" * (len(args.sigmas.split(",")) + 2) + "|")
-    for network in args.networks.split(","):
+    print("| network | " + " | ".join(f"sigma {s}" for s in args.sigmas) + " | floor |")
+    print("|---" * (len(args.sigmas) + 2) + "|")
+    for network in args.networks:
         mine = [r for r in rows if r["network"] == network]
         cells = [f"{r['bf16_vs_f32']['min_cosine']:.3f} / {r['bf16_vs_f32']['norm_ratio'][0]:.2f}-"
                  f"{r['bf16_vs_f32']['norm_ratio'][1]:.2f}" for r in mine]

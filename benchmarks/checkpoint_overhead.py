@@ -8,7 +8,6 @@ process: no checkpoints; a save every `every` steps; and the same saves made syn
 (save + wait). Prints the per-save numbers logged by nodepert_dist.checkpoint as well.
 """
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -16,10 +15,12 @@ import time
 import jax
 import numpy as np
 
+from nodepert_dist import cli, models
+
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--network", default="conv-large")
+    ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--network", default="conv-large", choices=models.NETWORKS)
     ap.add_argument("--batchsize", type=int, default=64)
     ap.add_argument("--cpu_devices", type=int, default=8)
     ap.add_argument("--steps", type=int, default=16)
@@ -29,7 +30,7 @@ def main():
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from absl import logging
     logging.set_verbosity(logging.INFO)
-    from nodepert_dist import checkpoint, models, step as step_lib, mesh as mesh_lib
+    from nodepert_dist import checkpoint, step as step_lib, mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh()
     shape = (28, 28, 1) if args.network.startswith("conv") else (784,)

@@ -16,17 +16,28 @@ import tempfile
 
 from absl import app, flags
 
+from nodepert_dist import cli
 # nodepert_dist.train defines --network, --data_dir, --cpu_devices (and the rest of its CLI).
 from nodepert_dist import train as train_lib
+from nodepert_dist.data import DataError
 
 flags.DEFINE_list("batchsizes", ["128", "1024"], "Global batch sizes.")
 flags.DEFINE_integer("repeats", 2, "Runs of each rule; the median epoch time is reported.")
 flags.DEFINE_string("out", "benchmarks/results/epoch_time.jsonl", "JSON lines (appended).")
 FLAGS = flags.FLAGS
+cli.check_list("batchsizes", pattern=cli.POSITIVE_INT, what="a positive integer")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        measure()
+    except (ValueError, DataError) as e:  # a missing dataset, a batch the devices do not divide
+        raise SystemExit(f"error: {e}")
+
+
+def measure():
     from nodepert_dist import mesh as mesh_lib
     if FLAGS.xla_cpu_conv_flag:  # as nodepert-train does
         mesh_lib.tune_cpu_convolutions()
@@ -36,7 +47,6 @@ def main(argv):
     from absl import logging
     Config, train = train_lib.Config, train_lib.train
     logging.set_verbosity(logging.WARNING)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     for b in map(int, FLAGS.batchsizes):
         times = {"np": [], "sgd": []}
         for _ in range(FLAGS.repeats):
@@ -52,9 +62,10 @@ def main(argv):
                "device_kind": jax.devices()[0].device_kind}
         print(f"{FLAGS.network} B={b} on {row['devices']} device(s): NP {np_s:.2f} s, "
               f"SGD {sgd_s:.2f} s per epoch, NP / SGD = {np_s / sgd_s:.2f}", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)  # once a row exists
         with open(FLAGS.out, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("benchmarks/epoch_time.py"))

@@ -27,6 +27,9 @@ import time
 
 from absl import app, flags
 
+from nodepert_dist import cli
+from nodepert_dist.models import NETWORKS
+
 flags.DEFINE_string("data_dir", "data", "Where converted real datasets live.")
 flags.DEFINE_string("synthetic_dir", "", "Where --make_synthetic wrote random stores.")
 flags.DEFINE_string("make_synthetic", "", "Write random stores of every dataset's shape here, exit.")
@@ -43,6 +46,9 @@ FLAGS = flags.FLAGS
 
 SHAPES = {"mnist": ((60000, 28, 28, 1), 10000, 10), "fmnist": ((60000, 28, 28, 1), 10000, 10),
           "cifar10": ((50000, 32, 32, 3), 10000, 10), "cifar100": ((50000, 32, 32, 3), 10000, 100)}
+cli.check_list("datasets", list(SHAPES))
+cli.check_list("prefetch", pattern=f"threads|workers{cli.POSITIVE_INT}", what="threads or workersN")
+cli.check_list("step_networks", NETWORKS)
 
 
 def make_synthetic(root: str) -> None:
@@ -130,7 +136,8 @@ def measure_step(network, shape, classes, mesh):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.make_synthetic:
         make_synthetic(FLAGS.make_synthetic)
         return
@@ -177,4 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("benchmarks/input_pipeline.py"))

@@ -35,8 +35,11 @@ import tempfile
 
 from absl import app, flags
 
-flags.DEFINE_string("network", "fc", "Network (as nodepert-train --network).")
-flags.DEFINE_string("update_rule", "np", "np or sgd.")
+from nodepert_dist import cli
+from nodepert_dist.models import NETWORKS
+
+flags.DEFINE_enum("network", "fc", NETWORKS, "Network (as nodepert-train --network).")
+flags.DEFINE_enum("update_rule", "np", ["np", "sgd"], "np or sgd.")
 flags.DEFINE_string("data_dir", "data", "Where MNIST lives (python -m nodepert_dist.data fetch mnist).")
 flags.DEFINE_integer("batchsize", 128, "Global batch of strong scaling and of the layouts.")
 flags.DEFINE_integer("per_device_batch", 128, "Per-device batch of weak scaling.")
@@ -48,6 +51,10 @@ flags.DEFINE_string("out", "benchmarks/results/scaling.jsonl", "JSON lines (appe
 flags.DEFINE_string("png", "benchmarks/results/scaling.png", "Efficiency chart ('' = none).")
 flags.DEFINE_integer("timeout_s", 900, "Per run.")
 FLAGS = flags.FLAGS
+# Checked when the flags are parsed, not after hours of runs.
+cli.check_list("devices", pattern=cli.POSITIVE_INT, what="a positive integer")
+cli.check_list("layouts", pattern=f"{cli.POSITIVE_INT}x{cli.POSITIVE_INT}",
+               what="PxD (processes x devices per process, e.g. 2x4)")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,4 +176,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("benchmarks/scaling.py"))

@@ -33,6 +33,9 @@ import time
 
 from absl import app, flags
 
+from nodepert_dist import cli
+from nodepert_dist.models import NETWORKS
+
 flags.DEFINE_list("networks", ["fc", "conv", "conv-large"], "Networks (models.NETWORKS).")
 flags.DEFINE_integer("width", 16, "vgg/vgg16/resnet: channels of the first stage (64: full "
                      "VGG/ResNet-18).")
@@ -69,6 +72,13 @@ NP_OPTION_VARIANTS = {
     "np-layerwise-jvp": dict(np_layerwise=True, np_delta="jvp"),
     "np-layerwise-jvp-draws4": dict(np_layerwise=True, np_delta="jvp", np_draws=4),
 }
+# Every list is checked when the flags are parsed: a typo fails in one line, not in a worker.
+cli.check_list("networks", NETWORKS)
+cli.check_list("shapes", list(SHAPES))
+cli.check_list("dtypes", ["float32", "bfloat16"])
+cli.check_list("variants", ["sgd", *NP_VARIANTS, *NP_OPTION_VARIANTS, "naive", "original"])
+cli.check_list("batchsizes", pattern=cli.POSITIVE_INT, what="a positive integer")
+cli.check_list("devices", pattern=cli.POSITIVE_INT, what="a positive integer")
 
 
 def _configs():
@@ -256,7 +266,8 @@ def report(rows) -> None:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.quick:
         FLAGS.networks, FLAGS.shapes, FLAGS.batchsizes = ["fc"], ["mnist"], ["128"]
         FLAGS.variants, FLAGS.rounds, FLAGS.round_s = ["sgd", "np-rademacher", "naive", "original"], 1, 0.0
@@ -284,4 +295,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("benchmarks/throughput.py"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,10 @@ def describe_exit(rc: int) -> str:
     return f"exited with status {rc}"
 
 
+class StartError(RuntimeError):
+    """A rank could not be started; the message is one line."""
+
+
 class Job:
     """The running processes, their output pumps and an exit queue (first failure first)."""
 
@@ -74,8 +79,13 @@ class Job:
         width = len(str(num_processes - 1))
         for rank in range(num_processes):
             env = child_env(os.environ, rank, num_processes, address, devices_per_process)
-            p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+            except OSError as e:  # the ranks already started must not outlive the launcher
+                self.kill_all()
+                raise StartError(f"rank {rank} could not start {command[0]!r}: {e.strerror}") from None
             self.procs.append(p)
             self.say(f"[launch] rank {rank} pid {p.pid}")
             pump = threading.Thread(target=self._pump, args=(p, f"[{rank:>{width}}] "), daemon=True)
@@ -162,6 +172,15 @@ def main(argv=None) -> int:
         parser.error("no command given (put it after --)")
     if args.num_processes < 1:
         parser.error("--num_processes must be >= 1")
+    for name, ok in (("devices_per_process", args.devices_per_process >= 0),
+                     ("timeout_s", args.timeout_s > 0), ("grace_s", args.grace_s >= 0),
+                     ("port", 0 <= args.port < 65536)):
+        if not ok:
+            parser.error(f"--{name}={getattr(args, name)} is out of range")
+    if shutil.which(command[0]) is None:  # before any rank starts: one line, no traceback
+        print(f"error: {command[0]!r} is not an executable here (not on PATH, or not "
+              f"executable); check the command after --", file=sys.stderr)
+        return 2
     address = f"127.0.0.1:{args.port or free_port()}"
 
     # Preemption signals are caught before any rank starts (one arriving while they start is
@@ -178,7 +197,11 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGUSR1, forward)
-    job = started["job"] = Job(command, args.num_processes, args.devices_per_process, address)
+    try:
+        job = started["job"] = Job(command, args.num_processes, args.devices_per_process, address)
+    except StartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     job.say(f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
             f"device(s), coordinator {address}: {' '.join(command)}")
     if started["pending"] is not None:

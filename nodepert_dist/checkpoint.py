@@ -16,7 +16,8 @@ Save (`Checkpointer.save`): the train loop waits for the previous save, then cop
 it holds with replica_id == 0 to host memory (the only stall), and a background thread writes
 them into the temporary directory, then writes this process's done marker. No gathering onto
 one host. The background thread runs no collectives, so it cannot misorder or deadlock them.
-A state holding NaN or Inf (a diverged run) is refused with a CheckpointError, on every process.
+A state holding NaN or Inf (a diverged run) is refused with NonFiniteState (a CheckpointError),
+on every process.
 
 Commit (complete or invisible): each process's background thread reports "written" or its error
 under a key of the jax.distributed coordination service (key-value store; a dict with one
@@ -24,8 +25,9 @@ process). Process 0's thread waits for every report, checks that every done mark
 temporary directory (checkpoints need a file system shared by all processes), writes
 manifest.json last, fsyncs, renames the directory to `step_<step>` (one atomic rename) and
 publishes "committed" or the error. Only then are older checkpoints pruned: the newest `keep`
-stay, plus every step that is a multiple of `keep_every_steps`; nothing newer than the step just
-saved is deleted (it is set aside). The next `save` or `wait` on every process reads that
+stay, plus every step that is a multiple of `keep_every_steps`, plus the newest at or before
+`rollback_step` (what the crash guard rolls back to); nothing newer than the step just saved is
+deleted (it is set aside). The next `save` or `wait` on every process reads that
 outcome, so a failed write or commit anywhere raises the same CheckpointError on every process
 at the same point (no process is left waiting in a collective), within `commit_timeout_s`.
 The temporary name carries a token chosen by process 0 at start up, so the markers of a crashed
@@ -86,6 +88,10 @@ _VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "tensorstore", "grain")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (one-line message)."""
+
+
+class NonFiniteState(CheckpointError):
+    """A train state holding NaN or Inf, refused by `save` (training diverged)."""
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -202,9 +208,12 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, keep: int = 3, keep_every_steps: int = 0,
-                 commit_timeout_s: float = 600.0):
+                 rollback_step: Optional[int] = None, commit_timeout_s: float = 600.0):
         self.directory = directory
         self.keep, self.keep_every_steps = keep, keep_every_steps
+        # Pruning also keeps the newest checkpoint at or before this step: the crash guard's
+        # rollback target (train.py sets it to the last epoch row's step).
+        self.rollback_step = rollback_step
         self.commit_timeout_s = commit_timeout_s
         self.process, self.process_count = jax.process_index(), jax.process_count()
         self._thread: Optional[threading.Thread] = None
@@ -249,7 +258,7 @@ class Checkpointer:
         finite = all(np.isfinite(d).all() for a in arrays for _, d in a["shards"]
                      if np.issubdtype(d.dtype, np.inexact))
         if not agree.everywhere(finite):
-            raise CheckpointError(f"the train state of step {step} holds NaN or Inf (training "
+            raise NonFiniteState(f"the train state of step {step} holds NaN or Inf (training "
                                   f"diverged; use a lower --lr); it was not saved")
         meta = jax.device_get(meta)
         names = [a["name"] for a in arrays]
@@ -368,6 +377,9 @@ class Checkpointer:
         keep = set(older[-self.keep:]) if self.keep > 0 else set(older)
         if self.keep_every_steps > 0:
             keep |= {s for s in older if s % self.keep_every_steps == 0}
+        target = self.rollback_step  # read once: the train loop may move it meanwhile
+        if target is not None and [s for s in older if s <= target]:
+            keep.add(max(s for s in older if s <= target))
         for s in steps:
             name = os.path.basename(step_dir(self.directory, s))
             if s > newest:  # never deleted: it may be the newest good one

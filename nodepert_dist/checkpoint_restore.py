@@ -57,8 +57,12 @@ def _open_checked(path: str, entry: dict):
 
 
 def load(path: str, target: Any) -> tuple[Any, dict]:
-    """Reads the checkpoint at `path` onto the shardings of `target` (a pytree of jax.Arrays)."""
+    """Reads the checkpoint at `path` onto the shardings of `target`: a pytree of jax.Arrays or
+    jax.ShapeDtypeStructs with shardings, or a function of the manifest returning one (it may
+    refuse the checkpoint by raising before any array is read)."""
     manifest = read_manifest(path)
+    if callable(target):
+        target = target(manifest)
     entries = {a["name"]: a for a in manifest["arrays"]}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     names = [leaf_name(p) for p, _ in leaves]

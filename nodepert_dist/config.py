@@ -17,7 +17,7 @@ import os
 import typing
 from typing import Optional
 
-from absl import flags, logging
+from absl import flags
 
 from nodepert_dist import cli, losses, models, optim, perturbation
 from nodepert_dist import step as step_lib
@@ -30,22 +30,19 @@ GROUPS = ("settings", "data", "model", "training", "node perturbation", "evaluat
 CLUSTER_MODULE = "nodepert_dist.distributed"  # its flags form the "cluster" group
 
 
-def setting(default, help: str, *, group: str, choices=None, resume: str = "warn"):
-    """A Config field. `resume`: what a resumed run may do with a changed value: "warn"
-    (allowed, logged), "free" (allowed silently) or "match" (refused: the data position
-    depends on it)."""
-    assert group in GROUPS and resume in ("warn", "free", "match")
+def setting(default, help: str, *, group: str, choices=None):
+    """A Config field; what a resumed run may do with it is in RESUME_RULES."""
+    assert group in GROUPS
     return dataclasses.field(default=default, metadata=dict(
-        help=help, group=group, choices=None if choices is None else tuple(choices),
-        resume=resume))
+        help=help, group=group, choices=None if choices is None else tuple(choices)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # data
     dataset: str = setting("mnist", "Dataset (fetch it first: python -m nodepert_dist.data "
-                           "fetch NAME).", group="data", choices=store.DATASETS, resume="match")
-    data_dir: str = setting("data", "Where datasets live.", group="data", resume="free")
+                           "fetch NAME).", group="data", choices=store.DATASETS)
+    data_dir: str = setting("data", "Where datasets live.", group="data")
     preprocess: str = setting("auto", "auto (per_channel for CIFAR, standardize otherwise), "
                               "standardize (train-set mean/std), per_channel, unit ([0, 1]) or "
                               "zca (ZCA whitening).", group="data", choices=preprocess.MODES)
@@ -53,12 +50,11 @@ class Config:
                             "training images, a pure function of (seed, epoch, example).",
                             group="data")
     validation_size: int = setting(0, "Hold out the last N training examples as a validation "
-                                   "split (val_acc).", group="data", resume="match")
+                                   "split (val_acc).", group="data")
     cifar100_labels: str = setting("fine", "CIFAR-100 labels: fine (100 classes) or coarse "
-                                   "(20 superclasses).", group="data", choices=store.LABEL_SETS,
-                                   resume="match")
+                                   "(20 superclasses).", group="data", choices=store.LABEL_SETS)
     data_workers: int = setting(0, "Input prefetch: 0 = threads in each process, N > 0 = N "
-                                "Grain worker processes.", group="data", resume="free")
+                                "Grain worker processes.", group="data")
     # model
     network: str = setting("fc", "Architecture.", group="model", choices=models.NETWORKS)
     n_hl: int = setting(2, "Hidden layers of fc/linfc.", group="model")
@@ -75,16 +71,18 @@ class Config:
                                group="training", choices=step_lib.UPDATE_RULES)
     lr: float = setting(1e-2, "Learning rate.", group="training")
     batchsize: int = setting(128, "Global batch size, over all devices (the original code "
-                             "used 100).", group="training", resume="match")
-    num_epochs: int = setting(10, "Epochs to train.", group="training", resume="free")
+                             "used 100).", group="training")
+    num_epochs: int = setting(10, "Epochs to train.", group="training")
     wd: float = setting(0.0, "Decoupled weight decay: w <- w - lr*u(dw) - wd*w.",
                         group="training")
     seed: int = setting(0, "Seed of parameters, data order and noise.", group="training")
     optimizer: str = setting("sgd", "Optimizer.", group="training", choices=step_lib.OPTIMIZERS)
-    lr_schedule: str = setting("constant", "lr over training: constant, cosine (decays to 0 at "
-                               "the last step of --num_epochs) or step (x --lr_decay_factor "
-                               "every --lr_decay_epochs).", group="training",
-                               choices=optim.SCHEDULES)
+    lr_schedule: str = setting("constant", "lr over training: constant, cosine (decays to 0 "
+                               "over --lr_schedule_epochs) or step (x --lr_decay_factor every "
+                               "--lr_decay_epochs).", group="training", choices=optim.SCHEDULES)
+    lr_schedule_epochs: int = setting(0, "--lr_schedule=cosine: epochs until the lr reaches 0 "
+                                      "(0: --num_epochs of the run's first start; a resumed run "
+                                      "keeps the recorded value).", group="training")
     warmup_epochs: float = setting(0.0, "Linear lr warm-up from 0 over this many epochs, before "
                                    "--lr_schedule.", group="training")
     lr_decay_epochs: int = setting(0, "--lr_schedule=step: decay every N epochs.",
@@ -99,17 +97,17 @@ class Config:
     loss: str = setting("mse", "mse (sigmoid outputs) or ce.", group="training",
                         choices=losses.LOSSES)
     max_steps: int = setting(0, "Stop after this many updates in all (0: no limit); a later "
-                             "run resumes.", group="training", resume="free")
+                             "run resumes.", group="training")
     crash_guard: bool = setting(False, "On a non-finite loss or a crash (test accuracy "
                                 "--crash_points below the best so far), roll back to the last "
                                 "good checkpoint and multiply the lr by --crash_lr_factor; "
-                                "events go to metrics.jsonl.", group="training", resume="free")
+                                "events go to metrics.jsonl.", group="training")
     crash_points: float = setting(25.0, "A crash: test accuracy this many percentage points "
-                                  "below the best so far.", group="training", resume="free")
+                                  "below the best so far.", group="training")
     crash_lr_factor: float = setting(0.5, "The crash guard multiplies the lr by this at each "
-                                     "rollback.", group="training", resume="free")
+                                     "rollback.", group="training")
     crash_max_rollbacks: int = setting(3, "The crash guard gives up after this many "
-                                       "rollbacks.", group="training", resume="free")
+                                       "rollbacks.", group="training")
     # node perturbation
     sigma: Optional[float] = setting(None, "NP noise scale (default: 1e-5 for conv/conv-large, "
                                      "1e-4 otherwise; in bfloat16 the measured floor, see "
@@ -119,11 +117,10 @@ class Config:
                          choices=perturbation.NOISE_KINDS)
     np_mode: str = setting("keep", "keep: reuse the noise of the noisy pass in the update; "
                            "regen: draw it again from its keys (nothing kept alive). Same "
-                           "update.", group="node perturbation", choices=perturbation.NP_MODES,
-                           resume="free")
+                           "update.", group="node perturbation", choices=perturbation.NP_MODES)
     np_microbatches: int = setting(1, "Run NP over this many slices of each device's batch in "
                                    "turn: activation memory / N, same update and FLOPs.",
-                                   group="node perturbation", resume="free")
+                                   group="node perturbation")
     np_antithetic: bool = setting(False, "Noisy passes at +sigma*xi and -sigma*xi replace clean "
                                   "and noisy, delta = (L+ - L-)/2; same FLOPs.",
                                   group="node perturbation")
@@ -146,32 +143,30 @@ class Config:
                              "uses the change of its own readout's loss, noise on its taps "
                              "only.", group="node perturbation")
     # evaluation
-    eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation",
-                                  resume="free")
+    eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation")
     eval_train: bool = setting(True, "Evaluate on the whole training set each epoch (as the "
-                               "original code).", group="evaluation", resume="free")
+                               "original code).", group="evaluation")
     # outputs and checkpoints
     workdir: str = setting("runs/default", "Where config.json, metrics and checkpoints are "
-                           "written.", group="outputs and checkpoints", resume="free")
+                           "written.", group="outputs and checkpoints")
     checkpoint_every_steps: int = setting(0, "Checkpoint every N updates (0: not by steps).",
-                                          group="outputs and checkpoints", resume="free")
+                                          group="outputs and checkpoints")
     checkpoint_every_epochs: int = setting(1, "Checkpoint every N epochs (0: not by epochs); "
                                            "the last epoch always is.",
-                                           group="outputs and checkpoints", resume="free")
+                                           group="outputs and checkpoints")
     keep_checkpoints: int = setting(3, "Keep the newest N checkpoints (0: all).",
-                                    group="outputs and checkpoints", resume="free")
+                                    group="outputs and checkpoints")
     keep_checkpoint_every_steps: int = setting(0, "Also keep, permanently, checkpoints at "
                                                "multiples of N steps (0: none).",
-                                               group="outputs and checkpoints", resume="free")
+                                               group="outputs and checkpoints")
     resume: bool = setting(True, "Continue from the newest valid checkpoint in "
-                           "<workdir>/checkpoints, if any.", group="outputs and checkpoints",
-                           resume="free")
+                           "<workdir>/checkpoints, if any.", group="outputs and checkpoints")
     save_final_params: str = setting("", "If set, write the final parameters to this .npz.",
-                                     group="outputs and checkpoints", resume="free")
+                                     group="outputs and checkpoints")
     preemption_check_steps: int = setting(1, "On SIGTERM/SIGUSR1, all processes agree to stop "
                                           "at the next multiple of N steps (multi-process: one "
                                           "small collective per N steps), checkpoint and exit "
-                                          "75.", group="outputs and checkpoints", resume="free")
+                                          "75.", group="outputs and checkpoints")
 
     @property
     def checkpointing(self) -> bool:
@@ -215,6 +210,7 @@ class Config:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
         if self.lr_schedule == "step" and not self.lr_decay_epochs:
             raise ValueError("--lr_schedule=step needs --lr_decay_epochs > 0")
+        self._check_schedule()
         if not self.np_draws > 0:
             raise ValueError(f"--np_draws={self.np_draws} must be positive")
         perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
@@ -229,18 +225,70 @@ class Config:
             raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
                              f"use another --workdir")
 
+    def _check_schedule(self) -> None:
+        """lr schedule settings that the chosen schedule ignores or that cannot take effect."""
+        kind, warmup, n = self.lr_schedule, self.warmup_epochs, self.num_epochs
+        horizon = self.lr_schedule_epochs or n
+        if kind != "cosine" and self.lr_schedule_epochs:
+            raise ValueError(f"--lr_schedule_epochs={self.lr_schedule_epochs} is the cosine "
+                             f"schedule's length; --lr_schedule={kind} ignores it: drop it")
+        factor_default = Config.__dataclass_fields__["lr_decay_factor"].default
+        if kind != "step" and (self.lr_decay_epochs or self.lr_decay_factor != factor_default):
+            raise ValueError(f"--lr_decay_epochs and --lr_decay_factor apply to "
+                             f"--lr_schedule=step only; --lr_schedule={kind} ignores them: "
+                             f"drop them or use --lr_schedule=step")
+        if kind == "step" and not 0 < self.lr_decay_factor < 1:
+            raise ValueError(f"--lr_decay_factor={self.lr_decay_factor:g} must be in (0, 1): " + (
+                "it would make the lr grow" if self.lr_decay_factor >= 1 else
+                "the lr would be 0 after the first decay"))
+        if kind == "step" and warmup + self.lr_decay_epochs >= n:
+            raise ValueError(f"--lr_decay_epochs={self.lr_decay_epochs}: the first decay comes "
+                             f"after epoch {warmup + self.lr_decay_epochs:g}, not inside the "
+                             f"run's --num_epochs={n}; use a smaller --lr_decay_epochs")
+        if kind == "cosine" and n > horizon:
+            raise ValueError(f"--num_epochs={n} goes past the cosine schedule's {horizon} epochs "
+                             f"(--lr_schedule_epochs, kept from the run's first start), where "
+                             f"its lr is 0; to train on, also give --lr_schedule_epochs={n} "
+                             f"(the cosine is then recomputed over {n} epochs)")
+        if warmup and warmup >= (horizon if kind == "cosine" else n):
+            length = (f"the cosine schedule's {horizon} epochs" if kind == "cosine"
+                      else f"--num_epochs={n}")
+            raise ValueError(f"--warmup_epochs={warmup:g} does not end inside {length}: the lr "
+                             f"would never reach --lr; use fewer warm-up epochs")
 
-def check_resume_config(saved: dict, current: dict) -> None:
-    """Errors for settings that break the data position; warnings for other changed settings."""
-    rule = {f.name: f.metadata["resume"] for f in dataclasses.fields(Config)}
-    for name, value in current.items():
-        if rule.get(name) == "match" and saved.get(name) != value:
-            raise ValueError(f"the checkpoint was saved with --{name}={saved.get(name)}, this run "
-                             f"has --{name}={value}; resuming needs the same value")
-    changed = [f"--{k}: {saved.get(k)} -> {v}" for k, v in current.items()
-               if rule.get(k) == "warn" and saved.get(k) != v]
-    if changed:
-        logging.warning("resuming with changed settings: %s", ", ".join(changed))
+
+# ----------------------------------------------------------------------------- resuming
+
+# What a resumed run may do with a setting whose value differs from the checkpoint's. The one
+# table of these rules (README "Resuming with other settings"); every setting is in one row.
+RESUME_RULES = {
+    # Allowed silently: where and how the run executes and what it writes, not what it computes
+    # (np_mode and np_microbatches give the same update).
+    "free": ("data_dir", "data_workers", "num_epochs", "max_steps", "crash_guard",
+             "crash_points", "crash_lr_factor", "crash_max_rollbacks", "np_mode",
+             "np_microbatches", "eval_batchsize", "eval_train", "workdir",
+             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
+             "keep_checkpoint_every_steps", "resume", "save_final_params",
+             "preemption_check_steps"),
+    # Allowed, logged: training continues from the checkpoint under the new value. Optimizer
+    # parts the checkpoint lacks (--optimizer, --clip_norm, --wd, --weight_norm) start fresh
+    # (Adam's moments at 0, weight norms held at their values at the resume); parts this run
+    # lacks are dropped. lr settings apply from the resume step (the lr jump is logged).
+    "warn": ("preprocess", "dtype", "update_rule", "lr", "wd", "optimizer", "lr_schedule",
+             "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm", "weight_norm",
+             "loss", "sigma", "noise", "np_antithetic", "np_draws", "np_delta", "np_layerwise"),
+    # Allowed (logged) at an epoch boundary; refused mid-epoch: they choose the epoch's batches
+    # (order, crops and flips), so the rest of the epoch would repeat and skip examples.
+    "epoch": ("seed", "augment"),
+    # Refused: the parameters' shapes or the position in the data depend on them.
+    "refuse": ("dataset", "validation_size", "cifar100_labels", "batchsize", "network", "n_hl",
+               "hl_size", "width", "norm"),
+    # Not given (0): the checkpoint's value is kept, so --num_epochs never moves the cosine
+    # schedule; given: as "warn".
+    "inherit": ("lr_schedule_epochs",),
+}
+RESUME_RULE = {name: rule for rule, names in RESUME_RULES.items() for name in names}
+# resume.settle_resume applies them.
 
 
 # ----------------------------------------------------------------------------- presets
@@ -262,7 +310,7 @@ def overrides(name_or_path: str) -> dict:
         values = PRESETS[name_or_path]
     elif name_or_path.endswith(".json") or os.path.exists(name_or_path):
         try:
-            with open(name_or_path) as f:
+            with open(name_or_path, encoding="utf-8-sig") as f:  # Windows editors add a BOM
                 values = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"--config={name_or_path}: cannot read it as JSON ({e})") from None

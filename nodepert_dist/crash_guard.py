@@ -5,13 +5,19 @@ A crash is test accuracy more than `--crash_points` percentage points below the 
 `train.run`. A hook raises at the epoch row that crashed, before that epoch's checkpoint is
 saved; a non-finite loss already stops the run before its step is saved. Then the guard:
   1. moves the checkpoints newer than the last good epoch row to `<workdir>/rolled_back/<n>/`
-     (kept for inspection, e.g. the crash replay of `experiments crash-timing`);
+     (kept for inspection, e.g. the crash replay of `experiments crash-timing`), with the
+     epoch rows they replace (`metrics.jsonl` there);
   2. appends a `{"event": "rollback", ...}` row to metrics.jsonl and multiplies the lr by
      `--crash_lr_factor`;
-  3. runs again, which resumes from the newest remaining checkpoint (or from scratch if none).
-After `--crash_max_rollbacks` rollbacks it gives up with a one-line error. Its state (lr,
-rollbacks) is kept in `<workdir>/crash_guard.json`, so a preempted guarded run resumes with the
-lowered lr.
+  3. runs again, which resumes from the newest remaining checkpoint (from scratch only after a
+     crash in epoch 1).
+The rollback target, the newest checkpoint at or before the last good epoch row, is never pruned
+(`Checkpointer.rollback_step`), whatever `--keep_checkpoints` says; if it is missing anyway the
+guard gives up with one line rather than start over. After `--crash_max_rollbacks` rollbacks it
+gives up with a one-line error. A non-finite train state refused by a checkpoint save is a crash
+too. The guard holds the workdir lock and the preemption watcher across its attempts. Its state
+(lr, rollbacks) is kept in `<workdir>/crash_guard.json`, so a preempted guarded run resumes with
+the lowered lr.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import os
 from typing import Optional
 
-from nodepert_dist import checkpoint, metrics
+from nodepert_dist import agree, checkpoint, metrics, preempt, workdir_lock
 
 STATE_FILE = "crash_guard.json"
 
@@ -37,7 +43,8 @@ class Crashed(Exception):
 
 
 class Diverged(ValueError):
-    """A non-finite training loss (train.py raises it; the CLI prints it as one line)."""
+    """A non-finite training loss (train.py raises it; the CLI prints it as one line). A
+    non-finite train state is `checkpoint.NonFiniteState`, raised by the checkpoint save."""
 
 
 class GaveUp(ValueError):
@@ -91,33 +98,65 @@ def _write_state(workdir: str, state: dict) -> None:
     os.replace(tmp, os.path.join(workdir, STATE_FILE))
 
 
-def _roll_back(workdir: str, good_step: int, n: int) -> int:
-    """Moves checkpoints past `good_step` aside; returns the step training resumes from."""
+def _aside_dir(workdir: str, n: int) -> str:
+    """`<workdir>/rolled_back/<n>`, or the next free number (an earlier guard's may be there)."""
+    while os.path.exists(os.path.join(workdir, "rolled_back", str(n))):
+        n += 1
+    return os.path.join(workdir, "rolled_back", str(n))
+
+
+def _roll_back(workdir: str, good: dict, n: int) -> int:
+    """Moves the checkpoints and epoch rows past the epoch row `good` to
+    `<workdir>/rolled_back/<n>/`; returns the step training resumes from."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     steps = checkpoint.committed_steps(ckpt_dir)
+    kept = [s for s in steps if s <= good["step"]]
+    # Process 0's listing decides (like restore's): a stale cache must not split the processes.
+    if not agree.from_process_0(len(kept)) and good["step"] > 0:
+        raise GaveUp(f"crash guard: no checkpoint at or before the last good epoch {good['epoch']} "
+                     f"(step {good['step']}) is left in {ckpt_dir} to roll back to; rerun with "
+                     f"a lower --lr")
     if metrics.is_writer():
-        aside = os.path.join(workdir, "rolled_back", str(n))
+        aside = _aside_dir(workdir, n)
+        os.makedirs(aside)
+        later = [r for r in metrics.epoch_rows(metrics.read_jsonl(workdir))
+                 if r["epoch"] > good["epoch"]]
+        with open(os.path.join(aside, "metrics.jsonl"), "w") as f:  # the rows it replaces
+            f.writelines(json.dumps(metrics.finite_or_none(r)) + "\n" for r in later)
         for s in steps:
-            if s > good_step:
-                os.makedirs(aside, exist_ok=True)
-                os.replace(checkpoint.step_dir(ckpt_dir, s),
-                           os.path.join(aside, os.path.basename(checkpoint.step_dir(ckpt_dir, s))))
-    kept = [s for s in steps if s <= good_step]
-    if not kept:  # no checkpoint to resume: the run starts over and rewrites epoch 0
+            if s > good["step"]:
+                name = os.path.basename(checkpoint.step_dir(ckpt_dir, s))
+                os.replace(os.path.join(ckpt_dir, name), os.path.join(aside, name))
+    if not kept:  # a crash in epoch 1: start over from the seed's init, which rewrites epoch 0
         metrics.truncate_after(workdir, -1)
     return kept[-1] if kept else 0
 
 
 def run(train_run, cfg, hooks=()) -> tuple[list[dict], str]:
-    """`train_run(cfg, hooks)` (train.run) under the guard, whatever `cfg.crash_guard` says."""
+    """`train_run(cfg, hooks)` (train.run) under the guard, whatever `cfg.crash_guard` says.
+
+    It holds the workdir lock and the preemption watcher across attempts: no other run can
+    start in the workdir while checkpoints are moved, and a signal during a rollback stops
+    the run (exit 75) with the rollback done."""
+    cfg.validate()  # bad input is one line before the workdir is touched
+    if not cfg.checkpointing and cfg.crash_max_rollbacks > 0:
+        raise ValueError("--crash_guard rolls back to checkpoints: set --checkpoint_every_epochs "
+                         "or --checkpoint_every_steps")
+    with preempt.Watcher(cfg.preemption_check_steps) as watcher, \
+            workdir_lock.hold(cfg.workdir):
+        return _guarded(train_run, cfg, hooks, watcher)
+
+
+def _guarded(train_run, cfg, hooks, watcher) -> tuple[list[dict], str]:
     state = _read_state(cfg.workdir, cfg)
     while True:
         current = dataclasses.replace(cfg, lr=state["lr"])
         try:
             return train_run(current, hooks=(*hooks, Detector(cfg.crash_points)))
-        except (Crashed, Diverged) as e:
+        except (Crashed, Diverged, checkpoint.NonFiniteState) as e:
             reason = str(e)
-            kind = "crash" if isinstance(e, Crashed) else "non_finite_loss"
+            kind = ("crash" if isinstance(e, Crashed) else "non_finite_loss"
+                    if isinstance(e, Diverged) else "non_finite_state")
         rows = metrics.epoch_rows(metrics.read_jsonl(cfg.workdir))
         if kind == "crash":  # the crashed row is the last one written
             rows = rows[:-1]
@@ -130,9 +169,18 @@ def run(train_run, cfg, hooks=()) -> tuple[list[dict], str]:
             raise GaveUp(f"crash guard gave up after {state['rollbacks']} rollback(s) (lr "
                          f"{state['base_lr']:g} -> {state['lr']:g}); the last: {reason}. "
                          f"Use a lower --lr or a larger --crash_max_rollbacks")
-        event["resume_step"] = _roll_back(cfg.workdir, good["step"], state["rollbacks"] + 1)
+        try:
+            event["resume_step"] = _roll_back(cfg.workdir, good, state["rollbacks"] + 1)
+        except GaveUp as e:
+            metrics.write_event(cfg.workdir, {**event, "event": "gave_up", "detail": str(e)})
+            raise
         state = {**state, "rollbacks": state["rollbacks"] + 1,
                  "lr": state["lr"] * cfg.crash_lr_factor}
         event["new_lr"] = state["lr"]
         metrics.write_event(cfg.workdir, event)
         _write_state(cfg.workdir, state)
+        if watcher.signalled():  # every process together (each raised the same crash)
+            raise preempt.Preempted(
+                f"preempted by {watcher.describe()} during a crash-guard rollback: rolled back "
+                f"to step {event['resume_step']} (lr {state['lr']:g}); run the same command "
+                f"again to resume (exit {preempt.EXIT_CODE})")

@@ -4,14 +4,17 @@ Where the process layout comes from, first match wins:
   1. explicit settings: the flags `--coordinator_address --num_processes --process_id`, or, for
      any of them left unset, the env vars NODEPERT_COORDINATOR_ADDRESS / NODEPERT_NUM_PROCESSES /
      NODEPERT_PROCESS_ID (set by launch/local.py for whatever command it starts);
-  2. jax.distributed's own cluster detection (`jax._src.clusters`: SLURM inside `srun`, Open
-     MPI's `mpirun`, Kubernetes, Cloud TPU), the same code `jax.distributed.initialize()` runs
-     with no arguments: e.g. under SLURM the coordinator is the first host of
-     SLURM_STEP_NODELIST on a port derived from SLURM_JOB_ID, process id/count = SLURM_PROCID /
-     SLURM_NTASKS, one process per GPU (GPU = SLURM_LOCALID; device 0 when the scheduler bound
-     a single GPU to the task); `--slurm_tasks=per_node`: one process per node using all its
-     GPUs. It runs here, before `initialize`, so the layout can be logged and the coordinator
-     checked with our timeouts;
+  2. the launcher that started the process (nodepert_dist/launchers.py, which reads nothing
+     but the environment it is given): SLURM `srun`, Open MPI 4 and 5, MPICH/Intel MPI, PMIx,
+     torchrun-style variables; it also fills whatever explicit settings leave out. Under SLURM
+     the coordinator is the first host of SLURM_STEP_NODELIST on a port from SLURM_JOB_ID
+     (jax's rule), process id/count = SLURM_PROCID / SLURM_NTASKS, one process per GPU (local
+     rank r takes visible GPU r; a task the launcher bound GPUs to uses all it sees);
+     `--slurm_tasks=per_node`: one process per node using all its GPUs. A launcher that does
+     not say where process 0 is (Open MPI 5, MPICH, PMIx) stops the run with one line naming
+     the flags to add, never a silent single-process run of every rank. Then jax's own
+     detection of other clusters (Kubernetes, Cloud TPU). It runs here, before `initialize`,
+     so the layout can be logged and the coordinator checked with our timeouts;
   3. nothing: a single process, `jax.distributed` is not started.
 
 A peer that never shows up is not a Python exception in jax: the process aborts once the
@@ -22,7 +25,6 @@ with status 3 when `jax.distributed.initialize` has not returned after `--init_t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -30,9 +32,10 @@ import sys
 import threading
 import time
 from typing import Mapping, Optional
-from unittest import mock
 
 from absl import flags, logging
+
+from nodepert_dist import launchers
 
 ENV_COORDINATOR = "NODEPERT_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "NODEPERT_NUM_PROCESSES"
@@ -41,12 +44,13 @@ SLURM_TASKS = ("per_gpu", "per_node")
 INIT_TIMEOUT_EXIT_CODE = 3
 
 flags.DEFINE_string("coordinator_address", None,
-                    f"host:port of process 0's coordinator (env {ENV_COORDINATOR}; SLURM, Open MPI, "
-                    "Kubernetes: detected by jax).")
+                    f"HOST:PORT or [IPv6]:PORT of process 0's coordinator (env {ENV_COORDINATOR}); "
+                    "detected under SLURM srun, Open MPI 4 mpirun, torchrun, Kubernetes.")
 flags.DEFINE_integer("num_processes", None, f"Processes in the job (env {ENV_NUM_PROCESSES}).")
 flags.DEFINE_integer("process_id", None, f"This process's rank, 0-based (env {ENV_PROCESS_ID}).")
 flags.DEFINE_enum("slurm_tasks", "per_gpu", list(SLURM_TASKS),
-                  "Under SLURM: one task per GPU (default) or one task per node using all its GPUs.")
+                  "Under a launcher (SLURM, MPI, torchrun): one task per GPU (default) or one task "
+                  "per node using all its GPUs.")
 flags.DEFINE_integer("expected_devices", 0,
                      "Fail at start-up unless the job sees exactly this many devices (0: no check).")
 flags.DEFINE_integer("init_timeout_s", 300, "Seconds to wait for all processes to join.")
@@ -58,8 +62,8 @@ class DistributedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Who this process is. `source`: 'flags', 'env', a jax cluster name ('slurm', 'ompi', ...)
-    or 'single'."""
+    """Who this process is. `source`: 'flags', 'env', a launcher ('slurm', 'ompi', 'torchrun',
+    ...; 'flags+ompi5' when the launcher filled in what the flags left out) or 'single'."""
     source: str
     num_processes: int = 1
     process_id: int = 0
@@ -73,55 +77,15 @@ class Layout:
 
 # ----------------------------------------------------------------------------- detection
 
-def cluster_layout(slurm_tasks: str = "per_gpu", env: Optional[Mapping[str, str]] = None,
-                   timeout_s: int = 300) -> Optional[Layout]:
-    """The layout jax.distributed's own cluster detection finds (SLURM under srun, Open MPI,
-    Kubernetes, Cloud TPU; `jax._src.clusters`), or None outside any cluster.
-
-    jax's ClusterEnv classes read os.environ; an explicit `env` (tests) stands in for it.
-    """
-    from jax._src import clusters  # what jax.distributed.initialize() itself uses
-
-    if slurm_tasks not in SLURM_TASKS:
-        raise DistributedError(f"--slurm_tasks={slurm_tasks!r} is not one of {', '.join(SLURM_TASKS)}")
-    with mock.patch.dict(os.environ, env, clear=True) if env is not None else _nothing():
-        found = next((c for c in clusters.ClusterEnv._cluster_types
-                      if not c.opt_in_only_method and c.is_env_present()), None)
-        if found is None:
-            return None
-        try:
-            address, num, pid, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-                None, None, None, None, found.name or None, timeout_s)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise DistributedError(f"{found.__name__} environment found but incomplete: {e}") from None
-        name = found.name or found.__name__
-        if name == "slurm" and slurm_tasks == "per_node":
-            local_ids = None  # one process uses every GPU of its node
-        elif local_ids is not None and len(_gpu_list(os.environ.get("CUDA_VISIBLE_DEVICES")) or []) == 1:
-            # jax takes the task's local rank as its GPU; if the scheduler bound one GPU to the
-            # task (SLURM --gpus-per-task=1 / --gpu-bind), that GPU is device 0 of what it sees.
-            local_ids = [0]
-    return Layout(name, num_processes=int(num), process_id=int(pid), coordinator_address=address,
-                  local_device_ids=None if local_ids is None else tuple(local_ids))
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
-
-
-def _gpu_list(value: Optional[str]) -> Optional[list[str]]:
-    """'0,1,3' -> ['0','1','3']; None or '' (or SLURM's 'NoDevFiles') -> None."""
-    if not value or value.strip() in ("", "NoDevFiles"):
-        return None
-    return [v for v in value.split(",") if v.strip()]
-
-
 def detect(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
            process_id: Optional[int] = None, *, slurm_tasks: str = "per_gpu",
            env: Optional[Mapping[str, str]] = None) -> Layout:
-    """The layout from explicit values, then NODEPERT_* env vars, then jax's cluster detection,
-    else a single process."""
+    """The layout from explicit values, then NODEPERT_* env vars, then the launcher that started
+    this process (nodepert_dist/launchers.py; it also fills what explicit values leave out), then
+    jax's other cluster detection (Kubernetes, Cloud TPU), else a single process. With `env`,
+    nothing but `env` is read."""
+    if slurm_tasks not in SLURM_TASKS:
+        raise DistributedError(f"--slurm_tasks={slurm_tasks!r} is not one of {', '.join(SLURM_TASKS)}")
     environ = os.environ if env is None else env
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
@@ -133,21 +97,85 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
         for k, v in from_env.items():
             if given[k] is None and v:
                 given[k] = v
-    if source is not None:
-        missing = [k for k, v in given.items() if v is None]
-        num = int(given["num_processes"]) if given["num_processes"] is not None else None
-        if num == 1 and given["process_id"] in (None, 0, "0"):
-            return Layout(source)
-        if missing:
+    for k in ("num_processes", "process_id"):
+        if given[k] is not None:
+            try:
+                given[k] = int(given[k])
+            except ValueError:
+                raise DistributedError(f"--{k} (or NODEPERT_{k.upper()}) = {given[k]!r} is not "
+                                       f"an integer") from None
+    if source is not None and given["num_processes"] == 1 and given["process_id"] in (None, 0):
+        return Layout(source)
+    try:
+        if source is not None and None not in given.values():
+            return _explicit(source, given)
+        launch = launchers.choose(launchers.find(environ))
+    except launchers.LauncherError as e:
+        raise DistributedError(str(e)) from None
+    if launch is None:
+        if source is not None:
+            missing = [k for k, v in given.items() if v is None]
             raise DistributedError(
                 f"incomplete process layout from {source}: set --{' --'.join(missing)} "
                 f"(or {', '.join('NODEPERT_' + m.upper() for m in missing)})")
-        return _checked(Layout(source, num_processes=num, process_id=int(given["process_id"]),
-                               coordinator_address=str(given["coordinator_address"])))
-    cluster = cluster_layout(slurm_tasks, env)
-    if cluster is not None:
-        return _checked(cluster) if cluster.multi_process else Layout(cluster.source)
-    return Layout("single")
+        return _jax_cluster(slurm_tasks) if env is None else Layout("single")
+    # The launcher supplies whatever was not given explicitly.
+    from_launcher = {"coordinator_address": launch.coordinator,
+                     "num_processes": launch.num_processes, "process_id": launch.process_id}
+    filled = {k: v if v is not None else from_launcher[k] for k, v in given.items()}
+    if filled["num_processes"] == 1:
+        return Layout(launch.name if source is None else source)
+    if None in filled.values():
+        raise DistributedError(_unusable(launch, [k for k, v in filled.items() if v is None]))
+    name = launch.name if source is None else f"{source}+{launch.name}"
+    bind = given["num_processes"] is None or given["process_id"] is None  # the launcher's ranks
+    local_ids = launchers.gpu_binding(launch, environ, slurm_tasks == "per_node") if bind else None
+    return _checked(Layout(name, filled["num_processes"], filled["process_id"],
+                           str(filled["coordinator_address"]), local_ids))
+
+
+def _explicit(source: str, given: dict) -> Layout:
+    return _checked(Layout(source, given["num_processes"], given["process_id"],
+                           str(given["coordinator_address"])))
+
+
+def _unusable(launch: launchers.Launch, missing: list[str]) -> str:
+    """One line: the launcher found, what it does not say, the flags that say it."""
+    of = "an unknown number" if launch.num_processes is None else str(launch.num_processes)
+    lacks = {"coordinator_address": "where process 0's coordinator is",
+             "num_processes": "how many processes there are", "process_id": "this process's rank"}
+    need = {"coordinator_address": "--coordinator_address=HOST:PORT",
+            "num_processes": "--num_processes=N", "process_id": "--process_id=RANK"}
+    env_names = ", ".join("NODEPERT_" + m.upper() for m in missing)
+    return (f"{launch.label} started this as process {launch.process_id} of {of} "
+            f"({launch.evidence}) but does not say {' or '.join(lacks[m] for m in missing)}: "
+            f"pass {' '.join(need[m] for m in missing)} (or env {env_names}; HOST is process 0's "
+            f"host, PORT a free port there) and the rest comes from {launch.label}")
+
+
+def _jax_cluster(slurm_tasks: str) -> Layout:
+    """jax's detection of the clusters launchers.py does not read (Kubernetes, Cloud TPU), for
+    this process's own environment only: jax's ClusterEnv classes read os.environ and metadata
+    servers."""
+    from jax._src import clusters  # what jax.distributed.initialize() itself uses
+
+    found = next((c for c in clusters.ClusterEnv._cluster_types
+                  if not c.opt_in_only_method and c.name not in ("slurm", "ompi")
+                  and c.is_env_present()), None)
+    if found is None:
+        return Layout("single")
+    name = found.name or found.__name__
+    try:
+        address, num, pid, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, found.name or None, 300)  # s to look the coordinator up
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise DistributedError(f"{found.__name__} environment found but incomplete: {e}") from None
+    if int(num) <= 1:
+        return Layout(name)
+    launch = launchers.Launch(name, found.__name__, name, int(pid), int(num),
+                              local_ids[0] if local_ids else None, address)
+    return _checked(Layout(name, int(num), int(pid), address,
+                           launchers.gpu_binding(launch, os.environ, slurm_tasks == "per_node")))
 
 
 def _checked(layout: Layout) -> Layout:
@@ -155,9 +183,10 @@ def _checked(layout: Layout) -> Layout:
         raise DistributedError(f"num_processes={layout.num_processes} must be >= 1")
     if not 0 <= layout.process_id < layout.num_processes:
         raise DistributedError(f"process_id={layout.process_id} is outside 0..{layout.num_processes - 1}")
-    host, _, port = (layout.coordinator_address or "").rpartition(":")
-    if not host or not port.isdigit():
-        raise DistributedError(f"coordinator address {layout.coordinator_address!r} is not host:port")
+    try:
+        launchers.split_address(layout.coordinator_address)
+    except launchers.LauncherError as e:
+        raise DistributedError(f"{e}; pass --coordinator_address=HOST:PORT") from None
     return layout
 
 
@@ -165,11 +194,11 @@ def _checked(layout: Layout) -> Layout:
 
 def _wait_for_coordinator(address: str, deadline: float) -> None:
     """Non-zero ranks: fail with one line unless the coordinator's port accepts a TCP connection."""
-    host, _, port = address.rpartition(":")
+    host, port = launchers.split_address(address)
     last = None
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            with socket.create_connection((host, port), timeout=2):
                 return
         except OSError as e:
             last = e

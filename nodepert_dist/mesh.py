@@ -77,9 +77,23 @@ def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> Non
     if global_batch <= 0 or global_batch % n_dev:
         raise ValueError(
             f"{what}={global_batch} is not divisible by the {n_dev} devices of the mesh; "
-            f"use a multiple of {n_dev}")
+            f"use a multiple of {n_dev}" + (
+                f" (e.g. {' or '.join(str(b) for b in _near_multiples(global_batch, n_dev))})"
+                if global_batch > 0 else ""))
     if global_batch % n_proc:
         raise ValueError(f"{what}={global_batch} is not divisible by {n_proc} processes")
+
+
+def _near_multiples(batch: int, n: int) -> list[int]:
+    below = batch // n * n
+    return [b for b in (below, below + n) if b > 0]
+
+
+def round_up_batch(global_batch: int, mesh: Mesh) -> int:
+    """The smallest multiple of the device count >= `global_batch` (for evaluation, whose
+    padded last batch makes any batch size give the same result)."""
+    n_dev = mesh.devices.size
+    return -(-global_batch // n_dev) * n_dev
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

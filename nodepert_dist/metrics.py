@@ -30,14 +30,23 @@ def finite_or_none(row: dict) -> dict:
             for k, v in row.items()}
 
 
-class MetricsWriter:
-    """Appends one row per epoch to metrics.jsonl and metrics.csv."""
+HISTORY = ("metrics.jsonl", "metrics.csv", "config.json")  # one run's record in its workdir
+EARLIER = "earlier_runs"
 
-    def __init__(self, workdir: str, config: dict):
+
+class MetricsWriter:
+    """Appends one row per epoch to metrics.jsonl and metrics.csv.
+
+    `fresh`: the run starts at epoch 0 (no checkpoint to resume). An earlier run's epoch rows
+    in the workdir are then moved aside first (`set_aside_history`), never appended to."""
+
+    def __init__(self, workdir: str, config: dict, fresh: bool = False):
         self.workdir = workdir
         if not is_writer():
             return
         os.makedirs(workdir, exist_ok=True)
+        if fresh:
+            set_aside_history(workdir)
         tmp = os.path.join(workdir, ".config.json.tmp")
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -67,6 +76,31 @@ class MetricsWriter:
         return row
 
 
+def set_aside_history(workdir: str) -> str:
+    """Moves an earlier run's metrics.jsonl, metrics.csv and config.json to
+    `<workdir>/earlier_runs/<n>/` (the next free n) if metrics.jsonl or metrics.csv holds an
+    epoch row; returns that folder ("" if nothing was moved). Event rows alone (a crash guard
+    starting over from epoch 0) are this run's history and stay."""
+    csv_path, csv_rows = os.path.join(workdir, "metrics.csv"), 0
+    if os.path.exists(csv_path):
+        with open(csv_path) as f:
+            csv_rows = sum(1 for _ in f) - 1  # below the header
+    if not epoch_rows(read_jsonl(workdir)) and csv_rows <= 0:
+        return ""
+    n = 1
+    while os.path.exists(os.path.join(workdir, EARLIER, str(n))):
+        n += 1
+    aside = os.path.join(workdir, EARLIER, str(n))
+    os.makedirs(aside)
+    moved = [name for name in HISTORY if os.path.exists(os.path.join(workdir, name))]
+    for name in moved:
+        os.replace(os.path.join(workdir, name), os.path.join(aside, name))
+    logging.warning("fresh start (no checkpoint to resume) in %s, which holds an earlier run's "
+                    "metrics: moved %s to %s (kept; this run writes its own)", workdir,
+                    ", ".join(moved), aside)
+    return aside
+
+
 def truncate_after(workdir: str, epoch: int) -> None:
     """Drops epoch rows past `epoch`; event rows (crash guard) stay: they are history."""
     if not is_writer():
@@ -90,8 +124,12 @@ def write_event(workdir: str, event: dict) -> None:
 
 
 def epoch_rows(rows: list[dict]) -> list[dict]:
-    """The per-epoch rows of a metrics.jsonl, without event rows."""
-    return [r for r in rows if "event" not in r]
+    """The per-epoch rows of a metrics.jsonl, without event rows. A file where the epochs start
+    over (two runs appended, as versions before the fresh-start rule wrote: epochs 0, 1, 0, 1, 2)
+    reads as its last run."""
+    rows = [r for r in rows if "event" not in r]
+    restarts = [i for i in range(1, len(rows)) if rows[i]["epoch"] <= rows[i - 1]["epoch"]]
+    return rows[restarts[-1]:] if restarts else rows
 
 
 def _write_jsonl(f, rows):

@@ -18,7 +18,7 @@ import os
 from absl import app, flags
 
 from nodepert_dist import cli as cli_lib
-from nodepert_dist.metrics import read_jsonl
+from nodepert_dist.metrics import epoch_rows, read_jsonl
 
 flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
 flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
@@ -34,8 +34,11 @@ def _config(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a hand-edited copy may carry a BOM
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
 
 
 def run_label(workdir: str) -> str:
@@ -68,6 +71,9 @@ def title(workdirs: list[str]) -> str:
 
 
 def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoch") -> str:
+    missing = [w for w in workdirs if not os.path.isdir(w)]
+    if missing:
+        raise ValueError(f"--workdirs: {missing[0]} is not a folder (a run's --workdir)")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,7 +81,7 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     scale = 100.0 if metric.endswith("_acc") else 1.0
     for workdir in workdirs:
-        rows = [r for r in read_jsonl(workdir) if r.get(metric) is not None]
+        rows = [r for r in epoch_rows(read_jsonl(workdir)) if r.get(metric) is not None]
         if not rows:
             raise ValueError(f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?")
         if x == "time":  # epoch 0 (before training) at t=0

@@ -37,24 +37,38 @@ class Preempted(Exception):
 
 
 class Watcher:
-    """Context manager: records SIGTERM/SIGUSR1 while the run lives (main thread only)."""
+    """Context manager: records SIGTERM/SIGUSR1 while the run lives (main thread only).
+
+    Nested in a live one (the crash guard's, held across its attempts and rollbacks), it is that
+    one: a signal that arrives between two attempts is not forgotten."""
+
+    _active: Optional["Watcher"] = None
 
     def __init__(self, check_every: int = 1):
         self.check_every = check_every
         self.signal: Optional[int] = None
         self._previous: dict = {}
+        self._outer: Optional[Watcher] = None
         self._test_step, self._test_process = _test_hook()
 
     def __enter__(self) -> "Watcher":
+        if Watcher._active is not None:
+            self._outer = Watcher._active
+            return self._outer
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
+        Watcher._active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._outer is not None:
+            self._outer = None
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        Watcher._active = None
 
     def _record(self, signum, _frame) -> None:
         if self.signal is None:
@@ -69,6 +83,10 @@ class Watcher:
         if step % self.check_every:
             return False
         # A collective (with several processes): every process calls it at the same steps.
+        return agree.anywhere(self.signal is not None)
+
+    def signalled(self) -> bool:
+        """Whether any process got a signal (a collective: every process calls it together)."""
         return agree.anywhere(self.signal is not None)
 
     def describe(self) -> str:

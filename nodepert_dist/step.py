@@ -30,27 +30,70 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(name: str, lr: float, wd: float, *, schedule: str = "constant",
-                   total_steps: int = 0, warmup_steps: int = 0, decay_every: int = 0,
-                   decay_factor: float = 0.1, clip_norm: float = 0.0,
-                   weight_norm: bool = False) -> optax.GradientTransformation:
-    """`w <- w - lr * u(dw) - wd * w`, with u the identity (sgd) or Adam's scaling (adam).
-
-    The decay is decoupled and not scaled by lr, as in the original research code, hence the
-    negative rate given to optax's add_decayed_weights (which adds +rate * w to the update).
-    Training aids (optim.py): `schedule` for lr over `total_steps` (with `warmup_steps`, and
-    `decay_every`/`decay_factor` for step decay), `clip_norm` > 0 clips the global gradient norm
-    first, `weight_norm` holds every kernel at its initial norm after the update.
-    """
+def optimizer_parts(name: str, lr: float, wd: float, *, schedule: str = "constant",
+                    total_steps: int = 0, warmup_steps: int = 0, decay_every: int = 0,
+                    decay_factor: float = 0.1, clip_norm: float = 0.0,
+                    weight_norm: bool = False) -> list[tuple[str, optax.GradientTransformation]]:
+    """The named parts `make_optimizer` chains, in order: "clip", the optimizer ("sgd" or
+    "adam"), "decay", "weight_norm" (each aid only when asked for). A resumed run carries each
+    part's state over by its name (resume.py)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown --optimizer={name!r}; choose one of {', '.join(OPTIMIZERS)}")
     rate = optim.lr_schedule(schedule, lr, total_steps=total_steps, warmup_steps=warmup_steps,
                              decay_every=decay_every, decay_factor=decay_factor)
-    base = optax.sgd(rate) if name == "sgd" else optax.adam(rate)
-    parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm else []) + [base]
-    parts += [optax.add_decayed_weights(-wd)] if wd else []
-    parts += [optim.keep_kernel_norms()] if weight_norm else []
-    return optax.chain(*parts) if len(parts) > 1 else base
+    # optax.sgd / optax.adam with the lr read from the step (optim.scale_by_lr): the same
+    # transformations and state as optax's own with a constant lr.
+    scale = optax.identity() if name == "sgd" else optax.scale_by_adam()
+    parts = [("clip", optax.clip_by_global_norm(clip_norm))] if clip_norm else []
+    parts += [(name, optax.chain(scale, optim.scale_by_lr(rate)))]
+    parts += [("decay", optax.add_decayed_weights(-wd))] if wd else []
+    parts += [("weight_norm", optim.keep_kernel_norms())] if weight_norm else []
+    return parts
+
+
+def make_optimizer(name: str, lr: float, wd: float, **aids) -> optax.GradientTransformation:
+    """`w <- w - lr * u(dw) - wd * w`, with u the identity (sgd) or Adam's scaling (adam).
+
+    The decay is decoupled and not scaled by lr, as in the original research code, hence the
+    negative rate given to optax's add_decayed_weights (which adds +rate * w to the update).
+    Training aids (optim.py, `optimizer_parts`' keywords): `schedule` for lr over `total_steps`
+    (with `warmup_steps`, and `decay_every`/`decay_factor` for step decay), `clip_norm` > 0
+    clips the global gradient norm first, `weight_norm` holds every kernel at its initial norm
+    after the update. Its `update` takes `step=` (the schedule's step).
+    """
+    parts = [t for _, t in optimizer_parts(name, lr, wd, **aids)]
+    return optax.chain(*parts) if len(parts) > 1 else parts[0]
+
+
+def _schedule_args(cfg, steps_per_epoch: int) -> dict:
+    """A Config's lr schedule settings, its epochs counted in steps."""
+    return dict(schedule=cfg.lr_schedule,
+                total_steps=(cfg.lr_schedule_epochs or cfg.num_epochs) * steps_per_epoch,
+                warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                decay_every=cfg.lr_decay_epochs * steps_per_epoch,
+                decay_factor=cfg.lr_decay_factor)
+
+
+def schedule_from(cfg, steps_per_epoch: int):
+    """The lr (a float, or an optax schedule of the step) of a Config's settings."""
+    args = _schedule_args(cfg, steps_per_epoch)
+    return optim.lr_schedule(args.pop("schedule"), cfg.lr, **args)
+
+
+def optimizer_from(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+    """`make_optimizer` with a Config's settings."""
+    return make_optimizer(cfg.optimizer, cfg.lr, cfg.wd, clip_norm=cfg.clip_norm,
+                          weight_norm=cfg.weight_norm, **_schedule_args(cfg, steps_per_epoch))
+
+
+def part_states(names: list[str], opt_state) -> dict:
+    """{part name: its state} of a `make_optimizer` state built from parts `names`."""
+    return dict(zip(names, opt_state)) if len(names) > 1 else {names[0]: opt_state}
+
+
+def join_part_states(names: list[str], states: dict):
+    """The inverse of `part_states`."""
+    return tuple(states[n] for n in names) if len(names) > 1 else states[names[0]]
 
 
 def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
@@ -131,7 +174,8 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
             "count": jnp.float32(b),
         }, DATA)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = optax.with_extra_args_support(optimizer).update(
+            grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -9,6 +9,7 @@ newest one exactly: same data order, noise keys, optimizer state and metric rows
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging as pylogging
@@ -23,7 +24,7 @@ import numpy as np
 from absl import app, logging
 
 from nodepert_dist import agree, checkpoint, crash_guard, distributed, metrics, models
-from nodepert_dist import params_io, preempt
+from nodepert_dist import params_io, preempt, resume
 from nodepert_dist import taps
 from nodepert_dist import workdir_lock
 from nodepert_dist import config as config_lib
@@ -103,7 +104,6 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     # Mesh: one `data` axis over every device of every process.
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_batch(cfg.batchsize, mesh)
-    mesh_lib.check_batch(cfg.eval_batchsize, mesh, "--eval_batchsize")
     per_device = cfg.batchsize // mesh.devices.size
     if cfg.update_rule == "np" and per_device % cfg.np_microbatches:
         raise ValueError(f"--np_microbatches={cfg.np_microbatches} does not divide the "
@@ -111,12 +111,17 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
     # SIGTERM/SIGUSR1 from here on stop the run at a step boundary with a checkpoint.
+    # ExitStack: the input pipeline's workers are stopped whichever way the run ends.
     with preempt.Watcher(cfg.preemption_check_steps) as watcher, \
-            workdir_lock.hold(cfg.workdir):  # one live run per workdir
-        return _run_locked(cfg, mesh, watcher, hooks)
+            workdir_lock.hold(cfg.workdir), contextlib.ExitStack() as cleanup:
+        return _run_locked(cfg, mesh, watcher, hooks, cleanup)
 
 
-def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[list[dict], str]:
+def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
+                cleanup: contextlib.ExitStack) -> tuple[list[dict], str]:
+    # A resumed run's settings against its checkpoint's (config.RESUME_RULES), before any work.
+    ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
+    cfg = resume.settle(ckpt_dir, cfg)
     # Data: memory-mapped uint8 arrays (store.py); each process gathers only its share, and
     # the preprocessing (training-split statistics) runs per batch on the device.
     data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
@@ -138,16 +143,20 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
                                width=cfg.width, norm=cfg.norm, dtype=cfg.dtype,
                                local_heads=cfg.np_local)
-    optimizer = step_lib.make_optimizer(
-        cfg.optimizer, cfg.lr, cfg.wd, schedule=cfg.lr_schedule,
-        total_steps=cfg.num_epochs * n_steps, warmup_steps=round(cfg.warmup_epochs * n_steps),
-        decay_every=cfg.lr_decay_epochs * n_steps, decay_factor=cfg.lr_decay_factor,
-        clip_norm=cfg.clip_norm, weight_norm=cfg.weight_norm)
+    optimizer = step_lib.optimizer_from(cfg, n_steps)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
     taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
+    if cfg.lr_schedule == "cosine":
+        logging.info("lr: cosine from %g to 0 over %d epochs (--lr_schedule_epochs; kept on "
+                     "resume whatever --num_epochs says)", cfg.lr, cfg.lr_schedule_epochs)
+    # Evaluation pads its last batch anyway: any batch works once it splits over the devices.
+    eval_batch = mesh_lib.round_up_batch(cfg.eval_batchsize, mesh)
+    if eval_batch != cfg.eval_batchsize:
+        logging.info("--eval_batchsize=%d rounded up to %d, a multiple of the %d devices",
+                     cfg.eval_batchsize, eval_batch, mesh.devices.size)
 
     # Steps.
     train_step = step_lib.make_train_step(
@@ -157,13 +166,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise,
         np_estimator=cfg.np_estimator, np_local=cfg.np_local)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
-    writer = metrics.MetricsWriter(cfg.workdir, dict(
-        dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
-        data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}))
-
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
-            images, labels, global_batch=cfg.eval_batchsize, process_index=jax.process_index(),
+            images, labels, global_batch=eval_batch, process_index=jax.process_index(),
             process_count=jax.process_count(), rows=rows), prep, mesh)
 
     def epoch_row(epoch: int, extra: dict) -> dict:
@@ -179,8 +184,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         return writer.write(row)  # NaN/Inf (e.g. an overflowing eval loss) written as null
 
     # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
-    ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
-    restored = checkpoint.restore(ckpt_dir, state) if cfg.resume else None
+    restored = (resume.restore(ckpt_dir, cfg, state, optimizer, mesh, n_steps) if cfg.resume
+                else None)
     # Process 0's listing decides (like restore's): stale caches must not split the processes.
     if restored is None and cfg.checkpointing and agree.from_process_0(
             len(checkpoint.committed_steps(ckpt_dir))):
@@ -188,7 +193,6 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
                          f"remove them or use another --workdir")
     if restored is not None:
         state, manifest = restored
-        config_lib.check_resume_config(manifest["config"], dataclasses.asdict(cfg))
         loop = manifest["loop"]
         saved_order = manifest.get("rng", {}).get("data_order")
         if loop["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
@@ -196,6 +200,13 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
                 f"the checkpoint in {ckpt_dir} stopped mid-epoch under another data order "
                 f"({saved_order!r}); resuming would repeat or skip examples. Resume it with the "
                 f"version that saved it, or remove checkpoints back to an epoch boundary")
+    # After every refusal (config.json stays the last run's). A fresh start never appends to an
+    # earlier run's metrics: they are moved aside (kept).
+    writer = metrics.MetricsWriter(cfg.workdir, dict(
+        dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
+        data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}),
+        fresh=restored is None)
+    if restored is not None:
         rows, epoch_start, step_start = loop["rows"], loop["epoch"], loop["step_in_epoch"]
         # The running sums of the interrupted epoch (host floats: JSON keeps them exactly).
         resumed_sums = loop["sums"]
@@ -206,8 +217,10 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     else:
         rows, epoch_start, step_start = [epoch_row(0, {})], 1, 0
         resumed_sums, resumed_elapsed = None, 0.0
+    # Pruning keeps the crash guard's rollback target: the checkpoint of the last epoch row.
     saver = (checkpoint.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
-                                     keep_every_steps=cfg.keep_checkpoint_every_steps)
+                                     keep_every_steps=cfg.keep_checkpoint_every_steps,
+                                     rollback_step=rows[-1]["step"])
              if cfg.checkpointing else None)
     step = int(jax.device_get(state.step))
     _notify(hooks, "start", types.SimpleNamespace(
@@ -254,8 +267,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         sums = dict(resumed_sums) if first else {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN}
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
         done, pending = first, None  # pending: (metrics, step) of the step in flight
-        for i, (x, y) in enumerate(pipeline.iterate(batches, start=first, workers=cfg.data_workers),
-                                   start=first):
+        stream = cleanup.enter_context(contextlib.closing(
+            pipeline.iterate(batches, start=first, workers=cfg.data_workers)))
+        for i, (x, y) in enumerate(stream, start=first):
             x, y = mesh_lib.global_batch(mesh, x, y)
             x = prep(x)
             state, m = train_step(state, x, y)
@@ -276,6 +290,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
                 save(epoch, done, sums, time.perf_counter() - start)
             if stopping:
                 break
+        stream.close()  # stops the prefetch (and the workers) now, not at exit
         if pending is not None:
             accumulate(sums, pending, epoch)
         if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
@@ -295,6 +310,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
         if saver and (save_due(step) or stop_due(step) or preempted or epoch == cfg.num_epochs
                       or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
             save(epoch + 1, 0, None, 0.0)
+        if saver:  # this epoch's row passed the hooks (the crash guard): the new rollback target
+            saver.rollback_step = step
         if preempted:
             break
     if saver:
@@ -309,8 +326,15 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks) -> tuple[lis
     # Said at the end: otherwise the last line printed is an earlier epoch's row.
     note = ""
     if restored is not None and epoch_start > cfg.num_epochs:
+        more = "raise --num_epochs to train on"
+        if cfg.lr_schedule == "cosine":  # its length is recorded; --num_epochs never moves it
+            more = (f"raise --num_epochs, up to {cfg.lr_schedule_epochs}, to train on along the "
+                    f"same cosine" if cfg.num_epochs < cfg.lr_schedule_epochs else
+                    f"the cosine lr reached 0 at epoch {cfg.lr_schedule_epochs}: raise "
+                    f"--num_epochs and --lr_schedule_epochs together to train on (the cosine is "
+                    f"then recomputed over the new length from here)")
         note = (f"already finished: {cfg.num_epochs} epochs done (step {step}); nothing to do "
-                f"(raise --num_epochs to train on)")
+                f"({more})")
     elif rows[-1]["epoch"] < cfg.num_epochs and stop_due(step):
         note = (f"stopped at --max_steps={cfg.max_steps} (step {step}, {rows[-1]['epoch']} of "
                 f"{cfg.num_epochs} epochs done); rerun with a larger --max_steps to continue")

@@ -1,4 +1,6 @@
-"""Small datasets generated in the exact published formats (IDX; CIFAR python pickles).
+"""Small datasets generated in the exact published formats (IDX; CIFAR python pickles), and in
+the forms users' copies take (un-gzipped IDX under their common names; pickles re-saved by
+Python 3 with any protocol, by numpy 1.x or 2.x).
 
 CIFAR batches are dicts with bytes keys, pickled as the originals were by Python 2's cPickle
 (protocol 2, strings as BINSTRING, numpy arrays via numpy.core.multiarray._reconstruct):
@@ -12,6 +14,7 @@ import os
 import pickle
 import struct
 import tarfile
+import types
 
 import numpy as np
 
@@ -41,12 +44,78 @@ def py2_pickle(obj) -> bytes:
     return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
+class _Py3Pickler(pickle._Pickler):
+    """Python 3's pickle, writing numpy's globals under the module names of numpy 1.x
+    (numpy.core.*) or 2.x (numpy._core.*), whichever numpy runs here."""
+
+    def __init__(self, file, protocol, numpy_major):
+        super().__init__(file, protocol)
+        self.numpy_major = numpy_major
+
+    def save_global(self, obj, name=None):
+        module, name = obj.__module__, name or obj.__qualname__
+        if module.startswith(("numpy._core", "numpy.core")):
+            module = ("numpy.core" if self.numpy_major == 1 else "numpy._core") + module.split("core", 1)[1]
+        if module == "builtins" and self.proto < 3:  # Python 3 writes Python 2's name there
+            module = "__builtin__"
+        if self.proto >= 4:
+            self.save(module), self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[types.FunctionType] = save_global
+
+
+def py3_pickle(obj, protocol: int, numpy_major: int = 2) -> bytes:
+    """`obj` as Python 3's pickle.dump writes it with numpy 1.x or 2.x."""
+    buf = io.BytesIO()
+    _Py3Pickler(buf, protocol, numpy_major).dump(obj)
+    return buf.getvalue()
+
+
+# Forms of a re-saved CIFAR batch: (protocol, keys, numpy major version, labels as)
+CIFAR_FORMS = {
+    "py2": None,  # the published form
+    "py3-p0-bytes-keys": (0, bytes, 2, list),
+    "py3-p2-bytes-keys-numpy1": (2, bytes, 1, list),
+    "py3-p3-str-keys-numpy1": (3, str, 1, "numpy scalars"),
+    "py3-p4-str-keys": (4, str, 2, np.ndarray),
+    "py3-p5-bytes-keys": (5, bytes, 2, np.ndarray),
+    "py3-p5-str-keys-numpy1": (5, str, 1, list),
+}
+
+
+def cifar_pickle(d: dict, form: str) -> bytes:
+    """A CIFAR dict (bytes keys, list labels, as published) pickled in one of CIFAR_FORMS."""
+    if CIFAR_FORMS[form] is None:
+        return py2_pickle(d)
+    protocol, keys, numpy_major, labels = CIFAR_FORMS[form]
+    as_labels = {list: list, np.ndarray: lambda v: np.asarray(v, np.int64),
+                 "numpy scalars": lambda v: [np.int64(x) for x in v]}[labels]
+    d = {(k.decode() if keys is str else k): (as_labels(v) if k.endswith(b"labels") and
+                                              isinstance(v, list) and k != b"label_names" else v)
+         for k, v in d.items()}
+    return py3_pickle(d, protocol, numpy_major)
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1):
+def idx_name(published: str, spelling: int) -> str:
+    """0: the published name (train-images-idx3-ubyte.gz); 1: without .gz; 2: the dotted
+    spelling of many unpacked copies (train-images.idx3-ubyte)."""
+    stem = published.removesuffix(".gz")
+    return (published, stem, stem.replace("-idx", ".idx"))[spelling]
+
+
+def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1, spelling=0):
+    """The four IDX files of a small MNIST; gz=False writes them un-gzipped, under the name
+    idx_name(..., spelling)."""
     rng = np.random.default_rng(seed)
     arrays = {
         sources.TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28)),
@@ -56,14 +125,17 @@ def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1):
     }
     os.makedirs(root, exist_ok=True)
     for name, a in arrays.items():
-        with (gzip.open if gz else open)(os.path.join(root, name), "wb") as f:
+        path = os.path.join(root, idx_name(name, spelling))
+        with (gzip.open if gz else open)(path, "wb") as f:
             f.write(idx_bytes(a))
     return arrays
 
 
-def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0) -> tuple[dict, dict]:
-    """{member: pickled bytes} of a small CIFAR-10/100 in the real format, and the arrays
-    (train/test images N x 32 x 32 x 3, labels, coarse labels) it holds."""
+def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0,
+                  form: str = "py2") -> tuple[dict, dict]:
+    """{member: pickled bytes} of a small CIFAR-10/100 in the real format (or re-saved in
+    another of CIFAR_FORMS), and the arrays (train/test images N x 32 x 32 x 3, labels, coarse
+    labels) it holds."""
     spec, rng = cifar.CIFAR[name], np.random.default_rng(seed)
     members, arrays = {}, {"train_x": [], "train_y": [], "train_c": []}
 
@@ -77,7 +149,7 @@ def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0) -> tupl
         else:
             coarse = fine // 5
             d[b"fine_labels"], d[b"coarse_labels"] = [int(v) for v in fine], [int(v) for v in coarse]
-        members[member] = py2_pickle(d)
+        members[member] = cifar_pickle(d, form)
         images = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
         return images, fine, fine // 5
 
@@ -90,7 +162,7 @@ def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0) -> tupl
              b"num_cases_per_batch": per_batch} if name == "cifar10" else
             {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
              b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
-    members[spec.meta] = py2_pickle(meta)
+    members[spec.meta] = cifar_pickle(meta, form)
     return members, arrays
 
 
@@ -115,9 +187,9 @@ def write_cifar_tarball(path, name, members, skip=()) -> str:
     return str(path)
 
 
-def fake_cifar(tmp_path, name="cifar10", per_batch=40, n_test=30, seed=0):
+def fake_cifar(tmp_path, name="cifar10", per_batch=40, n_test=30, seed=0, form="py2"):
     """A tarball and an extracted folder of the same small CIFAR, and its arrays."""
-    members, arrays = cifar_members(name, per_batch, n_test, seed)
+    members, arrays = cifar_members(name, per_batch, n_test, seed, form)
     tarball = write_cifar_tarball(tmp_path / cifar.CIFAR[name].archive, name, members)
     folder = write_cifar_folder(tmp_path / "extracted", name, members)
     return tarball, folder, arrays, members

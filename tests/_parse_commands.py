@@ -12,6 +12,7 @@ each argument list, null or the error.
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -33,7 +34,8 @@ def _load(target):
 
 def check(module, target, argv):
     from absl import flags
-    if "argparse" in vars(module) and "app" not in vars(module):
+    # argparse programs (argparse.ArgumentParser or nodepert_dist.cli's one-line-error subclass)
+    if "ArgumentParser(" in inspect.getsource(module) and "app" not in vars(module):
         original = argparse.ArgumentParser.parse_args
 
         def parse_then_stop(self, args=None, namespace=None):

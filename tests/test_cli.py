@@ -1,5 +1,6 @@
 """The command-line surface: nodepert-train's files and errors, and nodepert-plot."""
 
+import codecs
 import csv
 import json
 import os
@@ -106,3 +107,14 @@ def test_plot_draws_the_learning_curves(tmp_path):
     assert np_label.startswith("NP (node perturbation, sigma=0.0001; sgd optimizer)")
     assert sgd_label.startswith("SGD (backprop; sgd optimizer)")
     assert plot.title([str(tmp_path / "np"), str(tmp_path / "sgd")]) == "fmnist: fc"
+
+
+def test_json_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: --config files and a run's config.json."""
+    from nodepert_dist import config, plot
+    settings = {"update_rule": "sgd", "lr": 0.5, "optimizer": "sgd", "loss": "ce"}
+    path = tmp_path / "settings.json"
+    path.write_bytes(codecs.BOM_UTF8 + json.dumps(settings).encode())
+    assert config.overrides(str(path)) == settings
+    (tmp_path / "config.json").write_bytes(path.read_bytes())
+    assert plot.run_label(str(tmp_path)) == "SGD (backprop; sgd optimizer), lr=0.5, ce loss"

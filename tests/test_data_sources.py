@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from _fake_data import fake_cifar, write_cifar_tarball, write_idx_dataset
+from _fake_data import (CIFAR_FORMS, fake_cifar, idx_name, py2_pickle, py3_pickle, write_cifar_tarball,
+                        write_idx_dataset)
 from conftest import REPO
 from nodepert_dist.data import cifar, fetch, sources, store
 from nodepert_dist.data.raw import DataError
@@ -35,13 +36,22 @@ def test_idx_reader_round_trip_gzip_and_raw(tmp_path, gz):
     assert data.train_x.shape == (60, 28, 28, 1) and data.train_x.dtype == np.uint8
 
 
-def test_mnist_pickle_reader_joins_train_and_valid_without_loss(tmp_path):
+MNIST_PICKLE_FORMS = {  # file name, bytes of the pickled splits
+    "published": (sources.MNIST_PICKLE, lambda o: gzip.compress(py2_pickle(o))),
+    "py3-p2-numpy1": (sources.MNIST_PICKLE, lambda o: gzip.compress(py3_pickle(o, 2, 1))),
+    "py3-p5-numpy2": (sources.MNIST_PICKLE, lambda o: gzip.compress(pickle.dumps(o, protocol=5))),
+    "un-gzipped": ("mnist.pkl", lambda o: py3_pickle(o, 4, 1)),
+}
+
+
+@pytest.mark.parametrize("form", MNIST_PICKLE_FORMS)
+def test_mnist_pickle_reader_joins_train_and_valid_without_loss(tmp_path, form):
     rng = np.random.default_rng(2)
     split = lambda n: (rng.integers(0, 256, (n, 784)).astype(np.float32) / 256, rng.integers(0, 10, n))
     train, valid, test = split(50), split(10), split(10)
     os.makedirs(tmp_path / "mnist")
-    with gzip.open(tmp_path / "mnist" / sources.MNIST_PICKLE, "wb") as f:
-        pickle.dump((train, valid, test), f)
+    fname, dump = MNIST_PICKLE_FORMS[form]
+    (tmp_path / "mnist" / fname).write_bytes(dump((train, valid, test)))
     data = sources.read("mnist", str(tmp_path / "mnist"))
     assert data.train_x.shape == (60, 28, 28, 1) and data.test_x.shape == (10, 28, 28, 1)
     np.testing.assert_array_equal(data.train_y, np.concatenate([train[1], valid[1]]))
@@ -73,6 +83,62 @@ def test_corrupt_mnist_pickle_is_a_clear_error(tmp_path):
     (tmp_path / "mnist" / sources.MNIST_PICKLE).write_bytes(gzip.compress(b"garbage"))
     with pytest.raises(DataError, match=f"corrupt dataset file .*{sources.MNIST_PICKLE}"):
         sources.read("mnist", str(tmp_path / "mnist"))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist"])
+@pytest.mark.parametrize("spelling", [1, 2])  # train-images-idx3-ubyte, train-images.idx3-ubyte
+def test_un_gzipped_idx_copies_under_their_common_names_import_as_unverified(tmp_path, name, spelling):
+    arrays = write_idx_dataset(tmp_path / "src", gz=False, spelling=spelling)
+    src, data_dir = str(tmp_path / "src"), str(tmp_path / "data")
+    raw_name = idx_name(sources.TRAIN_IMAGES, spelling)
+    with pytest.raises(DataError, match=f"{raw_name} is un-gzipped, and only the published "
+                                        f"{sources.TRAIN_IMAGES} has a pinned SHA-256 .*; if you "
+                                        f"trust this copy, pass --allow_unverified"):
+        fetch.fetch(name, data_dir, from_path=src)
+    _no_trace(tmp_path, name)
+    fetch.fetch(name, data_dir, from_path=src, allow_unverified=True)
+    data = store.open_dataset(name, data_dir)
+    assert data.meta["verified"] is False and raw_name in data.meta["checksum_problem"]
+    np.testing.assert_array_equal(data.train_x[..., 0], arrays[sources.TRAIN_IMAGES])
+    np.testing.assert_array_equal(data.test_y, arrays[sources.TEST_LABELS])
+
+
+def test_an_incomplete_from_folder_names_the_file_and_the_users_data_dir(tmp_path):
+    write_idx_dataset(tmp_path / "src", gz=False, spelling=2)
+    os.remove(tmp_path / "src" / idx_name(sources.TRAIN_LABELS, 2))
+    data_dir = tmp_path / "my data"
+    with pytest.raises(DataError) as e:
+        fetch.fetch("mnist", str(data_dir), from_path=str(tmp_path / "src"), allow_unverified=True)
+    assert str(e.value) == (
+        f"{tmp_path / 'src'} has no train-labels-idx1-ubyte.gz / train-labels-idx1-ubyte / "
+        f"train-labels.idx1-ubyte / train-labels.idx1-ubyte.gz, nor mnist.pkl.gz / mnist.pkl; "
+        f"copy the missing file there, or download: python -m nodepert_dist.data fetch mnist "
+        f"--data_dir={data_dir}")
+    assert not data_dir.exists()
+
+
+def test_unverified_files_in_the_data_dir_hint_the_command_that_accepts_them(tmp_path):
+    write_idx_dataset(tmp_path / "data" / "fmnist", gz=False, spelling=1)
+    with pytest.raises(DataError, match=(
+            f"; if you trust this copy, run: python -m nodepert_dist.data fetch fmnist "
+            f"--from={tmp_path / 'data' / 'fmnist'} --allow_unverified --data_dir={tmp_path / 'data'}$")):
+        store.open_dataset("fmnist", str(tmp_path / "data"))
+    assert not (tmp_path / "data" / "fmnist" / store.ARRAYS).exists()
+
+
+def test_a_hostile_mnist_pickle_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    os.makedirs(tmp_path / "src")
+    (tmp_path / "src" / sources.MNIST_PICKLE).write_bytes(gzip.compress(pickle.dumps(Evil(), protocol=2)))
+    with pytest.raises(DataError, match=f"{sources.MNIST_PICKLE}: refused to unpickle {os.name}.system "
+                                        f"\\(a dataset file may hold only numpy arrays") as e:
+        fetch.fetch("mnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True)
+    assert "corrupt" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+    _no_trace(tmp_path, "mnist")
 
 
 def test_unverified_idx_files_are_converted_only_when_allowed(tmp_path):
@@ -110,6 +176,36 @@ def test_cifar_tarball_and_folder_convert_to_the_same_arrays(tmp_path, name, for
         coarse = store.open_dataset(name, str(tmp_path / "data"), labels="coarse")
         np.testing.assert_array_equal(coarse.train_y, arrays["train_c"])
         assert coarse.num_classes == 20
+
+
+@pytest.mark.parametrize("form", [f for f in CIFAR_FORMS if f != "py2"])
+def test_cifar_copies_re_saved_by_python3_read_the_same(tmp_path, form):
+    """str or bytes keys, pickle protocols 0-5, numpy 1.x or 2.x arrays, labels as lists, arrays
+    or numpy scalars: all within the restricted unpickler, all recorded as unverified."""
+    for name in ("cifar10", "cifar100"):
+        (tmp_path / name).mkdir()
+        _, folder, arrays, _ = fake_cifar(tmp_path / name, name, per_batch=8 if name == "cifar10" else 40,
+                                          form=form)
+        fetch.fetch(name, str(tmp_path / "data"), from_path=folder, allow_unverified=True)
+        data = store.open_dataset(name, str(tmp_path / "data"))
+        np.testing.assert_array_equal(data.train_x, arrays["train_x"])
+        np.testing.assert_array_equal(data.train_y, arrays["train_y"])
+        np.testing.assert_array_equal(data.test_y, arrays["test_y"])
+        assert data.meta["verified"] is False
+    coarse = store.open_dataset("cifar100", str(tmp_path / "data"), labels="coarse")
+    np.testing.assert_array_equal(coarse.train_y, arrays["train_c"])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_needs_only_the_batches_not_the_label_names(tmp_path, name):
+    spec = cifar.CIFAR[name]
+    tarball, folder, arrays, members = fake_cifar(tmp_path, name)
+    os.remove(os.path.join(folder, spec.meta))
+    short = write_cifar_tarball(tmp_path / "short.tar.gz", name, members, skip=(spec.meta,))
+    for src in (folder, short):
+        fetch.fetch(name, str(tmp_path / "data"), from_path=src, allow_unverified=True)
+        np.testing.assert_array_equal(store.open_dataset(name, str(tmp_path / "data")).test_x,
+                                      arrays["test_x"])
 
 
 def test_cifar_checksum_mismatch_is_refused_naming_the_file(tmp_path):
@@ -156,16 +252,28 @@ def test_a_hostile_pickle_cannot_run_code(tmp_path):
 
     with open(os.path.join(folder, "data_batch_1"), "wb") as f:
         pickle.dump({b"data": Evil()}, f, protocol=2)
-    with pytest.raises(DataError, match="data_batch_1 .*refusing to load"):
+    with pytest.raises(DataError, match=f"data_batch_1: refused to unpickle {os.name}.system") as e:
         fetch.fetch("cifar10", str(tmp_path / "data"), from_path=folder, allow_unverified=True)
+    assert "corrupt" not in str(e.value)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("builtins", "getattr"),
+                                          ("numpy", "load"), ("subprocess", "Popen"),
+                                          ("numpy.core.multiarray", "_unknown")])
+def test_the_unpickler_builds_data_only(module, name):
+    from nodepert_dist.data import safe_pickle
+    payload = pickle.PROTO + b"\x02c" + f"{module}\n{name}\n".encode() + b"X\x01\x00\x00\x00x\x85R."
+    with pytest.raises(DataError, match=rf"^f: refused to unpickle {module}\.{name} "):
+        safe_pickle.loads(payload, "f")
+    assert safe_pickle.loads(pickle.dumps({"a": np.arange(3)}, protocol=2), "f")["a"].tolist() == [0, 1, 2]
 
 
 def test_a_failed_reconversion_keeps_the_good_store(tmp_path):
     tarball, folder, arrays, members = fake_cifar(tmp_path)
     fetch.fetch("cifar10", str(tmp_path / "data"), from_path=tarball, allow_unverified=True)
-    missing = write_cifar_tarball(tmp_path / "m.tar.gz", "cifar10", members, skip=("batches.meta",))
-    with pytest.raises(DataError, match="has no member cifar-10-batches-py/batches.meta"):
+    missing = write_cifar_tarball(tmp_path / "m.tar.gz", "cifar10", members, skip=("test_batch",))
+    with pytest.raises(DataError, match="has no member cifar-10-batches-py/test_batch"):
         fetch.fetch("cifar10", str(tmp_path / "data"), from_path=missing, allow_unverified=True)
     assert sorted(os.listdir(tmp_path / "data" / "cifar10")) == [store.ARRAYS]  # no temp folders
     np.testing.assert_array_equal(store.open_dataset("cifar10", str(tmp_path / "data")).test_y,

@@ -99,3 +99,45 @@ def test_metrics_write_null_for_non_finite_values(tmp_path):
                                 "train_loss": None}
     writer.truncate_after(1)  # the rewrite path too
     assert strict((tmp_path / "metrics.jsonl").read_text())["test_loss"] is None
+
+
+def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
+        tmp_path, mnist_dir, monkeypatch):
+    """--checkpoint_every_epochs=0 (the variance sweeps' setting): a run stopped in epoch 2 leaves
+    rows 0 and 1 and no checkpoint; the same command again starts over. It must not append a
+    second history (0, 1, 0, 1, 2): the first is moved to earlier_runs/1/, kept."""
+    from nodepert_dist import metrics, preempt, train
+    from test_sweep import make_spec, sweep
+    c = train.Config(n_hl=1, hl_size=16, validation_size=59000, eval_train=False,  # 7 steps/epoch
+                     eval_batchsize=2000, num_epochs=2, checkpoint_every_epochs=0,
+                     data_dir=mnist_dir, workdir=str(tmp_path / "run"))
+    monkeypatch.setenv(preempt.TEST_SIGNAL_ENV, "10")  # epoch 2, step 3
+    with pytest.raises(preempt.Preempted, match="no checkpoint"):
+        train.run(c)
+    first = metrics.read_jsonl(c.workdir)
+    assert [r["epoch"] for r in first] == [0, 1]
+    monkeypatch.delenv(preempt.TEST_SIGNAL_ENV)
+    rows, _ = train.run(c)
+    assert [r["epoch"] for r in metrics.read_jsonl(c.workdir)] == [0, 1, 2]
+    with open(os.path.join(c.workdir, "metrics.csv")) as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()] == ["epoch", "0", "1", "2"]
+    earlier = os.path.join(c.workdir, "earlier_runs", "1")
+    assert sorted(os.listdir(earlier)) == ["config.json", "metrics.csv", "metrics.jsonl"]
+    assert metrics.read_rows(os.path.join(earlier, "metrics.jsonl")) == first
+    # Readers of a workdir written before this rule (two runs appended, plus a crash-guard event)
+    # see its last run: the sweep's table and metrics.epoch_rows.
+    runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1]}, seeds=1)))
+    os.makedirs(runs[0]["workdir"])
+    with open(os.path.join(runs[0]["workdir"], "config.json"), "w") as f:
+        json.dump({"num_epochs": 2}, f)
+    legacy = [{"epoch": 0, "test_acc": 0.1}, {"epoch": 1, "test_acc": 0.3, "epoch_time": 1.0,
+              "examples_per_s": 10.0}, {"event": "rollback", "last_good_epoch": 0},
+              {"epoch": 0, "test_acc": 0.1}, {"epoch": 1, "test_acc": 0.91, "epoch_time": 2.0,
+              "examples_per_s": 20.0}, {"epoch": 2, "test_acc": 0.95, "epoch_time": 2.0,
+              "examples_per_s": 20.0}]
+    with open(os.path.join(runs[0]["workdir"], "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in legacy)
+    assert [r["epoch"] for r in metrics.epoch_rows(legacy)] == [0, 1, 2]
+    cells = [c.strip() for c in sweep.table(runs).splitlines()[2].split("|")[1:-1]]
+    # the last run: 2 epochs, final 95%, 90% after 1 epoch (2 s), 93% after 2 (4 s)
+    assert cells[1:6] == ["2", "95.0 ± 0.0", "95.0 ± 0.0", "2 (1)", "4 (2)"], cells

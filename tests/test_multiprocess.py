@@ -189,6 +189,15 @@ def test_launcher_timeout():
     assert "timeout after 2 s with rank(s) 0, 1 still running" in res.stdout.splitlines()[-1]
 
 
+def test_launcher_mistyped_command_is_one_error_line():
+    res = run([PY, LAUNCH, "--num_processes=2", "--", "nodepert-trian", "--lr=0.1"], timeout=30)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines() == [
+        "error: 'nodepert-trian' is not an executable here (not on PATH, or not executable); "
+        "check the command after --"]
+    assert "[launch] rank" not in res.stdout  # no rank was started
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -66,3 +66,46 @@ def test_weight_norm_holds_kernel_norms_and_leaves_biases():
     plain = _apply(step_lib.make_optimizer("sgd", 0.3, 0.0), params, grads, steps=5)
     assert float(jnp.linalg.norm(plain["kernel"])) != pytest.approx(
         float(jnp.linalg.norm(params["kernel"])), rel=1e-2)
+
+
+def test_weight_norm_leaves_zero_norm_kernels_trainable_and_finite():
+    """ResNet's last conv of each residual branch starts at zero: main held it at norm 0 (never
+    trained) and turned a zero kernel with a zero update into NaN."""
+    from nodepert_dist import models
+    model = models.build_model("resnet", 10, 0, 0, width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    zero = [k for k, v in jax.tree_util.tree_leaves_with_path(params)
+            if v.ndim >= 2 and not np.any(v)]
+    assert zero  # the case at hand: ResNet has zero-initialised kernels
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+    opt = step_lib.make_optimizer("sgd", 0.5, 0.0, weight_norm=True)
+    new = _apply(opt, params, grads, steps=2)
+    for path, before in jax.tree_util.tree_leaves_with_path(params):
+        after = _at(new, path)
+        assert np.all(np.isfinite(after)), path
+        if before.ndim >= 2 and np.any(before):  # the others keep their initial norm
+            assert float(jnp.linalg.norm(after)) == pytest.approx(
+                float(jnp.linalg.norm(before)), rel=1e-5)
+    assert all(np.any(_at(new, path)) for path in zero)  # trained
+    # A zero kernel with a zero update stays exactly zero (no 0/0).
+    still = _apply(opt, {"k": jnp.zeros((3, 3))}, {"k": jnp.zeros((3, 3))})
+    np.testing.assert_array_equal(still["k"], 0.0)
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_lr_schedule_reads_the_step_not_a_counter_of_its_own():
+    """The lr at step s is the schedule's at s, whatever the optimizer state holds (a resumed
+    run changing its schedule has no counter to carry)."""
+    opt = step_lib.make_optimizer("sgd", 1.0, 0.0, schedule="cosine", total_steps=10)
+    params, grads = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+    state = opt.init(params)
+    assert jax.tree.leaves(state) == []  # no counter
+    updates, _ = opt.update(grads, state, params, step=5)
+    np.testing.assert_allclose(updates["w"], -optim.lr_schedule("cosine", 1.0, total_steps=10)(5))
+    with pytest.raises(ValueError, match="needs the step"):
+        opt.update(grads, state, params)

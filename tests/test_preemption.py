@@ -122,3 +122,59 @@ def test_launcher_forwards_sigterm_and_exits_75_when_every_rank_was_preempted():
     assert proc.returncode == preempt.EXIT_CODE, lines
     assert "[1] rank 1 saving" in "\n".join(lines)  # the slower rank was not killed
     assert lines[-1] == "[launch] preempted: 2 rank(s) checkpointed and exited 75"
+
+
+def _descendants(pid):
+    """Child processes of every thread of `pid` (Grain's threads spawn the workers)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += open(f"/proc/{pid}/task/{task}/children").read().split()
+        except OSError:
+            pass
+    return kids
+
+
+def _cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return ""
+
+
+def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tmp_path, mnist_dir):
+    """SLURM and a terminal signal the whole process group, Grain's workers included: the run
+    must still stop at a step, save and exit 75; and a --max_steps run with workers closes them,
+    so the last line it prints says why it stopped (no resource_tracker warning after it)."""
+    import signal
+    import time
+    cmd = [PY, "-m", "nodepert_dist.train", "--n_hl=1", "--hl_size=16", "--batchsize=100",
+           "--num_epochs=2", "--noeval_train", "--eval_batchsize=2000", "--data_workers=2",
+           "--cpu_devices=1", f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while (len([k for k in _descendants(proc.pid) if "spawn_main" in _cmdline(k)]) < 2
+               and proc.poll() is None and time.time() < deadline):
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before its workers started"
+        os.killpg(proc.pid, signal.SIGTERM)  # the run and its workers, as SLURM does
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == preempt.EXIT_CODE, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("preempted by SIGTERM at step ") and "checkpoint saved" in last, last
+    step = checkpoint.committed_steps(str(tmp_path / "run" / "checkpoints"))[-1]
+    assert f"at step {step}:" in last
+    # The same command with --max_steps resumes there and stops 5 steps later.
+    out = _run(cmd + [f"--max_steps={step + 5}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"step {step} in all" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        f"stopped at --max_steps={step + 5} (step {step + 5}, 0 of 2 epochs done); rerun with a "
+        f"larger --max_steps to continue"), out.stderr[-2000:]
+    assert "leaked" not in out.stderr

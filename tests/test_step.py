@@ -167,3 +167,47 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     mesh = mesh_lib.make_mesh()
     with pytest.raises(ValueError, match="not divisible by the 8 devices.*multiple of 8"):
         mesh_lib.check_batch(100, mesh)
+
+
+def test_default_eval_batch_works_on_any_device_count(tmp_path, mnist_dir):
+    """main refused the default --eval_batchsize=1024 on 3, 6 or 12 devices; evaluation pads
+    its last batch, so it is rounded up to the devices (1026 here), with the same result as
+    on 8 devices (the untrained network's epoch-0 row, same seed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    common = ["--hl_size=8", "--n_hl=1", "--batchsize=120", "--max_steps=1", "--noeval_train",
+              "--checkpoint_every_epochs=0", f"--data_dir={mnist_dir}"]
+    rows = []
+    for n_devices in (3, 6):
+        workdir = tmp_path / f"run{n_devices}"
+        out = subprocess.run(
+            [sys.executable, "-m", "nodepert_dist.train", f"--cpu_devices={n_devices}", *common,
+             f"--workdir={workdir}"], capture_output=True, text=True, timeout=300, cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows.append(json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0]))
+    from nodepert_dist import train
+    from nodepert_dist.config import Config
+    eight = train.train(Config(hl_size=8, n_hl=1, batchsize=120, max_steps=1, eval_train=False,
+                               checkpoint_every_epochs=0, data_dir=mnist_dir,
+                               workdir=str(tmp_path / "run8")))[0]
+    assert rows[0]["test_acc"] == rows[1]["test_acc"] == eight["test_acc"]
+    assert rows[0]["test_loss"] == pytest.approx(eight["test_loss"], rel=1e-6)
+    assert rows[1]["test_loss"] == pytest.approx(eight["test_loss"], rel=1e-6)
+
+
+def test_eval_batch_rounds_up_to_the_devices():
+    mesh = mesh_lib.make_mesh(jax.devices()[:3])
+    assert [mesh_lib.round_up_batch(b, mesh) for b in (1, 3, 1024, 1026)] == [3, 3, 1026, 1026]
+
+
+def test_batch_error_suggests_the_nearest_multiples():
+    mesh = mesh_lib.make_mesh(jax.devices()[:3])
+    with pytest.raises(ValueError, match=r"multiple of 3 \(e.g. 126 or 129\)$"):
+        mesh_lib.check_batch(128, mesh)
+    with pytest.raises(ValueError, match=r"multiple of 3 \(e.g. 3\)$"):
+        mesh_lib.check_batch(2, mesh)

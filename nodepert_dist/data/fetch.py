@@ -52,6 +52,13 @@ def fetch(name: str, data_dir: str, from_path: str | None = None, allow_unverifi
     store.check_name(name)
     if from_path is not None and not os.path.exists(from_path):
         raise DataError(f"--from={from_path} does not exist")
+    if from_path is not None and name in sources.DATASETS:
+        if not os.path.isdir(from_path):
+            raise DataError(f"--from={from_path} is a file; for {name} pass the folder holding its "
+                            f"files: --from={os.path.dirname(os.path.abspath(from_path))}")
+        if not sources.has_files(name, from_path):  # the hint names the user's data_dir
+            raise DataError(f"{sources.missing(name, from_path)}; copy the missing file there, or "
+                            f"download: python -m nodepert_dist.data fetch {name} --data_dir={data_dir}")
     root = os.path.join(data_dir, name)
     created = _first_missing(root)
     try:

@@ -15,6 +15,11 @@ into float32 on the device.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from multiprocessing import resource_tracker
 from typing import Iterator
 
 import grain
@@ -115,11 +120,69 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
     return grain.MapDataset.range(n_batches).map(gather)
 
 
-def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4, workers: int = 0) -> Iterator:
+# Preemption signals: the run's process handles them (preempt.py) and then closes its workers.
+_RUN_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _ignore_run_signals(*_worker) -> None:
+    """Grain worker init: a SIGTERM to the run's process group (SLURM, a terminal) must not kill
+    a worker mid-batch (the main process would wait for its batch forever); the main process
+    stops the workers when it closes the iterator. As the worker ignores SIGTERM, it exits by
+    itself if the main process dies (kill -9) without stopping it."""
+    for sig in _RUN_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
+    threading.Thread(target=_exit_without, args=(os.getppid(),), daemon=True,
+                     name="exit-with-run").start()
+
+
+def _exit_without(parent: int) -> None:
+    while os.getppid() == parent:  # re-parented once the main process is gone
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4,
+            workers: int = 0) -> Iterator:
     """Iterates from batch `start`: `workers` = 0 prefetches with threads in this process;
-    > 0 uses that many Grain worker processes (needs absl flags parsed: run under absl.app)."""
+    > 0 uses that many Grain worker processes (needs absl flags parsed: run under absl.app).
+
+    A generator: close it (or run it to the end) to stop the prefetch threads or workers."""
     ds = batches[start:]
-    if workers > 0:
-        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
-        return iter(ds.to_iter_dataset().mp_prefetch(options))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)))
+    if workers <= 0:
+        options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
+        it = iter(ds.to_iter_dataset(options))
+        try:
+            yield from it
+        finally:
+            it.close()
+        return
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+    # Grain's threads spawn the workers during this call and the first `next`. Threads and
+    # spawned processes inherit the signal mask, so the run's signals stay blocked in a worker
+    # until `_ignore_run_signals` ignores them: none can kill a worker while it starts up.
+    blocked, it = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS), None
+    try:
+        # Python's resource tracker, if it starts here, unblocks SIGINT/SIGTERM in the thread
+        # that starts it: start it first (it ignores them itself), then block them again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS)
+        it = iter(ds.to_iter_dataset().mp_prefetch(options, worker_init_fn=_ignore_run_signals))
+        element = next(it, None)
+    except BaseException:
+        if it is not None:
+            it.close()
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        while element is not None:
+            # A copy out of Grain's shared memory: a batch still referenced at exit (jax may keep
+            # a zero-copy view of a host array) would leave its block unfreed, and Python's
+            # resource_tracker would print a "leaked shared_memory" warning as the run's last line.
+            batch = tuple(np.array(a) for a in element)
+            element = None
+            yield batch
+            element = next(it, None)
+    finally:
+        it.close()

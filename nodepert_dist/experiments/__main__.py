@@ -20,16 +20,18 @@ def main() -> None:
         return
     name = sys.argv[1]
     if name not in EXPERIMENTS:
-        raise SystemExit(f"error: unknown experiment {name!r}\n{usage()}")
+        raise SystemExit(f"error: unknown experiment {name!r}; choose one of "
+                         f"{', '.join(EXPERIMENTS)} (see nodepert-experiment --help)")
     module = importlib.import_module(f"nodepert_dist.experiments.{EXPERIMENTS[name][0]}")
     sys.argv = [f"{sys.argv[0]} {name}"] + sys.argv[2:]
     # --help / --helpshort show the experiment's docstring and its own and the shared flags
     # (--helpfull adds every training flag)
     sys.modules["__main__"].__doc__ = module.__doc__
+    from nodepert_dist import cli
     from nodepert_dist.experiments import common
     flags.adopt_module_key_flags(module)
     flags.adopt_module_key_flags(common)
-    app.run(module.main)
+    app.run(module.main, flags_parser=cli.flags_parser(f"nodepert-experiment {name}"))
 
 
 if __name__ == "__main__":

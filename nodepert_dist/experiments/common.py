@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from nodepert_dist import crash_guard, distributed, metrics, train
+from nodepert_dist import checkpoint, crash_guard, distributed, metrics, train
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist.experiments import presets
 
@@ -125,7 +125,7 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
             crash_guard.run(train.run, cfg, hooks)
         else:
             train.run(cfg, hooks)
-    except crash_guard.Diverged as e:
+    except (crash_guard.Diverged, checkpoint.NonFiniteState) as e:  # in the loss or the params
         _write_json(os.path.join(cfg.workdir, "outcome.json"), {"status": "diverged", "detail": str(e)})
     except crash_guard.GaveUp:
         pass  # its events are in metrics.jsonl
@@ -295,19 +295,19 @@ def done(paths: list[str]) -> None:
 
 def command(body):
     """absl main for an experiment: `body()` returns the files it wrote; bad input -> one line."""
-    from absl import app
     from nodepert_dist.data import sources
 
     def main(argv):
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
         try:
             setup_devices()
             paths = body()
         except Submitted as e:
             print(e)
             return
-        except (ValueError, sources.DataError, distributed.DistributedError) as e:
+        # OSError: e.g. a read-only or full --out (as nodepert-train)
+        except (ValueError, OSError, sources.DataError, distributed.DistributedError) as e:
             raise SystemExit(f"error: {e}")
         done(paths)
     return main
@@ -328,7 +328,7 @@ def run_summary(run: dict, crash_points: float) -> dict:
 
 def load_point(cfg: train.Config, step: int):
     """(model, params on one device, data, splits, prep_mode) of cfg's run at checkpoint `step`."""
-    from nodepert_dist import checkpoint, models
+    from nodepert_dist import models
     from nodepert_dist import step as step_lib
     from nodepert_dist.data import preprocess, store
     from nodepert_dist.experiments import gradstats
@@ -337,8 +337,10 @@ def load_point(cfg: train.Config, step: int):
     data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
     n_train = len(data.train_y) - cfg.validation_size
     splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
-    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size)
-    optimizer = step_lib.make_optimizer(cfg.optimizer, cfg.lr, cfg.wd)
+    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
+                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
+    # The run's whole optimizer (its parts decide the state's arrays; the schedule does not).
+    optimizer = step_lib.optimizer_from(cfg, steps_per_epoch=1)
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
     target = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh_lib.make_mesh())
     path = checkpoint.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)

@@ -1,0 +1,82 @@
+"""Every command the package ships, given bad input, answers with one `error:` line and no
+traceback, before any work: the console scripts of setup.py, each experiment,
+`python -m nodepert_dist.data` and the benchmark scripts. (launch/*.py: tests/test_sweep.py
+and tests/test_multiprocess.py.)"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from nodepert_dist.experiments import EXPERIMENTS
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+CONSOLE_SCRIPTS = dict(re.findall(r'"([\w-]+)=([\w.]+:\w+)"', (REPO / "setup.py").read_text()))
+
+
+def _console(name, *args):
+    """The console script `name` exactly as setup.py declares it (module:function)."""
+    module, func = CONSOLE_SCRIPTS[name].split(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; "
+            f"from {module} import {func}; sys.exit({func}())", *args]
+
+
+def _bench(name, *args):
+    return [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args]
+
+
+NO_VALUE = "a --no<flag> takes no value; write --no"
+CASES = {  # name: (command, what its error line must say)
+    "train --noX=value": (_console("nodepert-train", "--noeval_train=true"), NO_VALUE),
+    "plot --noX=value": (_console("nodepert-plot", "--nologtostderr=true"), NO_VALUE),
+    "plot missing workdir": (_console("nodepert-plot", "--workdirs=/nonexistent/run"),
+                             "/nonexistent/run is not a folder"),
+    "experiment unknown": (_console("nodepert-experiment", "no-such-experiment"),
+                           "unknown experiment 'no-such-experiment'; choose one of vary-lr"),
+    **{f"experiment {name} --noX=value": (
+        _console("nodepert-experiment", name, "--noeval_train=true"), NO_VALUE) for name in EXPERIMENTS},
+    "experiment stray argument": (_console("nodepert-experiment", "vary-lr", "extra"),
+                                  "unexpected arguments: extra"),
+    "data no command": ([sys.executable, "-m", "nodepert_dist.data"], "expected `fetch NAME...`"),
+    "data --noX=value": ([sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist",
+                          "--noallow_unverified=true"], NO_VALUE),
+    "data unknown flag": ([sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist", "--form=x"],
+                          "Unknown command line flag 'form'"),
+    "throughput unknown network": (_bench("throughput", "--networks=fc,bogus"), "'bogus' is not one of"),
+    "scaling bad layout": (_bench("scaling", "--layouts=2x4,3x"), "'3x' is not PxD"),
+    "input_pipeline unknown dataset": (_bench("input_pipeline", "--datasets=mnist,imagenet"),
+                                       "'imagenet' is not one of"),
+    "epoch_time missing data": (_bench("epoch_time", "--data_dir=/nonexistent/data"),
+                                "missing dataset /nonexistent/data/mnist/arrays"),
+    "bf16_sigma unknown network": (_bench("bf16_sigma", "--networks=fc,bogus"), "'bogus' is not one of"),
+    "checkpoint_overhead unknown network": (_bench("checkpoint_overhead", "--network=bogus"),
+                                            "invalid choice: 'bogus'"),
+}
+
+
+def test_every_entry_point_has_a_case():
+    commands = [" ".join(c) for c, _ in CASES.values()]
+    assert set(CONSOLE_SCRIPTS) == {"nodepert-train", "nodepert-plot", "nodepert-experiment"}
+    for name in CONSOLE_SCRIPTS:
+        assert any(f"sys.argv[0] = {name!r}" in c for c in commands), name
+    scripts = [p for p in (REPO / "benchmarks").glob("*.py") if "__main__" in p.read_text()]
+    assert len(scripts) == 6
+    for script in scripts:
+        assert any(f" {script} " in c + " " for c in commands), script
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line_and_no_traceback(tmp_path, case):
+    cmd, message = CASES[case]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV,
+                         cwd=tmp_path)  # cwd: nothing the command writes lands in the repo
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-2000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), text[-3000:]
+    assert message in errors[0], errors[0]
+    assert list(tmp_path.iterdir()) == []
