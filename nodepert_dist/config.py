@@ -276,13 +276,14 @@ RESUME_RULES = {
     # lacks are dropped. lr settings apply from the resume step (the lr jump is logged).
     "warn": ("preprocess", "dtype", "update_rule", "lr", "wd", "optimizer", "lr_schedule",
              "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm", "weight_norm",
-             "loss", "sigma", "noise", "np_antithetic", "np_draws", "np_delta", "np_layerwise"),
+             "loss", "sigma", "noise", "np_antithetic", "np_draws", "np_delta", "np_layerwise",
+             "np_estimator"),
     # Allowed (logged) at an epoch boundary; refused mid-epoch: they choose the epoch's batches
     # (order, crops and flips), so the rest of the epoch would repeat and skip examples.
     "epoch": ("seed", "augment"),
     # Refused: the parameters' shapes or the position in the data depend on them.
     "refuse": ("dataset", "validation_size", "cifar100_labels", "batchsize", "network", "n_hl",
-               "hl_size", "width", "norm"),
+               "hl_size", "width", "norm", "np_local"),
     # Not given (0): the checkpoint's value is kept, so --num_epochs never moves the cosine
     # schedule; given: as "warn".
     "inherit": ("lr_schedule_epochs",),

@@ -90,6 +90,7 @@ CHANGES = {
     "loss": dict(loss="ce"), "sigma": dict(sigma=5e-2), "noise": dict(noise="gaussian"),
     "np_antithetic": dict(np_antithetic=True), "np_draws": dict(np_draws=2),
     "np_delta": dict(np_delta="jvp"), "np_layerwise": dict(np_layerwise=True),
+    "np_estimator": dict(np_estimator="original"), "np_local": dict(np_local=True),
     "seed": dict(seed=1), "augment": dict(augment=True),
     "dataset": dict(dataset="fashion_mnist"), "validation_size": dict(validation_size=55000),
     "cifar100_labels": dict(cifar100_labels="coarse"), "batchsize": dict(batchsize=2000),
