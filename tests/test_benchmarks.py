@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

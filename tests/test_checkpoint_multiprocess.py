@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO
 from nodepert_dist import checkpoint
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 TIMEOUT_S = 120
 
 # Saves steps 1..N (unless told not to), then restores and prints what it got.

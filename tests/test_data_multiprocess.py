@@ -13,6 +13,8 @@ from conftest import REPO
 from nodepert_dist.data import pipeline, store
 from nodepert_dist.data.raw import Raw
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -13,6 +13,8 @@ from _fake_data import fake_cifar
 from conftest import REPO
 from nodepert_dist.data import fetch
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 
 def _train(args, timeout=300):
     cmd = [sys.executable, "-m", "nodepert_dist.train", "--cpu_devices=4", *args]

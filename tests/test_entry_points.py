@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO
 from nodepert_dist.experiments import EXPERIMENTS
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 CONSOLE_SCRIPTS = dict(re.findall(r'"([\w-]+)=([\w.]+:\w+)"', (REPO / "setup.py").read_text()))
 

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 TINY = ["--preset=tiny", "--cpu_devices=1", "--num_epochs=1"]
 

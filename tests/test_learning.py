@@ -8,6 +8,8 @@ import pytest
 from nodepert_dist import losses, mesh as mesh_lib, models, step as step_lib, train
 from nodepert_dist.data import store
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 
 def _final_test_acc(mnist_dir, tmp_path, **overrides):
     cfg = train.Config(dataset="mnist", data_dir=mnist_dir, workdir=str(tmp_path), batchsize=128,

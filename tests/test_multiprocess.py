@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "local.py")
 WORKER = str(REPO / "tests" / "_dist_worker.py")

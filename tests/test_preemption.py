@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO
 from nodepert_dist import checkpoint, preempt
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 PY = sys.executable
 LAUNCH = str(REPO / "launch" / "local.py")
 # 7 steps of 8000 examples per epoch; the signal lands at step 10 = epoch 2, step 3 of 7.

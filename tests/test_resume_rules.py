@@ -22,6 +22,8 @@ from nodepert_dist import config as config_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 MID, BOUNDARY = 2, 4  # the two checkpoints' steps: inside epoch 1, and epoch 2's start
 
 

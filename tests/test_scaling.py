@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 
 def test_scaling_quick_run(tmp_path, mnist_dir):
     out, png = tmp_path / "s.jsonl", tmp_path / "s.png"

@@ -10,6 +10,8 @@ import pytest
 
 import _fake_slurm
 
+pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
