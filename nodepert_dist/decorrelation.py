@@ -41,7 +41,7 @@ class Decorrelate(nn.Module):
         r = jax.lax.stop_gradient(self.variable(DECOR, "R", lambda: jnp.eye(d, dtype=jnp.float32)).value)
         y = jnp.einsum("...i,ji->...j", x, r.astype(x.dtype))
         if self.is_mutable_collection(STATS) and not self.is_initializing():
-            rows = y.reshape(-1, d).astype(jnp.float32)
+            rows = y.reshape(-1, d).astype(jnp.promote_types(y.dtype, r.dtype))  # bf16 -> f32
             moved = rows.T @ (rows @ r) - jnp.sum(rows * rows, 0)[:, None] * r
             self.put_variable(STATS, "sum", moved)
             self.put_variable(STATS, "count", jnp.float32(rows.shape[0]))
