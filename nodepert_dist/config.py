@@ -295,13 +295,14 @@ RESUME_RULES = {
     "warn": ("preprocess", "dtype", "update_rule", "lr", "wd", "optimizer", "lr_schedule",
              "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm", "weight_norm",
              "loss", "sigma", "noise", "np_antithetic", "np_draws", "np_delta", "np_layerwise",
-             "decorrelate_lr"),
+             "np_estimator", "decorrelate_lr"),
     # Allowed (logged) at an epoch boundary; refused mid-epoch: they choose the epoch's batches
     # (order, crops and flips), so the rest of the epoch would repeat and skip examples.
     "epoch": ("seed", "augment"),
-    # Refused: the train state's arrays or the position in the data depend on them.
+    # Refused: the train state's arrays (np_local's heads, decorrelate's matrices) or the
+    # position in the data depend on them.
     "refuse": ("dataset", "validation_size", "cifar100_labels", "batchsize", "network", "n_hl",
-               "hl_size", "width", "norm", "decorrelate"),
+               "hl_size", "width", "norm", "np_local", "decorrelate"),
     # Not given (0): the checkpoint's value is kept, so --num_epochs never moves the cosine
     # schedule; given: as "warn".
     "inherit": ("lr_schedule_epochs",),

@@ -146,7 +146,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                                local_heads=cfg.np_local, decorrelate=cfg.decorrelate)
     optimizer = step_lib.optimizer_from(cfg, n_steps)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
-    taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
+    taps.check(decorrelation.bind(model, state.decor), state.params, sample_x,
+               needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)

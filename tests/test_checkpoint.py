@@ -99,10 +99,18 @@ def straight_np(tmp_path_factory, mnist_dir):
 
 # ----------------------------------------------------------------------------- exact resume
 
-@pytest.mark.parametrize("rule", ["np", "sgd"])
-def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
+RESUMED_RULES = {
+    "np": [],
     # SGD runs with Adam so that a non-trivial optimizer state must be restored as well.
-    extra = [] if rule == "np" else ["--update_rule=sgd", "--optimizer=adam", "--lr=1e-3"]
+    "sgd": ["--update_rule=sgd", "--optimizer=adam", "--lr=1e-3"],
+    # The decorrelation matrices are train state too (TrainState.decor).
+    "np-decorrelate": ["--decorrelate", "--decorrelate_lr=1e-3"],
+}
+
+
+@pytest.mark.parametrize("rule", list(RESUMED_RULES))
+def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
+    extra = RESUMED_RULES[rule]
     if rule == "np":
         straight = straight_np
     else:
@@ -115,6 +123,8 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     log = train_run(split, mnist_dir, *extra)
     assert "resumed from" in log and "epoch 2, step 15 of the epoch (step 45 in all)" in log
     assert_same_run(straight, split)
+    decor = [n for n in saved_arrays(newest(split)) if n.startswith("decor.")]
+    assert len(decor) == (3 if rule == "np-decorrelate" else 0), decor
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path, mnist_dir):

@@ -40,7 +40,11 @@ def cuts(mnist_dir, tmp_path_factory):
     train.run(dataclasses.replace(run, max_steps=MID))
     shutil.copytree(root / "run", root / "mid")
     train.run(dataclasses.replace(run, max_steps=BOUNDARY))
-    return {MID: root / "mid", BOUNDARY: root / "run", "data_dir": mnist_dir}
+    cut = {MID: root / "mid", BOUNDARY: root / "run", "data_dir": mnist_dir}
+    for name, settings in VARIANTS.items():  # cut at MID only
+        cut[name] = root / name
+        train.run(dataclasses.replace(run, max_steps=MID, workdir=str(cut[name]), **settings))
+    return cut
 
 
 class StateAtStart:
@@ -50,13 +54,19 @@ class StateAtStart:
         self.state = jax.device_get(ctx.state)
 
 
+# Base runs with other settings, for settings that only apply with them ("variant_" below).
+VARIANTS = {"decorrelated": dict(decorrelate=True)}
+
+
 def _resume(cuts, at, tmp_path, hooks=(), **changes):
-    """A copy of the run cut at step `at`, and a function resuming it with `changes` for one
-    more step (or as --max_steps says)."""
+    """A copy of the run cut at step `at` (of the base run or of its `variant_`), and a function
+    resuming it with `changes` for one more step (or as --max_steps says)."""
     workdir = tmp_path / "resumed"
-    shutil.copytree(cuts[at], workdir)
+    variant = changes.pop("variant_", None)
+    shutil.copytree(cuts[variant] if variant else cuts[at], workdir)
     data_dir = changes.pop("data_dir_", None) or cuts["data_dir"]
-    cfg = dataclasses.replace(_base(data_dir, workdir), **{"max_steps": at + 1, **changes})
+    cfg = dataclasses.replace(_base(data_dir, workdir), **{"max_steps": at + 1,
+                                                          **VARIANTS.get(variant, {}), **changes})
     return workdir, cfg, lambda: train.run(cfg, hooks=hooks)
 
 
@@ -90,6 +100,9 @@ CHANGES = {
     "loss": dict(loss="ce"), "sigma": dict(sigma=5e-2), "noise": dict(noise="gaussian"),
     "np_antithetic": dict(np_antithetic=True), "np_draws": dict(np_draws=2),
     "np_delta": dict(np_delta="jvp"), "np_layerwise": dict(np_layerwise=True),
+    "np_estimator": dict(np_estimator="original"), "np_local": dict(np_local=True),
+    "decorrelate": dict(decorrelate=True),
+    "decorrelate_lr": dict(variant_="decorrelated", decorrelate_lr=1e-3),
     "seed": dict(seed=1), "augment": dict(augment=True),
     "dataset": dict(dataset="fashion_mnist"), "validation_size": dict(validation_size=55000),
     "cifar100_labels": dict(cifar100_labels="coarse"), "batchsize": dict(batchsize=2000),
