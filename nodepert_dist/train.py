@@ -78,7 +78,8 @@ def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
     m = jax.device_get(step_metrics)
     if not np.isfinite(m["loss_sum"]):
         raise crash_guard.Diverged(f"the training loss is {float(m['loss_sum'])} at step {step} "
-                                   f"(epoch {epoch}): training diverged; use a lower --lr")
+                                   f"(epoch {epoch}): training diverged; use a lower --lr "
+                                   f"(with --decorrelate, or --decorrelate_lr)")
     sums["loss_sum"] += float(m["loss_sum"])
     sums["correct"] += float(m["correct"])
     sums["last_loss"] = float(m["loss_sum"]) / float(m["count"])
