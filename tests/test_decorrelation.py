@@ -62,14 +62,15 @@ def test_np_is_unbiased_for_the_weights_with_R_fixed(name):
     _assert_unbiased(mean, true)
 
 
-def _one_step(update_rule, n_devices, lr_d=0.05):
+def _one_step(update_rule, n_devices, lr_d=0.05, network="fc", shape=(12,), **options):
     """fc with skewed matrices, one float64 step at lr 1 on 64 examples: (before, after)."""
     mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
-    model = models.build_model("fc", 10, n_hl=1, hl_size=16, decorrelate=True).clone(
+    model = models.build_model(network, 10, n_hl=1, hl_size=16, decorrelate=True,
+                               local_heads=options.get("np_local", False)).clone(
         dtype=jnp.float64)
     opt = step_lib.make_optimizer("sgd", 1.0, 0.0)
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 12)), rng.integers(0, 10, 64).astype(np.int32)
+    x, y = rng.normal(size=(64,) + shape), rng.integers(0, 10, 64).astype(np.int32)
     x[:, 1] += 0.8 * x[:, 0]  # correlated inputs
     state = step_lib.init_state(model, opt, x, 0, mesh)
     state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
@@ -77,7 +78,8 @@ def _one_step(update_rule, n_devices, lr_d=0.05):
                                                mesh_lib.replicated(mesh)))
     before = jax.device_get(state)
     step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="ce",
-                                    sigma=1e-3, seed=5, global_batch=64, decorrelate_lr=lr_d)
+                                    sigma=1e-3, seed=5, global_batch=64, decorrelate_lr=lr_d,
+                                    **options)
     after, _ = step(state, *mesh_lib.global_batch(mesh, x, y))
     return model, before, jax.device_get(after), x, y
 
@@ -110,11 +112,23 @@ def test_sgd_step_is_the_gradient_with_R_fixed_and_R_takes_its_rule():
         assert not np.allclose(want0, r0)
 
 
-@pytest.mark.parametrize("update_rule", ["np", "sgd"])
-def test_same_step_on_1_and_8_devices_float64(update_rule):
+MESH_CASES = {  # name: (update rule, _one_step's options)
+    "np": ("np", {}), "sgd": ("sgd", {}),
+    "np-conv": ("np", dict(network="conv", shape=(6, 6, 2))),
+    "np-local": ("np", dict(np_local=True)),
+    "np-layerwise-2-draws-microbatches": ("np", dict(np_layerwise=True, np_draws=2,
+                                                     np_microbatches=2)),
+    "np-original-estimator": ("np", dict(np_estimator="original")),
+}
+
+
+@pytest.mark.parametrize("case", list(MESH_CASES))
+def test_same_step_on_1_and_8_devices_float64(case):
+    """W and R after one step agree to ~1e-12 between 1 and 8 devices, with each NP option."""
+    update_rule, options = MESH_CASES[case]
     with jax.enable_x64(True):
-        _, before, one, _, _ = _one_step(update_rule, 1)
-        _, _, eight, _, _ = _one_step(update_rule, 8)
+        _, before, one, _, _ = _one_step(update_rule, 1, **options)
+        _, _, eight, _, _ = _one_step(update_rule, 8, **options)
     for a, b, c in zip(jax.tree.leaves((one.params, one.decor)),
                        jax.tree.leaves((eight.params, eight.decor)),
                        jax.tree.leaves((before.params, before.decor))):
