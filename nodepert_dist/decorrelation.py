@@ -58,6 +58,8 @@ class _Bound:
         return self.model.apply({**variables, DECOR: self.matrices}, *args, **kwargs)
 
     def __getattr__(self, name):  # init, clone, ...: the model's own
+        if name == "model":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.model, name)
 
 
@@ -83,6 +85,7 @@ def update(matrices, sums, lr: float):
 
 
 def check(network: str) -> None:
+    """One line for a network without Decorrelate sites."""
     if network not in NETWORKS:
         raise ValueError(f"--decorrelate is built for --network={', '.join(NETWORKS)}, not "
                          f"--network={network}; drop --decorrelate")

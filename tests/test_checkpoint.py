@@ -120,11 +120,20 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     train_run(split, mnist_dir, "--max_steps=45", *extra)
     assert os.path.basename(newest(split)) == "step_00000045"
     assert [r["epoch"] for r in metrics.read_jsonl(split)] == [0, 1]
-    log = train_run(split, mnist_dir, *extra)
+    final = tmp_path / "final.npz"
+    log = train_run(split, mnist_dir, *extra, f"--save_final_params={final}")
     assert "resumed from" in log and "epoch 2, step 15 of the epoch (step 45 in all)" in log
     assert_same_run(straight, split)
-    decor = [n for n in saved_arrays(newest(split)) if n.startswith("decor.")]
+    saved = saved_arrays(newest(split))
+    decor = [n for n in saved if n.startswith("decor.")]
     assert len(decor) == (3 if rule == "np-decorrelate" else 0), decor
+    with np.load(final) as params:  # the final parameters, with the matrices if any
+        assert sorted(params) == sorted([n[len("params."):] for n in saved
+                                         if n.startswith("params.")]
+                                        + [n.replace("decor.", "decorrelation.", 1) for n in decor])
+        for name in decor:
+            np.testing.assert_array_equal(params[name.replace("decor.", "decorrelation.", 1)],
+                                          saved[name])
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path, mnist_dir):
