@@ -146,3 +146,16 @@ def test_nonsense_combinations_are_one_line_errors(settings, message, tmp_path):
     with pytest.raises(ValueError, match=message) as e:
         Config(workdir=str(tmp_path), **settings).validate()
     assert "\n" not in str(e.value)
+
+
+def test_experiment_hooks_refuse_decorrelate_in_one_line(tmp_path):
+    """The gradient-statistics and delta-loss hooks compile their model once; R moves every
+    step, so they refuse a decorrelated run at its start instead of failing inside flax."""
+    from types import SimpleNamespace
+    from nodepert_dist.experiments import delta_loss, gradstats
+    ctx = SimpleNamespace(state=SimpleNamespace(decor={"decor0": {"R": np.eye(2)}}))
+    for hook in (gradstats.Hook(str(tmp_path / "g.jsonl"), every=1),
+                 delta_loss.Hook(str(tmp_path / "d.jsonl"), per_epoch=1, window=1)):
+        with pytest.raises(ValueError, match="does not take --decorrelate; drop it") as e:
+            hook.start(ctx)
+        assert "\n" not in str(e.value)

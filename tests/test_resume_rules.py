@@ -269,6 +269,23 @@ def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_pat
     np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
 
 
+def test_experiments_read_a_checkpoint_of_a_decorrelated_run(cuts, tmp_path):
+    """load_point built the model without --decorrelate's matrices ("collection
+    'decorrelation' is empty"): its model now applies them as they were saved."""
+    import jax.numpy as jnp
+    from nodepert_dist import models
+    from nodepert_dist.experiments import common
+    workdir, cfg, _ = _resume(cuts, MID, tmp_path, variant_="decorrelated")
+    model, params, _, _, _ = common.load_point(cfg, MID)
+    saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID))
+    x = jnp.ones((2, 28, 28, 1))
+    plain = models.build_model("fc", 10, 1, 8, decorrelate=True)
+    want = plain.apply({"params": params, "decorrelation": {
+        k: {"R": saved[f"decor.{k}.R"]} for k in ("decor0", "decor1")}}, x)
+    np.testing.assert_array_equal(model.apply({"params": params}, x), want)
+    assert not np.array_equal(saved["decor.decor0.R"], np.eye(784))  # R learned
+
+
 def test_a_checkpoint_with_optax_schedule_counter_still_resumes(tmp_path, mnist_dir):
     """Checkpoints of the previous version kept optax's schedule counter (`opt_state.1.count`)
     for a cosine or warm-up run; they resume onto the step-driven schedule exactly."""
