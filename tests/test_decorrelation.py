@@ -153,7 +153,7 @@ def test_experiment_hooks_refuse_decorrelate_in_one_line(tmp_path):
     step, so they refuse a decorrelated run at its start instead of failing inside flax."""
     from types import SimpleNamespace
     from nodepert_dist.experiments import delta_loss, gradstats
-    ctx = SimpleNamespace(state=SimpleNamespace(decor={"decor0": {"R": np.eye(2)}}))
+    ctx = SimpleNamespace(cfg=None, state=SimpleNamespace(decor={"decor0": {"R": np.eye(2)}}))
     for hook in (gradstats.Hook(str(tmp_path / "g.jsonl"), every=1),
                  delta_loss.Hook(str(tmp_path / "d.jsonl"), per_epoch=1, window=1)):
         with pytest.raises(ValueError, match="does not take --decorrelate; drop it") as e:
