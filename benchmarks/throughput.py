@@ -11,7 +11,8 @@ Variants: `sgd`; this engine's NP for each noise kind and mode (`np-rademacher`,
 `np-gaussian`, `np-rademacher-regen`, `np-gaussian-regen`, `np-rademacher-mb4`: 4 microbatches);
 `naive` and `original` (benchmarks/references.py); on request, the variance-reduction options
 (`np-antithetic`, `np-jvp`, `np-layerwise`, `np-draws4`, `np-layerwise-jvp`,
-`np-layerwise-jvp-draws4`). Per variant: median step time, examples/s
+`np-layerwise-jvp-draws4`) and input decorrelation (`np-decorrelate`, `sgd-decorrelate`: the
+model with --decorrelate's matrices and their rule's step; fc, linfc, conv, conv-large only). Per variant: median step time, examples/s
 (total and per device), FLOPs per step and per device (XLA cost analysis), achieved FLOP/s
 against the matmul peak of the same mesh measured in the same run (all devices at once), peak temp memory (XLA memory analysis), and the
 ratios to SGD, naive and original (NP/naive compares like with like for `np-gaussian`: naive
@@ -72,11 +73,14 @@ NP_OPTION_VARIANTS = {
     "np-layerwise-jvp": dict(np_layerwise=True, np_delta="jvp"),
     "np-layerwise-jvp-draws4": dict(np_layerwise=True, np_delta="jvp", np_draws=4),
 }
+# --decorrelate (decorrelation.py), on request: name -> update rule.
+DECORRELATE_VARIANTS = {"np-decorrelate": "np", "sgd-decorrelate": "sgd"}
 # Every list is checked when the flags are parsed: a typo fails in one line, not in a worker.
 cli.check_list("networks", NETWORKS)
 cli.check_list("shapes", list(SHAPES))
 cli.check_list("dtypes", ["float32", "bfloat16"])
-cli.check_list("variants", ["sgd", *NP_VARIANTS, *NP_OPTION_VARIANTS, "naive", "original"])
+cli.check_list("variants", ["sgd", *NP_VARIANTS, *NP_OPTION_VARIANTS, *DECORRELATE_VARIANTS,
+                            "naive", "original"])
 cli.check_list("batchsizes", pattern=cli.POSITIVE_INT, what="a positive integer")
 cli.check_list("devices", pattern=cli.POSITIVE_INT, what="a positive integer")
 
@@ -127,6 +131,9 @@ def _build(variant, model, opt, mesh, batch, sigma):
     if variant in NP_OPTION_VARIANTS:
         return step_lib.make_train_step(model, opt, mesh, update_rule="np",
                                         **NP_OPTION_VARIANTS[variant], **common)
+    if variant in DECORRELATE_VARIANTS:  # the README default rate: its cost, not its value
+        return step_lib.make_train_step(model, opt, mesh, update_rule=DECORRELATE_VARIANTS[variant],
+                                        decorrelate_lr=1e-4, **common)
     ref = {"naive": references.naive_np, "original": references.original_np}[variant]
     return step_lib.make_train_step(model, opt, mesh, gradient=ref(**common),
                                     global_batch=batch)
@@ -153,7 +160,7 @@ def worker(n_dev: int) -> None:
     """Times every config on a mesh of `n_dev` devices; appends JSON lines to --out."""
     import jax
     import numpy as np
-    from nodepert_dist import mesh as mesh_lib, models, step as step_lib
+    from nodepert_dist import decorrelation, mesh as mesh_lib, models, step as step_lib
 
     if jax.device_count() < n_dev:
         raise SystemExit(f"error: --devices asks for {n_dev} devices, this machine has "
@@ -174,8 +181,14 @@ def worker(n_dev: int) -> None:
         for variant in FLAGS.variants:
             if variant.endswith("-mb4") and (b // n_dev) % 4:
                 continue
-            fn = _build(variant, model, opt, mesh, b, models.default_sigma(network, dtype))
-            state = step_lib.init_state(model, opt, x, 0, mesh)
+            vmodel = model
+            if variant in DECORRELATE_VARIANTS:
+                if network not in decorrelation.NETWORKS:
+                    continue
+                vmodel = models.build_model(network, 10, width=FLAGS.width, dtype=dtype,
+                                            decorrelate=True)
+            fn = _build(variant, vmodel, opt, mesh, b, models.default_sigma(network, dtype))
+            state = step_lib.init_state(vmodel, opt, x, 0, mesh)
             t0 = time.perf_counter()
             compiled = fn.lower(state, *batch).compile()
             compile_s = time.perf_counter() - t0

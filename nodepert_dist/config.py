@@ -19,7 +19,7 @@ from typing import Optional
 
 from absl import flags
 
-from nodepert_dist import cli, losses, models, optim, perturbation
+from nodepert_dist import cli, decorrelation, losses, models, optim, perturbation
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import preprocess, store
 from nodepert_dist.experiments import presets as experiment_presets
@@ -142,6 +142,13 @@ class Config:
                              "auxiliary linear readout (trained by NP too); each block's update "
                              "uses the change of its own readout's loss, noise on its taps "
                              "only.", group="node perturbation")
+    decorrelate: bool = setting(False, "fc/linfc/conv/conv-large: a learned matrix R "
+                                "decorrelates each layer's input (conv: its channels) before the "
+                                "weights, by its own local rule R <- R - lr_d * offdiag(E[x'x'^T]) "
+                                "R (Dalm et al.); NP or SGD train the weights with R fixed.",
+                                group="training")
+    decorrelate_lr: float = setting(1e-4, "--decorrelate: the learning rate lr_d of R's "
+                                    "rule.", group="training")
     # evaluation
     eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation")
     eval_train: bool = setting(True, "Evaluate on the whole training set each epoch (as the "
@@ -161,7 +168,8 @@ class Config:
                                                group="outputs and checkpoints")
     resume: bool = setting(True, "Continue from the newest valid checkpoint in "
                            "<workdir>/checkpoints, if any.", group="outputs and checkpoints")
-    save_final_params: str = setting("", "If set, write the final parameters to this .npz.",
+    save_final_params: str = setting("", "If set, write the final parameters (and --decorrelate's "
+                                     "matrices, under decorrelation.) to this .npz.",
                                      group="outputs and checkpoints")
     preemption_check_steps: int = setting(1, "On SIGTERM/SIGUSR1, all processes agree to stop "
                                           "at the next multiple of N steps (multi-process: one "
@@ -217,6 +225,7 @@ class Config:
                                    self.np_delta, estimator=self.np_estimator,
                                    layerwise=self.np_layerwise,
                                    microbatches=self.np_microbatches, local=self.np_local)
+        self._check_decorrelation()
         if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
                 and self.crash_max_rollbacks >= 0):
             raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
@@ -224,6 +233,15 @@ class Config:
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
                              f"use another --workdir")
+
+    def _check_decorrelation(self) -> None:
+        if self.decorrelate:
+            decorrelation.check(self.network)
+            if not self.decorrelate_lr > 0:
+                raise ValueError(f"--decorrelate_lr={self.decorrelate_lr:g} must be positive")
+        elif self.decorrelate_lr != Config.__dataclass_fields__["decorrelate_lr"].default:
+            raise ValueError("--decorrelate_lr is the rate of --decorrelate's matrices; give "
+                             "--decorrelate too, or drop --decorrelate_lr")
 
     def _check_schedule(self) -> None:
         """lr schedule settings that the chosen schedule ignores or that cannot take effect."""
@@ -277,13 +295,14 @@ RESUME_RULES = {
     "warn": ("preprocess", "dtype", "update_rule", "lr", "wd", "optimizer", "lr_schedule",
              "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm", "weight_norm",
              "loss", "sigma", "noise", "np_antithetic", "np_draws", "np_delta", "np_layerwise",
-             "np_estimator"),
+             "np_estimator", "decorrelate_lr"),
     # Allowed (logged) at an epoch boundary; refused mid-epoch: they choose the epoch's batches
     # (order, crops and flips), so the rest of the epoch would repeat and skip examples.
     "epoch": ("seed", "augment"),
-    # Refused: the parameters' shapes or the position in the data depend on them.
+    # Refused: the train state's arrays (np_local's heads, decorrelate's matrices) or the
+    # position in the data depend on them.
     "refuse": ("dataset", "validation_size", "cifar100_labels", "batchsize", "network", "n_hl",
-               "hl_size", "width", "norm", "np_local"),
+               "hl_size", "width", "norm", "np_local", "decorrelate"),
     # Not given (0): the checkpoint's value is kept, so --num_epochs never moves the cosine
     # schedule; given: as "warn".
     "inherit": ("lr_schedule_epochs",),

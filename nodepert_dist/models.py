@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nodepert_dist import decorrelation
+from nodepert_dist.decorrelation import Decorrelate
 from nodepert_dist.taps import Tap
 
 NETWORKS = ("fc", "linfc", "conv", "conv-large", "vgg", "vgg16", "resnet")
@@ -32,21 +34,28 @@ class MLP(nn.Module):
     `local_heads` (--np_local): after each hidden layer i an auxiliary linear readout `head{i}`
     with its own tap `head_tap{i}` (its logits, read by the estimator, unused by the network),
     and the next layer's input is stop-gradient'ed, so that jax.grad of the sum of the blocks'
-    losses is each block's local gradient (the reference of the Monte-Carlo test)."""
+    losses is each block's local gradient (the reference of the Monte-Carlo test).
+    `decorrelate` (--decorrelate): `decor{i}` decorrelates layer i's input
+    (head i reads layer i+1's decorrelated input)."""
 
     widths: Sequence[int]
     activation: str = "relu"  # "relu" or "linear" (linfc)
     dtype: jnp.dtype = jnp.float32
     local_heads: bool = False
+    decorrelate: bool = False
 
     @nn.compact
     def __call__(self, x):
         h = x.reshape(x.shape[0], -1)
+        if self.decorrelate:
+            h = Decorrelate(name="decor0")(h)
         for i, width in enumerate(self.widths):
             h = Tap(name=f"tap{i}")(nn.Dense(width, kernel_init=_xavier, dtype=self.dtype,
                                              name=f"layer{i}")(h))
             if i < len(self.widths) - 1 and self.activation == "relu":
                 h = nn.relu(h)
+            if self.decorrelate and i < len(self.widths) - 1:
+                h = Decorrelate(name=f"decor{i + 1}")(h)
             if self.local_heads and i < len(self.widths) - 1:
                 Tap(name=f"head_tap{i}")(nn.Dense(self.widths[-1], kernel_init=_xavier,
                                                   dtype=self.dtype, name=f"head{i}")(h))
@@ -56,20 +65,25 @@ class MLP(nn.Module):
 
 class ConvStack(nn.Module):
     """The original code's conv nets: SAME convolutions (features, kernel, stride), each with a
-    tap and a ReLU, then a dense readout with a tap."""
+    tap and a ReLU, then a dense readout with a tap. `decorrelate`: `decor{i}` decorrelates
+    layer i's input channels (1x1; the readout's too, before the flattening)."""
 
     convs: Sequence[tuple[int, int, int]]
     num_classes: int
     dtype: jnp.dtype = jnp.float32
+    decorrelate: bool = False
 
     @nn.compact
     def __call__(self, x):
         h = x
+        decor = (lambda i, h: Decorrelate(name=f"decor{i}")(h)) if self.decorrelate else (
+            lambda i, h: h)
         for i, (features, k, stride) in enumerate(self.convs):
             conv = nn.Conv(features, (k, k), strides=stride, padding="SAME", kernel_init=_xavier,
                            dtype=self.dtype, name=f"layer{i}")
-            h = nn.relu(Tap(name=f"tap{i}")(conv(h)))
+            h = nn.relu(Tap(name=f"tap{i}")(conv(decor(i, h))))
         n = len(self.convs)
+        h = decor(n, h)
         readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"layer{n}")
         return Tap(name=f"tap{n}")(readout(h.reshape(h.shape[0], -1)))
 
@@ -189,9 +203,10 @@ _CONV_STACKS = {
 
 def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500, *,
                 width: int = 64, norm: str = "none", dtype: str = "float32",
-                local_heads: bool = False) -> nn.Module:
+                local_heads: bool = False, decorrelate: bool = False) -> nn.Module:
     """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet;
-    local_heads (fc/linfc only): an auxiliary readout per hidden layer (--np_local)."""
+    local_heads (fc/linfc only): an auxiliary readout per hidden layer (--np_local);
+    decorrelate: a Decorrelate before each layer (decorrelation.NETWORKS only)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown --network={network!r}; choose one of {', '.join(NETWORKS)}")
     if norm not in NORMS:
@@ -202,12 +217,14 @@ def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 50
     if local_heads and network not in ("fc", "linfc"):
         raise ValueError(f"--np_local is built for the MLPs (fc, linfc), not "
                          f"--network={network}")
+    if decorrelate:
+        decorrelation.check(network)
     if network in ("fc", "linfc"):
         return MLP((hl_size,) * n_hl + (num_classes,),
                    activation="linear" if network == "linfc" else "relu", dtype=dt,
-                   local_heads=local_heads)
+                   local_heads=local_heads, decorrelate=decorrelate)
     if network in _CONV_STACKS:
-        return ConvStack(_CONV_STACKS[network], num_classes, dtype=dt)
+        return ConvStack(_CONV_STACKS[network], num_classes, dtype=dt, decorrelate=decorrelate)
     if network in VGG_LAYOUTS:
         return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt)
     return ResNet(num_classes, width, norm, dtype=dt)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from nodepert_dist import losses, optim, perturbation
+from nodepert_dist import decorrelation, losses, optim, perturbation
 from nodepert_dist.mesh import DATA, serialize_if_multiprocess_cpu
 
 UPDATE_RULES = ("np", "sgd")
@@ -28,6 +28,9 @@ class TrainState:
     step: jax.Array  # int32 scalar: the number of updates applied so far
     params: Any
     opt_state: Any
+    # --decorrelate: {Decorrelate path: {"R": matrix}} (decorrelation.py); None without it, so
+    # the default step's arrays and program are those of a state without the field.
+    decor: Any = None
 
 
 def optimizer_parts(name: str, lr: float, wd: float, *, schedule: str = "constant",
@@ -97,9 +100,12 @@ def join_part_states(names: list[str], states: dict):
 
 
 def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
-    """Initialise replicated parameters and optimizer state on the mesh."""
-    params = model.init(perturbation.stream_key(seed, "init"), sample_x[:1])["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    """Initialise replicated parameters, optimizer state (and decorrelation matrices) on the
+    mesh."""
+    variables = model.init(perturbation.stream_key(seed, "init"), sample_x[:1])
+    params = variables["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                       decor=variables.get(decorrelation.DECOR))
     return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
 
 
@@ -154,12 +160,14 @@ def local_gradient(*, update_rule: str, loss: str, sigma: float, seed: int, glob
 
 
 def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: LocalGradient = None,
-                    **rule) -> Callable:
+                    decorrelate_lr: float | None = None, **rule) -> Callable:
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
 
     `rule` holds `local_gradient`'s settings (update_rule, loss, sigma, seed, noise, np_mode,
     np_microbatches, np_antithetic, np_draws, np_delta, np_layerwise, np_estimator, np_local);
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
+    A state with decorrelation matrices (--decorrelate) needs `decorrelate_lr`: the gradient
+    sees them fixed, and they then take one step of their own rule on the global batch.
     """
     gradient = gradient or local_gradient(global_batch=global_batch, **rule)
 
@@ -167,8 +175,16 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
         b = x.shape[0]
         params = jax.lax.pcast(state.params, DATA, to="varying")
         global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
-        grads, example_loss, logits = gradient(model, params, x, labels, state.step, global_index)
+        net = decorrelation.bind(model, state.decor)
+        grads, example_loss, logits = gradient(net, params, x, labels, state.step, global_index)
         grads = jax.lax.psum(grads, DATA)
+        decor = state.decor
+        if decor is not None:
+            if decorrelate_lr is None:
+                raise ValueError("the train state has decorrelation matrices: give "
+                                 "make_train_step decorrelate_lr")
+            sums = decorrelation.local_sums(model, params, decor, x)
+            decor = decorrelation.update(decor, jax.lax.psum(sums, DATA), decorrelate_lr)
         metrics = jax.lax.psum({
             "loss_sum": jnp.sum(example_loss),
             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
@@ -177,7 +193,8 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
         updates, opt_state = optax.with_extra_args_support(optimizer).update(
             grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          decor=decor), metrics
 
     sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
                             out_specs=(P(), P()))
@@ -185,17 +202,23 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
 
 
 def make_eval_step(model, mesh, *, loss: str) -> Callable:
-    """Returns jitted `eval(params, x, labels, mask) -> {loss_sum, correct, count}` (global sums)."""
+    """Returns jitted `eval(params, x, labels, mask, decor=None) -> {loss_sum, correct, count}`
+    (global sums); `decor`: the state's decorrelation matrices, if any."""
     loss_fn = losses.get(loss)
 
-    def local_eval(params, x, labels, mask):
-        logits = model.apply({"params": params}, x)
+    def local_eval(params, x, labels, mask, decor):
+        logits = decorrelation.bind(model, decor).apply({"params": params}, x)
         return jax.lax.psum({
             "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
             "count": jnp.sum(mask),
         }, DATA)
 
-    sharded = jax.shard_map(local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA)),
-                            out_specs=P())
-    return serialize_if_multiprocess_cpu(jax.jit(sharded))
+    sharded = jax.shard_map(local_eval, mesh=mesh,
+                            in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P())
+
+    @jax.jit
+    def evaluate(params, x, labels, mask, decor=None):
+        return sharded(params, x, labels, mask, decor)
+
+    return serialize_if_multiprocess_cpu(evaluate)

@@ -26,6 +26,8 @@ import jax
 from flax import traverse_util
 from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: which inputs reach outputs
 
+from nodepert_dist.decorrelation import DECOR
+
 NOISE, VALUES, REPLAY, PREACTS = "tap_noise", "tap_values", "tap_replay", "tap_preacts"
 
 
@@ -104,7 +106,7 @@ def check(model, params, x, *, needs_taps: bool = True) -> None:
         raise ValueError(f"{type(model).__name__} uses batch norm: batch statistics mix the "
                          f"examples of a batch, so each example's loss change would carry the "
                          f"others' noise and NP would be biased; use GroupNorm or LayerNorm")
-    other = sorted(set(variables) - {"params"})
+    other = sorted(set(variables) - {"params", DECOR})  # the train state carries DECOR
     if other:
         raise ValueError(f"{type(model).__name__} has mutable state ({', '.join(other)}), "
                          f"which the train step does not carry; use a model with params only")

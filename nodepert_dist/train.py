@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from absl import app, logging
 
-from nodepert_dist import agree, checkpoint, crash_guard, distributed, metrics, models
+from nodepert_dist import agree, checkpoint, crash_guard, decorrelation, distributed, metrics
+from nodepert_dist import models
 from nodepert_dist import params_io, preempt, resume
 from nodepert_dist import taps
 from nodepert_dist import workdir_lock
@@ -50,7 +51,7 @@ def _notify(hooks, event: str, *args) -> None:
             fn(*args)
 
 
-def evaluate(eval_step, params, batches, prep, mesh) -> tuple[float, float]:
+def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float, float]:
     """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch."""
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
 
@@ -61,7 +62,7 @@ def evaluate(eval_step, params, batches, prep, mesh) -> tuple[float, float]:
     pending = None
     for batch in pipeline.iterate(batches):
         x, y, mask = mesh_lib.global_batch(mesh, *batch)
-        out = eval_step(params, prep(x), y, mask)
+        out = eval_step(params, prep(x), y, mask, decor)
         if pending is not None:
             add(pending)
         pending = out
@@ -77,7 +78,8 @@ def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
     m = jax.device_get(step_metrics)
     if not np.isfinite(m["loss_sum"]):
         raise crash_guard.Diverged(f"the training loss is {float(m['loss_sum'])} at step {step} "
-                                   f"(epoch {epoch}): training diverged; use a lower --lr")
+                                   f"(epoch {epoch}): training diverged; use a lower --lr "
+                                   f"(with --decorrelate, or --decorrelate_lr)")
     sums["loss_sum"] += float(m["loss_sum"])
     sums["correct"] += float(m["correct"])
     sums["last_loss"] = float(m["loss_sum"]) / float(m["count"])
@@ -142,10 +144,11 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     # Model, optimizer and replicated train state.
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
                                width=cfg.width, norm=cfg.norm, dtype=cfg.dtype,
-                               local_heads=cfg.np_local)
+                               local_heads=cfg.np_local, decorrelate=cfg.decorrelate)
     optimizer = step_lib.optimizer_from(cfg, n_steps)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
-    taps.check(model, state.params, sample_x, needs_taps=cfg.update_rule == "np")
+    taps.check(decorrelation.bind(model, state.decor), state.params, sample_x,
+               needs_taps=cfg.update_rule == "np")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
@@ -164,12 +167,12 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
         np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
         np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise,
-        np_estimator=cfg.np_estimator, np_local=cfg.np_local)
+        np_estimator=cfg.np_estimator, np_local=cfg.np_local, decorrelate_lr=cfg.decorrelate_lr)
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
             images, labels, global_batch=eval_batch, process_index=jax.process_index(),
-            process_count=jax.process_count(), rows=rows), prep, mesh)
+            process_count=jax.process_count(), rows=rows), prep, mesh, state.decor)
 
     def epoch_row(epoch: int, extra: dict) -> dict:
         test_acc, test_loss = eval_split(data.test_x, data.test_y)
@@ -322,7 +325,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             + ("checkpoint saved; run the same command again to resume" if saver else
                "no checkpoint (checkpointing is off)") + f" (exit {preempt.EXIT_CODE})")
     if cfg.save_final_params:
-        params_io.save_npz(cfg.save_final_params, state.params)
+        params_io.save_npz(cfg.save_final_params, state.params if state.decor is None else
+                           {**state.params, decorrelation.DECOR: state.decor})  # R too
     # Said at the end: otherwise the last line printed is an earlier epoch's row.
     note = ""
     if restored is not None and epoch_start > cfg.num_epochs:

@@ -99,10 +99,18 @@ def straight_np(tmp_path_factory, mnist_dir):
 
 # ----------------------------------------------------------------------------- exact resume
 
-@pytest.mark.parametrize("rule", ["np", "sgd"])
-def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
+RESUMED_RULES = {
+    "np": [],
     # SGD runs with Adam so that a non-trivial optimizer state must be restored as well.
-    extra = [] if rule == "np" else ["--update_rule=sgd", "--optimizer=adam", "--lr=1e-3"]
+    "sgd": ["--update_rule=sgd", "--optimizer=adam", "--lr=1e-3"],
+    # The decorrelation matrices are train state too (TrainState.decor).
+    "np-decorrelate": ["--decorrelate", "--decorrelate_lr=1e-3"],
+}
+
+
+@pytest.mark.parametrize("rule", list(RESUMED_RULES))
+def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
+    extra = RESUMED_RULES[rule]
     if rule == "np":
         straight = straight_np
     else:
@@ -112,9 +120,20 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     train_run(split, mnist_dir, "--max_steps=45", *extra)
     assert os.path.basename(newest(split)) == "step_00000045"
     assert [r["epoch"] for r in metrics.read_jsonl(split)] == [0, 1]
-    log = train_run(split, mnist_dir, *extra)
+    final = tmp_path / "final.npz"
+    log = train_run(split, mnist_dir, *extra, f"--save_final_params={final}")
     assert "resumed from" in log and "epoch 2, step 15 of the epoch (step 45 in all)" in log
     assert_same_run(straight, split)
+    saved = saved_arrays(newest(split))
+    decor = [n for n in saved if n.startswith("decor.")]
+    assert len(decor) == (3 if rule == "np-decorrelate" else 0), decor
+    with np.load(final) as params:  # the final parameters, with the matrices if any
+        assert sorted(params) == sorted([n[len("params."):] for n in saved
+                                         if n.startswith("params.")]
+                                        + [n.replace("decor.", "decorrelation.", 1) for n in decor])
+        for name in decor:
+            np.testing.assert_array_equal(params[name.replace("decor.", "decorrelation.", 1)],
+                                          saved[name])
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path, mnist_dir):

@@ -42,7 +42,11 @@ def cuts(mnist_dir, tmp_path_factory):
     train.run(dataclasses.replace(run, max_steps=MID))
     shutil.copytree(root / "run", root / "mid")
     train.run(dataclasses.replace(run, max_steps=BOUNDARY))
-    return {MID: root / "mid", BOUNDARY: root / "run", "data_dir": mnist_dir}
+    cut = {MID: root / "mid", BOUNDARY: root / "run", "data_dir": mnist_dir}
+    for name, settings in VARIANTS.items():  # cut at MID only
+        cut[name] = root / name
+        train.run(dataclasses.replace(run, max_steps=MID, workdir=str(cut[name]), **settings))
+    return cut
 
 
 class StateAtStart:
@@ -52,13 +56,19 @@ class StateAtStart:
         self.state = jax.device_get(ctx.state)
 
 
+# Base runs with other settings, for settings that only apply with them ("variant_" below).
+VARIANTS = {"decorrelated": dict(decorrelate=True)}
+
+
 def _resume(cuts, at, tmp_path, hooks=(), **changes):
-    """A copy of the run cut at step `at`, and a function resuming it with `changes` for one
-    more step (or as --max_steps says)."""
+    """A copy of the run cut at step `at` (of the base run or of its `variant_`), and a function
+    resuming it with `changes` for one more step (or as --max_steps says)."""
     workdir = tmp_path / "resumed"
-    shutil.copytree(cuts[at], workdir)
+    variant = changes.pop("variant_", None)
+    shutil.copytree(cuts[variant] if variant else cuts[at], workdir)
     data_dir = changes.pop("data_dir_", None) or cuts["data_dir"]
-    cfg = dataclasses.replace(_base(data_dir, workdir), **{"max_steps": at + 1, **changes})
+    cfg = dataclasses.replace(_base(data_dir, workdir), **{"max_steps": at + 1,
+                                                          **VARIANTS.get(variant, {}), **changes})
     return workdir, cfg, lambda: train.run(cfg, hooks=hooks)
 
 
@@ -93,6 +103,8 @@ CHANGES = {
     "np_antithetic": dict(np_antithetic=True), "np_draws": dict(np_draws=2),
     "np_delta": dict(np_delta="jvp"), "np_layerwise": dict(np_layerwise=True),
     "np_estimator": dict(np_estimator="original"), "np_local": dict(np_local=True),
+    "decorrelate": dict(decorrelate=True),
+    "decorrelate_lr": dict(variant_="decorrelated", decorrelate_lr=1e-3),
     "seed": dict(seed=1), "augment": dict(augment=True),
     "dataset": dict(dataset="fashion_mnist"), "validation_size": dict(validation_size=55000),
     "cifar100_labels": dict(cifar100_labels="coarse"), "batchsize": dict(batchsize=2000),
@@ -257,6 +269,23 @@ def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_pat
     _, params, _, _, _ = common.load_point(cfg, MID + 1)
     saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID + 1))
     np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
+
+
+def test_experiments_read_a_checkpoint_of_a_decorrelated_run(cuts, tmp_path):
+    """load_point built the model without --decorrelate's matrices ("collection
+    'decorrelation' is empty"): its model now applies them as they were saved."""
+    import jax.numpy as jnp
+    from nodepert_dist import models
+    from nodepert_dist.experiments import common
+    workdir, cfg, _ = _resume(cuts, MID, tmp_path, variant_="decorrelated")
+    model, params, _, _, _ = common.load_point(cfg, MID)
+    saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID))
+    x = jnp.ones((2, 28, 28, 1))
+    plain = models.build_model("fc", 10, 1, 8, decorrelate=True)
+    want = plain.apply({"params": params, "decorrelation": {
+        k: {"R": saved[f"decor.{k}.R"]} for k in ("decor0", "decor1")}}, x)
+    np.testing.assert_array_equal(model.apply({"params": params}, x), want)
+    assert not np.array_equal(saved["decor.decor0.R"], np.eye(784))  # R learned
 
 
 def test_a_checkpoint_with_optax_schedule_counter_still_resumes(tmp_path, mnist_dir):

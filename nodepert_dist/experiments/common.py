@@ -327,8 +327,9 @@ def run_summary(run: dict, crash_points: float) -> dict:
 
 
 def load_point(cfg: train.Config, step: int):
-    """(model, params on one device, data, splits, prep_mode) of cfg's run at checkpoint `step`."""
-    from nodepert_dist import models
+    """(model, params on one device, data, splits, prep_mode) of cfg's run at checkpoint `step`;
+    with --decorrelate the model is bound to that checkpoint's matrices."""
+    from nodepert_dist import decorrelation, models
     from nodepert_dist import step as step_lib
     from nodepert_dist.data import preprocess, store
     from nodepert_dist.experiments import gradstats
@@ -338,7 +339,8 @@ def load_point(cfg: train.Config, step: int):
     n_train = len(data.train_y) - cfg.validation_size
     splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
     model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
-                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype)
+                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype,
+                               local_heads=cfg.np_local, decorrelate=cfg.decorrelate)
     # The run's whole optimizer (its parts decide the state's arrays; the schedule does not).
     optimizer = step_lib.optimizer_from(cfg, steps_per_epoch=1)
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
@@ -347,5 +349,6 @@ def load_point(cfg: train.Config, step: int):
     if not os.path.isdir(path):
         raise ExperimentError(f"no checkpoint of step {step} in {cfg.workdir}/checkpoints")
     state, _ = checkpoint.load(path, target)
-    return (model, gradstats.local_copy(state.params), data, splits,
+    decor = None if state.decor is None else gradstats.local_copy(state.decor)
+    return (decorrelation.bind(model, decor), gradstats.local_copy(state.params), data, splits,
             preprocess.resolve(cfg.preprocess, cfg.dataset))

@@ -36,6 +36,8 @@ class Hook:
         self.path, self.per_epoch, self.window = path, per_epoch, window
 
     def start(self, ctx) -> None:
+        if ctx.state.decor is not None:  # its loss is compiled once, R moves every step
+            raise ValueError("the delta-loss measurement does not take --decorrelate; drop it")
         n = self.n = ctx.steps_per_epoch
         self.points = {}  # position in the epoch -> measuring point
         for k in range(min(self.per_epoch, n)):

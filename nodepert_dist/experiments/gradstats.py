@@ -157,6 +157,8 @@ class Hook:
 
     def start(self, ctx) -> None:
         cfg = ctx.cfg
+        if ctx.state.decor is not None:  # the probe is compiled once, R moves every step
+            raise ValueError("the gradient-statistics probe does not take --decorrelate; drop it")
         self.fn = probe_fn(ctx.model, loss=cfg.loss, sigma=cfg.sigma, seed=cfg.seed,
                            noise=cfg.noise, draws=self.draws, norms=self.norms)
         x, y = probe_batch(ctx.data, ctx.splits, ctx.prep_mode, self.size, cfg.seed)
