@@ -20,14 +20,18 @@ from absl import app, flags
 from nodepert_dist import cli as cli_lib
 from nodepert_dist.metrics import epoch_rows, read_jsonl
 
-flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
-flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
-flags.DEFINE_string("metric", "test_acc", "Metric to plot (a metrics.jsonl key: test_acc, "
-                    "train_acc, val_acc, test_loss, train_loss, mean_step_loss, ...).")
-flags.DEFINE_enum("x", "epoch", ["epoch", "time"], "x axis: epoch, or wall-clock training "
-                  "time in seconds (cumulative epoch_time).")
 FLAGS = flags.FLAGS
 
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs: as a library (`plot()`, `run_label()`) this
+    module adds nothing to absl's global flags, where `--out` would clash with the experiments'."""
+    flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
+    flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
+    flags.DEFINE_string("metric", "test_acc", "Metric to plot (a metrics.jsonl key: test_acc, "
+                        "train_acc, val_acc, test_loss, train_loss, mean_step_loss, ...).")
+    flags.DEFINE_enum("x", "epoch", ["epoch", "time"], "x axis: epoch, or wall-clock training "
+                      "time in seconds (cumulative epoch_time).")
 
 
 def _config(workdir: str) -> dict:
@@ -114,6 +118,7 @@ def main(argv):
 
 
 def cli():
+    _define_flags()
     app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(
         argv, "nodepert-plot", __doc__, {"flags": __name__}))
 

@@ -118,3 +118,22 @@ def test_json_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert config.overrides(str(path)) == settings
     (tmp_path / "config.json").write_bytes(path.read_bytes())
     assert plot.run_label(str(tmp_path)) == "SGD (backprop; sgd optimizer), lr=0.5, ce loss"
+
+
+def test_every_module_imports_into_one_process():
+    """Library users (and one test process) import many modules at once: none may define an
+    absl flag that another defines too (plot's and the experiments' --out once clashed). Each
+    experiment command is loaded alone by `nodepert-experiment NAME`, so each is imported
+    beside the whole library, not beside the other commands."""
+    from nodepert_dist.experiments import EXPERIMENTS
+    code = ("import importlib, pkgutil, sys, nodepert_dist\n"
+            "skip = {'nodepert_dist.experiments.' + m for m in sys.argv[1:]}\n"
+            "for m in pkgutil.walk_packages(nodepert_dist.__path__, 'nodepert_dist.'):\n"
+            "    if not m.name.endswith('__main__') and m.name not in skip:\n"
+            "        importlib.import_module(m.name)\n")
+    commands = [module for module, _ in EXPERIMENTS.values()]
+    for command in commands:
+        others = [c for c in commands if c != command]
+        out = subprocess.run([sys.executable, "-c", code, *others], capture_output=True,
+                             text=True, timeout=120, env=ENV, cwd=REPO)
+        assert out.returncode == 0, (command, out.stderr[-2000:])

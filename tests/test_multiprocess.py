@@ -141,10 +141,12 @@ def _alive(pid):
 
 
 def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
-    # Long enough (several epochs of small batches) that it is still training when killed.
+    # Long enough (20 epochs) that it is still training when killed; short epochs (5,000
+    # training examples: the rest is the validation split) so the first one ends soon.
     cmd = [PY, LAUNCH, "--num_processes=2", "--devices_per_process=4", "--timeout_s=120", "--",
            PY, "-m", "nodepert_dist.train", "--hl_size=32", "--n_hl=1", "--batchsize=64",
-           "--num_epochs=20", "--eval_train=false", f"--data_dir={mnist_dir}",
+           "--num_epochs=20", "--validation_size=55000", "--eval_train=false",
+           f"--data_dir={mnist_dir}",
            f"--workdir={tmp_path}/w"]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=REPO, start_new_session=True)
