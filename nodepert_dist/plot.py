@@ -23,7 +23,7 @@ from nodepert_dist.metrics import epoch_rows, read_jsonl
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     """The command's flags, defined when it runs: as a library (`plot()`, `run_label()`) this
     module adds nothing to absl's global flags, where `--out` would clash with the experiments'."""
     flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
@@ -118,7 +118,7 @@ def main(argv):
 
 
 def cli():
-    _define_flags()
+    define_flags()
     app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(
         argv, "nodepert-plot", __doc__, {"flags": __name__}))
 

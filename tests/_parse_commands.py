@@ -29,7 +29,10 @@ def _load(target):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    return importlib.import_module(target)
+    module = importlib.import_module(target)
+    if hasattr(module, "define_flags"):  # a command that defines its flags when it runs (plot)
+        module.define_flags()
+    return module
 
 
 def check(module, target, argv):
