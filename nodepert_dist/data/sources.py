@@ -88,15 +88,20 @@ def _open_maybe_gzip(path: str):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (gzip or raw) into a numpy array; DataError if it is damaged."""
+def _read_bytes(path: str) -> bytes:
+    """The whole file, un-gzipped if it is gzipped; DataError if it is missing or unreadable."""
     if not os.path.exists(path):
         raise DataError(f"missing dataset file {path}")
     try:
         with _open_maybe_gzip(path) as f:
-            raw = f.read()
+            return f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"corrupt dataset file {path} ({e}); delete it and fetch again") from e
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (gzip or raw) into a numpy array; DataError if it is damaged."""
+    raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic); delete it and fetch again")
     ndim = raw[3]
@@ -114,13 +119,7 @@ def read_idx(path: str) -> np.ndarray:
 def read_mnist_pickle(path: str):
     """Reads the classic mnist.pkl.gz (or un-gzipped): ((train), (valid), (test)) of (images,
     labels), images float32 in [0, 1), through the restricted unpickler."""
-    if not os.path.exists(path):
-        raise DataError(f"missing dataset file {path}")
-    try:
-        with _open_maybe_gzip(path) as f:
-            data = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"corrupt dataset file {path} ({e}); delete it and fetch again") from e
+    data = _read_bytes(path)
     splits = safe_pickle.loads(data, path)
     try:
         (tx, ty), (vx, vy), (sx, sy) = splits
