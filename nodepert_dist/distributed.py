@@ -209,11 +209,12 @@ def _wait_for_coordinator(address: str, deadline: float) -> None:
         time.sleep(0.25)
 
 
-def _watchdog(layout: Layout, timeout_s: float) -> threading.Event:
+def _watchdog(layout: Layout, wait_s: float, timeout_s: float) -> threading.Event:
+    """Exit with one line if start-up is not done after `wait_s` (what is left of --init_timeout_s)."""
     done = threading.Event()
 
     def fire():
-        if not done.wait(timeout_s):
+        if not done.wait(wait_s):
             sys.stderr.write(
                 f"error: process {layout.process_id}/{layout.num_processes}: not all "
                 f"{layout.num_processes} processes joined the coordinator at "
@@ -245,7 +246,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         deadline = start + init_timeout_s
         if layout.process_id != 0:
             _wait_for_coordinator(layout.coordinator_address, deadline)
-        done = _watchdog(layout, max(1.0, deadline - time.monotonic()))
+        done = _watchdog(layout, max(1.0, deadline - time.monotonic()), init_timeout_s)
         # jax's own timeout a little later than the watchdog, so our one-line error wins. The
         # layout is complete (from flags/env, or from jax's own ClusterEnv detection above), so
         # jax must not detect again: it would give a per-node process only GPU 0.
