@@ -1,10 +1,14 @@
-"""Shared test set-up: 8 simulated CPU devices, and where the real MNIST lives.
+"""Shared test set-up: 8 simulated CPU devices, where the real MNIST lives, and how tests start
+commands (`run_command`, `train_command`, `free_port`).
 
 `.ci/run` fetches MNIST into ./data; set NODEPERT_DATA_DIR to use another place.
 """
 
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 from nodepert_dist.mesh import simulate_cpu_devices
 
@@ -26,3 +30,38 @@ def mnist_dir():
     except DataError as e:
         pytest.fail(f"{e} (CI fetches it in .ci/run)")
     return DATA_DIR
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a command a test starts: this checkout first on PYTHONPATH, and none
+    of the cluster variables or XLA flags of the shell the suite runs in."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("NODEPERT_COORDINATOR_ADDRESS", "NODEPERT_NUM_PROCESSES", "NODEPERT_PROCESS_ID",
+              "XLA_FLAGS"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def run_command(cmd, timeout=300, **extra_env) -> subprocess.CompletedProcess:
+    """Runs `cmd` from the repository root; its output captured as text."""
+    return subprocess.run(cmd, env=subprocess_env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def train_command(args, devices=8, timeout=300, **extra_env) -> subprocess.CompletedProcess:
+    """`nodepert-train` on `devices` simulated CPU devices (0: as the environment says)."""
+    cmd = [sys.executable, "-m", "nodepert_dist.train", *args]
+    if devices:
+        cmd.insert(3, f"--cpu_devices={devices}")
+    return run_command(cmd, timeout, **extra_env)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,20 +3,11 @@
 import codecs
 import csv
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
-
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
-
-
-def _train(args, timeout=300):
-    cmd = [sys.executable, "-m", "nodepert_dist.train", "--cpu_devices=8", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+from conftest import run_command, train_command as _train
 
 
 def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
@@ -95,10 +86,9 @@ def test_plot_draws_the_learning_curves(tmp_path):
             + "\n" for e, a in enumerate(accs)))
     for extra in ([], ["--metric=test_loss", "--x=time"]):
         out_png = tmp_path / "curves.png"
-        out = subprocess.run([sys.executable, "-m", "nodepert_dist.plot", *extra,
-                              f"--workdirs={tmp_path / 'np'},{tmp_path / 'sgd'}",
-                              f"--out={out_png}"],
-                             capture_output=True, text=True, timeout=120, env=ENV)
+        out = run_command([sys.executable, "-m", "nodepert_dist.plot", *extra,
+                           f"--workdirs={tmp_path / 'np'},{tmp_path / 'sgd'}",
+                           f"--out={out_png}"], timeout=120)
         assert out.returncode == 0, out.stderr
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
         out_png.unlink()
@@ -134,6 +124,5 @@ def test_every_module_imports_into_one_process():
     commands = [module for module, _ in EXPERIMENTS.values()]
     for command in commands:
         others = [c for c in commands if c != command]
-        out = subprocess.run([sys.executable, "-c", code, *others], capture_output=True,
-                             text=True, timeout=120, env=ENV, cwd=REPO)
+        out = run_command([sys.executable, "-c", code, *others], timeout=120)
         assert out.returncode == 0, (command, out.stderr[-2000:])

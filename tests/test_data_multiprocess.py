@@ -2,14 +2,12 @@
 converted dataset that together cover the epoch, and assemble the same global batches (with and
 without augmentation) as one process does."""
 
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_command
 from nodepert_dist.data import pipeline, store
 from nodepert_dist.data.raw import Raw
 
@@ -30,13 +28,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_two_processes_read_disjoint_shards_that_cover_the_epoch(data_dir, tmp_path, augment):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(REPO)
-    out = subprocess.run(
+    out = run_command(
         [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2",
          "--devices_per_process=2", "--timeout_s=100", "--", sys.executable,
          str(REPO / "tests" / "_data_worker.py"), data_dir, str(tmp_path), str(int(augment))],
-        capture_output=True, text=True, timeout=130, env=env, cwd=REPO)
+        timeout=130)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r0, r1 = (np.load(tmp_path / f"rank{i}.npz") for i in range(2))
     steps = 180 // 40

@@ -5,7 +5,6 @@ import gzip
 import json
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from _fake_data import (CIFAR_FORMS, fake_cifar, idx_name, py2_pickle, py3_pickle, write_cifar_tarball,
                         write_idx_dataset)
-from conftest import REPO
+from conftest import run_command
 from nodepert_dist.data import cifar, fetch, sources, store
 from nodepert_dist.data.raw import DataError
 
@@ -298,8 +297,7 @@ def test_damaged_store_files_are_clear_errors(tmp_path):
 
 def _cli(*args):
     cmd = [sys.executable, "-m", "nodepert_dist.data", "fetch", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return run_command(cmd, timeout=120)
 
 
 def test_fetch_cli_imports_or_refuses_in_one_line(tmp_path):

@@ -3,23 +3,19 @@ end to end, the unverified copy is recorded in config.json, and a run stopped mi
 resumed with augmentation ends exactly like an uninterrupted one."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from _fake_data import fake_cifar
-from conftest import REPO
+from conftest import REPO, run_command, train_command
 from nodepert_dist.data import fetch
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
 
 def _train(args, timeout=300):
-    cmd = [sys.executable, "-m", "nodepert_dist.train", "--cpu_devices=4", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return train_command(args, devices=4, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +80,11 @@ def test_a_two_process_checkpoint_resumes_on_one_process(cifar100_dir, tmp_path)
     differences between the layouts' matmul threading into percent-level ones (measured)."""
     common = [*SMALL, f"--data_dir={cifar100_dir}", "--checkpoint_every_steps=5",
               "--preprocess=per_channel"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(REPO)
-    cut = subprocess.run(
+    cut = run_command(
         [sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2",
          "--devices_per_process=2", "--timeout_s=150", "--", sys.executable, "-m",
          "nodepert_dist.train", *common, f"--workdir={tmp_path}/cut", "--max_steps=5"],
-        capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+        timeout=180)
     assert cut.returncode == 0, cut.stdout[-3000:]
     resumed = _train([*common, f"--workdir={tmp_path}/cut"])
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]

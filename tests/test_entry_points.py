@@ -3,19 +3,17 @@ traceback, before any work: the console scripts of setup.py, each experiment,
 `python -m nodepert_dist.data` and the benchmark scripts. (launch/*.py: tests/test_sweep.py
 and tests/test_multiprocess.py.)"""
 
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from nodepert_dist.experiments import EXPERIMENTS
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
 CONSOLE_SCRIPTS = dict(re.findall(r'"([\w-]+)=([\w.]+:\w+)"', (REPO / "setup.py").read_text()))
 
 
@@ -73,8 +71,8 @@ def test_every_entry_point_has_a_case():
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_error_line_and_no_traceback(tmp_path, case):
     cmd, message = CASES[case]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV,
-                         cwd=tmp_path)  # cwd: nothing the command writes lands in the repo
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env=subprocess_env(), cwd=tmp_path)  # cwd: nothing the command writes lands in the repo
     text = out.stdout + out.stderr
     assert out.returncode != 0, text[-2000:]
     assert "Traceback" not in text, text[-3000:]

@@ -4,24 +4,16 @@ import glob
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
 
-from conftest import REPO
+from conftest import train_command as _train
 from nodepert_dist import checkpoint
 
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
 TINY = ["--n_hl=2", "--hl_size=32", "--batchsize=256", "--num_epochs=1", "--noeval_train"]
-
-
-def _train(args, timeout=300):
-    cmd = [sys.executable, "-m", "nodepert_dist.train", "--cpu_devices=8", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
 def _read(array_dir):

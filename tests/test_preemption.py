@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_command, subprocess_env
 from nodepert_dist import checkpoint, preempt
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -21,15 +21,11 @@ SMALL = ["--n_hl=1", "--hl_size=32", "--batchsize=8000", "--num_epochs=2", "--ev
 TIMING = ("epoch_time", "examples_per_s")
 
 
-def _env(**extra):
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"}
-    return dict(e, PYTHONPATH=str(REPO), **extra)
+_env = subprocess_env
 
 
 def _run(cmd, **extra):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(**extra),
-                          cwd=REPO)
+    return run_command(cmd, 240, **extra)
 
 
 def _untimed(workdir):

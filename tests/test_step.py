@@ -174,20 +174,14 @@ def test_default_eval_batch_works_on_any_device_count(tmp_path, mnist_dir):
     its last batch, so it is rounded up to the devices (1026 here), with the same result as
     on 8 devices (the untrained network's epoch-0 row, same seed)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import train_command
     common = ["--hl_size=8", "--n_hl=1", "--batchsize=120", "--max_steps=1", "--noeval_train",
               "--checkpoint_every_epochs=0", f"--data_dir={mnist_dir}"]
     rows = []
     for n_devices in (3, 6):
         workdir = tmp_path / f"run{n_devices}"
-        out = subprocess.run(
-            [sys.executable, "-m", "nodepert_dist.train", f"--cpu_devices={n_devices}", *common,
-             f"--workdir={workdir}"], capture_output=True, text=True, timeout=300, cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=str(REPO)))
+        out = train_command([*common, f"--workdir={workdir}"], devices=n_devices)
         assert out.returncode == 0, out.stderr[-3000:]
         rows.append(json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0]))
     from nodepert_dist import train

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import subprocess_env, train_command
 from nodepert_dist import workdir_lock
 from nodepert_dist.workdir_lock import WorkdirBusy, WorkdirLock
 
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
+ENV = subprocess_env()
 
 
 @pytest.fixture
@@ -73,9 +73,9 @@ def test_other_hosts_lock_is_stale_after_the_timeout_or_a_slurm_requeue(tmp_path
 
 
 def _train(workdir, mnist_dir):
-    cmd = [sys.executable, "-m", "nodepert_dist.train", "--n_hl=1", "--hl_size=16",
-           "--num_epochs=0", "--noeval_train", f"--data_dir={mnist_dir}", f"--workdir={workdir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    return train_command(["--n_hl=1", "--hl_size=16", "--num_epochs=0", "--noeval_train",
+                          f"--data_dir={mnist_dir}", f"--workdir={workdir}"], devices=0,
+                         timeout=120)
 
 
 def test_second_run_on_a_live_workdir_is_refused(tmp_path, mnist_dir, live_pid, dead_pid):
