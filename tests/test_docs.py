@@ -259,7 +259,7 @@ SOURCES = [p for top in ("nodepert_dist", "launch", "benchmarks", "tests", ".ci"
 OUTSIDE = ("DESIGN" + ".md", "../" + "shared")  # spelled apart so this file does not match
 
 
-@pytest.mark.parametrize("top", ["nodepert_dist", "launch", "benchmarks", "tests", "docs"])
+@pytest.mark.parametrize("top", ["nodepert_dist", "launch", "benchmarks", "tests", ".ci", "docs"])
 def test_nothing_points_outside_the_repository(top):
     files = [p for p in sorted((REPO / top).rglob("*")) if p.is_file() and p.suffix != ".pyc"]
     if top == "docs":
@@ -277,4 +277,18 @@ def test_pointers_into_docs_exist():
         for target in re.findall(r"\bdocs/[\w./-]*\w", p.read_text(errors="replace")):
             if not (REPO / target).exists():
                 problems.append(f"{p.relative_to(REPO)}: {target}")
+    assert not problems, "\n".join(problems)
+
+
+def test_files_the_docs_name_exist():
+    # A renamed or moved script, module or spec leaves no stale name in the docs' prose (commands
+    # in code blocks are checked above; generated outputs under benchmarks/results/ are exempt).
+    n, problems = 0, []
+    for doc in DOCS:
+        for path in re.findall(r"(?<![\w./<-])((?:nodepert_dist|launch|benchmarks|tests|docs|\.ci)/"
+                               r"[\w./-]*\.(?:py|sh|sbatch|json|md|ini))\b", (REPO / doc).read_text()):
+            n += 1
+            if not path.startswith("benchmarks/results/") and not (REPO / path).exists():
+                problems.append(f"{doc}: {path}")
+    assert n >= 30, n
     assert not problems, "\n".join(problems)
