@@ -25,8 +25,8 @@ SHELL_INFO = {"", "sh", "bash", "shell", "console"}
 
 
 def code_blocks(text):
-    """Shell blocks: fenced ones (no info string, or a shell's; in lists too), and 4-space indented blocks that
-    follow a blank line in a file without fences (launch/README)."""
+    """Shell blocks: fenced ones (no info string, or a shell's; in lists too), and 4-space
+    indented blocks that follow a blank line in a file without fences (launch/README)."""
     blocks = [textwrap.dedent(body) for info, body in re.findall(
         r"^ *```([^\n]*)\n(.*?)^ *```", text, flags=re.M | re.S) if info.strip() in SHELL_INFO]
     indented, current, previous_blank = [], [], True
@@ -236,7 +236,8 @@ def test_links_between_docs_resolve():
 @pytest.mark.parametrize("text, broken", [
     ("[a](docs/usage.md) [b](docs/design/estimator.md#the-update)", []),
     ("[a](nowhere/nothing.md)", ["README.md: link to missing nowhere/nothing.md"]),
-    ("[a](docs/usage.md#no-such-heading)", ["README.md: link to missing heading docs/usage.md#no-such-heading"]),
+    ("[a](docs/usage.md#no-such-heading)",
+     ["README.md: link to missing heading docs/usage.md#no-such-heading"]),
     ("`[addr]:port` and [x](https://example.org/nothing)", []),
 ])
 def test_link_check_catches_broken_links(text, broken):
@@ -284,9 +285,10 @@ def test_files_the_docs_name_exist():
     # A renamed or moved script, module or spec leaves no stale name in the docs' prose (commands
     # in code blocks are checked above; generated outputs under benchmarks/results/ are exempt).
     n, problems = 0, []
+    named = re.compile(r"(?<![\w./<-])((?:nodepert_dist|launch|benchmarks|tests|docs|\.ci)/"
+                       r"[\w./-]*\.(?:py|sh|sbatch|json|md|ini))\b")
     for doc in DOCS:
-        for path in re.findall(r"(?<![\w./<-])((?:nodepert_dist|launch|benchmarks|tests|docs|\.ci)/"
-                               r"[\w./-]*\.(?:py|sh|sbatch|json|md|ini))\b", (REPO / doc).read_text()):
+        for path in named.findall((REPO / doc).read_text()):
             n += 1
             if not path.startswith("benchmarks/results/") and not (REPO / path).exists():
                 problems.append(f"{doc}: {path}")
