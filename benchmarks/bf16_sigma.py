@@ -7,8 +7,8 @@ noise's own variance cancels in this paired comparison, so what is left is what 
 and of the float32 mean against jax.grad (the finite-sigma bias, and the variance left after
 this many draws). Below the floor bf16 rounds the noise away at the taps (|a| ~ 1 has a 2^-8
 spacing) and in the loss change, and the estimate shrinks and turns. The floors go into
-models.BF16_SIGMA_FLOOR, the table into README; tests/test_estimator.py checks the floor with
-the unpaired Monte-Carlo test.
+models.BF16_SIGMA_FLOOR, the table into docs/results/bf16_sigma.md; tests/test_estimator.py
+checks the floor with the unpaired Monte-Carlo test.
 
     python benchmarks/bf16_sigma.py --networks=fc,conv,vgg,resnet --draws=4000
 """

@@ -8,7 +8,7 @@ naive_np is used for nothing else; original_np is what `--np_estimator=original`
   sum_i (delta_i / sigma) <xi_i, a_i(W)> with every layer's noisy input held fixed.
 - `original_np`: the original research code's estimator at its HEAD: one noise draw shared by
   the whole batch and the batch-mean loss change, i.e. the engine's `--np_estimator=original`
-  with Gaussian noise. Biased (DESIGN.md section 2); timed as the speed its users had.
+  with Gaussian noise. Biased (docs/design/estimator.md); timed as the speed its users had.
 """
 
 from __future__ import annotations

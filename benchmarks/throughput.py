@@ -54,7 +54,7 @@ flags.DEFINE_float("round_s", 0.25, "Least seconds of steps per variant per roun
 flags.DEFINE_bool("quick", False, "Smoke run: fc at batch 128, 1 round, few variants.")
 flags.DEFINE_bool("xla_cpu_conv_flag", True,
                   "CPU only: XLA_FLAGS --xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
-                  "(also the trainer's default on CPU; see README).")
+                  "(also the trainer's default on CPU; see docs/usage.md).")
 flags.DEFINE_string("out", "benchmarks/results/throughput.jsonl", "JSON lines (appended).")
 flags.DEFINE_string("png", "benchmarks/results/throughput.png", "Chart of the ratios ('' = none).")
 flags.DEFINE_integer("worker_devices", 0, "Internal: time this many devices in this process.")
@@ -131,7 +131,7 @@ def _build(variant, model, opt, mesh, batch, sigma):
     if variant in NP_OPTION_VARIANTS:
         return step_lib.make_train_step(model, opt, mesh, update_rule="np",
                                         **NP_OPTION_VARIANTS[variant], **common)
-    if variant in DECORRELATE_VARIANTS:  # the README default rate: its cost, not its value
+    if variant in DECORRELATE_VARIANTS:  # the default rate: its cost, not its value
         return step_lib.make_train_step(model, opt, mesh, update_rule=DECORRELATE_VARIANTS[variant],
                                         decorrelate_lr=1e-4, **common)
     ref = {"naive": references.naive_np, "original": references.original_np}[variant]

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/nodepert-train ] || { python3 -m venv .venv && .venv/bin/pip install -q -e .; }
 .venv/bin/python -m nodepert_dist.data fetch mnist --data_dir=data
 COMMON=(--dataset=mnist --network=fc --batchsize=128 --num_epochs=10 --seed=0)
-# NP: the best settings of README's variance study that keep this job under 5 minutes on the
+# NP: the best settings of docs/results/variance.md that keep this job under 5 minutes on the
 # 2-core CPU: layer-wise perturbation (finite differences, sigma 1e-3), cross-entropy, Adam with
 # cosine decay. The original code's settings were --loss=mse --lr=0.02 (plain SGD).
 .venv/bin/nodepert-train "${COMMON[@]}" --update_rule=np --loss=ce --optimizer=adam --lr=1e-3 \

@@ -111,7 +111,7 @@ class Config:
     # node perturbation
     sigma: Optional[float] = setting(None, "NP noise scale (default: 1e-5 for conv/conv-large, "
                                      "1e-4 otherwise; in bfloat16 the measured floor, see "
-                                     "README).", group="node perturbation")
+                                     "docs/results/bf16_sigma.md).", group="node perturbation")
     noise: str = setting("rademacher", "NP noise distribution: rademacher (random signs; on "
                          "CPU ~40x cheaper to draw) or gaussian.", group="node perturbation",
                          choices=perturbation.NOISE_KINDS)
@@ -136,7 +136,7 @@ class Config:
     np_estimator: str = setting("per_example", "per_example: each example's own noise and loss "
                                 "change (unbiased). original: the original research code's "
                                 "estimator, for comparison only: one noise draw shared by the "
-                                "batch and the batch-mean loss change; BIASED (DESIGN.md 2).",
+                                "batch and the batch-mean loss change; BIASED (docs/design).",
                                 group="node perturbation", choices=perturbation.NP_ESTIMATORS)
     np_local: bool = setting(False, "fc/linfc: block-local losses. Each hidden layer gets an "
                              "auxiliary linear readout (trained by NP too); each block's update "
@@ -278,7 +278,7 @@ class Config:
 # ----------------------------------------------------------------------------- resuming
 
 # What a resumed run may do with a setting whose value differs from the checkpoint's. The one
-# table of these rules (README "Resuming with other settings"); every setting is in one row.
+# table of these rules (docs/design/checkpoints.md, Resuming with other settings); one row each.
 RESUME_RULES = {
     # Allowed silently: where and how the run executes and what it writes, not what it computes
     # (np_mode and np_microbatches give the same update).

@@ -8,7 +8,7 @@ LOSSES = ("mse", "ce")
 
 
 def _wide(logits):
-    # Loss differences stay in float32 or wider even when the model runs in bf16 (DESIGN.md 2).
+    # Loss differences stay float32 or wider even when the model is bf16 (docs/design/estimator.md).
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 

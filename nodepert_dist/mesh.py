@@ -50,7 +50,7 @@ def tune_cpu_convolutions() -> bool:
 def make_mesh(devices=None) -> Mesh:
     """All devices by default; tests pass a subset to compare mesh shapes in one process."""
     devices = jax.devices() if devices is None else list(devices)
-    # Auto axis types: eager ops on the sharded batch work outside `jit` (DESIGN.md section 4).
+    # Auto axis types: eager ops on sharded batches work outside `jit` (docs/design/distributed.md).
     mesh = jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
     check_process_order(mesh.devices.flat)
     return mesh

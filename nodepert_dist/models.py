@@ -1,6 +1,6 @@
 """The model zoo: ordinary flax linen modules with a `Tap` after every pre-activation.
 
-fc, linfc, conv and conv-large are the original research code's networks (DESIGN.md section 7);
+fc, linfc, conv and conv-large are the original code's networks (docs/design/original_code.md);
 vgg, vgg16 and resnet are the large conv nets, for 32x32x3 (and 28x28x1) inputs. None uses batch
 norm: batch statistics mix examples, which biases per-example NP (taps.check says so). Every
 model returns logits; `taps.py` runs them noisy or in replay for the NP estimator.
@@ -232,9 +232,9 @@ def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 50
 
 # The smallest sigma on the grid 3e-3, 1e-2, 3e-2, 1e-1 at which NP's mean estimate in bfloat16
 # matched float32's with the same noise (cosine >= 0.99, norm within 15%), measured by
-# benchmarks/bf16_sigma.py (README). bf16 keeps 8 significant bits: smaller noise is rounded
-# away at the taps and in the loss change. conv-large and vgg16 take conv's and vgg's values
-# (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18).
+# benchmarks/bf16_sigma.py (docs/results/bf16_sigma.md). bf16 keeps 8 significant bits: smaller
+# noise is rounded away at the taps and in the loss change. conv-large and vgg16 take conv's and
+# vgg's values (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18).
 BF16_SIGMA_FLOOR = {"fc": 3e-2, "linfc": 3e-2, "conv": 1e-2, "conv-large": 1e-2, "vgg": 3e-3,
                     "vgg16": 3e-3, "resnet": 3e-2}
 

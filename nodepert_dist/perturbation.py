@@ -7,7 +7,7 @@ A device draws only the noise
 of the examples it holds, with no communication, and an example's noise does not depend on how
 the batch is laid out over devices or processes.
 
-The estimator (DESIGN.md section 2), for a batch of B examples:
+The estimator (docs/design/estimator.md), for a batch of B examples:
 
     delta_i = L_i(noisy) - L_i(clean)                          one scalar per example
     g_l     = (1/B) sum_i (delta_i / sigma) J_{W_l}[f_l](h~_{l-1,i})^T xi_{l,i}
@@ -69,7 +69,7 @@ example of the global batch and the batch-MEAN loss change,
 
     g_l = (mean_i delta_i / sigma) (1/B) sum_i J_{W_l}[f_l](h~_{l-1,i})^T xi_l.
 
-Biased (DESIGN.md section 2): to first order in sigma its expectation for a dense layer is
+Biased (docs/design/estimator.md): to first order in sigma its expectation for a dense layer is
 (mean_i h_{l-1,i}) outer (mean_i dL_i/da_{l,i}), the product of the batch means, where the
 gradient is the batch mean of the products.
 """

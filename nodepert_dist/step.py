@@ -3,7 +3,7 @@
 Both steps run under `jax.shard_map` over the `data` axis: each device holds its slice of the
 global batch, computes the local sum of its examples' contributions, and one `psum` over `data`
 reduces them. Parameters are cast to device-varying first so that autodiff inside shard_map
-does not insert its own psum (the N-times gradient trap of DESIGN.md section 4).
+does not insert its own psum (the N-times gradient trap: docs/design/distributed.md, The step).
 """
 
 from __future__ import annotations

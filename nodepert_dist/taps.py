@@ -10,7 +10,7 @@ model in three ways, through flax variable collections:
              input, and the result is every tap's own pre-activation. Downstream of a tap
              nothing depends on the parameters, so the VJP of one tap's pre-activation is the
              weight-gradient op of the computation from the previous taps to that tap, with no
-             backward chain: the NP update of DESIGN.md section 2;
+             backward chain: the NP update of docs/design/estimator.md;
   plain      `model.apply(...)`: logits, as SGD and evaluation use them.
 
 `check(model, params, x)` refuses, by name, any parameter that reaches no tap or reaches one only

@@ -1,5 +1,7 @@
-"""Every command in README.md, WORKSPACE.md and launch/README.md parses as written (flags,
-presets, scripts, files), and plots only plot runs their block made. The docs cannot drift."""
+"""The docs are true and whole. Every command in README.md, WORKSPACE.md, launch/README.md and
+docs/**/*.md parses as written (flags, presets, scripts, files), and plots only plot runs their
+block made; every link between them resolves (file and heading); every result is stamped; no file
+points outside the repository. The docs cannot drift."""
 
 import collections
 import json
@@ -7,20 +9,26 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from conftest import REPO
 
-DOCS = ["README.md", "WORKSPACE.md", "launch/README.md"]
+DOCS = ["README.md", "WORKSPACE.md", "launch/README.md",
+        *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))]
 HELPER = str(REPO / "tests" / "_parse_commands.py")
 # Commands that need no check beyond existing (set-up, shell, test runner).
 IGNORED = {"source", "mkdir", "cd", "python3 -m venv", "pip", "pytest", "echo"}
+# Fenced blocks with one of these info strings are shell; others (```text: formulas, code) are not.
+SHELL_INFO = {"", "sh", "bash", "shell", "console"}
 
 
 def code_blocks(text):
-    """Fenced blocks, and 4-space indented blocks that follow a blank line (launch/README)."""
-    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
+    """Shell blocks: fenced ones (no info string, or a shell's; in lists too), and 4-space
+    indented blocks that follow a blank line in a file without fences (launch/README)."""
+    blocks = [textwrap.dedent(body) for info, body in re.findall(
+        r"^ *```([^\n]*)\n(.*?)^ *```", text, flags=re.M | re.S) if info.strip() in SHELL_INFO]
     indented, current, previous_blank = [], [], True
     for line in text.splitlines():
         if line.startswith("    ") and (current or previous_blank) and not line.lstrip().startswith(("-", "|")):
@@ -164,3 +172,125 @@ def test_commands_use_the_venv():
 ])
 def test_command_splitting(line, expected):
     assert commands(line) == expected
+
+
+def test_docs_are_found():
+    # The new docs are under test: a moved or renamed docs file cannot silently drop out.
+    assert {"docs/usage.md", "docs/data.md", "docs/experiments.md", "docs/design/estimator.md",
+            "docs/design/distributed.md", "docs/design/checkpoints.md",
+            "docs/design/reliability.md", "docs/results/README.md",
+            "docs/results/variance.md"} <= set(DOCS)
+
+
+def test_readme_is_the_front_door():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(text):
+    found, seen = set(), collections.Counter()
+    for heading in re.findall(r"^#{1,6} (.+)$", prose(text), flags=re.M):
+        base = slug(heading)
+        found.add(base if not seen[base] else f"{base}-{seen[base]}")
+        seen[base] += 1
+    return found
+
+
+def prose(text):
+    """The text without fenced blocks and inline code (where brackets are not links)."""
+    text = re.sub(r"^ *```.*?^ *```", "", text, flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def broken_links(doc, text):
+    """Relative links of one markdown file whose file, or heading, does not exist."""
+    here = (REPO / doc).parent
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(text)):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not checked here (no network)
+        path, _, anchor = target.partition("#")
+        file = (here / path).resolve() if path else REPO / doc
+        if not file.exists():
+            problems.append(f"{doc}: link to missing {target}")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+            problems.append(f"{doc}: link to missing heading {target}")
+    return problems
+
+
+def test_links_between_docs_resolve():
+    problems, n = [], 0
+    for doc in DOCS:
+        text = (REPO / doc).read_text()
+        n += len(re.findall(r"\]\(", prose(text)))
+        problems += broken_links(doc, text)
+    assert n >= 40, n  # the extraction found the docs' links
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("text, broken", [
+    ("[a](docs/usage.md) [b](docs/design/estimator.md#the-update)", []),
+    ("[a](nowhere/nothing.md)", ["README.md: link to missing nowhere/nothing.md"]),
+    ("[a](docs/usage.md#no-such-heading)",
+     ["README.md: link to missing heading docs/usage.md#no-such-heading"]),
+    ("`[addr]:port` and [x](https://example.org/nothing)", []),
+])
+def test_link_check_catches_broken_links(text, broken):
+    assert broken_links("README.md", text) == broken
+
+
+def test_every_result_is_stamped():
+    # Each study says which command, date, machine and commit produced it.
+    for path in sorted((REPO / "docs" / "results").glob("*.md")):
+        if path.name == "README.md":
+            continue
+        text = path.read_text()
+        for what, pattern in [("provenance", r"Provenance"), ("date", r"\b20\d\d-\d\d-\d\d\b"),
+                              ("commit", r"`[0-9a-f]{7,40}`"), ("machine", r"CPU|GPU")]:
+            assert re.search(pattern, text), f"{path.name}: no {what}"
+
+
+SOURCES = [p for top in ("nodepert_dist", "launch", "benchmarks", "tests", ".ci")
+           for p in sorted((REPO / top).rglob("*")) if p.is_file() and p.suffix != ".pyc"]
+OUTSIDE = ("DESIGN" + ".md", "../" + "shared")  # spelled apart so this file does not match
+
+
+@pytest.mark.parametrize("top", ["nodepert_dist", "launch", "benchmarks", "tests", ".ci", "docs"])
+def test_nothing_points_outside_the_repository(top):
+    files = [p for p in sorted((REPO / top).rglob("*")) if p.is_file() and p.suffix != ".pyc"]
+    if top == "docs":
+        files += [REPO / "README.md", REPO / "WORKSPACE.md"]
+    assert files
+    found = [f"{p.relative_to(REPO)}: {word}" for p in files
+             for word in OUTSIDE if word in p.read_text(errors="replace")]
+    assert not found, "\n".join(found)
+
+
+def test_pointers_into_docs_exist():
+    # Comments and help texts name docs/ files; a moved or renamed one leaves them dangling.
+    problems = []
+    for p in SOURCES:
+        for target in re.findall(r"\bdocs/[\w./-]*\w", p.read_text(errors="replace")):
+            if not (REPO / target).exists():
+                problems.append(f"{p.relative_to(REPO)}: {target}")
+    assert not problems, "\n".join(problems)
+
+
+def test_files_the_docs_name_exist():
+    # A renamed or moved script, module or spec leaves no stale name in the docs' prose (commands
+    # in code blocks are checked above; generated outputs under benchmarks/results/ are exempt).
+    n, problems = 0, []
+    named = re.compile(r"(?<![\w./<-])((?:nodepert_dist|launch|benchmarks|tests|docs|\.ci)/"
+                       r"[\w./-]*\.(?:py|sh|sbatch|json|md|ini))\b")
+    for doc in DOCS:
+        for path in named.findall((REPO / doc).read_text()):
+            n += 1
+            if not path.startswith("benchmarks/results/") and not (REPO / path).exists():
+                problems.append(f"{doc}: {path}")
+    assert n >= 30, n
+    assert not problems, "\n".join(problems)

