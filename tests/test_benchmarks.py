@@ -16,13 +16,13 @@ def test_throughput_quick_run(tmp_path):
     out, png = tmp_path / "t.jsonl", tmp_path / "t.png"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
-         "--devices=1,2", f"--out={out}", f"--png={png}"],
+         "--devices=2", f"--out={out}", f"--png={png}"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["variant"], r["devices"]) for r in rows} == {
-        (v, d) for v in ("sgd", "np-rademacher", "naive", "original") for d in (1, 2)}
-    for d in (1, 2):
+        (v, 2) for v in ("sgd", "np-rademacher", "naive", "original")}
+    for d in (2,):  # 2 devices: the per-device columns and a multi-device mesh
         by = {r["variant"]: r for r in rows if r["devices"] == d}
         for v in ("np-rademacher", "naive", "original"):
             assert abs(by[v]["time_vs_sgd"] - by[v]["step_ms"] / by["sgd"]["step_ms"]) < 1e-9

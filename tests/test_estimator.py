@@ -185,23 +185,24 @@ def test_scale_check_rejects_a_doubled_estimate():
         _assert_unbiased(jax.tree.map(lambda g: 2 * g, mean), true)
 
 
-@pytest.mark.parametrize("option", ["regen", "microbatches"])
-def test_modes_give_the_same_update(option):
+def test_modes_give_the_same_update():
     """regen redraws the same noise; microbatches run the same examples with the same keys and
     return every example's loss and logits in place. float64: layouts agree to ~1e-12."""
     body, shape, act, loss, sigma, _ = CASES["residual"]
-    options = {"regen": dict(mode="regen"), "microbatches": dict(microbatches=4)}[option]
     with jax.enable_x64(True):
         model, params, x, y, loss_fn, _ = _setup(body, shape, act, loss, jnp.float64)
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         assert x.dtype == jnp.float64 and jax.tree.leaves(params)[0].dtype == jnp.float64
         keys = perturbation.example_keys(0, 3, jnp.arange(BATCH))
         for noise in perturbation.NOISE_KINDS:
-            run = lambda **o: perturbation.np_gradient(model, params, x, y, loss_fn, sigma=1e-3,
-                                                       keys=keys, normalizer=BATCH,
-                                                       noise_kind=noise, **o)
-            for u, v in zip(jax.tree.leaves(run()), jax.tree.leaves(run(**options))):
-                np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12)
+            # Compiled: eager dispatch of the residual net's ops took minutes here.
+            run = lambda **o: jax.jit(lambda p: perturbation.np_gradient(
+                model, p, x, y, loss_fn, sigma=1e-3, keys=keys, normalizer=BATCH,
+                noise_kind=noise, **o))(params)
+            default = jax.tree.leaves(run())
+            for option in (dict(mode="regen"), dict(microbatches=4)):
+                for u, v in zip(default, jax.tree.leaves(run(**option))):
+                    np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12, err_msg=str(option))
 
 
 def test_regen_draws_the_noise_again():

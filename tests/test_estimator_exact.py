@@ -126,12 +126,19 @@ def _assert_equal(actual, expected, rtol=1e-10):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-# Every valid combination: (delta, antithetic) x draws x layerwise x mode x microbatches x noise.
-COMBOS = [dict(delta=d, antithetic=a, draws=k, layerwise=lw, mode=m, microbatches=mb,
-               noise_kind=n)
-          for (d, a), k, lw, m, mb, n in itertools.product(
-              [("finite", False), ("finite", True), ("jvp", False)], [1, 2], [False, True],
-              perturbation.NP_MODES, [1, 2], perturbation.NOISE_KINDS)]
+# Every combination of the options that change the estimate, (delta, antithetic) x draws x
+# layerwise x noise (24), each run under one of the four layouts, mode x microbatches, which
+# must not change it. The layout is the sum of the other options' indices mod 4: each layout
+# meets every value of every other option (a covering design; the full 96-way product took
+# 4x as long, each call ~1 s of eager dispatch, and adds no pair that this one misses).
+_MATH = list(itertools.product(range(3), range(2), range(2), range(2)))
+_LAYOUTS = list(itertools.product(perturbation.NP_MODES, [1, 2]))
+COMBOS = [dict(delta=("finite", "finite", "jvp")[i], antithetic=i == 1, draws=(1, 2)[k],
+               layerwise=bool(lw), mode=_LAYOUTS[(i + k + lw + n) % 4][0],
+               microbatches=_LAYOUTS[(i + k + lw + n) % 4][1],
+               noise_kind=perturbation.NOISE_KINDS[n])
+          for i, k, lw, n in _MATH]
+assert len(_LAYOUTS) == 4 and len(perturbation.NOISE_KINDS) == 2
 
 
 def _combo_id(c):
@@ -141,7 +148,7 @@ def _combo_id(c):
 
 
 def test_every_option_combination_equals_the_exact_estimate():
-    """The full cross-product (96 combinations), each against the reference."""
+    """Every estimate-changing combination (24), each under a layout, against the reference."""
     with jax.enable_x64(True):
         model, params, x, y = _tiny()
         keys = perturbation.example_keys(SEED, STEP, jnp.arange(B))
