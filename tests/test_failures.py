@@ -62,7 +62,8 @@ def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
 
 
 def test_max_steps_and_finished_runs_say_so_at_the_end(tmp_path, mnist_dir):
-    common = [*TINY, f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'run'}"]
+    common = [*TINY, "--validation_size=55000", f"--data_dir={mnist_dir}",  # 19 steps an epoch
+              f"--workdir={tmp_path / 'run'}"]
     out = _train([*common, "--max_steps=5"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1] == (
@@ -73,7 +74,7 @@ def test_max_steps_and_finished_runs_say_so_at_the_end(tmp_path, mnist_dir):
     assert json.loads(out.stdout.splitlines()[-1])["epoch"] == 1
     out = _train(common)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines()[-1].startswith("already finished: 1 epochs done (step 234)")
+    assert out.stdout.splitlines()[-1].startswith("already finished: 1 epochs done (step 19)")
 
 
 def test_metrics_write_null_for_non_finite_values(tmp_path):
