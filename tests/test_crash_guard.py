@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nodepert_dist import checkpoint, crash_guard, metrics, train
+from nodepert_dist import checkpoint_layout, crash_guard, metrics, train
 
 # SGD with cross-entropy at lr 1e6 overflows within the first steps (measured: lr 1e4 gave inf at step
 # 10 on MNIST fc); lr 1 trains. 1000 training examples (7 steps an epoch) keep epochs short.
@@ -87,7 +87,7 @@ def test_accuracy_crash_rolls_back_to_the_last_good_epoch(tmp_path, mnist_dir):
     aside = sorted(os.listdir(tmp_path / "run" / "rolled_back" / "1"))
     assert aside == ["metrics.jsonl", "step_00000009", "step_00000012"]  # 14 was never saved
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[2]["test_acc"] > 0
-    assert checkpoint.committed_steps(os.path.join(c.workdir, "checkpoints"))[-1] == 21
+    assert checkpoint_layout.committed_steps(os.path.join(c.workdir, "checkpoints"))[-1] == 21
 
 
 class _FakeCrashRecording(_FakeCrash):
@@ -171,7 +171,7 @@ class _FakeCrashLosingTheTarget(_FakeCrash):
         super().after_row(row, rows)
         if self.active and row["epoch"] == 2:
             import shutil
-            shutil.rmtree(checkpoint.step_dir(os.path.join(self.workdir, "checkpoints"), 7))
+            shutil.rmtree(checkpoint_layout.step_dir(os.path.join(self.workdir, "checkpoints"), 7))
 
 
 def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_rows(tmp_path, mnist_dir):
@@ -182,4 +182,4 @@ def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_ro
     logged = metrics.read_jsonl(c.workdir)
     assert [r["epoch"] for r in metrics.epoch_rows(logged)] == [0, 1, 2]  # nothing truncated
     assert [r["event"] for r in logged if "event" in r] == ["gave_up"]
-    assert checkpoint.committed_steps(os.path.join(c.workdir, "checkpoints")) == [8, 10, 12]
+    assert checkpoint_layout.committed_steps(os.path.join(c.workdir, "checkpoints")) == [8, 10, 12]

@@ -13,7 +13,7 @@ import pytest
 import tensorstore as ts
 
 from conftest import REPO
-from nodepert_dist import checkpoint
+from nodepert_dist import checkpoint, checkpoint_layout
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 TINY = ["--n_hl=2", "--hl_size=32", "--batchsize=256", "--num_epochs=1", "--noeval_train"]
@@ -40,10 +40,10 @@ def test_diverging_run_stops_at_the_step_and_saves_nothing_non_finite(tmp_path, 
     assert "error: the training loss is nan at step 17 (epoch 1)" in out.stderr
     assert "lower --lr" in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""  # no metrics row printed as if it were a result
-    steps = checkpoint.committed_steps(str(workdir / "checkpoints"))
+    steps = checkpoint_layout.committed_steps(str(workdir / "checkpoints"))
     assert steps == list(range(1, 17))  # every save before the NaN committed, none after
     for step in steps:
-        for array in glob.glob(os.path.join(checkpoint.step_dir(str(workdir / "checkpoints"), step),
+        for array in glob.glob(os.path.join(checkpoint_layout.step_dir(str(workdir / "checkpoints"), step),
                                             "arrays", "*")):
             assert np.all(np.isfinite(_read(array))), array
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -53,10 +53,10 @@ def test_diverging_run_stops_at_the_step_and_saves_nothing_non_finite(tmp_path, 
 
 def test_checkpointer_refuses_a_non_finite_state(tmp_path):
     saver = checkpoint.Checkpointer(str(tmp_path))
-    with pytest.raises(checkpoint.CheckpointError, match="step 3 holds NaN or Inf"):
+    with pytest.raises(checkpoint_layout.CheckpointError, match="step 3 holds NaN or Inf"):
         saver.save(3, {"w": jnp.array([1.0, jnp.nan]), "step": jnp.int32(3)}, meta={})
     saver.wait()
-    assert checkpoint.committed_steps(str(tmp_path)) == []
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == []
 
 
 def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):

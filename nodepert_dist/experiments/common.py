@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from nodepert_dist import checkpoint, crash_guard, distributed, metrics, train
+from nodepert_dist import checkpoint_layout, checkpoint_restore, crash_guard, distributed, files, metrics, train
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist.experiments import presets
 
@@ -125,7 +125,7 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
             crash_guard.run(train.run, cfg, hooks)
         else:
             train.run(cfg, hooks)
-    except (crash_guard.Diverged, checkpoint.NonFiniteState) as e:  # in the loss or the params
+    except (crash_guard.Diverged, checkpoint_layout.NonFiniteState) as e:  # in the loss or the params
         _write_json(os.path.join(cfg.workdir, "outcome.json"), {"status": "diverged", "detail": str(e)})
     except crash_guard.GaveUp:
         pass  # its events are in metrics.jsonl
@@ -345,10 +345,10 @@ def load_point(cfg: train.Config, step: int):
     optimizer = step_lib.optimizer_from(cfg, steps_per_epoch=1)
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
     target = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh_lib.make_mesh())
-    path = checkpoint.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
+    path = checkpoint_layout.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
     if not os.path.isdir(path):
         raise ExperimentError(f"no checkpoint of step {step} in {cfg.workdir}/checkpoints")
-    state, _ = checkpoint.load(path, target)
+    state, _ = checkpoint_restore.load(path, target)
     decor = None if state.decor is None else gradstats.local_copy(state.decor)
     return (decorrelation.bind(model, decor), gradstats.local_copy(state.params), data, splits,
             preprocess.resolve(cfg.preprocess, cfg.dataset))

@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from jax.flatten_util import ravel_pytree
 
-from nodepert_dist import checkpoint, losses, metrics
+from nodepert_dist import checkpoint_layout, losses, metrics
 from nodepert_dist.experiments import common, gradstats
 
 flags.DEFINE_integer("every", 50, "Store the parameters every this many steps (and at step 0).")
@@ -92,7 +92,7 @@ def surface_fn(model, loss: str):
 
 
 def analyse(cfg, folder, grid, surface_size):
-    last = checkpoint.committed_steps(os.path.join(cfg.workdir, "checkpoints"))
+    last = checkpoint_layout.committed_steps(os.path.join(cfg.workdir, "checkpoints"))
     if not last:
         raise common.ExperimentError(f"{cfg.workdir} has no checkpoint of the final point")
     model, params, data, splits, prep_mode = common.load_point(cfg, last[-1])
