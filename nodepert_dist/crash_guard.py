@@ -27,7 +27,8 @@ import math
 import os
 from typing import Optional
 
-from nodepert_dist import agree, checkpoint_layout, files, metrics, preempt, workdir_lock
+from nodepert_dist import (agree, checkpoint_layout, files, metrics, preempt, run_record,
+                           workdir_lock)
 
 STATE_FILE = "crash_guard.json"
 
@@ -58,7 +59,7 @@ def is_crash(acc: float, best: float, points: float) -> bool:
 def first_crash(rows: list[dict], points: float) -> Optional[dict]:
     """The first epoch row whose test accuracy crashed below the best of the rows before it."""
     best = -math.inf
-    for row in metrics.epoch_rows(rows):
+    for row in run_record.epoch_rows(rows):
         if best > -math.inf and is_crash(row["test_acc"], best, points):
             return row
         best = max(best, row["test_acc"])
@@ -113,7 +114,7 @@ def _roll_back(workdir: str, good: dict, n: int) -> int:
     if metrics.is_writer():
         aside = _aside_dir(workdir, n)
         os.makedirs(aside)
-        later = [r for r in metrics.epoch_rows(metrics.read_jsonl(workdir))
+        later = [r for r in run_record.epoch_rows(run_record.read_metrics(workdir))
                  if r["epoch"] > good["epoch"]]
         files.write_jsonl(os.path.join(aside, "metrics.jsonl"), later)  # the rows it replaces
         for s in steps:
@@ -150,7 +151,7 @@ def _guarded(train_run, cfg, hooks, watcher) -> tuple[list[dict], str]:
             reason = str(e)
             kind = ("crash" if isinstance(e, Crashed) else "non_finite_loss"
                     if isinstance(e, Diverged) else "non_finite_state")
-        rows = metrics.epoch_rows(metrics.read_jsonl(cfg.workdir))
+        rows = run_record.epoch_rows(run_record.read_metrics(cfg.workdir))
         if kind == "crash":  # the crashed row is the last one written
             rows = rows[:-1]
         good = rows[-1] if rows else {"epoch": 0, "step": 0}

@@ -14,6 +14,7 @@ import jax
 from absl import logging
 
 from nodepert_dist import files
+from nodepert_dist.run_record import HISTORY, epoch_rows, read_metrics
 
 CSV_COLUMNS = ("epoch", "step", "epoch_time", "train_acc", "test_acc", "train_loss", "test_loss",
                "mean_step_loss", "examples_per_s")
@@ -23,7 +24,6 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-HISTORY = ("metrics.jsonl", "metrics.csv", "config.json")  # one run's record in its workdir
 EARLIER = "earlier_runs"
 
 
@@ -65,7 +65,7 @@ def set_aside_history(workdir: str) -> str:
     starting over from epoch 0) are this run's history and stay."""
     csv_path = os.path.join(workdir, "metrics.csv")
     csv_rows = files.read_csv(csv_path) if os.path.exists(csv_path) else []
-    if not epoch_rows(read_jsonl(workdir)) and not csv_rows:
+    if not epoch_rows(read_metrics(workdir)) and not csv_rows:
         return ""
     n = 1
     while os.path.exists(os.path.join(workdir, EARLIER, str(n))):
@@ -85,7 +85,7 @@ def truncate_after(workdir: str, epoch: int) -> None:
     """Drops epoch rows past `epoch`; event rows (crash guard) stay: they are history."""
     if not is_writer():
         return
-    rows = [r for r in read_jsonl(workdir) if "event" in r or r["epoch"] <= epoch]
+    rows = [r for r in read_metrics(workdir) if "event" in r or r["epoch"] <= epoch]
     files.write_jsonl(os.path.join(workdir, "metrics.jsonl"), rows)
     files.write_csv(os.path.join(workdir, "metrics.csv"), epoch_rows(rows), CSV_COLUMNS)
 
@@ -99,22 +99,10 @@ def write_event(workdir: str, event: dict) -> None:
     logging.warning("%s", files.json_text(event, indent=None))
 
 
-def epoch_rows(rows: list[dict]) -> list[dict]:
-    """The per-epoch rows of a metrics.jsonl, without event rows. A file where the epochs start
-    over (two runs appended, as versions before the fresh-start rule wrote: epochs 0, 1, 0, 1, 2)
-    reads as its last run."""
-    rows = [r for r in rows if "event" not in r]
-    restarts = [i for i in range(1, len(rows)) if rows[i]["epoch"] <= rows[i - 1]["epoch"]]
-    return rows[restarts[-1]:] if restarts else rows
-
-
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def read_jsonl(workdir: str) -> list[dict]:
-    """A run's metrics.jsonl rows (files.read_jsonl: a torn last line left out)."""
-    return files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 class Progress:

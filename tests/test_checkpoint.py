@@ -23,7 +23,7 @@ import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nodepert_dist import checkpoint, checkpoint_faults, checkpoint_layout, checkpoint_restore
-from nodepert_dist import metrics, models, params_io
+from nodepert_dist import models, params_io, run_record
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 
@@ -78,7 +78,7 @@ def newest(workdir) -> str:
 
 
 def rows_without_timing(workdir) -> list:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_jsonl(workdir)]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in run_record.read_metrics(workdir)]
 
 
 def assert_same_run(a, b):
@@ -123,7 +123,7 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     split = tmp_path / "split"
     train_run(split, mnist_dir, "--max_steps=45", *extra)
     assert os.path.basename(newest(split)) == "step_00000045"
-    assert [r["epoch"] for r in metrics.read_jsonl(split)] == [0, 1]
+    assert [r["epoch"] for r in run_record.read_metrics(split)] == [0, 1]
     final = tmp_path / "final.npz"
     log = train_run(split, mnist_dir, *extra, f"--save_final_params={final}")
     assert "resumed from" in log and "epoch 2, step 15 of the epoch (step 45 in all)" in log

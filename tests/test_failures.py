@@ -13,7 +13,7 @@ import pytest
 import tensorstore as ts
 
 from conftest import REPO
-from nodepert_dist import checkpoint, checkpoint_layout
+from nodepert_dist import checkpoint, checkpoint_layout, files, run_record
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 TINY = ["--n_hl=2", "--hl_size=32", "--batchsize=256", "--num_epochs=1", "--noeval_train"]
@@ -114,18 +114,18 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
     monkeypatch.setenv(preempt.TEST_SIGNAL_ENV, "10")  # epoch 2, step 3
     with pytest.raises(preempt.Preempted, match="no checkpoint"):
         train.run(c)
-    first = metrics.read_jsonl(c.workdir)
+    first = run_record.read_metrics(c.workdir)
     assert [r["epoch"] for r in first] == [0, 1]
     monkeypatch.delenv(preempt.TEST_SIGNAL_ENV)
     rows, _ = train.run(c)
-    assert [r["epoch"] for r in metrics.read_jsonl(c.workdir)] == [0, 1, 2]
+    assert [r["epoch"] for r in run_record.read_metrics(c.workdir)] == [0, 1, 2]
     with open(os.path.join(c.workdir, "metrics.csv")) as f:
         assert [line.split(",")[0] for line in f.read().splitlines()] == ["epoch", "0", "1", "2"]
     earlier = os.path.join(c.workdir, "earlier_runs", "1")
     assert sorted(os.listdir(earlier)) == ["config.json", "metrics.csv", "metrics.jsonl"]
-    assert metrics.read_rows(os.path.join(earlier, "metrics.jsonl")) == first
+    assert files.read_jsonl(os.path.join(earlier, "metrics.jsonl")) == first
     # Readers of a workdir written before this rule (two runs appended, plus a crash-guard event)
-    # see its last run: the sweep's table and metrics.epoch_rows.
+    # see its last run: the sweep's table and run_record.epoch_rows.
     runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1]}, seeds=1)))
     os.makedirs(runs[0]["workdir"])
     with open(os.path.join(runs[0]["workdir"], "config.json"), "w") as f:
@@ -137,7 +137,7 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
               "examples_per_s": 20.0}]
     with open(os.path.join(runs[0]["workdir"], "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in legacy)
-    assert [r["epoch"] for r in metrics.epoch_rows(legacy)] == [0, 1, 2]
+    assert [r["epoch"] for r in run_record.epoch_rows(legacy)] == [0, 1, 2]
     cells = [c.strip() for c in sweep.table(runs).splitlines()[2].split("|")[1:-1]]
     # the last run: 2 epochs, final 95%, 90% after 1 epoch (2 s), 93% after 2 (4 s)
     assert cells[1:6] == ["2", "95.0 ± 0.0", "95.0 ± 0.0", "2 (1)", "4 (2)"], cells
