@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nodepert_dist import checkpoint_layout, crash_guard, files, metrics, run_record, train
+from nodepert_dist import checkpoint_layout, crash_guard, files, run_record, train
 
 # SGD with cross-entropy at lr 1e6 overflows within the first steps (measured: lr 1e4 gave inf at step
 # 10 on MNIST fc); lr 1 trains. 1000 training examples (7 steps an epoch) keep epochs short.

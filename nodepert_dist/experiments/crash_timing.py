@@ -22,7 +22,7 @@ import shutil
 
 from absl import flags
 
-from nodepert_dist import checkpoint_layout, metrics
+from nodepert_dist import checkpoint_layout, files, metrics
 from nodepert_dist.experiments import common, gradstats
 
 flags.DEFINE_integer("replay_runs", 1, "Replay this many crashed runs (lowest lrs first; 0: none).")
@@ -103,7 +103,7 @@ def replay(run: dict, out: str, every: int, draws: int, probe_size: int) -> list
     tag = {"lr": run["settings"]["lr"], "seed": run["settings"]["seed"], "crash_epoch": crash_epoch,
            "replay_status": result["status"], "replay_test_acc": again.get("test_acc"),
            "original_test_acc": original["test_acc"] if original else None}
-    return [{**tag, **r} for r in gradstats.read_rows(jsonl)]
+    return [{**tag, **r} for r in files.read_jsonl(jsonl)]
 
 
 def plot_replay(rows, path) -> str:
