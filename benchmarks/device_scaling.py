@@ -154,8 +154,8 @@ def report(rows: list[dict]) -> None:
     bx.set_ylabel(f"examples/s (B={FLAGS.batchsize})")
     fig.suptitle(f"{FLAGS.network} {FLAGS.update_rule}: the training loop over simulated devices")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.png)), exist_ok=True)
-    fig.savefig(FLAGS.png)
+    with files.atomic_open(FLAGS.png, "wb") as f:
+        fig.savefig(f, format="png")
     print(f"chart: {FLAGS.png}")
 
 

@@ -272,7 +272,8 @@ def report(rows) -> None:
                              for n, s, b, d, t in configs], fontsize=7)
     fig.suptitle(f"NP vs SGD, {rows[0]['device_kind']}")
     fig.tight_layout()
-    fig.savefig(FLAGS.png, dpi=110)
+    with files.atomic_open(FLAGS.png, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     print(f"chart: {FLAGS.png}")
 
 

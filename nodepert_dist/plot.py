@@ -96,8 +96,8 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    with files.atomic_open(out, "wb") as f:  # the format from the name, as savefig(out) does
+        fig.savefig(f, format=os.path.splitext(out)[1][1:] or None)
     plt.close(fig)
     return out
 
