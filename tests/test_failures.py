@@ -107,7 +107,8 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
     rows 0 and 1 and no checkpoint; the same command again starts over. It must not append a
     second history (0, 1, 0, 1, 2): the first is moved to earlier_runs/1/, kept."""
     from nodepert_dist import metrics, preempt, train
-    from test_sweep import make_spec, sweep
+    from test_sweep import make_spec
+    from nodepert_dist import sweep, sweep_report
     c = train.Config(n_hl=1, hl_size=16, validation_size=59000, eval_train=False,  # 7 steps/epoch
                      eval_batchsize=2000, num_epochs=2, checkpoint_every_epochs=0,
                      data_dir=mnist_dir, workdir=str(tmp_path / "run"))
@@ -138,6 +139,6 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
     with open(os.path.join(runs[0]["workdir"], "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in legacy)
     assert [r["epoch"] for r in run_record.epoch_rows(legacy)] == [0, 1, 2]
-    cells = [c.strip() for c in sweep.table(runs).splitlines()[2].split("|")[1:-1]]
+    cells = [c.strip() for c in sweep_report.table(runs).splitlines()[2].split("|")[1:-1]]
     # the last run: 2 epochs, final 95%, 90% after 1 epoch (2 s), 93% after 2 (4 s)
     assert cells[1:6] == ["2", "95.0 ± 0.0", "95.0 ± 0.0", "2 (1)", "4 (2)"], cells
