@@ -123,8 +123,9 @@ def _json_default(x):
 
 
 def write_json(path: str, obj) -> None:
-    """A manifest or done marker: atomic and durable (files.write_json); numpy values allowed."""
-    files.write_json(path, obj, default=_json_default)
+    """A manifest or done marker: atomic and durable (files.py); numpy values allowed. The same
+    bytes as the first version wrote (no final newline), so the format is unchanged."""
+    files.write_text(path, files.json_text(obj, indent=1, default=_json_default))
 
 
 def read_manifest(path: str) -> dict:

@@ -18,7 +18,8 @@ def summary(runs: list[dict], out_path: str) -> tuple[int, int]:
     for run in runs:
         row = sweep.final_row(run)
         if row is not None:
-            rows.append({"index": run["index"], **run["settings"], **row, "workdir": run["workdir"]})
+            rows.append({"index": run["index"], **run["settings"], **row,
+                         "workdir": run["workdir"]})
     files.write_csv(out_path, rows, ["index"] + setting_cols + list(SUMMARY_METRICS) + ["workdir"])
     return len(rows), len(runs) - len(rows)
 
@@ -38,7 +39,8 @@ def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
     head += [f"s to {100 * t:g}%" for t in thresholds] + ["examples/s", "seeds", "command"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, members in groups.items():
-        metric_rows = [run_record.epoch_rows(run_record.read_metrics(r["workdir"])) for r in members if sweep.final_row(r)]
+        metric_rows = [run_record.epoch_rows(run_record.read_metrics(r["workdir"]))
+                       for r in members if sweep.final_row(r)]
         if not metric_rows:
             continue
         # epoch rows only (event rows such as the crash guard's rollbacks have no accuracy);

@@ -78,7 +78,8 @@ def newest(workdir) -> str:
 
 
 def rows_without_timing(workdir) -> list:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in run_record.read_metrics(workdir)]
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in run_record.read_metrics(workdir)]
 
 
 def assert_same_run(a, b):

@@ -173,14 +173,14 @@ def _writes(path: pathlib.Path) -> int:
             continue
         name = ast.unparse(node.func)
         last = name.rpartition(".")[2]
-        modes = [a.value for a in node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"]
-                 if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        given = node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"]
+        modes = [a.value for a in given if isinstance(a, ast.Constant) and isinstance(a.value, str)]
         if name in ("open", "os.fdopen", "io.open") and any(set(m) & set("wax") for m in modes):
             count += 1
         elif name in ("os.replace", "os.rename", "json.dump"):
             count += 1
-        elif (name in ("np.save", "np.savez", "np.savez_compressed") or last in ("savefig", "tofile")) \
-                and node.args:
+        elif node.args and (name in ("np.save", "np.savez", "np.savez_compressed")
+                            or last in ("savefig", "tofile")):
             count += 1
     return count
 

@@ -180,7 +180,8 @@ def run_grid(base: train.Config, grid: dict, seeds: int, root: str, launch: str 
             print("[experiments] some runs failed; see their run.log (aggregating the rest)")
     elif launch == "slurm":
         path = os.path.join(root, "sweep.sbatch")
-        files.write_text(path, sweep_launch.slurm_script(todo, spec, os.path.join(root, "sweep_spec.json")))
+        files.write_text(path, sweep_launch.slurm_script(todo, spec,
+                                                         os.path.join(root, "sweep_spec.json")))
         raise Submitted(f"wrote {path} ({len(todo)} runs): submit it with sbatch, then run "
                         f"this command again with --launch=none to aggregate")
     for run in runs:
