@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nodepert_dist import cli, losses, models, perturbation
+from nodepert_dist import cli, files, losses, models, perturbation
 
 BATCH = 32
 
@@ -103,9 +103,7 @@ def main():
                 and c["norm_ratio"][1] <= 1.15
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t:.0f} s)", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+    files.write_json(args.out, rows)
     print("\nbf16 mean vs float32 mean, same noise: worst cosine / norm ratio range")
     print("| network | " + " | ".join(f"sigma {s}" for s in args.sigmas) + " | floor |")
     print("|---" * (len(args.sigmas) + 2) + "|")

@@ -9,14 +9,13 @@ checkpoints are off (neither is inside `epoch_time`, they only make the runs lon
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
 
 from absl import app, flags
 
-from nodepert_dist import cli
+from nodepert_dist import cli, files
 # nodepert_dist.train defines --network, --data_dir, --cpu_devices (and the rest of its CLI).
 from nodepert_dist import train as train_lib
 from nodepert_dist.data import DataError
@@ -63,8 +62,7 @@ def measure():
         print(f"{FLAGS.network} B={b} on {row['devices']} device(s): NP {np_s:.2f} s, "
               f"SGD {sgd_s:.2f} s per epoch, NP / SGD = {np_s / sgd_s:.2f}", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)  # once a row exists
-        with open(FLAGS.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_jsonl(FLAGS.out, [row])
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ dataset shapes. A dataset is read from --data_dir if converted there, else from 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 
 from absl import app, flags
 
-from nodepert_dist import cli
+from nodepert_dist import cli, files
 from nodepert_dist.models import NETWORKS
 
 flags.DEFINE_string("data_dir", "data", "Where converted real datasets live.")
@@ -178,9 +177,8 @@ def main(argv):
     say("* synthetic data of the real shape")
     if lead:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "a") as f:
-            for r in results:
-                f.write(json.dumps({"layout": layout, "batchsize": FLAGS.batchsize, **r}) + "\n")
+        files.append_jsonl(FLAGS.out, [{"layout": layout, "batchsize": FLAGS.batchsize, **r}
+                                       for r in results])
 
 
 if __name__ == "__main__":

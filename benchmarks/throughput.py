@@ -24,7 +24,6 @@ simulated CPU devices; on GPUs the mesh takes the first N devices.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -34,7 +33,7 @@ import time
 
 from absl import app, flags
 
-from nodepert_dist import cli
+from nodepert_dist import cli, files
 from nodepert_dist.models import NETWORKS
 
 flags.DEFINE_list("networks", ["fc", "conv", "conv-large"], "Networks (models.NETWORKS).")
@@ -223,8 +222,7 @@ def worker(n_dev: int) -> None:
                     row[f"time_vs_{ref}"] = t / step_s[ref]
             if "sgd" in runs and variant != "sgd":
                 row["temp_vs_sgd"] = r["temp_mb"] / runs["sgd"]["temp_mb"]
-            with open(FLAGS.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            files.append_jsonl(FLAGS.out, [row])
         print(f"done: {network} {shape} B={b} {dtype} on {n_dev} device(s)", flush=True)
 
 
@@ -274,7 +272,8 @@ def report(rows) -> None:
                              for n, s, b, d, t in configs], fontsize=7)
     fig.suptitle(f"NP vs SGD, {rows[0]['device_kind']}")
     fig.tight_layout()
-    fig.savefig(FLAGS.png, dpi=110)
+    with files.atomic_open(FLAGS.png, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     print(f"chart: {FLAGS.png}")
 
 
@@ -294,7 +293,7 @@ def main(argv):
         worker(FLAGS.worker_devices)
         return
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    start = sum(1 for _ in open(FLAGS.out)) if os.path.exists(FLAGS.out) else 0
+    start = len(files.read_jsonl(FLAGS.out))  # rows of earlier runs, not this one's
     for n in map(int, FLAGS.devices):
         # A process per device count: simulated CPU devices are fixed at start-up.
         args = [a for a in sys.argv[1:] if not a.startswith("--worker_devices")]
@@ -302,8 +301,7 @@ def main(argv):
                                 f"--worker_devices={n}"])
         if code:
             raise SystemExit(f"error: the {n}-device run failed (exit {code})")
-    with open(FLAGS.out) as f:
-        rows = [json.loads(line) for line in f][start:]
+    rows = files.read_jsonl(FLAGS.out)[start:]
     report(rows)
 
 

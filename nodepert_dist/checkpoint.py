@@ -1,16 +1,7 @@
-"""Sharded Tensorstore checkpoints: asynchronous, atomically committed, restorable on any mesh.
+"""Saving sharded Tensorstore checkpoints: asynchronous and atomically committed.
 
-Layout under `<workdir>/checkpoints/` (plain zarr3 + JSON, readable without this package):
-
-    step_00000120/                    a committed checkpoint; only complete ones bear this name
-      manifest.json                   step, loop position, config, seed, versions, array list
-      arrays/<leaf name>/zarr.json    one zarr3 array per train-state leaf (zstd + crc32c),
-      arrays/<leaf name>/c/...        one chunk per shard, written by the process holding it
-      done/process_<i>.json           process i's "my shards are written" marker + data position
-    .tmp-step_00000150-<token>/       a save in flight, or left by a crash: never read
-    .deleting-.../                    an old checkpoint being removed
-    .unreadable-step_00000180-<token>/  set aside: failed to read at restore (maybe transiently)
-    .superseded-step_00000190-<token>/  set aside: newer than a step saved after it
+The layout on disk, names and manifest are `checkpoint_layout.py`'s; restoring (onto any mesh)
+is `checkpoint_restore.py`'s.
 
 Save (`Checkpointer.save`): the train loop waits for the previous save, then copies the shards
 it holds with replica_id == 0 to host memory (the only stall), and a background thread writes
@@ -35,30 +26,12 @@ attempt at the same step can never complete a new one. `Checkpointer.wait` (end 
 also runs one barrier, so no process exits before the commit. A full disk or a read-only
 workdir is such an error (one line); the previous checkpoint is untouched.
 
-Restore (`restore`): process 0 lists the directory and broadcasts each candidate step, newest
-first, so every process restores the same step even when a stale shared-file-system cache shows
-them different listings. The step is loaded onto the target's shardings (whatever mesh wrote it:
-resharding happens on read). One that fails to read on any process (unreadable manifest,
-missing array or chunk, checksum failure, manifest that disagrees with the array; possibly a
-transient I/O error) is renamed aside to `.unreadable-...` by process 0, never deleted, and the
-next older one is tried; a checkpoint of another model (names, shapes or dtypes unlike the
-target's) is a one-line error naming the array.
-
-Test hook: NODEPERT_CKPT_TEST_WRITE_DELAY_S="SECONDS[@FROM_STEP]" makes the background writer
-sleep SECONDS after writing its first array (for saves at step >= FROM_STEP), so tests can kill a
-process while a save is in flight. NODEPERT_CKPT_TEST_FAIL="PROCESS@FROM_STEP[:ERRNO_NAME]"
-makes that process's writer raise OSError (default EIO; e.g. ENOSPC for a full disk) for saves
-at step >= FROM_STEP. NODEPERT_CKPT_TEST_HIDE_NEWEST="PROCESS" makes that process's listing
-miss the newest committed step (a stale file-system cache). Never set them outside tests.
+Fault injection for tests (a stalled or failing writer): `checkpoint_faults.py`.
 """
 
 from __future__ import annotations
 
-import errno
-import importlib.metadata
-import json
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -71,132 +44,12 @@ import tensorstore as ts
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nodepert_dist import agree
+from nodepert_dist import agree, checkpoint_faults, files
+from nodepert_dist.checkpoint_layout import (FORMAT, MANIFEST, CheckpointError, NonFiniteState,
+                                             array_spec, committed_steps, marker_path, one_line,
+                                             remove, set_aside, step_dir, tmp_dir, versions,
+                                             write_json)
 from nodepert_dist.params_io import leaf_name
-
-FORMAT = "nodepert_dist.checkpoint/1"
-MANIFEST = "manifest.json"
-TEST_DELAY_ENV = "NODEPERT_CKPT_TEST_WRITE_DELAY_S"
-TEST_FAIL_ENV = "NODEPERT_CKPT_TEST_FAIL"
-TEST_HIDE_ENV = "NODEPERT_CKPT_TEST_HIDE_NEWEST"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
-           {"name": "zstd", "configuration": {"level": 3}},
-           {"name": "crc32c"}]
-_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "tensorstore", "grain")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here (one-line message)."""
-
-
-class NonFiniteState(CheckpointError):
-    """A train state holding NaN or Inf, refused by `save` (training diverged)."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A checkpoint that is unreadable or inconsistent: restore falls back to an older one."""
-
-
-# ----------------------------------------------------------------------------- names and paths
-
-def step_dir(directory: str, step: int) -> str:
-    return os.path.join(directory, f"step_{step:08d}")
-
-
-def committed_steps(directory: str) -> list[int]:
-    """Steps of the committed checkpoints in `directory`, ascending."""
-    if not os.path.isdir(directory):
-        return []
-    steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(directory)) if m)
-    if os.environ.get(TEST_HIDE_ENV) == str(jax.process_index()):
-        steps = steps[:-1]
-    return steps
-
-
-def _array_spec(path: str, shape=None, dtype=None, chunk=None) -> dict:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
-    if shape is not None:
-        spec["store_data_equal_to_fill_value"] = True  # every chunk exists: a lost one is detected
-        spec["metadata"] = {
-            "shape": list(shape), "data_type": np.dtype(dtype).name, "codecs": _CODECS,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}}}
-    return spec
-
-
-def _write_json(path: str, obj) -> None:
-    """Atomic, durable JSON file: temporary file, fsync, rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serializable")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(directory: str, name: str, token: str) -> None:
-    """Renames away first, so that a crash mid-removal never leaves a half checkpoint."""
-    doomed = os.path.join(directory, f".deleting-{name}-{token}")
-    os.rename(os.path.join(directory, name), doomed)
-    shutil.rmtree(doomed)
-
-
-def _set_aside(directory: str, name: str, why: str, token: str) -> str:
-    """Renames a checkpoint out of the `step_*` names, keeping it: never deleted here."""
-    aside = os.path.join(directory, f".{why}-{name}-{token}")
-    os.rename(os.path.join(directory, name), aside)
-    return aside
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    text = text[0] if text else ""
-    return text if isinstance(e, CheckpointError) else f"{type(e).__name__}: {text}"
-
-
-def _versions() -> dict:
-    out = {}
-    for package in _VERSIONED:
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def _test_delay(step: int) -> None:
-    value = os.environ.get(TEST_DELAY_ENV)
-    if not value:
-        return
-    seconds, _, from_step = value.partition("@")
-    if step >= int(from_step or 0):
-        time.sleep(float(seconds))
-
-
-def _test_fail(step: int, process: int) -> None:
-    value = os.environ.get(TEST_FAIL_ENV)
-    if not value:
-        return
-    who, _, rest = value.partition("@")
-    from_step, _, name = rest.partition(":")
-    if int(who) == process and step >= int(from_step or 0):
-        code = getattr(errno, name or "EIO")
-        raise OSError(code, os.strerror(code) + " (injected by " + TEST_FAIL_ENV + ")")
-
 
 # ----------------------------------------------------------------------------- save
 
@@ -288,7 +141,7 @@ class Checkpointer:
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"saving checkpoint step {step} failed on process "
-                                  f"{self.process}: {_one_line(error)}") from error
+                                  f"{self.process}: {one_line(error)}") from error
         if step is None:
             return
         outcome = agree.kv_get(self._key(step, "commit"), self.commit_timeout_s)
@@ -302,27 +155,27 @@ class Checkpointer:
     def _write(self, step, arrays, meta, position, stall_s) -> None:
         try:
             t0 = time.perf_counter()
-            tmp = os.path.join(self.directory, f".tmp-step_{step:08d}-{self.token}")
+            tmp = tmp_dir(self.directory, step, self.token)
             os.makedirs(os.path.join(tmp, "done"), exist_ok=True)
             writes = []
             for i, a in enumerate(arrays):
                 if a["shards"]:
-                    spec = _array_spec(os.path.join(tmp, "arrays", a["name"]),
+                    spec = array_spec(os.path.join(tmp, "arrays", a["name"]),
                                        a["shape"], a["dtype"], a["chunk"])
                     store = ts.open(spec, create=True, open=True).result()
                     writes += [store[index].write(data) for index, data in a["shards"]]
                 if i == 0:
-                    _test_delay(step)
+                    checkpoint_faults.after_first_array(step)
             for w in writes:
                 w.result()
-            _test_fail(step, self.process)
+            checkpoint_faults.before_marker(step, self.process)
             nbytes = sum(d.nbytes for a in arrays for _, d in a["shards"])
-            _write_json(os.path.join(tmp, "done", f"process_{self.process}.json"),
-                        {"process": self.process, "position": position, "bytes": nbytes})
+            write_json(marker_path(tmp, self.process),
+                       {"process": self.process, "position": position, "bytes": nbytes})
         except BaseException as e:  # re-raised on the main thread by the next save or wait
             self._error = e
         agree.kv_set(self._key(step, f"written/{self.process}"),
-                "ok" if self._error is None else _one_line(self._error))
+                "ok" if self._error is None else one_line(self._error))
         if self.process != 0:
             return
         try:
@@ -334,7 +187,7 @@ class Checkpointer:
         except BaseException as e:
             self._error = e
         agree.kv_set(self._key(step, "commit"), "committed" if self._error is None
-                else f"process 0: {_one_line(self._error)}")
+                else f"process 0: {one_line(self._error)}")
 
     def _commit(self, step, tmp, arrays, meta) -> None:
         deadline = time.monotonic() + self.commit_timeout_s
@@ -345,30 +198,27 @@ class Checkpointer:
                                       f"within {self.commit_timeout_s:.0f} s")
             if report != "ok":
                 raise CheckpointError(f"process {p} failed to write step {step}: {report}")
-        markers = [os.path.join(tmp, "done", f"process_{p}.json") for p in range(self.process_count)]
+        markers = [marker_path(tmp, p) for p in range(self.process_count)]
         while not all(map(os.path.exists, markers)):
             if time.monotonic() > deadline:
                 raise CheckpointError(
                     f"step {step}: not every process finished writing within "
                     f"{self.commit_timeout_s:.0f} s (is {self.directory} on a shared file system?)")
             time.sleep(0.02)
-        processes = []
-        for path in markers:
-            with open(path) as f:
-                processes.append(json.load(f))
+        processes = [files.read_json(path) for path in markers]
         manifest = dict(meta, format=FORMAT, step=step, time=time.time(),
-                        process_count=self.process_count, versions=_versions(),
+                        process_count=self.process_count, versions=versions(),
                         processes=[{"process": p["process"], "position": p["position"]}
                                    for p in processes],
                         arrays=[{k: a[k] for k in ("name", "key", "shape", "dtype", "chunk")}
                                 for a in arrays])
-        _write_json(os.path.join(tmp, MANIFEST), manifest)
-        _fsync_dir(tmp)
+        # last, durable with its folder entry (files fsyncs it): the folder is then complete
+        write_json(os.path.join(tmp, MANIFEST), manifest)
         final = step_dir(self.directory, step)
         if os.path.exists(final):  # left by an earlier attempt that got further than this one
-            _set_aside(self.directory, os.path.basename(final), "superseded", self.token)
+            set_aside(self.directory, os.path.basename(final), "superseded", self.token)
         os.rename(tmp, final)
-        _fsync_dir(self.directory)
+        files.fsync_dir(self.directory)
         self._prune(step)
 
     def _prune(self, newest: int) -> None:
@@ -383,14 +233,8 @@ class Checkpointer:
         for s in steps:
             name = os.path.basename(step_dir(self.directory, s))
             if s > newest:  # never deleted: it may be the newest good one
-                aside = _set_aside(self.directory, name, "superseded", self.token)
+                aside = set_aside(self.directory, name, "superseded", self.token)
                 logging.warning("checkpoint step %d is newer than step %d just saved; set aside "
                                 "as %s (not deleted)", s, newest, aside)
             elif s not in keep:
-                _remove(self.directory, name, self.token)
-
-
-# ----------------------------------------------------------------------------- restore
-
-# Reading lives in its own file; imported last because it uses the names above.
-from nodepert_dist.checkpoint_restore import load, read_manifest, restore  # noqa: E402,F401
+                remove(self.directory, name, self.token)

@@ -1,13 +1,17 @@
-"""Restore: the newest checkpoint that reads back, onto any mesh (see checkpoint.py's docstring).
+"""Restoring checkpoints: the newest that reads back, onto any mesh (layout: checkpoint_layout).
 
-Process 0 lists the directory and broadcasts each candidate step, so every process restores the
-same one whatever its own (possibly stale) listing shows; one that does not read back on every
-process is renamed aside by process 0, never deleted.
+Process 0 lists the directory and broadcasts each candidate step, newest first, so every process
+restores the same step even when a stale shared-file-system cache shows them different
+listings. The step is loaded onto the target's shardings (whatever mesh wrote it: resharding
+happens on read). One that fails to read on any process (unreadable manifest, missing array or
+chunk, checksum failure, manifest that disagrees with the array; possibly a transient I/O error)
+is renamed aside to `.unreadable-...` by process 0, never deleted, and the next older one is
+tried; a checkpoint of another model (names, shapes or dtypes unlike the target's) is a one-line
+error naming the array.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from typing import Any, Optional
@@ -18,20 +22,9 @@ import tensorstore as ts
 from absl import logging
 
 from nodepert_dist import agree
-from nodepert_dist.checkpoint import (FORMAT, MANIFEST, CheckpointError, CorruptCheckpoint,
-                                      _array_spec, _set_aside, committed_steps, step_dir)
+from nodepert_dist.checkpoint_layout import (CheckpointError, CorruptCheckpoint, array_spec,
+                                             committed_steps, read_manifest, set_aside, step_dir)
 from nodepert_dist.params_io import leaf_name
-
-
-def read_manifest(path: str) -> dict:
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpoint(f"{path}: unreadable {MANIFEST} ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return manifest
 
 
 def _open_checked(path: str, entry: dict):
@@ -39,7 +32,7 @@ def _open_checked(path: str, entry: dict):
     name = entry["name"]
     array_dir = os.path.join(path, "arrays", name)
     try:
-        store = ts.open(_array_spec(array_dir), open=True).result()
+        store = ts.open(array_spec(array_dir), open=True).result()
     except Exception as e:
         raise CorruptCheckpoint(f"{path}: array {name!r} cannot be opened "
                                 f"({str(e).splitlines()[0]})") from None
@@ -124,7 +117,7 @@ def restore(directory: str, target: Any) -> Optional[tuple[Any, dict]]:
         problems.append(str(error))
         aside = ""
         if jax.process_index() == 0:
-            aside = _set_aside(directory, os.path.basename(step_dir(directory, step)),
+            aside = set_aside(directory, os.path.basename(step_dir(directory, step)),
                                "unreadable", secrets.token_hex(4))
             logging.warning("checkpoint step %d cannot be read (%s); set aside as %s, not "
                             "deleted (remove it once you know it is bad); %s", step, error, aside,

@@ -23,12 +23,12 @@ the lowered lr.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Optional
 
-from nodepert_dist import agree, checkpoint, metrics, preempt, workdir_lock
+from nodepert_dist import (agree, checkpoint_layout, files, metrics, preempt, run_record,
+                           workdir_lock)
 
 STATE_FILE = "crash_guard.json"
 
@@ -44,7 +44,7 @@ class Crashed(Exception):
 
 class Diverged(ValueError):
     """A non-finite training loss (train.py raises it; the CLI prints it as one line). A
-    non-finite train state is `checkpoint.NonFiniteState`, raised by the checkpoint save."""
+    non-finite train state is `checkpoint_layout.NonFiniteState`, raised by the checkpoint save."""
 
 
 class GaveUp(ValueError):
@@ -59,7 +59,7 @@ def is_crash(acc: float, best: float, points: float) -> bool:
 def first_crash(rows: list[dict], points: float) -> Optional[dict]:
     """The first epoch row whose test accuracy crashed below the best of the rows before it."""
     best = -math.inf
-    for row in metrics.epoch_rows(rows):
+    for row in run_record.epoch_rows(rows):
         if best > -math.inf and is_crash(row["test_acc"], best, points):
             return row
         best = max(best, row["test_acc"])
@@ -81,8 +81,7 @@ class Detector:
 def _read_state(workdir: str, cfg) -> dict:
     path = os.path.join(workdir, STATE_FILE)
     if cfg.resume and os.path.exists(path):
-        with open(path) as f:
-            state = json.load(f)
+        state = files.read_json(path)
         if state.get("base_lr") == cfg.lr:  # the same run; a new --lr starts over
             return state
     return {"base_lr": cfg.lr, "lr": cfg.lr, "rollbacks": 0}
@@ -91,11 +90,7 @@ def _read_state(workdir: str, cfg) -> dict:
 def _write_state(workdir: str, state: dict) -> None:
     if not metrics.is_writer():
         return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, f".{STATE_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, os.path.join(workdir, STATE_FILE))
+    files.write_json(os.path.join(workdir, STATE_FILE), state)
 
 
 def _aside_dir(workdir: str, n: int) -> str:
@@ -109,7 +104,7 @@ def _roll_back(workdir: str, good: dict, n: int) -> int:
     """Moves the checkpoints and epoch rows past the epoch row `good` to
     `<workdir>/rolled_back/<n>/`; returns the step training resumes from."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = checkpoint.committed_steps(ckpt_dir)
+    steps = checkpoint_layout.committed_steps(ckpt_dir)
     kept = [s for s in steps if s <= good["step"]]
     # Process 0's listing decides (like restore's): a stale cache must not split the processes.
     if not agree.from_process_0(len(kept)) and good["step"] > 0:
@@ -119,13 +114,12 @@ def _roll_back(workdir: str, good: dict, n: int) -> int:
     if metrics.is_writer():
         aside = _aside_dir(workdir, n)
         os.makedirs(aside)
-        later = [r for r in metrics.epoch_rows(metrics.read_jsonl(workdir))
+        later = [r for r in run_record.epoch_rows(run_record.read_metrics(workdir))
                  if r["epoch"] > good["epoch"]]
-        with open(os.path.join(aside, "metrics.jsonl"), "w") as f:  # the rows it replaces
-            f.writelines(json.dumps(metrics.finite_or_none(r)) + "\n" for r in later)
+        files.write_jsonl(os.path.join(aside, "metrics.jsonl"), later)  # the rows it replaces
         for s in steps:
             if s > good["step"]:
-                name = os.path.basename(checkpoint.step_dir(ckpt_dir, s))
+                name = os.path.basename(checkpoint_layout.step_dir(ckpt_dir, s))
                 os.replace(os.path.join(ckpt_dir, name), os.path.join(aside, name))
     if not kept:  # a crash in epoch 1: start over from the seed's init, which rewrites epoch 0
         metrics.truncate_after(workdir, -1)
@@ -153,11 +147,11 @@ def _guarded(train_run, cfg, hooks, watcher) -> tuple[list[dict], str]:
         current = dataclasses.replace(cfg, lr=state["lr"])
         try:
             return train_run(current, hooks=(*hooks, Detector(cfg.crash_points)))
-        except (Crashed, Diverged, checkpoint.NonFiniteState) as e:
+        except (Crashed, Diverged, checkpoint_layout.NonFiniteState) as e:
             reason = str(e)
             kind = ("crash" if isinstance(e, Crashed) else "non_finite_loss"
                     if isinstance(e, Diverged) else "non_finite_state")
-        rows = metrics.epoch_rows(metrics.read_jsonl(cfg.workdir))
+        rows = run_record.epoch_rows(run_record.read_metrics(cfg.workdir))
         if kind == "crash":  # the crashed row is the last one written
             rows = rows[:-1]
         good = rows[-1] if rows else {"epoch": 0, "step": 0}

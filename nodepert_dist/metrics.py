@@ -6,15 +6,15 @@ appended and flushed one epoch at a time, so a killed run leaves every finished 
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import sys
 import time
 
 import jax
 from absl import logging
+
+from nodepert_dist import files
+from nodepert_dist.run_record import HISTORY, epoch_rows, read_metrics
 
 CSV_COLUMNS = ("epoch", "step", "epoch_time", "train_acc", "test_acc", "train_loss", "test_loss",
                "mean_step_loss", "examples_per_s")
@@ -24,13 +24,6 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def finite_or_none(row: dict) -> dict:
-    """NaN and Inf become None (JSON null): json.dumps would write NaN, which is not JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in row.items()}
-
-
-HISTORY = ("metrics.jsonl", "metrics.csv", "config.json")  # one run's record in its workdir
 EARLIER = "earlier_runs"
 
 
@@ -47,10 +40,7 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         if fresh:
             set_aside_history(workdir)
-        tmp = os.path.join(workdir, ".config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+        files.write_json(os.path.join(workdir, "config.json"), config, indent=2)
 
     def truncate_after(self, epoch: int) -> None:
         """Drops rows past `epoch` (a resumed run rewrites the epochs it repeats)."""
@@ -58,19 +48,11 @@ class MetricsWriter:
 
     def write(self, row: dict) -> dict:
         """Appends `row` (non-finite values as null) and returns what was written."""
-        row = finite_or_none(row)
+        row = files.finite(row)  # NaN/Inf as None (null), as files writes them
         if not is_writer():
             return row
-        jsonl = os.path.join(self.workdir, "metrics.jsonl")
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-        path = os.path.join(self.workdir, "metrics.csv")
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        files.append_jsonl(os.path.join(self.workdir, "metrics.jsonl"), [row])
+        files.append_csv(os.path.join(self.workdir, "metrics.csv"), [row], CSV_COLUMNS)
         logging.info("epoch %d: %s", row["epoch"], "  ".join(
             f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None))
         return row
@@ -81,11 +63,9 @@ def set_aside_history(workdir: str) -> str:
     `<workdir>/earlier_runs/<n>/` (the next free n) if metrics.jsonl or metrics.csv holds an
     epoch row; returns that folder ("" if nothing was moved). Event rows alone (a crash guard
     starting over from epoch 0) are this run's history and stay."""
-    csv_path, csv_rows = os.path.join(workdir, "metrics.csv"), 0
-    if os.path.exists(csv_path):
-        with open(csv_path) as f:
-            csv_rows = sum(1 for _ in f) - 1  # below the header
-    if not epoch_rows(read_jsonl(workdir)) and csv_rows <= 0:
+    csv_path = os.path.join(workdir, "metrics.csv")
+    csv_rows = files.read_csv(csv_path) if os.path.exists(csv_path) else []
+    if not epoch_rows(read_metrics(workdir)) and not csv_rows:
         return ""
     n = 1
     while os.path.exists(os.path.join(workdir, EARLIER, str(n))):
@@ -105,12 +85,9 @@ def truncate_after(workdir: str, epoch: int) -> None:
     """Drops epoch rows past `epoch`; event rows (crash guard) stay: they are history."""
     if not is_writer():
         return
-    rows = [r for r in read_jsonl(workdir) if "event" in r or r["epoch"] <= epoch]
-    for name, dump in (("metrics.jsonl", _write_jsonl), ("metrics.csv", _write_csv)):
-        tmp = os.path.join(workdir, f".{name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            dump(f, rows)
-        os.replace(tmp, os.path.join(workdir, name))
+    rows = [r for r in read_metrics(workdir) if "event" in r or r["epoch"] <= epoch]
+    files.write_jsonl(os.path.join(workdir, "metrics.jsonl"), rows)
+    files.write_csv(os.path.join(workdir, "metrics.csv"), epoch_rows(rows), CSV_COLUMNS)
 
 
 def write_event(workdir: str, event: dict) -> None:
@@ -118,53 +95,14 @@ def write_event(workdir: str, event: dict) -> None:
     if not is_writer():
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(event) + "\n")
-    logging.warning("%s", json.dumps(event))
-
-
-def epoch_rows(rows: list[dict]) -> list[dict]:
-    """The per-epoch rows of a metrics.jsonl, without event rows. A file where the epochs start
-    over (two runs appended, as versions before the fresh-start rule wrote: epochs 0, 1, 0, 1, 2)
-    reads as its last run."""
-    rows = [r for r in rows if "event" not in r]
-    restarts = [i for i in range(1, len(rows)) if rows[i]["epoch"] <= rows[i - 1]["epoch"]]
-    return rows[restarts[-1]:] if restarts else rows
-
-
-def _write_jsonl(f, rows):
-    for r in rows:
-        f.write(json.dumps(finite_or_none(r)) + "\n")
-
-
-def _write_csv(f, rows):
-    w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(epoch_rows(rows))
+    files.append_jsonl(os.path.join(workdir, "metrics.jsonl"), [event])
+    logging.warning("%s", files.json_text(event, indent=None))
 
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL file ([] if there is none), stopping at a half-written last line (a run
-    killed mid-write)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
-def read_jsonl(workdir: str) -> list[dict]:
-    """A run's metrics.jsonl rows."""
-    return read_rows(os.path.join(workdir, "metrics.jsonl"))
 
 
 class Progress:

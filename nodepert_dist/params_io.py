@@ -5,12 +5,13 @@ Checkpoint arrays (checkpoint.py) and .npz keys use the same names, e.g. `layer0
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from nodepert_dist import files
 
 
 def leaf_name(path) -> str:
@@ -39,7 +40,5 @@ def save_npz(path: str, params) -> None:
             value = jax.device_get(leaf)
         arrays[leaf_name(key_path)] = np.asarray(value)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with files.atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)

@@ -12,13 +12,13 @@ its noise scale and optimizer apart from the rule.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 
 from absl import app, flags
 
 from nodepert_dist import cli as cli_lib
-from nodepert_dist.metrics import epoch_rows, read_jsonl
+from nodepert_dist import files
+from nodepert_dist.run_record import epoch_rows, read_metrics
 
 FLAGS = flags.FLAGS
 
@@ -38,11 +38,7 @@ def _config(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # a hand-edited copy may carry a BOM
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path} is not readable JSON ({e})") from None
+    return files.read_json(path)  # a hand-edited copy may carry a BOM; errors name the file
 
 
 def run_label(workdir: str) -> str:
@@ -85,7 +81,7 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     scale = 100.0 if metric.endswith("_acc") else 1.0
     for workdir in workdirs:
-        rows = [r for r in epoch_rows(read_jsonl(workdir)) if r.get(metric) is not None]
+        rows = [r for r in epoch_rows(read_metrics(workdir)) if r.get(metric) is not None]
         if not rows:
             raise ValueError(f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?")
         if x == "time":  # epoch 0 (before training) at t=0
@@ -100,8 +96,8 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    with files.atomic_open(out, "wb") as f:  # the format from the name, as savefig(out) does
+        fig.savefig(f, format=os.path.splitext(out)[1][1:] or None)
     plt.close(fig)
     return out
 

@@ -17,11 +17,10 @@ import jax
 import optax
 from absl import logging
 
-from nodepert_dist import agree, checkpoint
+from nodepert_dist import agree, checkpoint_layout, checkpoint_restore
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
-from nodepert_dist.checkpoint_restore import read_manifest
 from nodepert_dist.config import Config
 from nodepert_dist.params_io import leaf_name
 
@@ -78,15 +77,15 @@ def _mid_epoch(manifest: dict) -> bool:
 def _newest_manifest(ckpt_dir: str) -> Optional[dict]:
     """The newest committed checkpoint's manifest that reads on every process (process 0's
     listing decides, as in restore); None if there is none."""
-    candidates = (list(reversed(checkpoint.committed_steps(ckpt_dir)))
+    candidates = (list(reversed(checkpoint_layout.committed_steps(ckpt_dir)))
                   if jax.process_index() == 0 else [])
     while True:
         step = agree.from_process_0(candidates.pop(0) if candidates else -1)
         if step < 0:
             return None
         try:
-            manifest = read_manifest(checkpoint.step_dir(ckpt_dir, step))
-        except checkpoint.CorruptCheckpoint:
+            manifest = checkpoint_layout.read_manifest(checkpoint_layout.step_dir(ckpt_dir, step))
+        except checkpoint_layout.CorruptCheckpoint:
             manifest = None  # restore sets it aside and falls back, as here
         if agree.everywhere(manifest is not None):
             return manifest
@@ -123,7 +122,7 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
     replicated = mesh_lib.replicated(mesh)
     legacy = []  # whether the restored checkpoint kept a schedule counter (see _saved_parts)
 
-    def target(manifest: dict):  # the state as it was saved, for checkpoint.load
+    def target(manifest: dict):  # the state as it was saved, for checkpoint_restore.load
         settle_resume(cfg, manifest["config"], _mid_epoch(manifest))  # refusals
         parts, legacy[:] = _saved_parts(manifest, fresh.params)
         transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
@@ -133,9 +132,9 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
         return fresh.replace(opt_state=opt_state)
 
     try:
-        restored = checkpoint.restore(ckpt_dir, target)
-    except checkpoint.CheckpointError as e:  # arrays that do not match the recorded settings
-        if isinstance(e, checkpoint.CorruptCheckpoint):
+        restored = checkpoint_restore.restore(ckpt_dir, target)
+    except checkpoint_layout.CheckpointError as e:  # arrays that do not match the recorded settings
+        if isinstance(e, checkpoint_layout.CorruptCheckpoint):
             raise
         logging.error("%s", e)
         raise ValueError(f"the newest checkpoint in {ckpt_dir} does not match the settings it "

@@ -32,7 +32,7 @@ from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
-from nodepert_dist.data import pipeline, preprocess, sources, store
+from nodepert_dist.data import pipeline, preprocess, raw, store
 
 NAN = float("nan")
 
@@ -376,7 +376,7 @@ def main(argv):
         sys.stderr.write(f"{e}\n")
         raise SystemExit(preempt.EXIT_CODE)
     # checkpoint.CheckpointError is a ValueError; OSError: e.g. a read-only or full workdir
-    except (ValueError, OSError, sources.DataError, distributed.DistributedError) as e:
+    except (ValueError, OSError, raw.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}")
     if metrics.is_writer():
         print(json.dumps(rows[-1]))

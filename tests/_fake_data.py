@@ -18,7 +18,7 @@ import types
 
 import numpy as np
 
-from nodepert_dist.data import cifar, sources
+from nodepert_dist.data import cifar, mnist
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -118,10 +118,10 @@ def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1, spelling=0):
     idx_name(..., spelling)."""
     rng = np.random.default_rng(seed)
     arrays = {
-        sources.TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28)),
-        sources.TRAIN_LABELS: rng.integers(0, 10, n_train),
-        sources.TEST_IMAGES: rng.integers(0, 256, (n_test, 28, 28)),
-        sources.TEST_LABELS: rng.integers(0, 10, n_test),
+        mnist.TRAIN_IMAGES: rng.integers(0, 256, (n_train, 28, 28)),
+        mnist.TRAIN_LABELS: rng.integers(0, 10, n_train),
+        mnist.TEST_IMAGES: rng.integers(0, 256, (n_test, 28, 28)),
+        mnist.TEST_LABELS: rng.integers(0, 10, n_test),
     }
     os.makedirs(root, exist_ok=True)
     for name, a in arrays.items():

@@ -22,7 +22,8 @@ import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nodepert_dist import checkpoint, metrics, models, params_io
+from nodepert_dist import checkpoint, checkpoint_faults, checkpoint_layout, checkpoint_restore
+from nodepert_dist import models, params_io, run_record
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 
@@ -37,15 +38,18 @@ RUN = ["--hl_size=32", "--batchsize=2000", "--num_epochs=2", "--cpu_devices=8",
 
 def _env(extra=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop(checkpoint.TEST_DELAY_ENV, None)
+    env.pop(checkpoint_faults.DELAY_ENV, None)
     env.pop("XLA_FLAGS", None)
     env.update(extra or {})
     return env
 
 
-def _cmd(workdir, data_dir, *args):
-    return [sys.executable, "-m", "nodepert_dist.train", f"--data_dir={data_dir}",
-            f"--workdir={workdir}", *RUN, *args]
+def _cmd(workdir, data_dir, *args, faults=False):
+    # faults: the run takes checkpoint_faults' settings from its environment (tests only)
+    entry = (["-c", "from nodepert_dist import checkpoint_faults as f; "
+                    "f.run_module_with_faults('nodepert_dist.train')"] if faults
+             else ["-m", "nodepert_dist.train"])
+    return [sys.executable, *entry, f"--data_dir={data_dir}", f"--workdir={workdir}", *RUN, *args]
 
 
 def train_run(workdir, data_dir, *args) -> str:
@@ -70,11 +74,12 @@ def saved_arrays(path) -> dict:
 
 def newest(workdir) -> str:
     directory = os.path.join(workdir, "checkpoints")
-    return checkpoint.step_dir(directory, checkpoint.committed_steps(directory)[-1])
+    return checkpoint_layout.step_dir(directory, checkpoint_layout.committed_steps(directory)[-1])
 
 
 def rows_without_timing(workdir) -> list:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_jsonl(workdir)]
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in run_record.read_metrics(workdir)]
 
 
 def assert_same_run(a, b):
@@ -119,7 +124,7 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     split = tmp_path / "split"
     train_run(split, mnist_dir, "--max_steps=45", *extra)
     assert os.path.basename(newest(split)) == "step_00000045"
-    assert [r["epoch"] for r in metrics.read_jsonl(split)] == [0, 1]
+    assert [r["epoch"] for r in run_record.read_metrics(split)] == [0, 1]
     final = tmp_path / "final.npz"
     log = train_run(split, mnist_dir, *extra, f"--save_final_params={final}")
     assert "resumed from" in log and "epoch 2, step 15 of the epoch (step 45 in all)" in log
@@ -140,7 +145,8 @@ def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path
     workdir = tmp_path / "killed"
     ckpts = workdir / "checkpoints"
     # Saves from step 30 on stall 60 s after their first array: kill -9 lands inside one.
-    proc = subprocess.Popen(_cmd(workdir, mnist_dir), env=_env({checkpoint.TEST_DELAY_ENV: "60@30"}),
+    proc = subprocess.Popen(_cmd(workdir, mnist_dir, faults=True),
+                            env=_env({checkpoint_faults.DELAY_ENV: "60@30"}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=REPO)
     try:
@@ -154,7 +160,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert checkpoint.committed_steps(ckpts) == [10, 20]   # step 30 was in flight: invisible
+    assert checkpoint_layout.committed_steps(ckpts) == [10, 20]   # step 30 was in flight: invisible
     log = train_run(workdir, mnist_dir)
     assert "epoch 1, step 20 of the epoch (step 20 in all)" in log
     assert not list(ckpts.glob(".tmp-*"))                   # the partial save was cleaned up
@@ -189,7 +195,7 @@ def test_saved_on_8_devices_restores_on_fewer(k, tmp_path):
     assert len(chunks) == 8
     mesh_k = mesh_lib.make_mesh(jax.devices()[:k])
     target = _state(mesh_k, seed=0)
-    restored, manifest = checkpoint.restore(str(tmp_path), target)
+    restored, manifest = checkpoint_restore.restore(str(tmp_path), target)
     assert manifest["step"] == 7
     for (path, got), want, tgt in zip(jax.tree_util.tree_leaves_with_path(restored),
                                       jax.tree.leaves(tree), jax.tree.leaves(target)):
@@ -245,7 +251,7 @@ def test_corrupt_checkpoint_falls_back_then_errors(corrupt, tmp_path, caplog):
     corrupt(tmp_path / "step_00000002")
     target = _state(mesh, seed=0)
     with caplog.at_level(logging.WARNING):
-        restored, manifest = checkpoint.restore(str(tmp_path), target)
+        restored, manifest = checkpoint_restore.restore(str(tmp_path), target)
     assert manifest["step"] == 1
     np.testing.assert_array_equal(np.asarray(restored["sharded"]),
                                   np.asarray(_state(mesh, seed=1)["sharded"]))
@@ -255,11 +261,11 @@ def test_corrupt_checkpoint_falls_back_then_errors(corrupt, tmp_path, caplog):
     # save cannot prune it as "newer than the step just saved".
     aside = [n for n in os.listdir(tmp_path) if n.startswith(".unreadable-step_00000002-")]
     assert len(aside) == 1 and (tmp_path / aside[0] / "manifest.json").exists()
-    assert checkpoint.committed_steps(str(tmp_path)) == [1]
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [1]
     # With no valid checkpoint left: a clear one-line error naming the array.
     corrupt(tmp_path / "step_00000001")
-    with pytest.raises(checkpoint.CorruptCheckpoint) as e:
-        checkpoint.restore(str(tmp_path), target)
+    with pytest.raises(checkpoint_layout.CorruptCheckpoint) as e:
+        checkpoint_restore.restore(str(tmp_path), target)
     assert "train.params.layer0.kernel" in str(e.value) and "\n" not in str(e.value)
     assert len([n for n in os.listdir(tmp_path) if n.startswith(".unreadable-")]) == 2
 
@@ -268,37 +274,47 @@ def test_prune_sets_newer_checkpoints_aside_never_deletes_them(tmp_path):
     mesh = mesh_lib.make_mesh()
     for step in (1, 2, 3):
         _save(tmp_path, _state(mesh, seed=step), step, keep=1)
-    assert checkpoint.committed_steps(str(tmp_path)) == [3]
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [3]
     _save(tmp_path, _state(mesh, seed=9), 2, keep=1)  # e.g. a run restarted from step 1
-    assert checkpoint.committed_steps(str(tmp_path)) == [2]
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [2]
     aside = [n for n in os.listdir(tmp_path) if n.startswith(".superseded-step_00000003-")]
     assert len(aside) == 1 and (tmp_path / aside[0] / "manifest.json").exists()
 
 
-def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     mesh = mesh_lib.make_mesh()
     saver = checkpoint.Checkpointer(str(tmp_path))
     saver.save(1, _state(mesh, seed=1), meta={})
-    monkeypatch.setenv(checkpoint.TEST_FAIL_ENV, "0@2:ENOSPC")
-    saver.save(2, _state(mesh, seed=2), meta={})
-    with pytest.raises(checkpoint.CheckpointError) as e:
-        saver.wait()
+    with checkpoint_faults.inject(checkpoint_faults.Faults(fail_process=0, fail_from_step=2,
+                                                           fail_errno="ENOSPC")):
+        saver.save(2, _state(mesh, seed=2), meta={})
+        with pytest.raises(checkpoint_layout.CheckpointError) as e:
+            saver.wait()
     assert str(e.value).startswith("saving checkpoint step 2 failed on process 0: OSError: "
                                    "[Errno 28] No space left on device")
     assert "\n" not in str(e.value)
-    assert checkpoint.committed_steps(str(tmp_path)) == [1]
-    restored, manifest = checkpoint.restore(str(tmp_path), _state(mesh))
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [1]
+    restored, manifest = checkpoint_restore.restore(str(tmp_path), _state(mesh))
     assert manifest["step"] == 1
     np.testing.assert_array_equal(np.asarray(restored["sharded"]),
                                   np.asarray(_state(mesh, seed=1)["sharded"]))
 
 
+def test_fault_variables_are_ignored_unless_a_test_turns_them_on(tmp_path, monkeypatch):
+    """The production save reads no test variable: faults come only through checkpoint_faults."""
+    monkeypatch.setenv("NODEPERT_CKPT_TEST_FAIL", "0@1:ENOSPC")
+    monkeypatch.setenv("NODEPERT_CKPT_TEST_HIDE_NEWEST", "0")
+    mesh = mesh_lib.make_mesh()
+    _save(tmp_path, _state(mesh, seed=1), 1)
+    assert checkpoint.committed_steps(str(tmp_path)) == [1]
+
+
 def test_other_model_is_a_clear_error(tmp_path):
     mesh = mesh_lib.make_mesh()
     _save(tmp_path, _state(mesh, hl_size=16), 1)
-    with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.restore(str(tmp_path), _state(mesh, hl_size=24))
-    assert not isinstance(e.value, checkpoint.CorruptCheckpoint)
+    with pytest.raises(checkpoint_layout.CheckpointError) as e:
+        checkpoint_restore.restore(str(tmp_path), _state(mesh, hl_size=24))
+    assert not isinstance(e.value, checkpoint_layout.CorruptCheckpoint)
     assert "'train.params.layer0.bias'" in str(e.value) and "(24,)" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -310,21 +326,21 @@ def test_keep_newest_and_every_kth(tmp_path):
     for step in range(1, 10):
         saver.save(step, tree, meta={})
     saver.wait()
-    assert checkpoint.committed_steps(str(tmp_path)) == [4, 8, 9]
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [4, 8, 9]
     assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000008", "step_00000009"]
 
 
-def test_pending_save_is_invisible_until_committed(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint.TEST_DELAY_ENV, "1.0")
+def test_pending_save_is_invisible_until_committed(tmp_path):
     mesh = mesh_lib.make_mesh()
     saver = checkpoint.Checkpointer(str(tmp_path))
-    t0 = time.perf_counter()
-    saver.save(5, _state(mesh), meta={})
-    assert time.perf_counter() - t0 < 0.9          # the loop does not wait for the write
-    assert checkpoint.committed_steps(str(tmp_path)) == []
-    assert checkpoint.restore(str(tmp_path), _state(mesh)) is None
-    saver.wait()
-    assert checkpoint.committed_steps(str(tmp_path)) == [5]
+    with checkpoint_faults.inject(checkpoint_faults.Faults(delay_s=1.0)):
+        t0 = time.perf_counter()
+        saver.save(5, _state(mesh), meta={})
+        assert time.perf_counter() - t0 < 0.9          # the loop does not wait for the write
+        assert checkpoint_layout.committed_steps(str(tmp_path)) == []
+        assert checkpoint_restore.restore(str(tmp_path), _state(mesh)) is None
+        saver.wait()
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [5]
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -338,7 +354,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 pid, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.config.update("jax_num_cpu_devices", 4)
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-from nodepert_dist import checkpoint, mesh as mesh_lib
+from nodepert_dist import checkpoint, checkpoint_restore, mesh as mesh_lib
 
 mesh = mesh_lib.make_mesh()
 full = {"sharded": np.arange(48, dtype=np.float32).reshape(16, 3), "replicated": np.arange(5, dtype=np.int32)}
@@ -348,7 +364,7 @@ make = lambda src: {k: jax.make_array_from_callback(src[k].shape, NamedSharding(
 saver = checkpoint.Checkpointer(directory)
 saver.save(1, make(full), meta={"loop": {}}, position={"epoch": 1, "process_index": pid})
 saver.wait()
-restored, manifest = checkpoint.restore(directory, make({k: np.zeros_like(v) for k, v in full.items()}))
+restored, manifest = checkpoint_restore.restore(directory, make({k: np.zeros_like(v) for k, v in full.items()}))
 for k, arr in restored.items():
     for shard in arr.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), full[k][shard.index])

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO
-from nodepert_dist import checkpoint
+from nodepert_dist import checkpoint_faults, checkpoint_layout
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
@@ -27,7 +27,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 pid, port, directory, saves = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 jax.config.update("jax_num_cpu_devices", 2)
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-from nodepert_dist import checkpoint, mesh as mesh_lib
+from nodepert_dist import checkpoint, checkpoint_faults, checkpoint_layout, checkpoint_restore
+from nodepert_dist import mesh as mesh_lib
+
+checkpoint_faults.enable_from_env()  # the test's NODEPERT_CKPT_TEST_* variables
 
 mesh = mesh_lib.make_mesh()
 def tree(value):
@@ -38,11 +41,11 @@ try:
     for step in range(1, saves + 1):
         saver.save(step, tree(step), meta={"loop": {}})
     saver.wait()
-    print("LISTING", pid, checkpoint.committed_steps(directory), flush=True)
-    restored, manifest = checkpoint.restore(directory, tree(0))
+    print("LISTING", pid, checkpoint_layout.committed_steps(directory), flush=True)
+    restored, manifest = checkpoint_restore.restore(directory, tree(0))
     value = float(np.asarray(restored["w"].addressable_shards[0].data)[0, 0])
     print("RESTORED", pid, manifest["step"], value, flush=True)
-except checkpoint.CheckpointError as e:
+except checkpoint_layout.CheckpointError as e:
     print(f"error: {e}", flush=True)
     sys.exit(1)
 """
@@ -80,7 +83,7 @@ def _line(out, prefix):
 
 def test_processes_with_different_listings_restore_the_step_process_0_chose(tmp_path):
     # Process 1's listing misses the newest step (a stale shared-file-system cache).
-    rcs, outs, _ = _two_processes(tmp_path, 3, lambda i: {checkpoint.TEST_HIDE_ENV: "1"})
+    rcs, outs, _ = _two_processes(tmp_path, 3, lambda i: {checkpoint_faults.HIDE_ENV: "1"})
     assert rcs == [0, 0], outs
     assert _line(outs[0], "LISTING") == "LISTING 0 [1, 2, 3]"
     assert _line(outs[1], "LISTING") == "LISTING 1 [1, 2]"  # it would have restored step 2
@@ -100,10 +103,10 @@ INJECTED = "OSError: [Errno 5] Input/output error (injected by NODEPERT_CKPT_TES
 ])
 def test_a_write_failure_on_one_process_ends_both_with_one_line(tmp_path, failing, expected):
     rcs, outs, elapsed = _two_processes(
-        tmp_path, 3, lambda i: {checkpoint.TEST_FAIL_ENV: f"{failing}@2"})
+        tmp_path, 3, lambda i: {checkpoint_faults.FAIL_ENV: f"{failing}@2"})
     assert rcs == [1, 1], outs
     assert elapsed < 90  # within the commit timeout (60 s), not a hang
     errors = [[l for l in out.splitlines() if l.startswith("error:")] for out in outs]
     assert errors == [[expected[0]], [expected[1]]], outs
-    assert checkpoint.committed_steps(str(tmp_path)) == [1]
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [1]
     assert "Traceback" not in outs[0] + outs[1]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nodepert_dist import checkpoint, crash_guard, metrics, train
+from nodepert_dist import checkpoint_layout, crash_guard, files, run_record, train
 
 # SGD with cross-entropy at lr 1e6 overflows within the first steps (measured: lr 1e4 gave inf at step
 # 10 on MNIST fc); lr 1 trains. 1000 training examples (7 steps an epoch) keep epochs short.
@@ -34,11 +34,11 @@ def test_guard_rolls_back_lowers_lr_and_finishes(tmp_path, mnist_dir):
     c = cfg(tmp_path, mnist_dir, crash_lr_factor=1e-6)  # 1e6 -> 1: the second attempt trains
     rows, _ = crash_guard.run(train.run, c)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["test_acc"] > 0.15  # chance: 0.1; 14 steps
-    logged = metrics.read_jsonl(c.workdir)
+    logged = run_record.read_metrics(c.workdir)
     events = [r for r in logged if "event" in r]
     assert len(events) == 1 and events[0]["reason"] == "non_finite_loss"
     assert events[0]["lr"] == 1e6 and events[0]["new_lr"] == pytest.approx(1.0)
-    assert [r["epoch"] for r in metrics.epoch_rows(logged)] == [0, 1, 2]  # one row per epoch
+    assert [r["epoch"] for r in run_record.epoch_rows(logged)] == [0, 1, 2]  # one row per epoch
     with open(os.path.join(c.workdir, "config.json")) as f:
         assert json.load(f)["lr"] == pytest.approx(1.0)  # config.json has the lr that ran
     with open(os.path.join(c.workdir, "metrics.csv")) as f:
@@ -58,7 +58,7 @@ def test_guard_gives_up_after_k_rollbacks_with_one_line(tmp_path, mnist_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: crash guard gave up after 2 rollback(s) (lr 1e+06 -> 250000)"), last
     assert "Traceback" not in proc.stderr
-    events = [r for r in metrics.read_jsonl(str(tmp_path / "run")) if "event" in r]
+    events = [r for r in run_record.read_metrics(str(tmp_path / "run")) if "event" in r]
     assert [e["event"] for e in events] == ["rollback", "rollback", "gave_up"]
 
 
@@ -80,14 +80,14 @@ def test_accuracy_crash_rolls_back_to_the_last_good_epoch(tmp_path, mnist_dir):
     c = cfg(tmp_path, mnist_dir, lr=0.5, num_epochs=3, keep_checkpoints=0, crash_points=5,
             checkpoint_every_steps=3)
     rows, _ = crash_guard.run(train.run, c, hooks=[_FakeCrash(0.5)])
-    events = [r for r in metrics.read_jsonl(c.workdir) if "event" in r]
+    events = [r for r in run_record.read_metrics(c.workdir) if "event" in r]
     assert len(events) == 1 and events[0]["reason"] == "crash"
     assert events[0]["last_good_epoch"] == 1 and events[0]["resume_step"] == 7
     # the checkpoints after epoch 1 (steps 9, 12) were set aside, not deleted, with the rows
     aside = sorted(os.listdir(tmp_path / "run" / "rolled_back" / "1"))
     assert aside == ["metrics.jsonl", "step_00000009", "step_00000012"]  # 14 was never saved
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[2]["test_acc"] > 0
-    assert checkpoint.committed_steps(os.path.join(c.workdir, "checkpoints"))[-1] == 21
+    assert checkpoint_layout.committed_steps(os.path.join(c.workdir, "checkpoints"))[-1] == 21
 
 
 class _FakeCrashRecording(_FakeCrash):
@@ -107,7 +107,7 @@ def test_guard_with_step_checkpoints_and_default_retention_keeps_its_rollback_ta
     assert c.keep_checkpoints == 3  # the default
     hook = _FakeCrashRecording(0.5)
     rows, _ = crash_guard.run(train.run, c, hooks=[hook])
-    events = [r for r in metrics.read_jsonl(c.workdir) if "event" in r]
+    events = [r for r in run_record.read_metrics(c.workdir) if "event" in r]
     assert len(events) == 1 and events[0]["reason"] == "crash"
     assert (events[0]["last_good_epoch"], events[0]["resume_step"]) == (1, 7)
     # Nothing the guard could keep was thrown away: epochs 0 and 1 are the first attempt's rows.
@@ -116,7 +116,7 @@ def test_guard_with_step_checkpoints_and_default_retention_keeps_its_rollback_ta
     aside = tmp_path / "run" / "rolled_back" / "1"
     assert sorted(os.listdir(aside)) == ["metrics.jsonl", "step_00000008", "step_00000010",
                                          "step_00000012"]
-    crashed = metrics.read_rows(str(aside / "metrics.jsonl"))  # the rows the rollback replaced
+    crashed = files.read_jsonl(str(aside / "metrics.jsonl"))  # the rows the rollback replaced
     assert [(r["epoch"], r["step"]) for r in crashed] == [(2, 14)]
 
 
@@ -144,13 +144,13 @@ def test_non_finite_state_at_a_save_rolls_back_under_the_lock_and_a_signal_then_
     with pytest.raises(preempt.Preempted, match="during a crash-guard rollback"):
         crash_guard.run(train.run, c)
     assert seen == ["rolled back"]
-    events = [r for r in metrics.read_jsonl(c.workdir) if "event" in r]
+    events = [r for r in run_record.read_metrics(c.workdir) if "event" in r]
     assert [(e["event"], e["reason"]) for e in events] == [("rollback", "non_finite_state")]
     assert "step 1 holds NaN or Inf" in events[0]["detail"]
     assert not os.path.exists(os.path.join(c.workdir, ".lock"))  # released on the way out
     rows, _ = crash_guard.run(train.run, c)  # the same command again: lr 1e300 * 1e-300 = 1
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["test_acc"] > 0.15
-    assert len([r for r in metrics.read_jsonl(c.workdir) if "event" in r]) == 1
+    assert len([r for r in run_record.read_metrics(c.workdir) if "event" in r]) == 1
 
 
 def test_guard_without_checkpoints_is_refused_before_any_work(tmp_path, mnist_dir):
@@ -171,7 +171,7 @@ class _FakeCrashLosingTheTarget(_FakeCrash):
         super().after_row(row, rows)
         if self.active and row["epoch"] == 2:
             import shutil
-            shutil.rmtree(checkpoint.step_dir(os.path.join(self.workdir, "checkpoints"), 7))
+            shutil.rmtree(checkpoint_layout.step_dir(os.path.join(self.workdir, "checkpoints"), 7))
 
 
 def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_rows(tmp_path, mnist_dir):
@@ -179,7 +179,7 @@ def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_ro
     with pytest.raises(crash_guard.GaveUp, match="no checkpoint at or before the last good epoch 1 "
                                                   r"\(step 7\) is left in "):
         crash_guard.run(train.run, c, hooks=[_FakeCrashLosingTheTarget(0.5)])
-    logged = metrics.read_jsonl(c.workdir)
-    assert [r["epoch"] for r in metrics.epoch_rows(logged)] == [0, 1, 2]  # nothing truncated
+    logged = run_record.read_metrics(c.workdir)
+    assert [r["epoch"] for r in run_record.epoch_rows(logged)] == [0, 1, 2]  # nothing truncated
     assert [r["event"] for r in logged if "event" in r] == ["gave_up"]
-    assert checkpoint.committed_steps(os.path.join(c.workdir, "checkpoints")) == [8, 10, 12]
+    assert checkpoint_layout.committed_steps(os.path.join(c.workdir, "checkpoints")) == [8, 10, 12]

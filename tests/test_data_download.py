@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _fake_data import fake_cifar, write_idx_dataset
-from nodepert_dist.data import cifar, fetch, sources, store
+from nodepert_dist.data import cifar, fetch, mnist, store
 from nodepert_dist.data.raw import DataError
 
 
@@ -120,8 +120,8 @@ def idx_mirror(tmp_path, monkeypatch):
     write_idx_dataset(tmp_path / "mirror")
     digests = {f: hashlib.sha256((tmp_path / "mirror" / f).read_bytes()).hexdigest()
                for f in os.listdir(tmp_path / "mirror")}
-    monkeypatch.setitem(sources.DATASETS, "fmnist",
-                        sources.IdxDataset("fmnist", mirrors=(), sha256=digests))
+    monkeypatch.setitem(mnist.DATASETS, "fmnist",
+                        mnist.IdxDataset("fmnist", mirrors=(), sha256=digests))
     server = _Server(tmp_path / "mirror")
     yield server, tmp_path
     server.close()
@@ -138,7 +138,7 @@ def test_idx_fetch_downloads_verifies_and_caches(idx_mirror):
 
 def test_idx_fetch_rejects_a_bad_checksum_and_leaves_nothing(idx_mirror):
     server, tmp = idx_mirror
-    bad = tmp / "mirror" / sources.TRAIN_LABELS
+    bad = tmp / "mirror" / mnist.TRAIN_LABELS
     bad.write_bytes(bad.read_bytes()[:-1] + b"\x07")
     with pytest.raises(DataError, match="SHA-256 .* does not match"):
         fetch.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
@@ -148,6 +148,6 @@ def test_idx_fetch_rejects_a_bad_checksum_and_leaves_nothing(idx_mirror):
 def test_idx_fetch_replaces_a_corrupted_cached_file(idx_mirror):
     server, tmp = idx_mirror
     fetch.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    (tmp / "data" / "fmnist" / sources.TEST_IMAGES).write_bytes(b"truncated")
+    (tmp / "data" / "fmnist" / mnist.TEST_IMAGES).write_bytes(b"truncated")
     fetch.fetch("fmnist", str(tmp / "data"), mirrors=[server.url])
-    assert len(sources.read("fmnist", str(tmp / "data" / "fmnist")).test_y) == 20
+    assert len(mnist.read("fmnist", str(tmp / "data" / "fmnist")).test_y) == 20

@@ -13,7 +13,7 @@ import pytest
 from _fake_data import (CIFAR_FORMS, fake_cifar, idx_name, py2_pickle, py3_pickle, write_cifar_tarball,
                         write_idx_dataset)
 from conftest import run_command
-from nodepert_dist.data import cifar, fetch, sources, store
+from nodepert_dist.data import cifar, fetch, mnist, store
 from nodepert_dist.data.raw import DataError
 
 
@@ -29,16 +29,16 @@ def _no_trace(tmp_path, name):
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_reader_round_trip_gzip_and_raw(tmp_path, gz):
     arrays = write_idx_dataset(tmp_path / "fmnist", gz=gz)
-    data = sources.read("fmnist", str(tmp_path / "fmnist"))
-    np.testing.assert_array_equal(data.train_y, arrays[sources.TRAIN_LABELS])
-    np.testing.assert_array_equal(data.test_x[..., 0], arrays[sources.TEST_IMAGES])
+    data = mnist.read("fmnist", str(tmp_path / "fmnist"))
+    np.testing.assert_array_equal(data.train_y, arrays[mnist.TRAIN_LABELS])
+    np.testing.assert_array_equal(data.test_x[..., 0], arrays[mnist.TEST_IMAGES])
     assert data.train_x.shape == (60, 28, 28, 1) and data.train_x.dtype == np.uint8
 
 
 MNIST_PICKLE_FORMS = {  # file name, bytes of the pickled splits
-    "published": (sources.MNIST_PICKLE, lambda o: gzip.compress(py2_pickle(o))),
-    "py3-p2-numpy1": (sources.MNIST_PICKLE, lambda o: gzip.compress(py3_pickle(o, 2, 1))),
-    "py3-p5-numpy2": (sources.MNIST_PICKLE, lambda o: gzip.compress(pickle.dumps(o, protocol=5))),
+    "published": (mnist.MNIST_PICKLE, lambda o: gzip.compress(py2_pickle(o))),
+    "py3-p2-numpy1": (mnist.MNIST_PICKLE, lambda o: gzip.compress(py3_pickle(o, 2, 1))),
+    "py3-p5-numpy2": (mnist.MNIST_PICKLE, lambda o: gzip.compress(pickle.dumps(o, protocol=5))),
     "un-gzipped": ("mnist.pkl", lambda o: py3_pickle(o, 4, 1)),
 }
 
@@ -51,7 +51,7 @@ def test_mnist_pickle_reader_joins_train_and_valid_without_loss(tmp_path, form):
     os.makedirs(tmp_path / "mnist")
     fname, dump = MNIST_PICKLE_FORMS[form]
     (tmp_path / "mnist" / fname).write_bytes(dump((train, valid, test)))
-    data = sources.read("mnist", str(tmp_path / "mnist"))
+    data = mnist.read("mnist", str(tmp_path / "mnist"))
     assert data.train_x.shape == (60, 28, 28, 1) and data.test_x.shape == (10, 28, 28, 1)
     np.testing.assert_array_equal(data.train_y, np.concatenate([train[1], valid[1]]))
     np.testing.assert_array_equal(data.train_x[50].reshape(-1) / 256, valid[0][0])  # exact
@@ -59,29 +59,29 @@ def test_mnist_pickle_reader_joins_train_and_valid_without_loss(tmp_path, form):
 
 def test_damaged_idx_files_are_clear_errors(tmp_path):
     write_idx_dataset(tmp_path / "fmnist", gz=False)
-    path = tmp_path / "fmnist" / sources.TRAIN_IMAGES
+    path = tmp_path / "fmnist" / mnist.TRAIN_IMAGES
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match=f"truncated .*{sources.TRAIN_IMAGES}"):
-        sources.read("fmnist", str(tmp_path / "fmnist"))
-    (tmp_path / "fmnist" / sources.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match=f"truncated .*{mnist.TRAIN_IMAGES}"):
+        mnist.read("fmnist", str(tmp_path / "fmnist"))
+    (tmp_path / "fmnist" / mnist.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
     write_idx_dataset(tmp_path / "f2", gz=False)
-    (tmp_path / "f2" / sources.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
-    with pytest.raises(DataError, match=f"{sources.TRAIN_LABELS} is not an unsigned-byte IDX file .bad magic"):
-        sources.read("fmnist", str(tmp_path / "f2"))
+    (tmp_path / "f2" / mnist.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match=f"{mnist.TRAIN_LABELS} is not an unsigned-byte IDX file .bad magic"):
+        mnist.read("fmnist", str(tmp_path / "f2"))
     write_idx_dataset(tmp_path / "f3", gz=True)
-    gz = tmp_path / "f3" / sources.TEST_LABELS
+    gz = tmp_path / "f3" / mnist.TEST_LABELS
     data = bytearray(gz.read_bytes())
     data[len(data) // 2:] = b"\x00" * (len(data) - len(data) // 2)
     gz.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=sources.TEST_LABELS):
-        sources.read("fmnist", str(tmp_path / "f3"))
+    with pytest.raises(DataError, match=mnist.TEST_LABELS):
+        mnist.read("fmnist", str(tmp_path / "f3"))
 
 
 def test_corrupt_mnist_pickle_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "mnist")
-    (tmp_path / "mnist" / sources.MNIST_PICKLE).write_bytes(gzip.compress(b"garbage"))
-    with pytest.raises(DataError, match=f"corrupt dataset file .*{sources.MNIST_PICKLE}"):
-        sources.read("mnist", str(tmp_path / "mnist"))
+    (tmp_path / "mnist" / mnist.MNIST_PICKLE).write_bytes(gzip.compress(b"garbage"))
+    with pytest.raises(DataError, match=f"corrupt dataset file .*{mnist.MNIST_PICKLE}"):
+        mnist.read("mnist", str(tmp_path / "mnist"))
 
 
 @pytest.mark.parametrize("name", ["mnist", "fmnist"])
@@ -89,22 +89,22 @@ def test_corrupt_mnist_pickle_is_a_clear_error(tmp_path):
 def test_un_gzipped_idx_copies_under_their_common_names_import_as_unverified(tmp_path, name, spelling):
     arrays = write_idx_dataset(tmp_path / "src", gz=False, spelling=spelling)
     src, data_dir = str(tmp_path / "src"), str(tmp_path / "data")
-    raw_name = idx_name(sources.TRAIN_IMAGES, spelling)
+    raw_name = idx_name(mnist.TRAIN_IMAGES, spelling)
     with pytest.raises(DataError, match=f"{raw_name} is un-gzipped, and only the published "
-                                        f"{sources.TRAIN_IMAGES} has a pinned SHA-256 .*; if you "
+                                        f"{mnist.TRAIN_IMAGES} has a pinned SHA-256 .*; if you "
                                         f"trust this copy, pass --allow_unverified"):
         fetch.fetch(name, data_dir, from_path=src)
     _no_trace(tmp_path, name)
     fetch.fetch(name, data_dir, from_path=src, allow_unverified=True)
     data = store.open_dataset(name, data_dir)
     assert data.meta["verified"] is False and raw_name in data.meta["checksum_problem"]
-    np.testing.assert_array_equal(data.train_x[..., 0], arrays[sources.TRAIN_IMAGES])
-    np.testing.assert_array_equal(data.test_y, arrays[sources.TEST_LABELS])
+    np.testing.assert_array_equal(data.train_x[..., 0], arrays[mnist.TRAIN_IMAGES])
+    np.testing.assert_array_equal(data.test_y, arrays[mnist.TEST_LABELS])
 
 
 def test_an_incomplete_from_folder_names_the_file_and_the_users_data_dir(tmp_path):
     write_idx_dataset(tmp_path / "src", gz=False, spelling=2)
-    os.remove(tmp_path / "src" / idx_name(sources.TRAIN_LABELS, 2))
+    os.remove(tmp_path / "src" / idx_name(mnist.TRAIN_LABELS, 2))
     data_dir = tmp_path / "my data"
     with pytest.raises(DataError) as e:
         fetch.fetch("mnist", str(data_dir), from_path=str(tmp_path / "src"), allow_unverified=True)
@@ -131,8 +131,8 @@ def test_a_hostile_mnist_pickle_cannot_run_code(tmp_path):
             return (os.system, (f"touch {tmp_path}/pwned",))
 
     os.makedirs(tmp_path / "src")
-    (tmp_path / "src" / sources.MNIST_PICKLE).write_bytes(gzip.compress(pickle.dumps(Evil(), protocol=2)))
-    with pytest.raises(DataError, match=f"{sources.MNIST_PICKLE}: refused to unpickle {os.name}.system "
+    (tmp_path / "src" / mnist.MNIST_PICKLE).write_bytes(gzip.compress(pickle.dumps(Evil(), protocol=2)))
+    with pytest.raises(DataError, match=f"{mnist.MNIST_PICKLE}: refused to unpickle {os.name}.system "
                                         f"\\(a dataset file may hold only numpy arrays") as e:
         fetch.fetch("mnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True)
     assert "corrupt" not in str(e.value)
@@ -142,14 +142,14 @@ def test_a_hostile_mnist_pickle_cannot_run_code(tmp_path):
 
 def test_unverified_idx_files_are_converted_only_when_allowed(tmp_path):
     arrays = write_idx_dataset(tmp_path / "src")
-    with pytest.raises(DataError, match=f"{sources.TRAIN_IMAGES} .* does not match the pinned "
+    with pytest.raises(DataError, match=f"{mnist.TRAIN_IMAGES} .* does not match the pinned "
                                         f"SHA-256 .*--allow_unverified"):
         fetch.fetch("fmnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"))
     _no_trace(tmp_path, "fmnist")
     fetch.fetch("fmnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True)
     data = store.open_dataset("fmnist", str(tmp_path / "data"))
     assert data.meta["verified"] is False and isinstance(data.train_x, np.memmap)
-    np.testing.assert_array_equal(data.train_x[..., 0], arrays[sources.TRAIN_IMAGES])
+    np.testing.assert_array_equal(data.train_x[..., 0], arrays[mnist.TRAIN_IMAGES])
     # A data_dir holding only unverified published files is not converted behind the user's back.
     write_idx_dataset(tmp_path / "d2" / "fmnist")
     with pytest.raises(DataError, match="does not match the pinned SHA-256"):

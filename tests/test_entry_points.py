@@ -46,7 +46,7 @@ CASES = {  # name: (command, what its error line must say)
     "data unknown flag": ([sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist", "--form=x"],
                           "Unknown command line flag 'form'"),
     "throughput unknown network": (_bench("throughput", "--networks=fc,bogus"), "'bogus' is not one of"),
-    "scaling bad layout": (_bench("scaling", "--layouts=2x4,3x"), "'3x' is not PxD"),
+    "device_scaling bad layout": (_bench("device_scaling", "--layouts=2x4,3x"), "'3x' is not PxD"),
     "input_pipeline unknown dataset": (_bench("input_pipeline", "--datasets=mnist,imagenet"),
                                        "'imagenet' is not one of"),
     "epoch_time missing data": (_bench("epoch_time", "--data_dir=/nonexistent/data"),

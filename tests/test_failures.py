@@ -11,7 +11,7 @@ import pytest
 import tensorstore as ts
 
 from conftest import train_command as _train
-from nodepert_dist import checkpoint
+from nodepert_dist import checkpoint, checkpoint_layout, files, run_record
 
 TINY = ["--n_hl=2", "--hl_size=32", "--batchsize=256", "--num_epochs=1", "--noeval_train"]
 
@@ -32,10 +32,10 @@ def test_diverging_run_stops_at_the_step_and_saves_nothing_non_finite(tmp_path, 
     assert "error: the training loss is nan at step 17 (epoch 1)" in out.stderr
     assert "lower --lr" in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""  # no metrics row printed as if it were a result
-    steps = checkpoint.committed_steps(str(workdir / "checkpoints"))
+    steps = checkpoint_layout.committed_steps(str(workdir / "checkpoints"))
     assert steps == list(range(1, 17))  # every save before the NaN committed, none after
     for step in steps:
-        for array in glob.glob(os.path.join(checkpoint.step_dir(str(workdir / "checkpoints"), step),
+        for array in glob.glob(os.path.join(checkpoint_layout.step_dir(str(workdir / "checkpoints"), step),
                                             "arrays", "*")):
             assert np.all(np.isfinite(_read(array))), array
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -45,10 +45,10 @@ def test_diverging_run_stops_at_the_step_and_saves_nothing_non_finite(tmp_path, 
 
 def test_checkpointer_refuses_a_non_finite_state(tmp_path):
     saver = checkpoint.Checkpointer(str(tmp_path))
-    with pytest.raises(checkpoint.CheckpointError, match="step 3 holds NaN or Inf"):
+    with pytest.raises(checkpoint_layout.CheckpointError, match="step 3 holds NaN or Inf"):
         saver.save(3, {"w": jnp.array([1.0, jnp.nan]), "step": jnp.int32(3)}, meta={})
     saver.wait()
-    assert checkpoint.committed_steps(str(tmp_path)) == []
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == []
 
 
 def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
@@ -100,25 +100,26 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
     rows 0 and 1 and no checkpoint; the same command again starts over. It must not append a
     second history (0, 1, 0, 1, 2): the first is moved to earlier_runs/1/, kept."""
     from nodepert_dist import metrics, preempt, train
-    from test_sweep import make_spec, sweep
+    from test_sweep import make_spec
+    from nodepert_dist import sweep, sweep_report
     c = train.Config(n_hl=1, hl_size=16, validation_size=59000, eval_train=False,  # 7 steps/epoch
                      eval_batchsize=2000, num_epochs=2, checkpoint_every_epochs=0,
                      data_dir=mnist_dir, workdir=str(tmp_path / "run"))
     monkeypatch.setenv(preempt.TEST_SIGNAL_ENV, "10")  # epoch 2, step 3
     with pytest.raises(preempt.Preempted, match="no checkpoint"):
         train.run(c)
-    first = metrics.read_jsonl(c.workdir)
+    first = run_record.read_metrics(c.workdir)
     assert [r["epoch"] for r in first] == [0, 1]
     monkeypatch.delenv(preempt.TEST_SIGNAL_ENV)
     rows, _ = train.run(c)
-    assert [r["epoch"] for r in metrics.read_jsonl(c.workdir)] == [0, 1, 2]
+    assert [r["epoch"] for r in run_record.read_metrics(c.workdir)] == [0, 1, 2]
     with open(os.path.join(c.workdir, "metrics.csv")) as f:
         assert [line.split(",")[0] for line in f.read().splitlines()] == ["epoch", "0", "1", "2"]
     earlier = os.path.join(c.workdir, "earlier_runs", "1")
     assert sorted(os.listdir(earlier)) == ["config.json", "metrics.csv", "metrics.jsonl"]
-    assert metrics.read_rows(os.path.join(earlier, "metrics.jsonl")) == first
+    assert files.read_jsonl(os.path.join(earlier, "metrics.jsonl")) == first
     # Readers of a workdir written before this rule (two runs appended, plus a crash-guard event)
-    # see its last run: the sweep's table and metrics.epoch_rows.
+    # see its last run: the sweep's table and run_record.epoch_rows.
     runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1]}, seeds=1)))
     os.makedirs(runs[0]["workdir"])
     with open(os.path.join(runs[0]["workdir"], "config.json"), "w") as f:
@@ -130,7 +131,7 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
               "examples_per_s": 20.0}]
     with open(os.path.join(runs[0]["workdir"], "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in legacy)
-    assert [r["epoch"] for r in metrics.epoch_rows(legacy)] == [0, 1, 2]
-    cells = [c.strip() for c in sweep.table(runs).splitlines()[2].split("|")[1:-1]]
+    assert [r["epoch"] for r in run_record.epoch_rows(legacy)] == [0, 1, 2]
+    cells = [c.strip() for c in sweep_report.table(runs).splitlines()[2].split("|")[1:-1]]
     # the last run: 2 epochs, final 95%, 90% after 1 epoch (2 s), 93% after 2 (4 s)
     assert cells[1:6] == ["2", "95.0 ± 0.0", "95.0 ± 0.0", "2 (1)", "4 (2)"], cells

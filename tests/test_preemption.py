@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, run_command, subprocess_env
-from nodepert_dist import checkpoint, preempt
+from nodepert_dist import checkpoint_layout, preempt
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
@@ -52,9 +52,9 @@ def test_signal_mid_epoch_checkpoints_and_the_rerun_matches_an_uninterrupted_run
     assert text.count("preempted by ") == processes, text[-3000:]
     last = [l for l in text.splitlines() if "preempted by " in l][-1]
     assert "at step 10: checkpoint saved; run the same command again to resume (exit 75)" in last
-    steps = checkpoint.committed_steps(str(tmp_path / "cut" / "checkpoints"))
+    steps = checkpoint_layout.committed_steps(str(tmp_path / "cut" / "checkpoints"))
     assert steps == [7, 10]  # epoch 1's and the preemption's
-    manifest = checkpoint.read_manifest(checkpoint.step_dir(str(tmp_path / "cut" / "checkpoints"), 10))
+    manifest = checkpoint_layout.read_manifest(checkpoint_layout.step_dir(str(tmp_path / "cut" / "checkpoints"), 10))
     assert (manifest["loop"]["epoch"], manifest["loop"]["step_in_epoch"]) == (2, 3)
     assert [r["epoch"] for r in _untimed(tmp_path / "cut")] == [0, 1]
 
@@ -166,7 +166,7 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tmp_p
     assert proc.returncode == preempt.EXIT_CODE, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("preempted by SIGTERM at step ") and "checkpoint saved" in last, last
-    step = checkpoint.committed_steps(str(tmp_path / "run" / "checkpoints"))[-1]
+    step = checkpoint_layout.committed_steps(str(tmp_path / "run" / "checkpoints"))[-1]
     assert f"at step {step}:" in last
     # The same command with --max_steps resumes there and stops 5 steps later.
     out = _run(cmd + [f"--max_steps={step + 5}"])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from test_checkpoint import saved_arrays
-from nodepert_dist import checkpoint, train
+from nodepert_dist import checkpoint, checkpoint_layout, train
 from nodepert_dist import config as config_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
@@ -165,7 +165,7 @@ def test_resume_with_a_changed_setting_does_what_the_table_says(cuts, tmp_path, 
     else:
         assert f"--{name}: " in logged
     assert rows[-1]["step"] <= at  # the resumed rows: no epoch ended
-    assert checkpoint.committed_steps(str(workdir / "checkpoints"))[-1] == cfg.max_steps
+    assert checkpoint_layout.committed_steps(str(workdir / "checkpoints"))[-1] == cfg.max_steps
 
 
 # ----------------------------------------------------------------------------- optimizer parts
@@ -181,7 +181,7 @@ def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, 
     parts start fresh, and the run trains on."""
     hook = StateAtStart()
     workdir, cfg, run = _resume(cuts, MID, tmp_path, hooks=(hook,), **changes)
-    saved = saved_arrays(checkpoint.step_dir(str(cuts[MID] / "checkpoints"), MID))
+    saved = saved_arrays(checkpoint_layout.step_dir(str(cuts[MID] / "checkpoints"), MID))
     rows, note = run()
     assert "stopped at --max_steps=3" in note
     state = hook.state
@@ -199,7 +199,7 @@ def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, 
     if "adam" in fresh:
         assert int(parts["adam"][0].count) == 0
         assert not any(np.any(m) for m in jax.tree.leaves(parts["adam"][0].mu))
-    assert checkpoint.committed_steps(str(workdir / "checkpoints"))[-1] == MID + 1
+    assert checkpoint_layout.committed_steps(str(workdir / "checkpoints"))[-1] == MID + 1
 
 
 # ----------------------------------------------------------------------------- lr schedule horizon
@@ -267,7 +267,7 @@ def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_pat
     workdir, cfg, run = _resume(cuts, MID, tmp_path, weight_norm=True, clip_norm=1.0)
     run()
     _, params, _, _, _ = common.load_point(cfg, MID + 1)
-    saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID + 1))
+    saved = saved_arrays(checkpoint_layout.step_dir(str(workdir / "checkpoints"), MID + 1))
     np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
 
 
@@ -279,7 +279,7 @@ def test_experiments_read_a_checkpoint_of_a_decorrelated_run(cuts, tmp_path):
     from nodepert_dist.experiments import common
     workdir, cfg, _ = _resume(cuts, MID, tmp_path, variant_="decorrelated")
     model, params, _, _, _ = common.load_point(cfg, MID)
-    saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID))
+    saved = saved_arrays(checkpoint_layout.step_dir(str(workdir / "checkpoints"), MID))
     x = jnp.ones((2, 28, 28, 1))
     plain = models.build_model("fc", 10, 1, 8, decorrelate=True)
     want = plain.apply({"params": params, "decorrelation": {
@@ -309,7 +309,7 @@ def test_a_checkpoint_with_optax_schedule_counter_still_resumes(tmp_path, mnist_
                meta={k: manifest[k] for k in ("epoch", "config", "rng", "loop")},
                position=manifest["processes"][0]["position"])
     saver.wait()
-    assert "opt_state.1.count" in saved_arrays(checkpoint.step_dir(
+    assert "opt_state.1.count" in saved_arrays(checkpoint_layout.step_dir(
         str(tmp_path / "old" / "checkpoints"), MID))
     untimed = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "examples_per_s")}
                           for r in rs]

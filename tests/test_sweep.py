@@ -1,7 +1,7 @@
-"""launch/sweep.py: grid x seeds expansion, job-array rows, local runs and the summary CSV."""
+"""nodepert_dist.sweep (and launch/sweep.py, its command): grid x seeds expansion, job-array rows,
+local runs and the summary CSV."""
 
 import csv
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,11 +11,9 @@ import sys
 import pytest
 
 import _fake_slurm
+from nodepert_dist import sweep, sweep_launch, sweep_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("sweep", REPO / "launch" / "sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
 
 
 def make_spec(tmp_path, command=("nodepert-train",), **extra):
@@ -128,12 +126,12 @@ def test_local_mode_runs_every_row_and_skips_finished(tmp_path):
     spec_path = make_spec(tmp_path, command=[sys.executable, str(fake)])
     runs = sweep.expand(sweep.load_spec(spec_path))
     log = []
-    assert sweep.run_local(runs[:3], parallel=2, skip_finished=True, log=log.append) == 0
+    assert sweep_launch.run_local(runs[:3], parallel=2, skip_finished=True, log=log.append) == 0
     assert all(sweep.final_row(r) is not None for r in runs[:3])
     assert all(sweep.final_row(r) is None for r in runs[3:])
     assert "trained" in open(os.path.join(runs[0]["workdir"], "run.log")).read()
     log.clear()
-    assert sweep.run_local(runs, parallel=2, skip_finished=True, log=log.append) == 0
+    assert sweep_launch.run_local(runs, parallel=2, skip_finished=True, log=log.append) == 0
     assert "[sweep] skipping 3 finished run(s)" in log
     assert sum(line.startswith("[sweep] start") for line in log) == 5
 
@@ -163,7 +161,7 @@ def test_table_pools_seeds_and_times_thresholds(tmp_path):
             for e, acc in enumerate(accs[run["index"]], 1):
                 f.write(json.dumps({"epoch": e, "test_acc": acc, "epoch_time": 2.0 * e,
                                     "examples_per_s": 100.0 * e}) + "\n")
-    lines = sweep.table(runs).splitlines()
+    lines = sweep_report.table(runs).splitlines()
     assert len(lines) == 4, lines
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     # final 94/96 -> 95.0 ± 1.0; 90%: seed 0 at epoch 2 (2+4 s), seed 1 at epoch 2 (6 s); 93%:
@@ -296,7 +294,7 @@ def test_a_row_that_cannot_start_is_a_failure_and_the_rest_still_run(tmp_path):
     spec_path = make_spec(tmp_path, command=[str(tmp_path / "gone")], seeds=1)
     runs = sweep.expand(sweep.load_spec(spec_path))
     log = []
-    assert sweep.run_local(runs, parallel=1, skip_finished=False, log=log.append) == len(runs)
+    assert sweep_launch.run_local(runs, parallel=1, skip_finished=False, log=log.append) == len(runs)
     assert sum(line.startswith("[sweep] FAILED") for line in log) == len(runs)
     for run in runs:
         assert "error: could not start" in open(os.path.join(run["workdir"], "run.log")).read()
@@ -317,7 +315,27 @@ def test_table_reads_guarded_runs_event_rows_and_null_accuracy(tmp_path):
                 middle, {"epoch": 2, "test_acc": 0.96, "epoch_time": 1.0, "examples_per_s": 100.0}]
         with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    lines = sweep.table(runs).splitlines()
+    lines = sweep_report.table(runs).splitlines()
     assert len(lines) == 3, lines
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[1:4] == ["2", "96.0 ± 0.0", "96.0 ± 0.0"] and cells[8] == "2", cells
+
+
+def test_the_sweep_library_imports_no_jax():
+    """The launcher stays light: the sweep modules (and what they import) are standard library."""
+    code = ("import sys; import nodepert_dist.sweep, nodepert_dist.sweep_launch, "
+            "nodepert_dist.sweep_report; "
+            "heavy = sorted(m for m in ('jax', 'numpy', 'absl', 'flax') if m in sys.modules); "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_bad_spec_is_a_sweep_error_in_the_library(tmp_path):
+    """The library raises (the grid experiments turn it into their one line); the command exits."""
+    path = tmp_path / "spec.json"
+    path.write_text('{"grid": {"lr": []}}')
+    with pytest.raises(sweep.SweepError, match="grid entry 'lr' must be a non-empty list"):
+        sweep.load_spec(str(path))

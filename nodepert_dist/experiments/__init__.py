@@ -12,5 +12,5 @@ EXPERIMENTS = {
     "delta-loss": ("delta_loss", "loss change per update, k times per epoch, NP and SGD"),
     "adam-np": ("adam_np", "Adam on NP gradients vs plain NP over an lr grid"),
     "landscape": ("landscape", "loss surface around the final point with the PCA trajectory"),
-    "scaling": ("scaling", "final accuracy and the largest stable lr vs width and depth"),
+    "scaling": ("width_depth", "final accuracy and the largest stable lr vs width and depth"),
 }

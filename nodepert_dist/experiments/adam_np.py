@@ -2,7 +2,7 @@
 
     python -m nodepert_dist.experiments adam-np --lrs=1e-5,1e-4,1e-3,1e-2,1e-1 --seeds=2
 
-The same machinery as vary-lr (ordinary runs through launch/sweep.py, resumable), with the
+The same machinery as vary-lr (ordinary runs through nodepert_dist.sweep, resumable), with the
 optimizer as the series: writes <out>/adam_np.csv (one row per run) and adam_np.png (final and
 best test accuracy vs lr; Adam's good lrs sit orders of magnitude below plain NP's).
 """

@@ -1,6 +1,6 @@
 """What every experiment command shares: its base config, training runs (one, or a grid through
-launch/sweep.py), run outcomes, and result files (CSV/JSONL/PNG written under a temp name and
-renamed, so nothing is ever half written).
+nodepert_dist.sweep), run outcomes, and result files (CSV/JSON/PNG written through files.py: under
+a temporary name, then renamed, so nothing is ever half written; process 0 only).
 
 Every experiment command takes every `nodepert-train` flag (this module imports train.py, which
 defines them) plus the flags below and its own. Its base config is its preset
@@ -9,18 +9,15 @@ defines them) plus the flags below and its own. Its base config is its preset
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib.util
-import json
-import math
 import os
 import sys
 
 import numpy as np
 from absl import flags
 
-from nodepert_dist import checkpoint, crash_guard, distributed, metrics, train
+from nodepert_dist import (checkpoint_layout, checkpoint_restore, crash_guard, distributed, files,
+                           metrics, run_record, sweep, sweep_launch, train)
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist.experiments import presets
 
@@ -36,8 +33,6 @@ flags.DEFINE_integer("parallel", 1, "--launch=local: runs at a time.")
 flags.DEFINE_list("lrs", None, "Learning rates (default: the experiment's log-spaced grid).")
 flags.DEFINE_integer("seeds", 1, "Seeds per grid point (0..N-1).")
 FLAGS = flags.FLAGS
-
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ExperimentError(ValueError):
@@ -125,8 +120,9 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
             crash_guard.run(train.run, cfg, hooks)
         else:
             train.run(cfg, hooks)
-    except (crash_guard.Diverged, checkpoint.NonFiniteState) as e:  # in the loss or the params
-        _write_json(os.path.join(cfg.workdir, "outcome.json"), {"status": "diverged", "detail": str(e)})
+    except (crash_guard.Diverged, checkpoint_layout.NonFiniteState) as e:  # in the loss or the params
+        files.write_json(os.path.join(cfg.workdir, "outcome.json"),
+                         {"status": "diverged", "detail": str(e)})
     except crash_guard.GaveUp:
         pass  # its events are in metrics.jsonl
     return outcome(cfg.workdir, cfg.num_epochs)
@@ -134,19 +130,18 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
 
 def outcome(workdir: str, num_epochs: int) -> dict:
     """{'status': finished | crashed | diverged | unfinished, 'rows': epoch rows, ...}."""
-    logged = metrics.read_jsonl(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
-    rows, events = metrics.epoch_rows(logged), [r for r in logged if "event" in r]
+    logged = run_record.read_metrics(workdir)
+    rows, events = run_record.epoch_rows(logged), [r for r in logged if "event" in r]
     result = {"rows": rows, "events": events}
     gave_up = [e for e in events if e["event"] == "gave_up"]
     path = os.path.join(workdir, "outcome.json")
-    log = os.path.join(workdir, "run.log")  # subprocess runs (launch/sweep.py)
+    log = os.path.join(workdir, "run.log")  # subprocess runs (sweep_launch.run_local)
     if gave_up:
         e = gave_up[-1]
         result.update(status="crashed" if e["reason"] == "crash" else "diverged",
                       event_epoch=e["last_good_epoch"] + 1)
     elif os.path.exists(path):
-        with open(path) as f:
-            result.update(json.load(f))
+        result.update(files.read_json(path))
     elif os.path.exists(log) and _diverged_log(log):
         result["status"] = "diverged"
     elif rows and rows[-1]["epoch"] >= num_epochs:
@@ -163,26 +158,15 @@ def _diverged_log(path: str) -> bool:
         return "training diverged" in f.read()
 
 
-def _sweep_module():
-    path = os.path.join(_REPO, "launch", "sweep.py")
-    if not os.path.exists(path):
-        raise ExperimentError(f"{path} not found: grid experiments need the repository checkout")
-    spec = importlib.util.spec_from_file_location("nodepert_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_grid(base: train.Config, grid: dict, seeds: int, root: str, launch: str = "inprocess",
              parallel: int = 1) -> list[dict]:
-    """Every (grid point x seed) run of `base` via launch/sweep.py; returns sweep's run dicts,
+    """Every (grid point x seed) run of `base` via nodepert_dist.sweep; returns its run dicts,
     each with its `cfg` and `outcome`. Finished, crashed and diverged runs are not rerun."""
-    sweep = _sweep_module()
     spec = {"command": [sys.executable, "-m", "nodepert_dist.train"]
                        + ([f"--cpu_devices={FLAGS.cpu_devices}"] if _flag("cpu_devices") else []),
             "root": root, "base": {k: v for k, v in overrides(base).items() if k != "workdir"},
             "grid": grid, "seeds": list(range(seeds))}
-    _write_json(os.path.join(root, "sweep_spec.json"), spec)
+    files.write_json(os.path.join(root, "sweep_spec.json"), spec)
     runs = sweep.expand(spec)
     for run in runs:
         run["cfg"] = dataclasses.replace(base, **run["flags"])
@@ -192,11 +176,12 @@ def run_grid(base: train.Config, grid: dict, seeds: int, root: str, launch: str 
         for run in todo:
             train_once(run["cfg"])
     elif launch == "local":
-        if sweep.run_local(todo, parallel, skip_finished=False):
+        if sweep_launch.run_local(todo, parallel, skip_finished=False):
             print("[experiments] some runs failed; see their run.log (aggregating the rest)")
     elif launch == "slurm":
         path = os.path.join(root, "sweep.sbatch")
-        _atomic_text(path, sweep.slurm_script(todo, spec, os.path.join(root, "sweep_spec.json")))
+        files.write_text(path, sweep_launch.slurm_script(todo, spec,
+                                                         os.path.join(root, "sweep_spec.json")))
         raise Submitted(f"wrote {path} ({len(todo)} runs): submit it with sbatch, then run "
                         f"this command again with --launch=none to aggregate")
     for run in runs:
@@ -210,43 +195,17 @@ def _flag(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- result files
 
-def _atomic_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    _atomic_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def write_json(path: str, obj) -> str:
     if metrics.is_writer():
-        _write_json(path, obj)
+        files.write_json(path, obj)
     return path
 
 
 def write_csv(path: str, rows: list[dict]) -> str:
-    """A tidy CSV: one row per observation, columns in first-seen order; None -> empty."""
-    if not metrics.is_writer():
-        return path
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, columns)
-        w.writeheader()
-        w.writerows([{k: _cell(r.get(k)) for k in columns} for r in rows])
-    os.replace(tmp, path)
+    """A tidy CSV: one row per observation, columns in first-seen order; None, NaN -> empty."""
+    if metrics.is_writer():
+        files.write_csv(path, rows)
     return path
-
-
-def _cell(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return v
 
 
 def figure(nrows: int = 1, ncols: int = 1, size=(6.4, 4.2)):
@@ -272,16 +231,14 @@ def save_figure(fig, path: str) -> str:
     import matplotlib.pyplot as plt
     if metrics.is_writer():
         fig.tight_layout()
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with files.atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
     plt.close(fig)
     return path
 
 
 def jsonl_to_csv(jsonl: str, csv_path: str) -> list[dict]:
-    from nodepert_dist.experiments.gradstats import read_rows
-    rows = read_rows(jsonl)
+    rows = files.read_jsonl(jsonl)
     write_csv(csv_path, rows)
     return rows
 
@@ -295,7 +252,7 @@ def done(paths: list[str]) -> None:
 
 def command(body):
     """absl main for an experiment: `body()` returns the files it wrote; bad input -> one line."""
-    from nodepert_dist.data import sources
+    from nodepert_dist.data.raw import DataError
 
     def main(argv):
         if len(argv) > 1:
@@ -307,7 +264,7 @@ def command(body):
             print(e)
             return
         # OSError: e.g. a read-only or full --out (as nodepert-train)
-        except (ValueError, OSError, sources.DataError, distributed.DistributedError) as e:
+        except (ValueError, OSError, DataError, distributed.DistributedError) as e:
             raise SystemExit(f"error: {e}")
         done(paths)
     return main
@@ -345,10 +302,10 @@ def load_point(cfg: train.Config, step: int):
     optimizer = step_lib.optimizer_from(cfg, steps_per_epoch=1)
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
     target = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh_lib.make_mesh())
-    path = checkpoint.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
+    path = checkpoint_layout.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
     if not os.path.isdir(path):
         raise ExperimentError(f"no checkpoint of step {step} in {cfg.workdir}/checkpoints")
-    state, _ = checkpoint.load(path, target)
+    state, _ = checkpoint_restore.load(path, target)
     decor = None if state.decor is None else gradstats.local_copy(state.decor)
     return (decorrelation.bind(model, decor), gradstats.local_copy(state.params), data, splits,
             preprocess.resolve(cfg.preprocess, cfg.dataset))

@@ -22,7 +22,7 @@ import shutil
 
 from absl import flags
 
-from nodepert_dist import checkpoint, metrics
+from nodepert_dist import checkpoint_layout, files, metrics
 from nodepert_dist.experiments import common, gradstats
 
 flags.DEFINE_integer("replay_runs", 1, "Replay this many crashed runs (lowest lrs first; 0: none).")
@@ -83,15 +83,15 @@ def plot_timing(rows, path, base) -> str:
 def replay(run: dict, out: str, every: int, draws: int, probe_size: int) -> list[dict]:
     """Trains the crash epoch again from the last checkpoint before it, logging every step."""
     src_dir = os.path.join(run["workdir"], "checkpoints")
-    steps = checkpoint.committed_steps(src_dir)
+    steps = checkpoint_layout.committed_steps(src_dir)
     crash_epoch = run["outcome"]["event_epoch"]
     name = os.path.basename(run["workdir"])
     dest = os.path.join(out, "replay", name)
     if steps and metrics.is_writer() and not os.path.exists(os.path.join(dest, "checkpoints")):
         tmp = os.path.join(out, "replay", f".{name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint.step_dir(src_dir, steps[-1]),
-                        os.path.join(tmp, "checkpoints", os.path.basename(checkpoint.step_dir(src_dir, steps[-1]))))
+        shutil.copytree(checkpoint_layout.step_dir(src_dir, steps[-1]),
+                        os.path.join(tmp, "checkpoints", os.path.basename(checkpoint_layout.step_dir(src_dir, steps[-1]))))
         os.replace(tmp, dest)
     cfg = dataclasses.replace(run["cfg"], workdir=dest, crash_guard=False, num_epochs=crash_epoch,
                               checkpoint_every_epochs=0, checkpoint_every_steps=0, max_steps=0)
@@ -103,7 +103,7 @@ def replay(run: dict, out: str, every: int, draws: int, probe_size: int) -> list
     tag = {"lr": run["settings"]["lr"], "seed": run["settings"]["seed"], "crash_epoch": crash_epoch,
            "replay_status": result["status"], "replay_test_acc": again.get("test_acc"),
            "original_test_acc": original["test_acc"] if original else None}
-    return [{**tag, **r} for r in gradstats.read_rows(jsonl)]
+    return [{**tag, **r} for r in files.read_jsonl(jsonl)]
 
 
 def plot_replay(rows, path) -> str:

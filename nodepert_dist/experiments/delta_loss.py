@@ -12,7 +12,6 @@ trains; a rerun resumes); delta_loss.csv holds the window means, delta_loss.png 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -20,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from nodepert_dist import losses, metrics
-from nodepert_dist.experiments import common, gradstats
+from nodepert_dist import files, losses, metrics
+from nodepert_dist.experiments import common
 
 flags.DEFINE_list("rules", ["np", "sgd"], "Update rules, one run each.")
 flags.DEFINE_integer("per_epoch", 10, "Measuring points per epoch.")
@@ -48,9 +47,8 @@ class Hook:
         model = ctx.model
         self.loss = jax.jit(lambda p, x, y: jnp.mean(loss_fn(model.apply({"params": p}, x), y)))
         if metrics.is_writer():
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            gradstats.rewrite_rows(self.path, [r for r in gradstats.read_rows(self.path)
-                                               if r["step"] <= ctx.step])
+            files.write_jsonl(self.path, [r for r in files.read_jsonl(self.path)
+                                          if r["step"] <= ctx.step])
 
     def after_step(self, step, state, x, labels, step_metrics) -> None:
         position = (step - 1) % self.n  # step counts updates: update `step` is at this position
@@ -62,8 +60,7 @@ class Hook:
         row = {"step": step, "epoch": (step - 1) // self.n + 1, "point": self.points[position],
                "loss_before": before, "loss_after": after, "delta_loss": after - before}
         if metrics.is_writer():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            files.append_jsonl(self.path, [row])
 
 
 def window_means(rows: list[dict], rule: str, lr: float, steps_per_epoch: int) -> list[dict]:
@@ -72,12 +69,14 @@ def window_means(rows: list[dict], rule: str, lr: float, steps_per_epoch: int) -
         out.setdefault((r["epoch"], r["point"]), []).append(r)
     table = []
     for (epoch, point), group in sorted(out.items()):
-        d = [g["delta_loss"] for g in group]
+        # float arrays: a non-finite loss was written as null (files.py), read back as NaN
+        d = np.array([g["delta_loss"] for g in group], float)
+        before = np.array([g["loss_before"] for g in group], float)
         table.append({"rule": rule, "lr": lr, "epoch": epoch, "point": point,
                       "epoch_frac": (group[0]["step"] - 1) / steps_per_epoch,
                       "updates": len(d), "delta_loss": float(np.mean(d)),
-                      "rel_delta_loss": float(np.mean([g["delta_loss"] / g["loss_before"] for g in group])),
-                      "loss_before": float(np.mean([g["loss_before"] for g in group]))})
+                      "rel_delta_loss": float(np.mean(d / before)),
+                      "loss_before": float(np.mean(before))})
     return table
 
 
@@ -113,7 +112,7 @@ def run(base, out, rules, lrs, per_epoch=10, window=5) -> list[str]:
         jsonl = os.path.join(cfg.workdir, "delta_loss.jsonl")
         hook = Hook(jsonl, per_epoch, window)
         common.train_once(cfg, hooks=[hook])
-        table += window_means(gradstats.read_rows(jsonl), rule, lr, hook.n)
+        table += window_means(files.read_jsonl(jsonl), rule, lr, hook.n)
     if not table:
         raise common.ExperimentError("no updates were measured")
     return [common.write_csv(os.path.join(out, "delta_loss.csv"), table),

@@ -21,14 +21,12 @@ measures, so the other steps run exactly as without it.
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nodepert_dist import losses, metrics
+from nodepert_dist import files, losses, metrics
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import preprocess
 
@@ -130,19 +128,9 @@ def probe_batch(data, splits, prep_mode: str, size: int, seed: int):
     return np.asarray(x, np.float32), np.asarray(data.train_y[rows], np.int32)
 
 
-read_rows = metrics.read_rows  # rows of a JSONL file, up to a half-written last line
-
-
 def layer_names(rows: list[dict]) -> list[str]:
     """The layers named in statistics rows (`layer0_angle` -> `layer0`)."""
     return sorted({k[:-len("_angle")] for k in rows[0] if k.endswith("_angle")} - {"all"})
-
-
-def rewrite_rows(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 class Hook:
@@ -166,8 +154,8 @@ class Hook:
         self.x, self.y = jax.device_put(x, device), jax.device_put(y, device)
         self.steps_per_epoch = ctx.steps_per_epoch
         if metrics.is_writer():
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            rewrite_rows(self.path, [r for r in read_rows(self.path) if r["step"] < ctx.step])
+            files.write_jsonl(self.path, [r for r in files.read_jsonl(self.path)
+                                          if r["step"] < ctx.step])
         if self.at_start or ctx.step % self.every == 0:
             self.measure(ctx.step, ctx.state)
 
@@ -180,5 +168,4 @@ class Hook:
         row = {"step": step, "epoch": step / self.steps_per_epoch,
                **{k: float(v) for k, v in values.items()}}
         if metrics.is_writer():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            files.append_jsonl(self.path, [row])

@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from jax.flatten_util import ravel_pytree
 
-from nodepert_dist import checkpoint, losses, metrics
+from nodepert_dist import checkpoint_layout, files, losses, metrics
 from nodepert_dist.experiments import common, gradstats
 
 flags.DEFINE_integer("every", 50, "Store the parameters every this many steps (and at step 0).")
@@ -53,9 +53,8 @@ class TrajectoryHook:
             return
         vector = np.asarray(ravel_pytree(gradstats.local_copy(state.params))[0], np.float32)
         path = os.path.join(self.folder, f"step_{step:08d}.npy")
-        with open(path + ".tmp", "wb") as f:
+        with files.atomic_open(path, "wb") as f:
             np.save(f, vector)
-        os.replace(path + ".tmp", path)
 
 
 def snapshot_paths(folder: str) -> list[str]:
@@ -92,7 +91,7 @@ def surface_fn(model, loss: str):
 
 
 def analyse(cfg, folder, grid, surface_size):
-    last = checkpoint.committed_steps(os.path.join(cfg.workdir, "checkpoints"))
+    last = checkpoint_layout.committed_steps(os.path.join(cfg.workdir, "checkpoints"))
     if not last:
         raise common.ExperimentError(f"{cfg.workdir} has no checkpoint of the final point")
     model, params, data, splits, prep_mode = common.load_point(cfg, last[-1])

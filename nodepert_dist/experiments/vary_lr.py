@@ -2,7 +2,7 @@
 
     python -m nodepert_dist.experiments vary-lr --lrs=0.001,0.003,0.01,0.03,0.1 --seeds=2
 
-Runs are ordinary `nodepert-train` runs, one workdir each under <out>/runs (launch/sweep.py
+Runs are ordinary `nodepert-train` runs, one workdir each under <out>/runs (nodepert_dist.sweep
 names and launches them: in this process, as local subprocesses, or as a SLURM array); rerun the
 command to resume or aggregate. Writes <out>/vary_lr.csv (one row per run) and vary_lr.png.
 """

@@ -1,7 +1,7 @@
 """Scaling of the whole training loop over devices and processes: `nodepert-train` as users run it.
 
-    python benchmarks/scaling.py --data_dir=data     # fc on MNIST: 1, 2, 4, 8 devices; 1x8, 2x4, 4x2
-    python benchmarks/scaling.py --quick             # a tiny smoke run (tests use it)
+    python benchmarks/device_scaling.py --data_dir=data     # fc on MNIST: 1, 2, 4, 8 devices; 1x8, 2x4, 4x2
+    python benchmarks/device_scaling.py --quick             # a tiny smoke run (tests use it)
 
 Every point is one real `nodepert-train` run (2 epochs, no train-set evaluation, no checkpoints)
 in fresh processes with that many simulated CPU devices (`--cpu_devices`; several processes go
@@ -27,7 +27,6 @@ Output: JSON lines (--out), a printed table and an efficiency chart (--png).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import tempfile
 
 from absl import app, flags
 
-from nodepert_dist import cli
+from nodepert_dist import cli, files, run_record
 from nodepert_dist.models import NETWORKS
 
 flags.DEFINE_enum("network", "fc", NETWORKS, "Network (as nodepert-train --network).")
@@ -47,8 +46,8 @@ flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Device counts.")
 flags.DEFINE_list("layouts", ["1x8", "2x4", "4x2"], "Processes x devices per process.")
 flags.DEFINE_list("extra", [], "More nodepert-train flags for every run, e.g. --extra=--hl_size=64.")
 flags.DEFINE_bool("quick", False, "Smoke run: a small net, 8000 training examples, 1-2 devices.")
-flags.DEFINE_string("out", "benchmarks/results/scaling.jsonl", "JSON lines (appended).")
-flags.DEFINE_string("png", "benchmarks/results/scaling.png", "Efficiency chart ('' = none).")
+flags.DEFINE_string("out", "benchmarks/results/device_scaling.jsonl", "JSON lines (appended).")
+flags.DEFINE_string("png", "benchmarks/results/device_scaling.png", "Efficiency chart ('' = none).")
 flags.DEFINE_integer("timeout_s", 900, "Per run.")
 FLAGS = flags.FLAGS
 # Checked when the flags are parsed, not after hours of runs.
@@ -80,8 +79,7 @@ def run_point(processes: int, devices_per_process: int, batch: int, extra: list[
             tail = (out.stdout + out.stderr).strip().splitlines()[-3:]
             raise SystemExit(f"error: {processes}x{devices_per_process} B={batch} failed: "
                              + " | ".join(tail))
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            row = [json.loads(line) for line in f][-1]
+        row = run_record.read_metrics(workdir)[-1]
     return {"network": FLAGS.network, "update_rule": FLAGS.update_rule, "processes": processes,
             "devices_per_process": devices_per_process, "devices": processes * devices_per_process,
             "batchsize": batch, "per_device_batch": batch // (processes * devices_per_process),
@@ -156,8 +154,8 @@ def report(rows: list[dict]) -> None:
     bx.set_ylabel(f"examples/s (B={FLAGS.batchsize})")
     fig.suptitle(f"{FLAGS.network} {FLAGS.update_rule}: the training loop over simulated devices")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.png)), exist_ok=True)
-    fig.savefig(FLAGS.png)
+    with files.atomic_open(FLAGS.png, "wb") as f:
+        fig.savefig(f, format="png")
     print(f"chart: {FLAGS.png}")
 
 
@@ -169,11 +167,9 @@ def main(argv):
             ["1", "2"], ["1x2", "2x1"], 400, 400)
     rows = measure()
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    files.append_jsonl(FLAGS.out, rows)
     report(rows)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.flags_parser("benchmarks/scaling.py"))
+    app.run(main, flags_parser=cli.flags_parser("benchmarks/device_scaling.py"))

