@@ -19,6 +19,7 @@ import pytest
 from test_checkpoint import saved_arrays
 from nodepert_dist import checkpoint, train
 from nodepert_dist import config as config_lib
+from nodepert_dist import optim
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
 
@@ -189,10 +190,10 @@ def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, 
     for layer in ("layer0", "layer1"):
         np.testing.assert_array_equal(state.params[layer]["kernel"],
                                       saved[f"params.{layer}.kernel"])
-    names = [n for n, _ in step_lib.optimizer_parts(
+    names = [n for n, _ in optim.optimizer_parts(
         cfg.optimizer, cfg.lr, cfg.wd, clip_norm=cfg.clip_norm, weight_norm=cfg.weight_norm)]
     assert sorted(names) == sorted(kept + fresh)
-    parts = step_lib.part_states(names, state.opt_state)
+    parts = optim.part_states(names, state.opt_state)
     if "weight_norm" in fresh:  # fresh norms: the kernels' norms at the resume step
         np.testing.assert_allclose(parts["weight_norm"].norms["layer0"]["kernel"],
                                    np.linalg.norm(saved["params.layer0.kernel"]), rtol=1e-6)

@@ -23,7 +23,7 @@ import shutil
 from absl import flags
 
 from nodepert_dist import checkpoint, metrics
-from nodepert_dist.experiments import common, gradstats
+from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("replay_runs", 1, "Replay this many crashed runs (lowest lrs first; 0: none).")
 flags.DEFINE_integer("replay_every", 1, "During the replay, statistics every N steps.")
@@ -96,21 +96,21 @@ def replay(run: dict, out: str, every: int, draws: int, probe_size: int) -> list
     cfg = dataclasses.replace(run["cfg"], workdir=dest, crash_guard=False, num_epochs=crash_epoch,
                               checkpoint_every_epochs=0, checkpoint_every_steps=0, max_steps=0)
     jsonl = os.path.join(dest, "replay.jsonl")
-    result = common.train_once(cfg, hooks=[gradstats.Hook(jsonl, every, draws, probe_size, norms=True,
+    result = common.train_once(cfg, hooks=[probes.Hook(jsonl, every, draws, probe_size, norms=True,
                                                                       at_start=True)])
     original = run["outcome"]["rows"][-1] if run["outcome"]["status"] == "crashed" else None
     again = result["rows"][-1] if result["rows"] else {}
     tag = {"lr": run["settings"]["lr"], "seed": run["settings"]["seed"], "crash_epoch": crash_epoch,
            "replay_status": result["status"], "replay_test_acc": again.get("test_acc"),
            "original_test_acc": original["test_acc"] if original else None}
-    return [{**tag, **r} for r in gradstats.read_rows(jsonl)]
+    return [{**tag, **r} for r in probes.read_rows(jsonl)]
 
 
 def plot_replay(rows, path) -> str:
     first = rows[0]
     fig, axes = common.figure(3, 2, size=(5.2, 3.0))
     steps = [r["step"] for r in rows]
-    names = gradstats.layer_names(rows)
+    names = probes.layer_names(rows)
     colors = {"NP": "C3", "SGD": "C2", "true grad = 0 (whole)": "C7",
               **{n: f"C{i}" for i, n in enumerate(names)}}
     panels = [("loss", "probe loss", [("", "loss")]),

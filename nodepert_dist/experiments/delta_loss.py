@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags
 
 from nodepert_dist import losses, metrics
-from nodepert_dist.experiments import common, gradstats
+from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_list("rules", ["np", "sgd"], "Update rules, one run each.")
 flags.DEFINE_integer("per_epoch", 10, "Measuring points per epoch.")
@@ -49,7 +49,7 @@ class Hook:
         self.loss = jax.jit(lambda p, x, y: jnp.mean(loss_fn(model.apply({"params": p}, x), y)))
         if metrics.is_writer():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            gradstats.rewrite_rows(self.path, [r for r in gradstats.read_rows(self.path)
+            probes.rewrite_rows(self.path, [r for r in probes.read_rows(self.path)
                                                if r["step"] <= ctx.step])
 
     def after_step(self, step, state, x, labels, step_metrics) -> None:
@@ -113,7 +113,7 @@ def run(base, out, rules, lrs, per_epoch=10, window=5) -> list[str]:
         jsonl = os.path.join(cfg.workdir, "delta_loss.jsonl")
         hook = Hook(jsonl, per_epoch, window)
         common.train_once(cfg, hooks=[hook])
-        table += window_means(gradstats.read_rows(jsonl), rule, lr, hook.n)
+        table += window_means(probes.read_rows(jsonl), rule, lr, hook.n)
     if not table:
         raise common.ExperimentError("no updates were measured")
     return [common.write_csv(os.path.join(out, "delta_loss.csv"), table),
