@@ -21,12 +21,14 @@ _NP = "node perturbation"
 @dataclasses.dataclass(frozen=True)
 class NPSettings:
     """The estimator's settings, handed to `build` whole; part of config.Config. A new
-    option is a field here, its check in `validate` and its use in `build`/`perturbation.np_gradient`."""
+    option is a field here, its check in `validate` and its use in `build` and
+    perturbation.np_gradient."""
     sigma: Optional[float] = setting(None, "NP noise scale (default: 1e-5 for conv/conv-large, "
                                      "1e-4 otherwise; in bfloat16 the measured floor, see "
                                      "README).", group=_NP)
     noise: str = setting("rademacher", "NP noise distribution: rademacher (random signs; on "
-                         "CPU ~40x cheaper to draw) or gaussian.", group=_NP, choices=perturbation.NOISE_KINDS)
+                         "CPU ~40x cheaper to draw) or gaussian.", group=_NP,
+                         choices=perturbation.NOISE_KINDS)
     np_mode: str = setting("keep", "keep: reuse the noise of the noisy pass in the update; "
                            "regen: draw it again from its keys (nothing kept alive). Same "
                            "update.", group=_NP, choices=perturbation.NP_MODES)
@@ -38,7 +40,8 @@ class NPSettings:
                             "(variance / K, cost ~K noisy passes).", group=_NP)
     np_delta: str = setting("finite", "finite (loss difference / sigma) or jvp (the exact "
                             "directional derivative along the noise by forward-mode AD: the "
-                            "sigma -> 0 limit, no rounding).", group=_NP, choices=perturbation.NP_DELTAS)
+                            "sigma -> 0 limit, no rounding).", group=_NP,
+                            choices=perturbation.NP_DELTAS)
     np_layerwise: bool = setting(False, "One noisy pass per tap, perturbing that tap alone; each "
                                  "tap's update uses its own pass's delta. Cost: one noisy pass "
                                  "per tap.", group=_NP)
@@ -57,9 +60,10 @@ class NPSettings:
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"--sigma={self.sigma} must be positive")
         settings_lib.check_positive(self, "np_microbatches", "np_draws")
-        perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws, self.np_delta,
-                      estimator=self.np_estimator, layerwise=self.np_layerwise,
-                      microbatches=self.np_microbatches, local=self.np_local)
+        perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
+                                   self.np_delta, estimator=self.np_estimator,
+                                   layerwise=self.np_layerwise,
+                                   microbatches=self.np_microbatches, local=self.np_local)
 
 
 def build(np: NPSettings, loss_fn, *, seed: int, global_batch: int, axis_name: str):
@@ -72,16 +76,18 @@ def build(np: NPSettings, loss_fn, *, seed: int, global_batch: int, axis_name: s
     if np.np_estimator == "original":
         def original(model, params, x, labels, step, global_index):
             del global_index  # one noise draw for the whole batch
-            return perturbation.original_gradient(model, params, x, labels, loss_fn, sigma=np.sigma,
-                                     key=perturbation.step_key(seed, step), normalizer=global_batch,
-                                     noise_kind=np.noise, axis_name=axis_name)
+            return perturbation.original_gradient(
+                model, params, x, labels, loss_fn, sigma=np.sigma,
+                key=perturbation.step_key(seed, step), normalizer=global_batch,
+                noise_kind=np.noise, axis_name=axis_name)
         return original
     options = dict(antithetic=np.np_antithetic, draws=np.np_draws, delta=np.np_delta,
                    layerwise=np.np_layerwise, **({"local": True} if np.np_local else {}))
 
     def per_example(model, params, x, labels, step, global_index):
         return perturbation.np_gradient(model, params, x, labels, loss_fn, sigma=np.sigma,
-                           keys=perturbation.example_keys(seed, step, global_index), normalizer=global_batch,
-                           noise_kind=np.noise, mode=np.np_mode, microbatches=np.np_microbatches,
-                           **options)
+                                        keys=perturbation.example_keys(seed, step, global_index),
+                                        normalizer=global_batch, noise_kind=np.noise,
+                                        mode=np.np_mode, microbatches=np.np_microbatches,
+                                        **options)
     return per_example

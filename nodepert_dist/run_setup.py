@@ -56,20 +56,6 @@ class Run:
         return checkpoint.load(path, self.state)[0]
 
 
-def open_data(cfg: Config):
-    """(dataset, splits, steps per epoch) of cfg's data settings; one line if they do not fit."""
-    data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
-    n_train = len(data.train_y) - cfg.validation_size
-    if n_train <= 0:
-        raise ValueError(f"--validation_size={cfg.validation_size} leaves no training examples "
-                         f"of {len(data.train_y)}")
-    steps = pipeline.steps_per_epoch(n_train, cfg.batchsize)
-    if steps == 0:
-        raise ValueError(f"--batchsize={cfg.batchsize} is larger than the {n_train} "
-                         f"training examples")
-    return data, {"train": (0, n_train), "val": (n_train, len(data.train_y))}, steps
-
-
 def check_mesh(cfg: Config, mesh) -> None:
     """One line if cfg's batch does not split over the mesh (before any work)."""
     mesh_lib.check_batch(cfg.batchsize, mesh)
@@ -83,7 +69,7 @@ def build(cfg: Config, mesh) -> Run:
     """The run `cfg` describes, on `mesh` (cfg validated; sigma resolved here)."""
     cfg = cfg.resolved()
     check_mesh(cfg, mesh)
-    data, splits, steps_per_epoch = open_data(cfg)
+    data, splits, steps_per_epoch = pipeline.open_splits(cfg.data, cfg.batchsize)
     # the preprocessing runs per batch on the device, from training-split statistics
     prep_mode = preprocess.resolve(cfg.preprocess, cfg.dataset)
     prep = preprocess.device_fn(prep_mode, preprocess.statistics(

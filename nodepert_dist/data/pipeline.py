@@ -57,6 +57,20 @@ class DataSettings:
         settings_lib.check_non_negative(self, "validation_size", "data_workers")
 
 
+def open_splits(data: DataSettings, batchsize: int):
+    """(the dataset, {"train": rows, "val": rows}, steps per epoch) of a run's data settings;
+    one line if the split or the batch does not fit the dataset."""
+    dataset = store.open_dataset(data.dataset, data.data_dir, data.cifar100_labels)
+    n_train = len(dataset.train_y) - data.validation_size
+    if n_train <= 0:
+        raise ValueError(f"--validation_size={data.validation_size} leaves no training examples "
+                         f"of {len(dataset.train_y)}")
+    steps = steps_per_epoch(n_train, batchsize)
+    if steps == 0:
+        raise ValueError(f"--batchsize={batchsize} is larger than the {n_train} training examples")
+    return dataset, {"train": (0, n_train), "val": (n_train, len(dataset.train_y))}, steps
+
+
 class Rows:
     """A memory-mapped array that pickles as its file name (Grain workers map the file again
     instead of receiving a copy); plain arrays pickle as themselves."""
