@@ -267,7 +267,7 @@ def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_pat
     from nodepert_dist.experiments import common
     workdir, cfg, run = _resume(cuts, MID, tmp_path, weight_norm=True, clip_norm=1.0)
     run()
-    _, params, _, _, _ = common.load_point(cfg, MID + 1)
+    _, _, params = common.load_point(cfg, MID + 1)
     saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID + 1))
     np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
 
@@ -279,7 +279,7 @@ def test_experiments_read_a_checkpoint_of_a_decorrelated_run(cuts, tmp_path):
     from nodepert_dist import models
     from nodepert_dist.experiments import common
     workdir, cfg, _ = _resume(cuts, MID, tmp_path, variant_="decorrelated")
-    model, params, _, _, _ = common.load_point(cfg, MID)
+    _, model, params = common.load_point(cfg, MID)
     saved = saved_arrays(checkpoint.step_dir(str(workdir / "checkpoints"), MID))
     x = jnp.ones((2, 28, 28, 1))
     plain = models.build_model("fc", 10, 1, 8, decorrelate=True)

@@ -10,8 +10,8 @@ epoch fell from ~200 to 0 as lr went from 0.004 to 0.02.
 
 Replay (--replay_runs, the crashing runs with the lowest lrs): the crash epoch is trained
 again from that checkpoint (same data order and noise, so the same crash), logging at every
---replay_every steps the gradient statistics of grad-stats plus weight and activity norms per
-layer. Writes crash_timing.csv/.png (crash epoch vs lr) and crash_replay.csv/.png.
+--replay_every steps the gradient statistics of grad-stats (of the estimator the run trains
+with: every --np_* setting, --noise and --sigma) plus weight and activity norms per layer. Writes crash_timing.csv/.png (crash epoch vs lr) and crash_replay.csv/.png.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("replay_runs", 1, "Replay this many crashed runs (lowest lrs first; 0: none).")
 flags.DEFINE_integer("replay_every", 1, "During the replay, statistics every N steps.")
-flags.DEFINE_integer("replay_draws", 4, "NP draws per replay measurement.")
+flags.DEFINE_integer("replay_draws", 4, "NP draws per replay measurement (each an estimate of "
+                     "the run's own estimator, --np_* settings included).")
 flags.DEFINE_integer("probe_size", 256, "Training examples in the replay's probe batch.")
 FLAGS = flags.FLAGS
 

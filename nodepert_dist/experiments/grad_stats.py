@@ -1,5 +1,6 @@
 """grad-stats: while NP (or SGD) trains, every k steps compare the NP update with the true
-gradient (`jax.grad`) on one fixed probe batch of training examples.
+gradient (`jax.grad`) on one fixed probe batch of training examples. The NP update measured is
+the run's own estimator, every --np_* setting, --noise and --sigma included (probes.py).
 
     python -m nodepert_dist.experiments grad-stats --every=100 --draws=8 --num_epochs=5
 
@@ -21,7 +22,8 @@ from absl import flags
 from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("every", 100, "Measure every this many steps (and at step 0).")
-flags.DEFINE_integer("draws", 8, "NP draws per measurement (variance, angle of the mean).")
+flags.DEFINE_integer("draws", 8, "NP draws per measurement (variance, angle of the mean), each "
+                     "an estimate of the run's own estimator (--np_* settings included).")
 flags.DEFINE_integer("probe_size", 512, "Training examples in the fixed probe batch.")
 FLAGS = flags.FLAGS
 

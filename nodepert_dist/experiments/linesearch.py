@@ -28,7 +28,8 @@ from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_list("widths", ["100", "300", "1000"], "hl_size values.")
 flags.DEFINE_float("target_acc", 0.9, "Test accuracy (0..1) at which to measure.")
-flags.DEFINE_integer("draws", 8, "NP draws averaged per lr.")
+flags.DEFINE_integer("draws", 8, "NP draws averaged per lr, each an estimate of the run's own "
+                     "estimator (--np_* settings included).")
 flags.DEFINE_integer("probe_size", 0, "Training examples the step is computed and the loss "
                      "change measured on (0: --batchsize, one training step's batch).")
 FLAGS = flags.FLAGS
