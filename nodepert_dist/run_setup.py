@@ -13,7 +13,6 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-import jax
 import numpy as np
 import optax
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from nodepert_dist import optim, step as step_lib
+from nodepert_dist import optim
 
 
 def _lrs(kind, steps=10, **kw):

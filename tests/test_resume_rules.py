@@ -20,7 +20,6 @@ from test_checkpoint import saved_arrays
 from nodepert_dist import checkpoint, train
 from nodepert_dist import config as config_lib
 from nodepert_dist import optim
-from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
