@@ -138,6 +138,7 @@ def run(base, out, widths, lrs, target=0.9, draws=8, probe_size=0) -> list[str]:
     if not 0 < target <= 1 or draws < 1 or probe_size < 0:
         raise common.ExperimentError("--target_acc in (0, 1], --draws > 0, --probe_size >= 0")
     probe_size = probe_size or base.batchsize
+    probes.check_probe_size(probe_size, base)  # before any training
     table, summary = [], []
     for w in widths:
         t, s = measure(base, out, w, lrs, target, draws, probe_size)

@@ -142,6 +142,14 @@ def local_copy(tree):
     return jax.tree.map(lambda a: a.addressable_data(0), tree)
 
 
+def check_probe_size(size: int, cfg) -> None:
+    """One line if the run's --np_microbatches does not split a probe batch of `size`."""
+    if size % cfg.np_microbatches:
+        raise ValueError(f"the probe batch of {size} examples does not split into "
+                         f"--np_microbatches={cfg.np_microbatches}; use a probe size that is a "
+                         f"multiple of it")
+
+
 def probe_batch(data, splits, prep_mode: str, size: int, seed: int):
     """`size` fixed training examples (a seeded choice), preprocessed like the train batches."""
     lo, hi = splits["train"]
@@ -183,6 +191,7 @@ class Hook:
         if ctx.state.decor is not None:  # the probe is compiled once, R moves every step
             raise ValueError("the gradient-statistics probe does not take --decorrelate; drop it")
         x, y = probe_batch(ctx.data, ctx.splits, ctx.prep_mode, self.size, cfg.seed)
+        check_probe_size(len(y), cfg)
         self.fn = probe_fn(ctx.model, ctx.run.gradient(len(y), update_rule="np"), loss=cfg.loss,
                            draws=self.draws, norms=self.norms)
         device = jax.local_devices()[0]
