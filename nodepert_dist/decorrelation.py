@@ -110,7 +110,8 @@ class DecorrelationSettings:
     def validate(self, network: str) -> None:
         if self.decorrelate:
             check(network)
-            settings_lib.check_positive(self, "decorrelate_lr")
+            if not self.decorrelate_lr > 0:
+                raise ValueError(f"--decorrelate_lr={self.decorrelate_lr:g} must be positive")
         elif self.decorrelate_lr != settings_lib.default(DecorrelationSettings, "decorrelate_lr"):
             raise ValueError("--decorrelate_lr is the rate of --decorrelate's matrices; give "
                              "--decorrelate too, or drop --decorrelate_lr")
