@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nodepert_dist import cli, files, losses, models, perturbation
 

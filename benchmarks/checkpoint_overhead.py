@@ -30,19 +30,20 @@ def main():
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from absl import logging
     logging.set_verbosity(logging.INFO)
-    from nodepert_dist import checkpoint, step as step_lib, mesh as mesh_lib
+    from nodepert_dist import checkpoint, optim, step as step_lib, mesh as mesh_lib
+    from nodepert_dist.estimator import NPSettings
 
     mesh = mesh_lib.make_mesh()
     shape = (28, 28, 1) if args.network.startswith("conv") else (784,)
     model = models.build_model(args.network, 10, 2, 500)
-    optimizer = step_lib.make_optimizer("sgd", 1e-2, 0.0)
+    optimizer = optim.make_optimizer("sgd", 1e-2, 0.0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batchsize, *shape)).astype(np.float32)
     y = rng.integers(0, 10, args.batchsize).astype(np.int32)
     state = step_lib.init_state(model, optimizer, x, 0, mesh)
     train_step = step_lib.make_train_step(model, optimizer, mesh, update_rule="np", loss="mse",
-                                          sigma=models.default_sigma(args.network), seed=0,
-                                          global_batch=args.batchsize)
+                                          seed=0, global_batch=args.batchsize,
+                                          np=NPSettings(sigma=models.default_sigma(args.network)))
     batch = mesh_lib.global_batch(mesh, x, y)
     t = time.perf_counter()
     state, _ = train_step(state, *batch)

@@ -114,15 +114,16 @@ def measure_pipeline(data, augment, prefetch, mesh, prep):
 def measure_step(network, shape, classes, mesh):
     import jax
     import numpy as np
-    from nodepert_dist import mesh as mesh_lib, models, step as step_lib
+    from nodepert_dist import mesh as mesh_lib, models, optim, step as step_lib
+    from nodepert_dist.estimator import NPSettings
     model = models.build_model(network, classes)
-    opt = step_lib.make_optimizer("sgd", 1e-3, 0.0)
+    opt = optim.make_optimizer("sgd", 1e-3, 0.0)
     x = np.random.default_rng(0).normal(size=(FLAGS.batchsize, *shape)).astype(np.float32)
     y = np.zeros(FLAGS.batchsize, np.int32)
     state = step_lib.init_state(model, opt, x[:1], 0, mesh)
     step = step_lib.make_train_step(model, opt, mesh, update_rule="np", loss="mse",
-                                    sigma=models.default_sigma(network), seed=0,
-                                    global_batch=FLAGS.batchsize)
+                                    seed=0, global_batch=FLAGS.batchsize,
+                                    np=NPSettings(sigma=models.default_sigma(network)))
     batch = mesh_lib.global_batch(mesh, x, y)
     state, m = step(state, *batch)
     state, m = step(state, *batch)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nodepert_dist import losses, perturbation, step, taps
+from nodepert_dist.estimator import NPSettings
 
 
 def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
@@ -52,6 +53,6 @@ def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
 def original_np(*, loss: str, sigma: float, seed: int, global_batch: int):
     # The engine's own `--np_estimator=original` (perturbation.original_gradient), with the
     # original code's Gaussian noise.
-    return step.local_gradient(update_rule="np", loss=loss, sigma=sigma, seed=seed,
-                               global_batch=global_batch, noise="gaussian",
-                               np_estimator="original")
+    return step.local_gradient(update_rule="np", loss=loss, seed=seed, global_batch=global_batch,
+                               np=NPSettings(sigma=sigma, noise="gaussian",
+                                             np_estimator="original"))

@@ -119,22 +119,23 @@ def _matmul_peak(mesh):
 
 def _build(variant, model, opt, mesh, batch, sigma):
     from nodepert_dist import step as step_lib
+    from nodepert_dist.estimator import NPSettings
     import references
-    common = dict(loss="mse", sigma=sigma, seed=0, global_batch=batch)
+    common = dict(loss="mse", seed=0, global_batch=batch)
     if variant == "sgd":
         return step_lib.make_train_step(model, opt, mesh, update_rule="sgd", **common)
     if variant in NP_VARIANTS:
         noise, mode, mb = NP_VARIANTS[variant]
-        return step_lib.make_train_step(model, opt, mesh, update_rule="np", noise=noise,
-                                        np_mode=mode, np_microbatches=mb, **common)
+        return step_lib.make_train_step(model, opt, mesh, update_rule="np", **common, np=NPSettings(
+            sigma=sigma, noise=noise, np_mode=mode, np_microbatches=mb))
     if variant in NP_OPTION_VARIANTS:
-        return step_lib.make_train_step(model, opt, mesh, update_rule="np",
-                                        **NP_OPTION_VARIANTS[variant], **common)
+        return step_lib.make_train_step(model, opt, mesh, update_rule="np", **common,
+                                        np=NPSettings(sigma=sigma, **NP_OPTION_VARIANTS[variant]))
     if variant in DECORRELATE_VARIANTS:  # the default rate: its cost, not its value
         return step_lib.make_train_step(model, opt, mesh, update_rule=DECORRELATE_VARIANTS[variant],
-                                        decorrelate_lr=1e-4, **common)
+                                        decorrelate_lr=1e-4, **common, np=NPSettings(sigma=sigma))
     ref = {"naive": references.naive_np, "original": references.original_np}[variant]
-    return step_lib.make_train_step(model, opt, mesh, gradient=ref(**common),
+    return step_lib.make_train_step(model, opt, mesh, gradient=ref(sigma=sigma, **common),
                                     global_batch=batch)
 
 
@@ -159,7 +160,7 @@ def worker(n_dev: int) -> None:
     """Times every config on a mesh of `n_dev` devices; appends JSON lines to --out."""
     import jax
     import numpy as np
-    from nodepert_dist import decorrelation, mesh as mesh_lib, models, step as step_lib
+    from nodepert_dist import decorrelation, mesh as mesh_lib, models, optim, step as step_lib
 
     if jax.device_count() < n_dev:
         raise SystemExit(f"error: --devices asks for {n_dev} devices, this machine has "
@@ -175,7 +176,7 @@ def worker(n_dev: int) -> None:
         y = rng.integers(0, 10, b).astype(np.int32)
         batch = mesh_lib.global_batch(mesh, x, y)
         model = models.build_model(network, 10, width=FLAGS.width, dtype=dtype)
-        opt = step_lib.make_optimizer("sgd", 1e-3, 0.0)
+        opt = optim.make_optimizer("sgd", 1e-3, 0.0)
         runs = {}
         for variant in FLAGS.variants:
             if variant.endswith("-mb4") and (b // n_dev) % 4:

@@ -1,11 +1,15 @@
 """The settings of `nodepert-train`: one declaration each, flags generated from it, presets.
 
-Each setting is one `Config` field declared with `setting(default, help, group=..., ...)`; the
-absl flag of the same name, its help text, its enum choices and its `--help` group are generated
-from that field (`define_flags`). Adding a setting is one line here.
+Each setting is one field declared with `setting(default, help, group=..., ...)` (settings.py) in
+its concern's settings group, next to the code it configures (DataSettings in data/pipeline.py,
+ModelSettings in models.py, TrainingSettings in step.py, OptimSettings in optim.py, NPSettings in
+estimator.py, DecorrelationSettings in decorrelation.py, CrashGuardSettings in crash_guard.py;
+evaluation and outputs here). `Config` joins them into one flat dataclass; the absl flag of the
+same name, its help text, its enum choices and its `--help` group are generated from each field
+(`define_flags`). Adding a setting is one field in its group plus its row in RESUME_RULES.
 
 Where a run's settings come from, last wins: the field defaults, then `--config=NAME` (a preset
-in PRESETS) or `--config=PATH.json` (a JSON object of settings), then the flags given on the
+in presets.py) or `--config=PATH.json` (a JSON object of settings), then the flags given on the
 command line. The resolved settings are what the run records in `<workdir>/config.json`.
 """
 
@@ -15,145 +19,36 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Optional
 
 from absl import flags
 
-from nodepert_dist import cli, decorrelation, losses, models, optim, perturbation
-from nodepert_dist import step as step_lib
-from nodepert_dist.data import preprocess, store
-from nodepert_dist.experiments import presets as experiment_presets
+from nodepert_dist import cli, models
+from nodepert_dist import presets as presets_lib
+from nodepert_dist.crash_guard import CrashGuardSettings
+from nodepert_dist.data.pipeline import DataSettings
+from nodepert_dist.decorrelation import DecorrelationSettings
+from nodepert_dist.estimator import NPSettings
+from nodepert_dist.models import ModelSettings
+from nodepert_dist.optim import OptimSettings
+from nodepert_dist.settings import GROUPS, project, setting
+from nodepert_dist.settings import check_non_negative, check_positive
+from nodepert_dist.step import TrainingSettings
 
-# The `--help` groups, in the order they are printed.
-GROUPS = ("settings", "data", "model", "training", "node perturbation", "evaluation",
-          "outputs and checkpoints", "machine", "cluster")
 CLUSTER_MODULE = "nodepert_dist.distributed"  # its flags form the "cluster" group
 
 
-def setting(default, help: str, *, group: str, choices=None):
-    """A Config field; what a resumed run may do with it is in RESUME_RULES."""
-    assert group in GROUPS
-    return dataclasses.field(default=default, metadata=dict(
-        help=help, group=group, choices=None if choices is None else tuple(choices)))
-
-
 @dataclasses.dataclass(frozen=True)
-class Config:
-    # data
-    dataset: str = setting("mnist", "Dataset (fetch it first: python -m nodepert_dist.data "
-                           "fetch NAME).", group="data", choices=store.DATASETS)
-    data_dir: str = setting("data", "Where datasets live.", group="data")
-    preprocess: str = setting("auto", "auto (per_channel for CIFAR, standardize otherwise), "
-                              "standardize (train-set mean/std), per_channel, unit ([0, 1]) or "
-                              "zca (ZCA whitening).", group="data", choices=preprocess.MODES)
-    augment: bool = setting(False, "Random crop (4-pixel padding) and horizontal flip of "
-                            "training images, a pure function of (seed, epoch, example).",
-                            group="data")
-    validation_size: int = setting(0, "Hold out the last N training examples as a validation "
-                                   "split (val_acc).", group="data")
-    cifar100_labels: str = setting("fine", "CIFAR-100 labels: fine (100 classes) or coarse "
-                                   "(20 superclasses).", group="data", choices=store.LABEL_SETS)
-    data_workers: int = setting(0, "Input prefetch: 0 = threads in each process, N > 0 = N "
-                                "Grain worker processes.", group="data")
-    # model
-    network: str = setting("fc", "Architecture.", group="model", choices=models.NETWORKS)
-    n_hl: int = setting(2, "Hidden layers of fc/linfc.", group="model")
-    hl_size: int = setting(500, "Units per hidden layer of fc/linfc.", group="model")
-    width: int = setting(64, "vgg/vgg16/resnet: channels of the first stage (64 is "
-                         "VGG/ResNet-18; later stages have 2x, 4x, 8x).", group="model")
-    norm: str = setting("none", "vgg/vgg16/resnet: per-example normalisation before each tap "
-                        "(batch norm would bias NP).", group="model", choices=models.NORMS)
-    dtype: str = setting("float32", "Compute dtype of matmuls and convs; parameters, optimizer "
-                         "state and loss differences stay float32.", group="model",
-                         choices=tuple(models.DTYPES))
-    # training
-    update_rule: str = setting("np", "np: node perturbation; sgd: backprop gradients.",
-                               group="training", choices=step_lib.UPDATE_RULES)
-    lr: float = setting(1e-2, "Learning rate.", group="training")
-    batchsize: int = setting(128, "Global batch size, over all devices (the original code "
-                             "used 100).", group="training")
-    num_epochs: int = setting(10, "Epochs to train.", group="training")
-    wd: float = setting(0.0, "Decoupled weight decay: w <- w - lr*u(dw) - wd*w.",
-                        group="training")
-    seed: int = setting(0, "Seed of parameters, data order and noise.", group="training")
-    optimizer: str = setting("sgd", "Optimizer.", group="training", choices=step_lib.OPTIMIZERS)
-    lr_schedule: str = setting("constant", "lr over training: constant, cosine (decays to 0 "
-                               "over --lr_schedule_epochs) or step (x --lr_decay_factor every "
-                               "--lr_decay_epochs).", group="training", choices=optim.SCHEDULES)
-    lr_schedule_epochs: int = setting(0, "--lr_schedule=cosine: epochs until the lr reaches 0 "
-                                      "(0: --num_epochs of the run's first start; a resumed run "
-                                      "keeps the recorded value).", group="training")
-    warmup_epochs: float = setting(0.0, "Linear lr warm-up from 0 over this many epochs, before "
-                                   "--lr_schedule.", group="training")
-    lr_decay_epochs: int = setting(0, "--lr_schedule=step: decay every N epochs.",
-                                   group="training")
-    lr_decay_factor: float = setting(0.1, "--lr_schedule=step: multiply lr by this at each "
-                                     "decay.", group="training")
-    clip_norm: float = setting(0.0, "If > 0, clip the update's global norm (all layers) to this "
-                               "before the optimizer.", group="training")
-    weight_norm: bool = setting(False, "After each update, rescale every kernel to its initial "
-                                "norm (weight normalisation against NP's weight diffusion, "
-                                "Hiratani et al. 2022).", group="training")
-    loss: str = setting("mse", "mse (sigmoid outputs) or ce.", group="training",
-                        choices=losses.LOSSES)
-    max_steps: int = setting(0, "Stop after this many updates in all (0: no limit); a later "
-                             "run resumes.", group="training")
-    crash_guard: bool = setting(False, "On a non-finite loss or a crash (test accuracy "
-                                "--crash_points below the best so far), roll back to the last "
-                                "good checkpoint and multiply the lr by --crash_lr_factor; "
-                                "events go to metrics.jsonl.", group="training")
-    crash_points: float = setting(25.0, "A crash: test accuracy this many percentage points "
-                                  "below the best so far.", group="training")
-    crash_lr_factor: float = setting(0.5, "The crash guard multiplies the lr by this at each "
-                                     "rollback.", group="training")
-    crash_max_rollbacks: int = setting(3, "The crash guard gives up after this many "
-                                       "rollbacks.", group="training")
-    # node perturbation
-    sigma: Optional[float] = setting(None, "NP noise scale (default: 1e-5 for conv/conv-large, "
-                                     "1e-4 otherwise; in bfloat16 the measured floor, see "
-                                     "docs/results/bf16_sigma.md).", group="node perturbation")
-    noise: str = setting("rademacher", "NP noise distribution: rademacher (random signs; on "
-                         "CPU ~40x cheaper to draw) or gaussian.", group="node perturbation",
-                         choices=perturbation.NOISE_KINDS)
-    np_mode: str = setting("keep", "keep: reuse the noise of the noisy pass in the update; "
-                           "regen: draw it again from its keys (nothing kept alive). Same "
-                           "update.", group="node perturbation", choices=perturbation.NP_MODES)
-    np_microbatches: int = setting(1, "Run NP over this many slices of each device's batch in "
-                                   "turn: activation memory / N, same update and FLOPs.",
-                                   group="node perturbation")
-    np_antithetic: bool = setting(False, "Noisy passes at +sigma*xi and -sigma*xi replace clean "
-                                  "and noisy, delta = (L+ - L-)/2; same FLOPs.",
-                                  group="node perturbation")
-    np_draws: int = setting(1, "Noise draws per example sharing one clean pass, averaged "
-                            "(variance / K, cost ~K noisy passes).", group="node perturbation")
-    np_delta: str = setting("finite", "finite (loss difference / sigma) or jvp (the exact "
-                            "directional derivative along the noise by forward-mode AD: the "
-                            "sigma -> 0 limit, no rounding).", group="node perturbation",
-                            choices=perturbation.NP_DELTAS)
-    np_layerwise: bool = setting(False, "One noisy pass per tap, perturbing that tap alone; each "
-                                 "tap's update uses its own pass's delta. Cost: one noisy pass "
-                                 "per tap.", group="node perturbation")
-    np_estimator: str = setting("per_example", "per_example: each example's own noise and loss "
-                                "change (unbiased). original: the original research code's "
-                                "estimator, for comparison only: one noise draw shared by the "
-                                "batch and the batch-mean loss change; BIASED (docs/design).",
-                                group="node perturbation", choices=perturbation.NP_ESTIMATORS)
-    np_local: bool = setting(False, "fc/linfc: block-local losses. Each hidden layer gets an "
-                             "auxiliary linear readout (trained by NP too); each block's update "
-                             "uses the change of its own readout's loss, noise on its taps "
-                             "only.", group="node perturbation")
-    decorrelate: bool = setting(False, "fc/linfc/conv/conv-large: a learned matrix R "
-                                "decorrelates each layer's input (conv: its channels) before the "
-                                "weights, by its own local rule R <- R - lr_d * offdiag(E[x'x'^T]) "
-                                "R (Dalm et al.); NP or SGD train the weights with R fixed.",
-                                group="training")
-    decorrelate_lr: float = setting(1e-4, "--decorrelate: the learning rate lr_d of R's "
-                                    "rule.", group="training")
-    # evaluation
+class EvalSettings:
     eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation")
     eval_train: bool = setting(True, "Evaluate on the whole training set each epoch (as the "
                                "original code).", group="evaluation")
-    # outputs and checkpoints
+
+    def validate(self) -> None:
+        check_positive(self, "eval_batchsize")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSettings:
     workdir: str = setting("runs/default", "Where config.json, metrics and checkpoints are "
                            "written.", group="outputs and checkpoints")
     checkpoint_every_steps: int = setting(0, "Checkpoint every N updates (0: not by steps).",
@@ -180,99 +75,78 @@ class Config:
     def checkpointing(self) -> bool:
         return self.checkpoint_every_steps > 0 or self.checkpoint_every_epochs > 0
 
+    def validate(self) -> None:
+        check_positive(self, "preemption_check_steps")
+        check_non_negative(self, "checkpoint_every_steps", "checkpoint_every_epochs",
+                           "keep_checkpoints", "keep_checkpoint_every_steps")
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
+                             f"use another --workdir")
+
+
+# Config's fields are its groups' (a dataclass collects base fields from the last base to the
+# first: this order keeps config.json and --help in the order data, model, training, ...).
+@dataclasses.dataclass(frozen=True)
+class Config(OutputSettings, EvalSettings, NPSettings, DecorrelationSettings, CrashGuardSettings,
+             OptimSettings, TrainingSettings, ModelSettings, DataSettings):
+    """Every setting of a run, flat (`Config(network="fc", lr=0.1)`, one flag per field); each
+    concern's part, the object its code receives, is a property (`cfg.np`, `cfg.model`, ...)."""
+
+    @property
+    def data(self) -> DataSettings:
+        return project(self, DataSettings)
+
+    @property
+    def model(self) -> ModelSettings:
+        return project(self, ModelSettings)
+
+    @property
+    def training(self) -> TrainingSettings:
+        return project(self, TrainingSettings)
+
+    @property
+    def optim(self) -> OptimSettings:
+        return project(self, OptimSettings)
+
+    @property
+    def crash(self) -> CrashGuardSettings:
+        return project(self, CrashGuardSettings)
+
+    @property
+    def decorrelation(self) -> DecorrelationSettings:
+        return project(self, DecorrelationSettings)
+
+    @property
+    def np(self) -> NPSettings:
+        return project(self, NPSettings)
+
+    @property
+    def eval(self) -> EvalSettings:
+        return project(self, EvalSettings)
+
+    @property
+    def outputs(self) -> OutputSettings:
+        return project(self, OutputSettings)
+
     def resolved(self) -> "Config":
         sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network,
                                                                                 self.dtype)
         return dataclasses.replace(self, sigma=float(sigma))
 
     def validate(self) -> None:
-        """One-line errors for bad settings, before anything is loaded or compiled."""
-        for f in dataclasses.fields(self):
-            allowed = f.metadata["choices"]
-            if allowed is not None and getattr(self, f.name) not in allowed:
-                raise ValueError(f"--{f.name}={getattr(self, f.name)!r} is not one of "
-                                 f"{', '.join(allowed)}")
-        positive = {"lr": self.lr, "batchsize": self.batchsize, "eval_batchsize": self.eval_batchsize,
-                    "hl_size": self.hl_size, "np_microbatches": self.np_microbatches,
-                    "width": self.width, "preemption_check_steps": self.preemption_check_steps}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"--{name}={value} must be positive")
-        if self.sigma is not None and not self.sigma > 0:
-            raise ValueError(f"--sigma={self.sigma} must be positive")
+        """One-line errors for bad settings, before anything is loaded or compiled: each group's
+        own checks, then those that span groups."""
+        for group in (self.data, self.model, self.training, self.np, self.crash, self.eval,
+                      self.outputs):
+            group.validate()
+        self.optim.validate(self.num_epochs)
+        self.decorrelation.validate(self.network)
         floor = models.sigma_floor(self.network, self.dtype)
         if self.update_rule == "np" and self.sigma is not None and self.sigma < floor:
             raise ValueError(f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
                              f"which NP on {self.network} in {self.dtype} measured unbiased "
                              f"(bf16 rounds smaller noise away); raise --sigma or use "
                              f"--dtype=float32")
-        if self.num_epochs < 0 or self.n_hl < 0 or self.wd < 0:
-            raise ValueError("--num_epochs, --n_hl and --wd must be >= 0")
-        for name in ("max_steps", "checkpoint_every_steps", "checkpoint_every_epochs",
-                     "keep_checkpoints", "keep_checkpoint_every_steps", "validation_size",
-                     "data_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
-        for name in ("warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
-        if self.lr_schedule == "step" and not self.lr_decay_epochs:
-            raise ValueError("--lr_schedule=step needs --lr_decay_epochs > 0")
-        self._check_schedule()
-        if not self.np_draws > 0:
-            raise ValueError(f"--np_draws={self.np_draws} must be positive")
-        perturbation.check_options(self.np_mode, self.np_antithetic, self.np_draws,
-                                   self.np_delta, estimator=self.np_estimator,
-                                   layerwise=self.np_layerwise,
-                                   microbatches=self.np_microbatches, local=self.np_local)
-        self._check_decorrelation()
-        if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
-                and self.crash_max_rollbacks >= 0):
-            raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
-                             "--crash_max_rollbacks >= 0")
-        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
-                             f"use another --workdir")
-
-    def _check_decorrelation(self) -> None:
-        if self.decorrelate:
-            decorrelation.check(self.network)
-            if not self.decorrelate_lr > 0:
-                raise ValueError(f"--decorrelate_lr={self.decorrelate_lr:g} must be positive")
-        elif self.decorrelate_lr != Config.__dataclass_fields__["decorrelate_lr"].default:
-            raise ValueError("--decorrelate_lr is the rate of --decorrelate's matrices; give "
-                             "--decorrelate too, or drop --decorrelate_lr")
-
-    def _check_schedule(self) -> None:
-        """lr schedule settings that the chosen schedule ignores or that cannot take effect."""
-        kind, warmup, n = self.lr_schedule, self.warmup_epochs, self.num_epochs
-        horizon = self.lr_schedule_epochs or n
-        if kind != "cosine" and self.lr_schedule_epochs:
-            raise ValueError(f"--lr_schedule_epochs={self.lr_schedule_epochs} is the cosine "
-                             f"schedule's length; --lr_schedule={kind} ignores it: drop it")
-        factor_default = Config.__dataclass_fields__["lr_decay_factor"].default
-        if kind != "step" and (self.lr_decay_epochs or self.lr_decay_factor != factor_default):
-            raise ValueError(f"--lr_decay_epochs and --lr_decay_factor apply to "
-                             f"--lr_schedule=step only; --lr_schedule={kind} ignores them: "
-                             f"drop them or use --lr_schedule=step")
-        if kind == "step" and not 0 < self.lr_decay_factor < 1:
-            raise ValueError(f"--lr_decay_factor={self.lr_decay_factor:g} must be in (0, 1): " + (
-                "it would make the lr grow" if self.lr_decay_factor >= 1 else
-                "the lr would be 0 after the first decay"))
-        if kind == "step" and warmup + self.lr_decay_epochs >= n:
-            raise ValueError(f"--lr_decay_epochs={self.lr_decay_epochs}: the first decay comes "
-                             f"after epoch {warmup + self.lr_decay_epochs:g}, not inside the "
-                             f"run's --num_epochs={n}; use a smaller --lr_decay_epochs")
-        if kind == "cosine" and n > horizon:
-            raise ValueError(f"--num_epochs={n} goes past the cosine schedule's {horizon} epochs "
-                             f"(--lr_schedule_epochs, kept from the run's first start), where "
-                             f"its lr is 0; to train on, also give --lr_schedule_epochs={n} "
-                             f"(the cosine is then recomputed over {n} epochs)")
-        if warmup and warmup >= (horizon if kind == "cosine" else n):
-            length = (f"the cosine schedule's {horizon} epochs" if kind == "cosine"
-                      else f"--num_epochs={n}")
-            raise ValueError(f"--warmup_epochs={warmup:g} does not end inside {length}: the lr "
-                             f"would never reach --lr; use fewer warm-up epochs")
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -313,15 +187,7 @@ RESUME_RULE = {name: rule for rule, names in RESUME_RULES.items() for name in na
 
 # ----------------------------------------------------------------------------- presets
 
-# Named sets of settings for `--config=NAME`; flags on the command line override them. Add one
-# as a dict of Config field names to values (checked against the fields at start-up).
-PRESETS: dict[str, dict] = {
-    # README's main job, NP half: fc 784-500-500-10 on MNIST at the stable NP lr.
-    "mnist_np": dict(dataset="mnist", network="fc", update_rule="np", loss="mse", lr=0.02,
-                     batchsize=128, num_epochs=10, seed=0),
-    # The paper's settings and the experiments' base runs (experiments/presets.py).
-    **experiment_presets.PRESETS,
-}
+PRESETS = presets_lib.PRESETS  # `--config=NAME` (presets.py: every preset, one place)
 
 
 def overrides(name_or_path: str) -> dict:
@@ -396,8 +262,14 @@ def from_flags() -> Config:
     return Config(**values)
 
 
+USAGE = """nodepert-train: node perturbation (or SGD) training on every device of the job.
+
+Writes config.json, metrics.jsonl and metrics.csv into --workdir, checkpoints into
+<workdir>/checkpoints, and resumes from them when started again with the same command.
+Example:  nodepert-train --config=mnist_fc_np --workdir=runs/np"""
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl `flags_parser` of nodepert-train: grouped --help, one-line flag errors."""
-    from nodepert_dist import train  # its USAGE text
     groups = {g: CLUSTER_MODULE if g == "cluster" else g for g in GROUPS}
-    return cli.parse_flags(argv, "nodepert-train", train.USAGE, groups)
+    return cli.parse_flags(argv, "nodepert-train", USAGE, groups)

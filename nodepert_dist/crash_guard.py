@@ -29,8 +29,30 @@ from typing import Optional
 
 from nodepert_dist import (agree, checkpoint_layout, files, metrics, preempt, run_record,
                            workdir_lock)
+from nodepert_dist.settings import setting
 
 STATE_FILE = "crash_guard.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashGuardSettings:
+    """--crash_guard and its criterion and limits; part of config.Config."""
+    crash_guard: bool = setting(False, "On a non-finite loss or a crash (test accuracy "
+                                "--crash_points below the best so far), roll back to the last "
+                                "good checkpoint and multiply the lr by --crash_lr_factor; "
+                                "events go to metrics.jsonl.", group="training")
+    crash_points: float = setting(25.0, "A crash: test accuracy this many percentage points "
+                                  "below the best so far.", group="training")
+    crash_lr_factor: float = setting(0.5, "The crash guard multiplies the lr by this at each "
+                                     "rollback.", group="training")
+    crash_max_rollbacks: int = setting(3, "The crash guard gives up after this many "
+                                       "rollbacks.", group="training")
+
+    def validate(self) -> None:
+        if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
+                and self.crash_max_rollbacks >= 0):
+            raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
+                             "--crash_max_rollbacks >= 0")
 
 
 class Crashed(Exception):

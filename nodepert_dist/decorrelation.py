@@ -19,10 +19,15 @@ To the estimator and to SGD they are constants: `bind` closes the model over the
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+from nodepert_dist import settings as settings_lib
+from nodepert_dist.settings import setting
 
 DECOR, STATS = "decorrelation", "decorrelation_stats"
 NETWORKS = ("fc", "linfc", "conv", "conv-large")  # the models that place a Decorrelate
@@ -89,3 +94,24 @@ def check(network: str) -> None:
     if network not in NETWORKS:
         raise ValueError(f"--decorrelate is built for --network={', '.join(NETWORKS)}, not "
                          f"--network={network}; drop --decorrelate")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecorrelationSettings:
+    """--decorrelate and its rate; part of config.Config."""
+    decorrelate: bool = setting(False, "fc/linfc/conv/conv-large: a learned matrix R "
+                                "decorrelates each layer's input (conv: its channels) before the "
+                                "weights, by its own local rule R <- R - lr_d * offdiag(E[x'x'^T]) "
+                                "R (Dalm et al.); NP or SGD train the weights with R fixed.",
+                                group="training")
+    decorrelate_lr: float = setting(1e-4, "--decorrelate: the learning rate lr_d of R's "
+                                    "rule.", group="training")
+
+    def validate(self, network: str) -> None:
+        if self.decorrelate:
+            check(network)
+            if not self.decorrelate_lr > 0:
+                raise ValueError(f"--decorrelate_lr={self.decorrelate_lr:g} must be positive")
+        elif self.decorrelate_lr != settings_lib.default(DecorrelationSettings, "decorrelate_lr"):
+            raise ValueError("--decorrelate_lr is the rate of --decorrelate's matrices; give "
+                             "--decorrelate too, or drop --decorrelate_lr")

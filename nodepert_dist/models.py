@@ -8,6 +8,7 @@ model returns logits; `taps.py` runs them noisy or in replay for the NP estimato
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -17,12 +18,34 @@ import jax
 import jax.numpy as jnp
 
 from nodepert_dist import decorrelation
+from nodepert_dist import settings as settings_lib
 from nodepert_dist.decorrelation import Decorrelate
+from nodepert_dist.settings import setting
 from nodepert_dist.taps import Tap
 
 NETWORKS = ("fc", "linfc", "conv", "conv-large", "vgg", "vgg16", "resnet")
 NORMS = ("none", "group", "layer")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The network's settings (`build`); part of config.Config."""
+    network: str = setting("fc", "Architecture.", group="model", choices=NETWORKS)
+    n_hl: int = setting(2, "Hidden layers of fc/linfc.", group="model")
+    hl_size: int = setting(500, "Units per hidden layer of fc/linfc.", group="model")
+    width: int = setting(64, "vgg/vgg16/resnet: channels of the first stage (64 is "
+                         "VGG/ResNet-18; later stages have 2x, 4x, 8x).", group="model")
+    norm: str = setting("none", "vgg/vgg16/resnet: per-example normalisation before each tap "
+                        "(batch norm would bias NP).", group="model", choices=NORMS)
+    dtype: str = setting("float32", "Compute dtype of matmuls and convs; parameters, optimizer "
+                         "state and loss differences stay float32.", group="model",
+                         choices=tuple(DTYPES))
+
+    def validate(self) -> None:
+        settings_lib.check_choices(self)
+        settings_lib.check_positive(self, "hl_size", "width")
+        settings_lib.check_non_negative(self, "n_hl")
 
 _xavier = nn.initializers.xavier_normal()
 _he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
@@ -228,6 +251,14 @@ def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 50
     if network in VGG_LAYOUTS:
         return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt)
     return ResNet(num_classes, width, norm, dtype=dt)
+
+
+def build(model: ModelSettings, num_classes: int, *, local_heads: bool = False,
+          decorrelate: bool = False) -> nn.Module:
+    """`build_model` of a run's model settings."""
+    return build_model(model.network, num_classes, model.n_hl, model.hl_size, width=model.width,
+                       norm=model.norm, dtype=model.dtype, local_heads=local_heads,
+                       decorrelate=decorrelate)
 
 
 # The smallest sigma on the grid 3e-3, 1e-2, 3e-2, 1e-1 at which NP's mean estimate in bfloat16

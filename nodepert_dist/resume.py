@@ -20,6 +20,7 @@ from absl import logging
 from nodepert_dist import agree, checkpoint_layout, checkpoint_restore
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import optim
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
 from nodepert_dist.params_io import leaf_name
@@ -107,11 +108,11 @@ def saved_config(saved: dict) -> Config:
 
 
 def _part_names(cfg: Config) -> list[str]:
-    return [name for name, _ in step_lib.optimizer_parts(**_optimizer_args(cfg))]
+    return [name for name, _ in optim.parts_from(cfg.optim)]
 
 
 def _lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    rate = step_lib.schedule_from(cfg, steps_per_epoch)
+    rate = optim.schedule_from(cfg.optim, cfg.num_epochs, steps_per_epoch)
     return float(rate(step)) if callable(rate) else float(rate)
 
 
@@ -153,18 +154,18 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
                         step, _lr_at(saved, step, steps_per_epoch),
                         _lr_at(cfg, step, steps_per_epoch))
     before, now = _part_names(saved), _part_names(cfg)
-    kept = step_lib.part_states(before, state.opt_state)
+    kept = optim.part_states(before, state.opt_state)
     if legacy:  # the counter equals the step, which the schedule now reads instead
         kept[saved.optimizer] = (kept[saved.optimizer][0], optax.ScaleState())
     if before != now:
-        initial = step_lib.part_states(now, jax.jit(optimizer.init, out_shardings=replicated)(
+        initial = optim.part_states(now, jax.jit(optimizer.init, out_shardings=replicated)(
             state.params))
         logging.warning("optimizer parts: kept %s; started fresh %s; dropped %s",
                         [n for n in now if n in before] or "none",
                         [n for n in now if n not in before] or "none",
                         [n for n in before if n not in now] or "none")
         kept = {n: kept.get(n, initial[n]) for n in now}
-    state = state.replace(opt_state=step_lib.join_part_states(now, kept))
+    state = state.replace(opt_state=optim.join_part_states(now, kept))
     return state, manifest
 
 
@@ -173,7 +174,7 @@ def _saved_parts(manifest: dict, params) -> tuple[list, list]:
     if it is of a version whose sgd/adam kept optax's schedule counter (an array `...count`
     beside a non-constant lr), else []."""
     saved = saved_config(manifest["config"])
-    parts = step_lib.optimizer_parts(**_optimizer_args(saved))
+    parts = optim.parts_from(saved.optim)
     transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
     expected = {"opt_state." + leaf_name(p) if p else "opt_state"
                 for p, _ in jax.tree_util.tree_flatten_with_path(
@@ -184,9 +185,3 @@ def _saved_parts(manifest: dict, params) -> tuple[list, list]:
     scheduled = {"sgd": optax.sgd, "adam": optax.adam}[saved.optimizer](
         optax.constant_schedule(1.0))  # the structure only: optax's counter and all
     return [(n, scheduled if n == saved.optimizer else t) for n, t in parts], [True]
-
-
-def _optimizer_args(cfg: Config) -> dict:
-    """The settings that decide the optimizer state's structure (the schedule does not)."""
-    return dict(name=cfg.optimizer, lr=cfg.lr, wd=cfg.wd, clip_norm=cfg.clip_norm,
-                weight_norm=cfg.weight_norm)

@@ -1,6 +1,7 @@
 """`nodepert-train`: node perturbation (or SGD) on a device mesh, epoch by epoch.
 
-Sections: mesh -> data -> model and state -> steps -> resume or epoch 0 -> train loop.
+Sections: mesh -> the run (run_setup.build: data, model, state, steps) -> resume or epoch 0 ->
+train loop.
 Every process runs this same program; process 0 alone writes files and prints progress.
 The settings (`Config`, one declaration each, and the flags made from them) are in config.py.
 Checkpoints (nodepert_dist/checkpoint.py) go to <workdir>/checkpoints; a run resumes from the
@@ -24,15 +25,12 @@ import numpy as np
 from absl import app, logging
 
 from nodepert_dist import agree, checkpoint, crash_guard, decorrelation, distributed, metrics
-from nodepert_dist import models
-from nodepert_dist import params_io, preempt, resume
-from nodepert_dist import taps
+from nodepert_dist import params_io, preempt, resume, run_setup
 from nodepert_dist import workdir_lock
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
-from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
-from nodepert_dist.data import pipeline, preprocess, raw, store
+from nodepert_dist.data import pipeline, raw
 
 NAN = float("nan")
 
@@ -105,11 +103,7 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
 
     # Mesh: one `data` axis over every device of every process.
     mesh = mesh_lib.make_mesh()
-    mesh_lib.check_batch(cfg.batchsize, mesh)
-    per_device = cfg.batchsize // mesh.devices.size
-    if cfg.update_rule == "np" and per_device % cfg.np_microbatches:
-        raise ValueError(f"--np_microbatches={cfg.np_microbatches} does not divide the "
-                         f"{per_device} examples per device; use a divisor of {per_device}")
+    run_setup.check_mesh(cfg, mesh)
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
     # SIGTERM/SIGUSR1 from here on stop the run at a step boundary with a checkpoint.
@@ -124,31 +118,12 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     # A resumed run's settings against its checkpoint's (config.RESUME_RULES), before any work.
     ckpt_dir = os.path.join(cfg.workdir, "checkpoints")
     cfg = resume.settle(ckpt_dir, cfg)
-    # Data: memory-mapped uint8 arrays (store.py); each process gathers only its share, and
-    # the preprocessing (training-split statistics) runs per batch on the device.
-    data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
-    n_train = len(data.train_y) - cfg.validation_size
-    if n_train <= 0:
-        raise ValueError(f"--validation_size={cfg.validation_size} leaves no training examples "
-                         f"of {len(data.train_y)}")
-    splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
-    n_steps = pipeline.steps_per_epoch(n_train, cfg.batchsize)
-    if n_steps == 0:
-        raise ValueError(f"--batchsize={cfg.batchsize} is larger than the {n_train} "
-                         f"training examples")
-    prep_mode = preprocess.resolve(cfg.preprocess, cfg.dataset)
-    prep = preprocess.device_fn(prep_mode, preprocess.statistics(
-        data.root, data.train_x, prep_mode, *splits["train"]), mesh)
-    sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
-
-    # Model, optimizer and replicated train state.
-    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
-                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype,
-                               local_heads=cfg.np_local, decorrelate=cfg.decorrelate)
-    optimizer = step_lib.optimizer_from(cfg, n_steps)
-    state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
-    taps.check(decorrelation.bind(model, state.decor), state.params, sample_x,
-               needs_taps=cfg.update_rule == "np")
+    # The run: data (memory-mapped uint8 arrays, store.py; each process gathers only its
+    # share, preprocessed per batch on the device), model, optimizer, state, steps.
+    built = run_setup.build(cfg, mesh)
+    data, splits, n_steps, prep = built.data, built.splits, built.steps_per_epoch, built.prep
+    model, optimizer, state = built.model, built.optimizer, built.state
+    train_step, eval_step, eval_batch = built.train_step, built.eval_step, built.eval_batch
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
@@ -156,19 +131,10 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         logging.info("lr: cosine from %g to 0 over %d epochs (--lr_schedule_epochs; kept on "
                      "resume whatever --num_epochs says)", cfg.lr, cfg.lr_schedule_epochs)
     # Evaluation pads its last batch anyway: any batch works once it splits over the devices.
-    eval_batch = mesh_lib.round_up_batch(cfg.eval_batchsize, mesh)
     if eval_batch != cfg.eval_batchsize:
         logging.info("--eval_batchsize=%d rounded up to %d, a multiple of the %d devices",
                      cfg.eval_batchsize, eval_batch, mesh.devices.size)
 
-    # Steps.
-    train_step = step_lib.make_train_step(
-        model, optimizer, mesh, update_rule=cfg.update_rule, loss=cfg.loss, sigma=cfg.sigma,
-        seed=cfg.seed, global_batch=cfg.batchsize, noise=cfg.noise, np_mode=cfg.np_mode,
-        np_microbatches=cfg.np_microbatches, np_antithetic=cfg.np_antithetic,
-        np_draws=cfg.np_draws, np_delta=cfg.np_delta, np_layerwise=cfg.np_layerwise,
-        np_estimator=cfg.np_estimator, np_local=cfg.np_local, decorrelate_lr=cfg.decorrelate_lr)
-    eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
             images, labels, global_batch=eval_batch, process_index=jax.process_index(),
@@ -206,7 +172,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     # After every refusal (config.json stays the last run's). A fresh start never appends to an
     # earlier run's metrics: they are moved aside (kept).
     writer = metrics.MetricsWriter(cfg.workdir, dict(
-        dataclasses.asdict(cfg), preprocess_resolved=prep_mode,
+        dataclasses.asdict(cfg), preprocess_resolved=built.prep_mode,
         data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}),
         fresh=restored is None)
     if restored is not None:
@@ -227,8 +193,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
              if cfg.checkpointing else None)
     step = int(jax.device_get(state.step))
     _notify(hooks, "start", types.SimpleNamespace(
-        cfg=cfg, model=model, mesh=mesh, data=data, splits=splits, prep_mode=prep_mode,
-        step=step, rows=rows, steps_per_epoch=n_steps, state=state))
+        cfg=cfg, run=built, model=model, mesh=mesh, data=data, splits=splits,
+        prep_mode=built.prep_mode, step=step, rows=rows, steps_per_epoch=n_steps, state=state))
 
     def save(epoch: int, step_in_epoch: int, sums, elapsed: float) -> None:
         """The loop's whole position: resuming runs from batch `step_in_epoch` of `epoch`."""
@@ -348,13 +314,6 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
 
 
 # ----------------------------------------------------------------------------- CLI
-
-USAGE = """nodepert-train: node perturbation (or SGD) training on every device of the job.
-
-Writes config.json, metrics.jsonl and metrics.csv into --workdir, checkpoints into
-<workdir>/checkpoints, and resumes from them when started again with the same command.
-Example:  nodepert-train --config=mnist_np --workdir=runs/np"""
-
 
 def main(argv):
     if len(argv) > 1:

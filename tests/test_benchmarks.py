@@ -44,13 +44,15 @@ def test_naive_reference_is_the_same_unbiased_np():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import references
     from nodepert_dist import models, step as step_lib
+    from nodepert_dist.estimator import NPSettings
 
     model = models.build_model("conv", 10)
     x = jax.random.normal(jax.random.key(0), (16, 12, 12, 1))
     y = jnp.arange(16) % 10
     params = model.init(jax.random.key(1), x[:1])["params"]
     common = dict(loss="mse", sigma=1e-3, seed=0, global_batch=16)
-    ours = step_lib.local_gradient(update_rule="np", noise="gaussian", **common)
+    ours = step_lib.local_gradient(update_rule="np", loss="mse", seed=0, global_batch=16,
+                                   np=NPSettings(sigma=1e-3, noise="gaussian"))
     naive = references.naive_np(**common)
     args = (params, x, y, jnp.int32(4), jnp.arange(16))
     with jax.threefry_partitionable(False):

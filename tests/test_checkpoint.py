@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nodepert_dist import checkpoint, checkpoint_faults, checkpoint_layout, checkpoint_restore
 from nodepert_dist import models, params_io, run_record
 from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import optim
 from nodepert_dist import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path
 def _state(mesh, hl_size=16, seed=0):
     """A real train state (Adam: step, params, mu, nu, count) plus an array sharded on `data`."""
     model = models.build_model("fc", 10, 2, hl_size)
-    optimizer = step_lib.make_optimizer("adam", 1e-3, 0.0)
+    optimizer = optim.make_optimizer("adam", 1e-3, 0.0)
     state = step_lib.init_state(model, optimizer, np.zeros((1, 784), np.float32), seed, mesh)
     sharded = jax.device_put(jnp.arange(16 * 3, dtype=jnp.float32).reshape(16, 3) + seed,
                              NamedSharding(mesh, P(mesh_lib.DATA)))

@@ -32,8 +32,8 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
 
 def test_flags_override_a_preset_which_overrides_the_defaults(parse):
     assert parse() == config.Config()
-    cfg = parse("--config=mnist_np", "--lr=0.05")
-    expected = dataclasses.replace(config.Config(), **config.PRESETS["mnist_np"])
+    cfg = parse("--config=mnist_fc_np", "--lr=0.05")
+    expected = dataclasses.replace(config.Config(), **config.PRESETS["mnist_fc_np"])
     assert cfg == dataclasses.replace(expected, lr=0.05)
     assert cfg.update_rule == "np" and expected.lr == 0.02
 

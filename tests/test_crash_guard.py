@@ -1,6 +1,5 @@
 """Crash detection and the crash guard (nodepert_dist/crash_guard.py), with an lr that blows up."""
 
-import dataclasses
 import json
 import os
 import subprocess

@@ -8,6 +8,8 @@ import pytest
 
 from nodepert_dist import decorrelation, losses, mesh as mesh_lib, models, perturbation
 from nodepert_dist import step as step_lib
+from nodepert_dist import optim
+from nodepert_dist.estimator import NPSettings
 from nodepert_dist.config import Config
 from test_estimator import _assert_unbiased, _cosines, _mean_estimate
 
@@ -68,7 +70,7 @@ def _one_step(update_rule, n_devices, lr_d=0.05, network="fc", shape=(12,), **op
     model = models.build_model(network, 10, n_hl=1, hl_size=16, decorrelate=True,
                                local_heads=options.get("np_local", False)).clone(
         dtype=jnp.float64)
-    opt = step_lib.make_optimizer("sgd", 1.0, 0.0)
+    opt = optim.make_optimizer("sgd", 1.0, 0.0)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64,) + shape), rng.integers(0, 10, 64).astype(np.int32)
     x[:, 1] += 0.8 * x[:, 0]  # correlated inputs
@@ -78,8 +80,8 @@ def _one_step(update_rule, n_devices, lr_d=0.05, network="fc", shape=(12,), **op
                                                mesh_lib.replicated(mesh)))
     before = jax.device_get(state)
     step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="ce",
-                                    sigma=1e-3, seed=5, global_batch=64, decorrelate_lr=lr_d,
-                                    **options)
+                                    seed=5, global_batch=64, decorrelate_lr=lr_d,
+                                    np=NPSettings(sigma=1e-3, **options))
     after, _ = step(state, *mesh_lib.global_batch(mesh, x, y))
     return model, before, jax.device_get(after), x, y
 
@@ -152,9 +154,9 @@ def test_experiment_hooks_refuse_decorrelate_in_one_line(tmp_path):
     """The gradient-statistics and delta-loss hooks compile their model once; R moves every
     step, so they refuse a decorrelated run at its start instead of failing inside flax."""
     from types import SimpleNamespace
-    from nodepert_dist.experiments import delta_loss, gradstats
+    from nodepert_dist.experiments import delta_loss, probes
     ctx = SimpleNamespace(cfg=None, state=SimpleNamespace(decor={"decor0": {"R": np.eye(2)}}))
-    for hook in (gradstats.Hook(str(tmp_path / "g.jsonl"), every=1),
+    for hook in (probes.Hook(str(tmp_path / "g.jsonl"), every=1),
                  delta_loss.Hook(str(tmp_path / "d.jsonl"), per_epoch=1, window=1)):
         with pytest.raises(ValueError, match="does not take --decorrelate; drop it") as e:
             hook.start(ctx)

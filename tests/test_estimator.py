@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
+from nodepert_dist import optim
 from nodepert_dist.taps import Tap
 
 BATCH = 32
@@ -236,7 +237,7 @@ def test_init_and_noise_streams_are_apart():
     # and init_state draws the parameters from the init stream
     model = models.build_model("fc", 10, n_hl=1, hl_size=8)
     x = np.zeros((8, 12), np.float32)
-    state = step_lib.init_state(model, step_lib.make_optimizer("sgd", 0.1, 0.0), x, 0,
+    state = step_lib.init_state(model, optim.make_optimizer("sgd", 0.1, 0.0), x, 0,
                                 mesh_lib.make_mesh(jax.devices()[:1]))
     expected = model.init(perturbation.stream_key(0, "init"), x[:1])["params"]
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
+from nodepert_dist import optim
+from nodepert_dist.estimator import NPSettings
 
 B, D_IN, HIDDEN, CLASSES = 4, 3, 3, 2  # one hidden layer: 5 nodes per example
 # A large sigma, so the options' finite-sigma differences show; a power of 2, so sigma * xi is
@@ -183,7 +185,7 @@ def test_the_train_step_uses_the_runs_seed_and_step():
     with jax.enable_x64(True):
         model, params, x, y = _tiny()
         params0 = jax.device_get(params)  # the step donates its state
-        opt = step_lib.make_optimizer("sgd", 1.0, 0.0)
+        opt = optim.make_optimizer("sgd", 1.0, 0.0)
         for devices, options in ((1, dict(np_layerwise=True, np_draws=2)), (8, {})):
             mesh = mesh_lib.make_mesh(jax.devices()[:devices])
             rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -192,7 +194,8 @@ def test_the_train_step_uses_the_runs_seed_and_step():
             # 8 devices need 8 examples: the batch twice (examples 4-7 get their own noise)
             xs, ys = (x, y) if devices == 1 else (jnp.concatenate([x, x]), jnp.concatenate([y, y]))
             step = step_lib.make_train_step(model, opt, mesh, update_rule="np", loss="mse",
-                                            sigma=SIGMA, seed=SEED, global_batch=len(xs), **options)
+                                            seed=SEED, global_batch=len(xs),
+                                            np=NPSettings(sigma=SIGMA, **options))
             new, _ = step(state, *mesh_lib.global_batch(mesh, np.asarray(xs), np.asarray(ys)))
             update = jax.tree.map(lambda a, b: a - b, params0, jax.device_get(new.params))
             k = options.get("np_draws", 1)

@@ -143,6 +143,34 @@ def test_landscape(tmp_path, mnist_dir):
     assert_png(out / "landscape.png")
 
 
+# Every setting that shapes the train state or the model: the optimizer, its aids and schedule,
+# the compute dtype; and an estimator option. --loss=ce: landscape's trajectory loss once
+# took one example's logits for every label (ce then failed, mse was silently wrong).
+ANY_RUN = ["--optimizer=adam", "--lr=1e-3", "--lr_schedule=cosine", "--warmup_epochs=0.5",
+           "--weight_norm", "--clip_norm=1", "--wd=1e-5", "--dtype=bfloat16", "--sigma=0.03",
+           "--loss=ce", "--np_layerwise", "--update_rule=np"]
+
+
+def test_landscape_and_linesearch_restore_any_run(tmp_path, mnist_dir):
+    """Both restore their runs' checkpoints through the one run set-up (run_setup.build):
+    every setting of the run, whatever the optimizer, schedule, weight norm and dtype."""
+    out = tmp_path / "land"
+    experiment("landscape", out, f"--data_dir={mnist_dir}", "--every=3", "--grid=3",
+               "--surface_size=200", *ANY_RUN)
+    path = table(out / "landscape_trajectory.csv")
+    assert [int(r["step"]) for r in path] == [0, 3, 6, 9, 10]
+    assert len(table(out / "landscape.csv")) == 9
+    # cross-entropy of 10 classes near chance: ~2.3 each (not one example's logits per label)
+    assert all(1 < float(r["loss"]) < 4 for r in path)
+    out = tmp_path / "ls"
+    experiment("linesearch", out, f"--data_dir={mnist_dir}", "--widths=16", "--draws=2",
+               "--lrs=0.01,1", *ANY_RUN)
+    rows = table(out / "linesearch.csv")
+    assert [(r["rule"], r["lr"]) for r in rows] == [("sgd", "0.01"), ("np", "0.01"),
+                                                   ("sgd", "1.0"), ("np", "1.0")]
+    assert all(r["delta_loss"] != "" for r in rows)
+
+
 def test_scaling(tmp_path, mnist_dir):
     out = tmp_path / "scale"
     experiment("scaling", out, f"--data_dir={mnist_dir}", "--widths=8,16", "--depths=2",

@@ -99,7 +99,7 @@ def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
     """--checkpoint_every_epochs=0 (the variance sweeps' setting): a run stopped in epoch 2 leaves
     rows 0 and 1 and no checkpoint; the same command again starts over. It must not append a
     second history (0, 1, 0, 1, 2): the first is moved to earlier_runs/1/, kept."""
-    from nodepert_dist import metrics, preempt, train
+    from nodepert_dist import preempt, train
     from test_sweep import make_spec
     from nodepert_dist import sweep, sweep_report
     c = train.Config(n_hl=1, hl_size=16, validation_size=59000, eval_train=False,  # 7 steps/epoch

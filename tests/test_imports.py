@@ -1,21 +1,17 @@
 """The package's shape: no import cycle in nodepert_dist (imports at module level and inside
-functions both count: a lazy import that closes a circle is still a circle), and no module of
-nodepert_dist, launch or benchmarks over 400 lines (split by concern instead)."""
+functions both count: a lazy import that closes a circle is still a circle), settings at the
+bottom (config.py reaches neither train.py nor the experiments; presets and settings are leaves
+of the standard library), and no module of nodepert_dist, launch or benchmarks over 400 lines
+(split by concern instead)."""
 
 import ast
 import pathlib
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "nodepert_dist"
 MAX_LINES = 400
-
-# Fixed on another branch of issue 18 (helper s18a removes config.py's lazy import of train.py,
-# the edge that closes config -> train -> config, and shrinks config.py). The lead empties this set
-# once that branch is merged; then nothing is exempt.
-_FIXED_ON_ANOTHER_BRANCH = {
-    ("nodepert_dist.config", "nodepert_dist.train"),  # an import edge, left out of the graph
-    "nodepert_dist/config.py",  # a module's size
-}
 
 
 def _modules() -> dict:
@@ -102,7 +98,7 @@ def _path_through(graph: dict, component: list) -> str:
 def test_no_import_cycle_in_the_package():
     modules = _modules()
     graph = {name: {t for t in _imports(name, path, modules)
-                    if (name, t) not in _FIXED_ON_ANOTHER_BRANCH}
+}
              for name, path in modules.items()}
     cycles = _cycles(graph)
     assert not cycles, "import cycles (cut each; lazy imports count): " + "; ".join(
@@ -125,7 +121,40 @@ def test_no_module_over_400_lines():
         for path in sorted((REPO / folder).rglob("*.py")):
             rel = path.relative_to(REPO).as_posix()
             lines = len(path.read_text().splitlines())
-            if lines > MAX_LINES and rel not in _FIXED_ON_ANOTHER_BRANCH:
+            if lines > MAX_LINES:
                 too_long.append(f"{rel} ({lines})")
     assert not too_long, f"modules over {MAX_LINES} lines (split by concern): " + ", ".join(
         too_long)
+
+
+def _reachable(graph: dict, start: str) -> set:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def _graph() -> dict:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_settings_sit_at_the_bottom():
+    graph = _graph()
+    assert "nodepert_dist.train" in graph["nodepert_dist.experiments.common"]  # edges are seen
+    below = _reachable(graph, "nodepert_dist.config")
+    assert "nodepert_dist.train" not in below
+    assert not [m for m in below if m.startswith("nodepert_dist.experiments")]
+    assert graph["nodepert_dist.presets"] == set() and graph["nodepert_dist.settings"] == set()
+
+
+@pytest.mark.parametrize("module", ["presets", "settings"])
+def test_leaf_modules_import_only_the_standard_library(module):
+    tree = ast.parse((REPO / PACKAGE / f"{module}.py").read_text())
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "dataclasses"}, imported

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from nodepert_dist import losses, mesh as mesh_lib, models, step as step_lib, train
+from nodepert_dist import optim
+from nodepert_dist.estimator import NPSettings
 from nodepert_dist.data import store
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -39,11 +41,11 @@ def _train_steps(mnist_dir, network, update_rule, *, lr, steps, batch=64):
     prep = lambda a: (np.asarray(a, np.float32) / 255.0 - 0.13) / 0.31
     mesh = mesh_lib.make_mesh()
     model = models.build_model(network, 10, width=4)
-    opt = step_lib.make_optimizer("adam", lr, 0.0)
+    opt = optim.make_optimizer("adam", lr, 0.0)
     state = step_lib.init_state(model, opt, prep(data.train_x[:1]), 0, mesh)
     step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="ce",
-                                    sigma=models.default_sigma(network), seed=0,
-                                    global_batch=batch)
+                                    seed=0, global_batch=batch,
+                                    np=NPSettings(sigma=models.default_sigma(network)))
     params0 = jax.device_get(state.params)  # the step donates its state
     for i in range(steps):
         part = slice(batch * i, batch * (i + 1))

@@ -9,6 +9,7 @@ import pytest
 
 from nodepert_dist import losses, models, perturbation, taps
 from nodepert_dist import step as step_lib
+from nodepert_dist.estimator import NPSettings
 from test_estimator import BATCH, _assert_unbiased, _np_mean
 
 OPTIONS = {"finite": ({}, 8000), "jvp-2-draws": (dict(delta="jvp", draws=2), 4000),
@@ -61,8 +62,8 @@ def test_blocks_are_the_layers_and_their_heads():
      "--np_local perturbs one block at a time already; drop --np_layerwise"),
     (lambda: models.build_model("conv", 10, local_heads=True),
      "--np_local is built for the MLPs \\(fc, linfc\\), not --network=conv"),
-    (lambda: step_lib.local_gradient(update_rule="sgd", loss="mse", sigma=1e-4, seed=0,
-                                     global_batch=8, np_local=True),
+    (lambda: step_lib.local_gradient(update_rule="sgd", loss="mse", seed=0, global_batch=8,
+                                     np=NPSettings(sigma=1e-4, np_local=True)),
      "--np_local is node perturbation with block-local losses; drop it with --update_rule=sgd"),
     (lambda: perturbation.local_blocks({"tap0": (3,), "tap1": (2,)}),
      "--np_local: tap tap0 has no auxiliary head \\(head_tap0\\)"),

@@ -101,9 +101,9 @@ def test_two_processes_train_like_one(mnist_dir, tmp_path, rule, atol, loss_rel,
 def _init_params(mnist_dir):
     """The untrained parameters of the SMALL net (seed 0), to show training moved them."""
     import jax
-    from nodepert_dist import mesh as mesh_lib, models, step as step_lib
+    from nodepert_dist import mesh as mesh_lib, models, optim, step as step_lib
     model = models.build_model("fc", 10, 1, 32)
-    state = step_lib.init_state(model, step_lib.make_optimizer("sgd", 1e-2, 0.0),
+    state = step_lib.init_state(model, optim.make_optimizer("sgd", 1e-2, 0.0),
                                 np.zeros((1, 28, 28, 1), np.float32), 0,
                                 mesh_lib.make_mesh(jax.devices()[:1]))
     return jax.device_get(state.params)

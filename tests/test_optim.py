@@ -1,4 +1,4 @@
-"""Training aids (optim.py through step.make_optimizer): schedules, clipping, weight norms."""
+"""Training aids (optim.py through optim.make_optimizer): schedules, clipping, weight norms."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from nodepert_dist import optim, step as step_lib
+from nodepert_dist import optim
 
 
 def _lrs(kind, steps=10, **kw):
@@ -33,7 +33,7 @@ def test_schedules():
 def test_default_optimizer_is_the_plain_one():
     """No aid asked for: the same optax transformation as before they existed (same state)."""
     params = {"w": jnp.ones((3, 2))}
-    state = step_lib.make_optimizer("adam", 1e-3, 0.0).init(params)
+    state = optim.make_optimizer("adam", 1e-3, 0.0).init(params)
     assert jax.tree.structure(state) == jax.tree.structure(optax.adam(1e-3).init(params))
 
 
@@ -51,22 +51,22 @@ def _apply(opt, params, grads, steps=1):
 def test_clip_norm_clips_the_global_norm_before_the_optimizer():
     params = {"a": jnp.zeros(3), "b": jnp.zeros(4)}
     grads = {"a": jnp.full(3, 3.0), "b": jnp.full(4, 4.0)}  # global norm sqrt(27 + 64)
-    new = _apply(step_lib.make_optimizer("sgd", 1.0, 0.0, clip_norm=1.0), params, grads)
+    new = _apply(optim.make_optimizer("sgd", 1.0, 0.0, clip_norm=1.0), params, grads)
     norm = float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(new))))
     assert norm == pytest.approx(1.0, rel=1e-6)
-    small = _apply(step_lib.make_optimizer("sgd", 1.0, 0.0, clip_norm=100.0), params, grads)
+    small = _apply(optim.make_optimizer("sgd", 1.0, 0.0, clip_norm=100.0), params, grads)
     np.testing.assert_allclose(small["a"], -3.0)
 
 
 def test_weight_norm_holds_kernel_norms_and_leaves_biases():
     params = {"kernel": jax.random.normal(jax.random.key(0), (5, 4)), "bias": jnp.zeros(4)}
     grads = {"kernel": jax.random.normal(jax.random.key(1), (5, 4)), "bias": jnp.ones(4)}
-    opt = step_lib.make_optimizer("sgd", 0.3, 0.0, weight_norm=True)
+    opt = optim.make_optimizer("sgd", 0.3, 0.0, weight_norm=True)
     new = _apply(opt, params, grads, steps=5)
     assert float(jnp.linalg.norm(new["kernel"])) == pytest.approx(
         float(jnp.linalg.norm(params["kernel"])), rel=1e-5)
     np.testing.assert_allclose(new["bias"], -1.5, rtol=1e-6)
-    plain = _apply(step_lib.make_optimizer("sgd", 0.3, 0.0), params, grads, steps=5)
+    plain = _apply(optim.make_optimizer("sgd", 0.3, 0.0), params, grads, steps=5)
     assert float(jnp.linalg.norm(plain["kernel"])) != pytest.approx(
         float(jnp.linalg.norm(params["kernel"])), rel=1e-2)
 
@@ -81,7 +81,7 @@ def test_weight_norm_leaves_zero_norm_kernels_trainable_and_finite():
             if v.ndim >= 2 and not np.any(v)]
     assert zero  # the case at hand: ResNet has zero-initialised kernels
     grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
-    opt = step_lib.make_optimizer("sgd", 0.5, 0.0, weight_norm=True)
+    opt = optim.make_optimizer("sgd", 0.5, 0.0, weight_norm=True)
     new = _apply(opt, params, grads, steps=2)
     for path, before in jax.tree_util.tree_leaves_with_path(params):
         after = _at(new, path)
@@ -103,7 +103,7 @@ def _at(tree, path):
 def test_lr_schedule_reads_the_step_not_a_counter_of_its_own():
     """The lr at step s is the schedule's at s, whatever the optimizer state holds (a resumed
     run changing its schedule has no counter to carry)."""
-    opt = step_lib.make_optimizer("sgd", 1.0, 0.0, schedule="cosine", total_steps=10)
+    opt = optim.make_optimizer("sgd", 1.0, 0.0, schedule="cosine", total_steps=10)
     params, grads = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
     state = opt.init(params)
     assert jax.tree.leaves(state) == []  # no counter

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from nodepert_dist import losses, mesh as mesh_lib, perturbation, step as step_lib
+from nodepert_dist import optim
+from nodepert_dist.estimator import NPSettings
 from nodepert_dist.config import Config
 from test_estimator_exact import (B, CLASSES, HIDDEN, SEED, SIGMA, STEP, TAPS, _assert_equal,
                                   _forward, _tiny)
@@ -61,7 +63,7 @@ def test_original_estimator_is_the_original_formula_on_1_and_8_devices(noise):
         params0 = jax.device_get(params)
         expected = original_formula(params0, x, y, losses.mse, _shared_noise(SEED, STEP, noise),
                                     SIGMA)
-        opt = step_lib.make_optimizer("sgd", 1.0, 0.0)
+        opt = optim.make_optimizer("sgd", 1.0, 0.0)
         for devices, (xs, ys) in ((1, (x, y)), (8, (jnp.concatenate([x, x]),
                                                     jnp.concatenate([y, y])))):
             mesh = mesh_lib.make_mesh(jax.devices()[:devices])
@@ -69,8 +71,9 @@ def test_original_estimator_is_the_original_formula_on_1_and_8_devices(noise):
             state = jax.device_put(step_lib.TrainState(step=jnp.int32(STEP), params=params0,
                                                        opt_state=opt.init(params0)), rep)
             step = step_lib.make_train_step(model, opt, mesh, update_rule="np", loss="mse",
-                                            sigma=SIGMA, seed=SEED, global_batch=len(xs),
-                                            noise=noise, np_estimator="original")
+                                            seed=SEED, global_batch=len(xs),
+                                            np=NPSettings(sigma=SIGMA, noise=noise,
+                                                          np_estimator="original"))
             new, metrics = step(state, *mesh_lib.global_batch(mesh, np.asarray(xs),
                                                               np.asarray(ys)))
             update = jax.tree.map(lambda a, b: a - b, params0, jax.device_get(new.params))

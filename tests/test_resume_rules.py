@@ -19,7 +19,7 @@ import pytest
 from test_checkpoint import saved_arrays
 from nodepert_dist import checkpoint, checkpoint_layout, train
 from nodepert_dist import config as config_lib
-from nodepert_dist import step as step_lib
+from nodepert_dist import optim
 from nodepert_dist.config import Config
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -189,10 +189,10 @@ def test_resume_carries_optimizer_state_onto_new_parts(cuts, tmp_path, changes, 
     for layer in ("layer0", "layer1"):
         np.testing.assert_array_equal(state.params[layer]["kernel"],
                                       saved[f"params.{layer}.kernel"])
-    names = [n for n, _ in step_lib.optimizer_parts(
+    names = [n for n, _ in optim.optimizer_parts(
         cfg.optimizer, cfg.lr, cfg.wd, clip_norm=cfg.clip_norm, weight_norm=cfg.weight_norm)]
     assert sorted(names) == sorted(kept + fresh)
-    parts = step_lib.part_states(names, state.opt_state)
+    parts = optim.part_states(names, state.opt_state)
     if "weight_norm" in fresh:  # fresh norms: the kernels' norms at the resume step
         np.testing.assert_allclose(parts["weight_norm"].norms["layer0"]["kernel"],
                                    np.linalg.norm(saved["params.layer0.kernel"]), rtol=1e-6)
@@ -266,7 +266,7 @@ def test_experiments_read_a_checkpoint_of_a_run_with_training_aids(cuts, tmp_pat
     from nodepert_dist.experiments import common
     workdir, cfg, run = _resume(cuts, MID, tmp_path, weight_norm=True, clip_norm=1.0)
     run()
-    _, params, _, _, _ = common.load_point(cfg, MID + 1)
+    _, _, params = common.load_point(cfg, MID + 1)
     saved = saved_arrays(checkpoint_layout.step_dir(str(workdir / "checkpoints"), MID + 1))
     np.testing.assert_array_equal(params["layer0"]["kernel"], saved["params.layer0.kernel"])
 
@@ -278,7 +278,7 @@ def test_experiments_read_a_checkpoint_of_a_decorrelated_run(cuts, tmp_path):
     from nodepert_dist import models
     from nodepert_dist.experiments import common
     workdir, cfg, _ = _resume(cuts, MID, tmp_path, variant_="decorrelated")
-    model, params, _, _, _ = common.load_point(cfg, MID)
+    _, model, params = common.load_point(cfg, MID)
     saved = saved_arrays(checkpoint_layout.step_dir(str(workdir / "checkpoints"), MID))
     x = jnp.ones((2, 28, 28, 1))
     plain = models.build_model("fc", 10, 1, 8, decorrelate=True)

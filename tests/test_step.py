@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
+from nodepert_dist import optim
+from nodepert_dist.estimator import NPSettings
 
 GLOBAL_BATCH = 64
 
@@ -21,14 +23,14 @@ def _run(n_devices, network, update_rule, optimizer="sgd", n_steps=3, lr=0.05, d
     mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
     model = models.build_model(network, 10, n_hl=2, hl_size=32, width=2,
                                local_heads=options.get("np_local", False)).clone(dtype=dtype)
-    opt = step_lib.make_optimizer(optimizer, lr, 1e-4)
+    opt = optim.make_optimizer(optimizer, lr, 1e-4)
     batches = [(x.astype(dtype), y) for x, y in _batches(max(n_steps, 1))]
     state = step_lib.init_state(model, opt, batches[0][0], 0, mesh)
     state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                          state)
     options.setdefault("sigma", models.default_sigma(network))
     step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="mse",
-                                    seed=3, global_batch=GLOBAL_BATCH, **options)
+                                    seed=3, global_batch=GLOBAL_BATCH, np=NPSettings(**options))
     m = None
     for x, y in batches[:n_steps]:
         state, m = step(state, *mesh_lib.global_batch(mesh, x, y))
@@ -103,13 +105,14 @@ def _one_update(update_rule, n_devices, optimizer="sgd", at_step=0):
     """Parameters after one step with lr=1 from the same init: params0 - grad."""
     mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
     model = models.build_model("fc", 10, n_hl=1, hl_size=16)
-    opt = step_lib.make_optimizer(optimizer, 1.0, 0.0)
+    opt = optim.make_optimizer(optimizer, 1.0, 0.0)
     (x, y), = _batches(1, shape=(12,))
     state = step_lib.init_state(model, opt, x, 0, mesh)
     state = state.replace(step=jax.device_put(jnp.int32(at_step), state.step.sharding))
     params0 = jax.device_get(state.params)
     step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="ce",
-                                    sigma=1e-3, seed=5, global_batch=GLOBAL_BATCH)
+                                    seed=5, global_batch=GLOBAL_BATCH,
+                                    np=NPSettings(sigma=1e-3))
     state, _ = step(state, *mesh_lib.global_batch(mesh, x, y))
     return model, params0, jax.device_get(state.params), x, y
 
@@ -143,13 +146,13 @@ def test_np_peak_memory_is_below_sgd():
     gradient ops NP held 56.5 MB."""
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
     model = models.build_model("conv", 10)
-    opt = step_lib.make_optimizer("sgd", 0.1, 0.0)
+    opt = optim.make_optimizer("sgd", 0.1, 0.0)
     x, y = np.zeros((128, 28, 28, 1), np.float32), np.zeros(128, np.int32)
     state = step_lib.init_state(model, opt, x, 0, mesh)
     temp = {}
     for rule in ("np", "sgd"):
-        step = step_lib.make_train_step(model, opt, mesh, update_rule=rule, loss="mse", sigma=1e-5,
-                                        seed=0, global_batch=128)
+        step = step_lib.make_train_step(model, opt, mesh, update_rule=rule, loss="mse",
+                                        seed=0, global_batch=128, np=NPSettings(sigma=1e-5))
         compiled = step.lower(state, *mesh_lib.global_batch(mesh, x, y)).compile()
         temp[rule] = compiled.memory_analysis().temp_size_in_bytes
     assert temp["np"] < 0.85 * temp["sgd"], temp
@@ -157,7 +160,7 @@ def test_np_peak_memory_is_below_sgd():
 
 def test_decoupled_weight_decay_matches_the_original_rule():
     """w <- w - lr*dw - wd*w (decay not scaled by lr)."""
-    opt = step_lib.make_optimizer("sgd", 0.1, 0.01)
+    opt = optim.make_optimizer("sgd", 0.1, 0.01)
     w, g = jnp.array([2.0, -4.0]), jnp.array([1.0, 1.0])
     updates, _ = opt.update(g, opt.init(w), w)
     np.testing.assert_allclose(w + updates, w - 0.1 * g - 0.01 * w, rtol=1e-6)

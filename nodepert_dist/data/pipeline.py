@@ -15,6 +15,7 @@ into float32 on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -25,7 +26,49 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from nodepert_dist import settings as settings_lib
 from nodepert_dist.data import augment as augment_lib
+from nodepert_dist.data import preprocess, store
+from nodepert_dist.settings import setting
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The data of a run: dataset, split, preprocessing, augmentation, prefetch; part of
+    config.Config (run_setup.build opens them)."""
+    dataset: str = setting("mnist", "Dataset (fetch it first: python -m nodepert_dist.data "
+                           "fetch NAME).", group="data", choices=store.DATASETS)
+    data_dir: str = setting("data", "Where datasets live.", group="data")
+    preprocess: str = setting("auto", "auto (per_channel for CIFAR, standardize otherwise), "
+                              "standardize (train-set mean/std), per_channel, unit ([0, 1]) or "
+                              "zca (ZCA whitening).", group="data", choices=preprocess.MODES)
+    augment: bool = setting(False, "Random crop (4-pixel padding) and horizontal flip of "
+                            "training images, a pure function of (seed, epoch, example).",
+                            group="data")
+    validation_size: int = setting(0, "Hold out the last N training examples as a validation "
+                                   "split (val_acc).", group="data")
+    cifar100_labels: str = setting("fine", "CIFAR-100 labels: fine (100 classes) or coarse "
+                                   "(20 superclasses).", group="data", choices=store.LABEL_SETS)
+    data_workers: int = setting(0, "Input prefetch: 0 = threads in each process, N > 0 = N "
+                                "Grain worker processes.", group="data")
+
+    def validate(self) -> None:
+        settings_lib.check_choices(self)
+        settings_lib.check_non_negative(self, "validation_size", "data_workers")
+
+
+def open_splits(data: DataSettings, batchsize: int):
+    """(the dataset, {"train": rows, "val": rows}, steps per epoch) of a run's data settings;
+    one line if the split or the batch does not fit the dataset."""
+    dataset = store.open_dataset(data.dataset, data.data_dir, data.cifar100_labels)
+    n_train = len(dataset.train_y) - data.validation_size
+    if n_train <= 0:
+        raise ValueError(f"--validation_size={data.validation_size} leaves no training examples "
+                         f"of {len(dataset.train_y)}")
+    steps = steps_per_epoch(n_train, batchsize)
+    if steps == 0:
+        raise ValueError(f"--batchsize={batchsize} is larger than the {n_train} training examples")
+    return dataset, {"train": (0, n_train), "val": (n_train, len(dataset.train_y))}, steps
 
 
 class Rows:

@@ -4,7 +4,8 @@ a temporary name, then renamed, so nothing is ever half written; process 0 only)
 
 Every experiment command takes every `nodepert-train` flag (this module imports train.py, which
 defines them) plus the flags below and its own. Its base config is its preset
-(presets.EXPERIMENT_PRESETS, or --preset), with any training flag given on the command line on top.
+(nodepert_dist/presets.py: EXPERIMENT_PRESETS, or --preset), with any training flag given on
+the command line on top.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import sys
 import numpy as np
 from absl import flags
 
-from nodepert_dist import (checkpoint_layout, checkpoint_restore, crash_guard, distributed, files,
+from nodepert_dist import (checkpoint_layout, crash_guard, distributed, files,
                            metrics, run_record, sweep, sweep_launch, train)
 from nodepert_dist import mesh as mesh_lib
-from nodepert_dist.experiments import presets
+from nodepert_dist import presets
+from nodepert_dist.experiments import probes
 
 flags.DEFINE_string("out", None, "Results folder (default runs/experiments/<experiment>); "
                     "rerunning with the same one resumes.")
-flags.DEFINE_string("preset", None, "Base settings from experiments/presets.py (default: the "
+flags.DEFINE_string("preset", None, "Base settings from nodepert_dist/presets.py (default: the "
                     "experiment's own); training flags given here override them.")
 flags.DEFINE_enum("launch", "inprocess", ["inprocess", "local", "slurm", "none"],
                   "Grid experiments: train here one run after another (inprocess), as "
@@ -284,28 +286,15 @@ def run_summary(run: dict, crash_points: float) -> dict:
 
 
 def load_point(cfg: train.Config, step: int):
-    """(model, params on one device, data, splits, prep_mode) of cfg's run at checkpoint `step`;
-    with --decorrelate the model is bound to that checkpoint's matrices."""
-    from nodepert_dist import decorrelation, models
-    from nodepert_dist import step as step_lib
-    from nodepert_dist.data import preprocess, store
-    from nodepert_dist.experiments import gradstats
+    """(run, model, params on one device) of cfg's run at checkpoint `step`: the run as
+    `nodepert-train` builds it (run_setup.build: every setting), its state restored from that
+    checkpoint; with --decorrelate the model is bound to that checkpoint's matrices."""
+    from nodepert_dist import decorrelation, run_setup
 
-    cfg = cfg.resolved()
-    data = store.open_dataset(cfg.dataset, cfg.data_dir, cfg.cifar100_labels)
-    n_train = len(data.train_y) - cfg.validation_size
-    splits = {"train": (0, n_train), "val": (n_train, len(data.train_y))}
-    model = models.build_model(cfg.network, data.num_classes, cfg.n_hl, cfg.hl_size,
-                               width=cfg.width, norm=cfg.norm, dtype=cfg.dtype,
-                               local_heads=cfg.np_local, decorrelate=cfg.decorrelate)
-    # The run's whole optimizer (its parts decide the state's arrays; the schedule does not).
-    optimizer = step_lib.optimizer_from(cfg, steps_per_epoch=1)
-    sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
-    target = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh_lib.make_mesh())
-    path = checkpoint_layout.step_dir(os.path.join(cfg.workdir, "checkpoints"), step)
-    if not os.path.isdir(path):
-        raise ExperimentError(f"no checkpoint of step {step} in {cfg.workdir}/checkpoints")
-    state, _ = checkpoint_restore.load(path, target)
-    decor = None if state.decor is None else gradstats.local_copy(state.decor)
-    return (decorrelation.bind(model, decor), gradstats.local_copy(state.params), data, splits,
-            preprocess.resolve(cfg.preprocess, cfg.dataset))
+    run = run_setup.build(cfg, mesh_lib.make_mesh())
+    try:
+        state = run.restore(step)
+    except ValueError as e:
+        raise ExperimentError(str(e)) from None
+    decor = None if state.decor is None else probes.local_copy(state.decor)
+    return run, decorrelation.bind(run.model, decor), probes.local_copy(state.params)

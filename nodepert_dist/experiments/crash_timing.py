@@ -10,8 +10,8 @@ epoch fell from ~200 to 0 as lr went from 0.004 to 0.02.
 
 Replay (--replay_runs, the crashing runs with the lowest lrs): the crash epoch is trained
 again from that checkpoint (same data order and noise, so the same crash), logging at every
---replay_every steps the gradient statistics of grad-stats plus weight and activity norms per
-layer. Writes crash_timing.csv/.png (crash epoch vs lr) and crash_replay.csv/.png.
+--replay_every steps the gradient statistics of grad-stats (of the estimator the run trains
+with: every --np_* setting, --noise and --sigma) plus weight and activity norms per layer. Writes crash_timing.csv/.png (crash epoch vs lr) and crash_replay.csv/.png.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import shutil
 from absl import flags
 
 from nodepert_dist import checkpoint_layout, files, metrics
-from nodepert_dist.experiments import common, gradstats
+from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("replay_runs", 1, "Replay this many crashed runs (lowest lrs first; 0: none).")
 flags.DEFINE_integer("replay_every", 1, "During the replay, statistics every N steps.")
-flags.DEFINE_integer("replay_draws", 4, "NP draws per replay measurement.")
+flags.DEFINE_integer("replay_draws", 4, "NP draws per replay measurement (each an estimate of "
+                     "the run's own estimator, --np_* settings included).")
 flags.DEFINE_integer("probe_size", 256, "Training examples in the replay's probe batch.")
 FLAGS = flags.FLAGS
 
@@ -96,7 +97,7 @@ def replay(run: dict, out: str, every: int, draws: int, probe_size: int) -> list
     cfg = dataclasses.replace(run["cfg"], workdir=dest, crash_guard=False, num_epochs=crash_epoch,
                               checkpoint_every_epochs=0, checkpoint_every_steps=0, max_steps=0)
     jsonl = os.path.join(dest, "replay.jsonl")
-    result = common.train_once(cfg, hooks=[gradstats.Hook(jsonl, every, draws, probe_size, norms=True,
+    result = common.train_once(cfg, hooks=[probes.Hook(jsonl, every, draws, probe_size, norms=True,
                                                                       at_start=True)])
     original = run["outcome"]["rows"][-1] if run["outcome"]["status"] == "crashed" else None
     again = result["rows"][-1] if result["rows"] else {}
@@ -110,7 +111,7 @@ def plot_replay(rows, path) -> str:
     first = rows[0]
     fig, axes = common.figure(3, 2, size=(5.2, 3.0))
     steps = [r["step"] for r in rows]
-    names = gradstats.layer_names(rows)
+    names = probes.layer_names(rows)
     colors = {"NP": "C3", "SGD": "C2", "true grad = 0 (whole)": "C7",
               **{n: f"C{i}" for i, n in enumerate(names)}}
     panels = [("loss", "probe loss", [("", "loss")]),

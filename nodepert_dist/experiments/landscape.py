@@ -26,7 +26,7 @@ from absl import flags
 from jax.flatten_util import ravel_pytree
 
 from nodepert_dist import checkpoint_layout, files, losses, metrics
-from nodepert_dist.experiments import common, gradstats
+from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("every", 50, "Store the parameters every this many steps (and at step 0).")
 flags.DEFINE_integer("grid", 25, "Surface lattice points per axis.")
@@ -51,7 +51,7 @@ class TrajectoryHook:
     def after_step(self, step, state, *_) -> None:
         if step % self.every or not metrics.is_writer():
             return
-        vector = np.asarray(ravel_pytree(gradstats.local_copy(state.params))[0], np.float32)
+        vector = np.asarray(ravel_pytree(probes.local_copy(state.params))[0], np.float32)
         path = os.path.join(self.folder, f"step_{step:08d}.npy")
         with files.atomic_open(path, "wb") as f:
             np.save(f, vector)
@@ -94,7 +94,7 @@ def analyse(cfg, folder, grid, surface_size):
     last = checkpoint_layout.committed_steps(os.path.join(cfg.workdir, "checkpoints"))
     if not last:
         raise common.ExperimentError(f"{cfg.workdir} has no checkpoint of the final point")
-    model, params, data, splits, prep_mode = common.load_point(cfg, last[-1])
+    run, model, params = common.load_point(cfg, last[-1])
     final, unravel = ravel_pytree(params)
     paths = [p for p in snapshot_paths(folder) if _step_of(p) < last[-1]]
     if len(paths) < 2:
@@ -111,15 +111,17 @@ def analyse(cfg, folder, grid, surface_size):
     margin = np.maximum(0.25 * (hi - lo), 0.05)
     axes = [np.linspace(lo[i] - margin[i], hi[i] + margin[i], grid) for i in range(2)]
     lattice = np.array([(a, b) for b in axes[1] for a in axes[0]], np.float32)
-    x, y = gradstats.probe_batch(data, splits, prep_mode, surface_size, cfg.seed)
+    x, y = probes.probe_batch(run.data, run.splits, run.prep_mode, surface_size, cfg.seed)
     device = jax.local_devices()[0]
     put = lambda v: jax.device_put(jnp.asarray(v), device)
     f = surface_fn(model, cfg.loss)
     loss, acc = jax.device_get(f(params, put(final), put(dirs[0]), put(dirs[1]), put(lattice),
                                  put(x), put(y)))
-    # the trajectory's own loss (at the stored points, not their projections)
-    traj_loss = [float(jnp.mean(losses.get(cfg.loss)(model.apply(
-        {"params": unravel(put(t))}, put(x))[0], put(y)))) for t in traj]
+    # the trajectory's own loss (at the stored points, not their projections): the surface at
+    # (0, 0) around each of them
+    at_point = np.zeros((1, 2), np.float32)
+    traj_loss = [float(jax.device_get(f(params, put(t), put(dirs[0]), put(dirs[1]),
+                                        put(at_point), put(x), put(y)))[0][0]) for t in traj]
     surface = [{"alpha": float(a), "beta": float(b), "loss": float(l), "acc": float(c)}
                for (a, b), l, c in zip(lattice, loss, acc)]
     path = [{"step": s_, "alpha": float(c[0]), "beta": float(c[1]), "loss": l}

@@ -9,7 +9,7 @@ flag changes it) until test accuracy reaches --target_acc (every epoch is checkp
 epoch at or above the target is used, else the best one). Then, on --probe_size training
 examples (default: one batch of --batchsize; NP's variance, and so its critical lr, depends on
 it): dL_SGD(lr) = L(w - lr g) - L(w) with g = jax.grad, and dL_NP(lr), the mean over --draws
-NP estimates. Writes linesearch.csv (width, rule, lr, delta_loss), linesearch_lrs.csv (critical
+NP estimates of the run's own estimator (every --np_* setting, --noise and --sigma). Writes linesearch.csv (width, rule, lr, delta_loss), linesearch_lrs.csv (critical
 and optimal lr per width and rule) and linesearch.png.
 """
 
@@ -24,12 +24,12 @@ import numpy as np
 from absl import flags
 
 from nodepert_dist import losses
-from nodepert_dist import step as step_lib
-from nodepert_dist.experiments import common, gradstats
+from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_list("widths", ["100", "300", "1000"], "hl_size values.")
 flags.DEFINE_float("target_acc", 0.9, "Test accuracy (0..1) at which to measure.")
-flags.DEFINE_integer("draws", 8, "NP draws averaged per lr.")
+flags.DEFINE_integer("draws", 8, "NP draws averaged per lr, each an estimate of the run's own "
+                     "estimator (--np_* settings included).")
 flags.DEFINE_integer("probe_size", 0, "Training examples the step is computed and the loss "
                      "change measured on (0: --batchsize, one training step's batch).")
 FLAGS = flags.FLAGS
@@ -37,19 +37,19 @@ FLAGS = flags.FLAGS
 DEFAULT_LRS = common.log_grid(1e-3, 100.0, 16)
 
 
-def delta_fn(model, *, loss, sigma, seed, noise, draws):
-    """Jitted f(params, x, y, lrs) -> (L(w), dL_SGD per lr, dL_NP per lr and draw)."""
-    loss_fn = losses.get(loss)
+def delta_fn(run, model, *, batch: int, draws: int):
+    """Jitted f(params, x, y, lrs) -> (L(w), dL_SGD per lr, dL_NP per lr and draw); the NP
+    steps are `draws` estimates of the run's own estimator (probes.np_estimates: all its NP
+    settings) on the `batch` examples."""
+    loss_fn = losses.get(run.cfg.loss)
+    gradient = run.gradient(batch, update_rule="np")
 
     def mean_loss(p, x, y):
         return jnp.mean(loss_fn(model.apply({"params": p}, x), y))
 
     def f(params, x, y, lrs):
         start, g = jax.value_and_grad(mean_loss)(params, x, y)
-        gradient = step_lib.local_gradient(update_rule="np", loss=loss, sigma=sigma, seed=seed,
-                                           global_batch=x.shape[0], noise=noise)
-        estimates = jax.lax.map(lambda d: gradstats.np_estimate(
-            gradient, model, params, x, y, gradstats._STATS_STEP - d), jnp.arange(draws))
+        estimates = probes.np_estimates(gradient, model, params, x, y, draws)
 
         def change(direction, lr):
             return mean_loss(jax.tree.map(lambda p, d: p - lr * d, params, direction), x, y) - start
@@ -78,10 +78,9 @@ def measure(base, out, width, lrs, target, draws, probe_size):
         raise common.ExperimentError(f"width {width}: the run ({result['status']}) has no epochs")
     reached = [r for r in rows if r["test_acc"] >= target]
     point = reached[0] if reached else max(rows, key=lambda r: r["test_acc"])
-    model, params, data, splits, prep_mode = common.load_point(cfg, point["step"])
-    x, y = gradstats.probe_batch(data, splits, prep_mode, probe_size, cfg.seed)
-    cfg = cfg.resolved()
-    f = delta_fn(model, loss=cfg.loss, sigma=cfg.sigma, seed=cfg.seed, noise=cfg.noise, draws=draws)
+    run, model, params = common.load_point(cfg, point["step"])
+    x, y = probes.probe_batch(run.data, run.splits, run.prep_mode, probe_size, cfg.seed)
+    f = delta_fn(run, model, batch=len(y), draws=draws)
     device = jax.local_devices()[0]
     start, sgd, np_ = jax.device_get(f(params, jax.device_put(x, device), jax.device_put(y, device),
                                        jnp.asarray(lrs, jnp.float32)))
@@ -139,6 +138,7 @@ def run(base, out, widths, lrs, target=0.9, draws=8, probe_size=0) -> list[str]:
     if not 0 < target <= 1 or draws < 1 or probe_size < 0:
         raise common.ExperimentError("--target_acc in (0, 1], --draws > 0, --probe_size >= 0")
     probe_size = probe_size or base.batchsize
+    probes.check_probe_size(probe_size, base)  # before any training
     table, summary = [], []
     for w in widths:
         t, s = measure(base, out, w, lrs, target, draws, probe_size)

@@ -1,4 +1,11 @@
-"""Gradient statistics: the NP update against the true gradient (`jax.grad`) on one batch.
+"""The probe library of the experiments: statistics of the run's NP estimate against the true
+gradient (`jax.grad`) on one batch, the probe batch, the every-k-steps `Hook`, result rows.
+
+The estimate probed is exactly the one the run trains with: `np_estimate` calls the run's own
+local gradient (`run_setup.Run.gradient`: every NP setting of the run, --np_draws,
+--np_layerwise, --np_antithetic, --np_delta, --np_estimator, --np_local, --noise, --sigma), in a
+shard_map over one device as the train step does; only the noise keys differ (steps counted
+down from `_STATS_STEP`, never a real step).
 
 `probe_fn(...)` returns a jitted `f(params, x, labels) -> {name: scalar}` with, per layer (each
 top-level parameter module, e.g. `layer0`) and for the whole network (`all`):
@@ -26,18 +33,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
 from nodepert_dist import files, losses, metrics
-from nodepert_dist import step as step_lib
 from nodepert_dist.data import preprocess
+from nodepert_dist.mesh import DATA
 
 # NP draws of the statistics use noise keys of steps counted down from here, never a real step.
 _STATS_STEP = 2**31 - 1
 
 
 def np_estimate(gradient, model, params, x, labels, step):
-    """The one call of a `step.local_gradient` function in this package (its signature changes
-    with issue 9: `gradient(model, ...)` instead of an apply function)."""
-    return gradient(model, params, x, labels, step, jnp.arange(x.shape[0]))[0]
+    """The estimate `gradient` (a `step.local_gradient`, e.g. `Run.gradient(n, "np")`) gives
+    at `step` on these examples, computed as the train step does (parameters cast to
+    device-varying, a psum over `data`) on a one-device mesh: the same program on one device,
+    so --np_estimator=original's batch-wide reduction works here too."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), (DATA,))
+
+    def local(params, x, labels, step):
+        varying = jax.lax.pcast(params, DATA, to="varying")
+        grads = gradient(model, varying, x, labels, step, jnp.arange(x.shape[0]))[0]
+        return jax.lax.psum(grads, DATA)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()),
+                         out_specs=P())(params, x, labels, step)
+
+
+def np_estimates(gradient, model, params, x, labels, draws: int):
+    """`draws` estimates (stacked on a leading axis), at noise steps _STATS_STEP, -1, ..."""
+    return jax.lax.map(lambda d: np_estimate(gradient, model, params, x, labels,
+                                             _STATS_STEP - d), jnp.arange(draws))
 
 
 def flat(tree):
@@ -81,19 +106,16 @@ def activity_norms(model, params, x) -> dict:
     return out
 
 
-def probe_fn(model, *, loss: str, sigma: float, seed: int, noise: str, draws: int,
-             norms: bool = False):
-    """Jitted `f(params, x, labels) -> dict of scalars` (see the module docstring)."""
+def probe_fn(model, gradient, *, loss: str, draws: int, norms: bool = False):
+    """Jitted `f(params, x, labels) -> dict of scalars` (see the module docstring); `gradient`:
+    the run's NP estimator for the probe batch (`Run.gradient(batch, update_rule="np")`)."""
     loss_fn = losses.get(loss)
 
     def stats(params, x, labels):
         def mean_loss(p):
             return jnp.mean(loss_fn(model.apply({"params": p}, x), labels))
         value, true_grad = jax.value_and_grad(mean_loss)(params)
-        gradient = step_lib.local_gradient(update_rule="np", loss=loss, sigma=sigma, seed=seed,
-                                           global_batch=x.shape[0], noise=noise)
-        draws_ = jax.lax.map(lambda d: np_estimate(gradient, model, params, x, labels,
-                                                   _STATS_STEP - d), jnp.arange(draws))
+        draws_ = np_estimates(gradient, model, params, x, labels, draws)
         first = jax.tree.map(lambda a: a[0], draws_)
         mean = jax.tree.map(lambda a: jnp.mean(a, 0), draws_)
         out = {"loss": value, **compare(true_grad, first)}
@@ -118,6 +140,14 @@ def local_copy(tree):
     return jax.tree.map(lambda a: a.addressable_data(0), tree)
 
 
+def check_probe_size(size: int, cfg) -> None:
+    """One line if the run's --np_microbatches does not split a probe batch of `size`."""
+    if size % cfg.np_microbatches:
+        raise ValueError(f"the probe batch of {size} examples does not split into "
+                         f"--np_microbatches={cfg.np_microbatches}; use a probe size that is a "
+                         f"multiple of it")
+
+
 def probe_batch(data, splits, prep_mode: str, size: int, seed: int):
     """`size` fixed training examples (a seeded choice), preprocessed like the train batches."""
     lo, hi = splits["train"]
@@ -134,7 +164,8 @@ def layer_names(rows: list[dict]) -> list[str]:
 
 
 class Hook:
-    """Training-loop hook: the statistics every `every` steps on a fixed probe batch -> JSONL.
+    """Training-loop hook: the statistics every `every` steps on a fixed probe batch -> JSONL,
+    of the estimator the run trains with (all its NP settings).
 
     Resumable: at the start it drops rows past the step the run resumes from."""
 
@@ -147,9 +178,10 @@ class Hook:
         cfg = ctx.cfg
         if ctx.state.decor is not None:  # the probe is compiled once, R moves every step
             raise ValueError("the gradient-statistics probe does not take --decorrelate; drop it")
-        self.fn = probe_fn(ctx.model, loss=cfg.loss, sigma=cfg.sigma, seed=cfg.seed,
-                           noise=cfg.noise, draws=self.draws, norms=self.norms)
         x, y = probe_batch(ctx.data, ctx.splits, ctx.prep_mode, self.size, cfg.seed)
+        check_probe_size(len(y), cfg)
+        self.fn = probe_fn(ctx.model, ctx.run.gradient(len(y), update_rule="np"), loss=cfg.loss,
+                           draws=self.draws, norms=self.norms)
         device = jax.local_devices()[0]
         self.x, self.y = jax.device_put(x, device), jax.device_put(y, device)
         self.steps_per_epoch = ctx.steps_per_epoch

@@ -1,8 +1,9 @@
-"""Named settings: preset name -> overrides of `train.Config` fields (plain data, one place).
+"""Named settings: preset name -> overrides of `config.Config` fields (plain data, one place).
 
-Each paper setting and each experiment's base run is declared once here. An experiment command
-starts from its preset (`EXPERIMENT_PRESETS`); any training flag given on its command line wins.
-The `--config=NAME` mechanism of `nodepert-train` (issue 12) can pick these up as they are.
+Every preset is declared once here (a leaf module: it imports nothing). `nodepert-train
+--config=NAME` and the experiments' `--preset=NAME` read PRESETS; an experiment command starts
+from its preset (`EXPERIMENT_PRESETS`). Flags given on the command line win. Add one as a dict of
+Config field names to values (config.overrides checks them against the fields).
 """
 
 # The original code's settings (docs/design/original_code.md): MSE on sigmoid outputs, batch
@@ -13,6 +14,7 @@ _MNIST_FC = dict(dataset="mnist", network="fc", n_hl=2, hl_size=500, batchsize=1
 _CIFAR_CONV = dict(dataset="cifar10", network="conv", batchsize=100, loss="mse", optimizer="sgd")
 
 PRESETS = {
+    # NP with the original code's settings: fc 784-500-500-10 at the stable NP lr
     "mnist_fc_np": dict(_MNIST_FC, update_rule="np", lr=0.02, num_epochs=10),
     "mnist_fc_sgd": dict(_MNIST_FC, update_rule="sgd", lr=1.0, num_epochs=10),
     "mnist_fc_np_adam": dict(_MNIST_FC, update_rule="np", optimizer="adam", lr=1e-4, num_epochs=10),
