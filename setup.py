@@ -7,8 +7,14 @@ setup(
     packages=find_packages(include=["nodepert_dist", "nodepert_dist.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.10.2", "jaxlib>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "grain>=0.2.18",
-        "numpy", "absl-py", "tensorstore>=0.1.86",
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "grain>=0.2.18",
+        "numpy",
+        "absl-py",
+        "tensorstore>=0.1.86",
         "matplotlib",  # learning-curve plots (nodepert-plot)
         # SLURM hostlists (first host of "r[1-2]-n[07-08]-ib,login"): one small pure-Python
         # module from a supercomputing centre (NSC), maintained for years, no dependencies; it
@@ -18,10 +24,14 @@ setup(
     ],
     # pytest-xdist: two test processes on a 2-core CI machine; the suite waits on subprocesses,
     # locks and signals a lot (one process kept the load near 1.5): 18.5 vs 25+ min measured
-    extras_require={"test": ["pytest", "pytest-xdist"]},
-    entry_points={"console_scripts": [
-        "nodepert-train=nodepert_dist.train:cli",
-        "nodepert-plot=nodepert_dist.plot:cli",
-        "nodepert-experiment=nodepert_dist.experiments.__main__:main",
-    ]},
+    # ruff: the project's linter and formatter (ruff.toml); tests/test_lint.py keeps the code
+    # within its rules, so CI needs it. One static binary, no dependencies.
+    extras_require={"test": ["pytest", "pytest-xdist", "ruff>=0.15"]},
+    entry_points={
+        "console_scripts": [
+            "nodepert-train=nodepert_dist.train:cli",
+            "nodepert-plot=nodepert_dist.plot:cli",
+            "nodepert-experiment=nodepert_dist.experiments.__main__:main",
+        ]
+    },
 )

@@ -29,14 +29,20 @@ BATCH = 32
 
 def mean_estimates(models_, params, x, y, sigma, draws):
     """The mean NP estimate of each model (same parameters, same noise draws)."""
+
     def one(step):
         keys = perturbation.example_keys(0, step, jnp.arange(BATCH))
-        return [perturbation.np_gradient(m, params, x.astype(m.dtype), y, losses.ce, sigma=sigma,
-                                         keys=keys, normalizer=BATCH)[0] for m in models_]
+        return [
+            perturbation.np_gradient(
+                m, params, x.astype(m.dtype), y, losses.ce, sigma=sigma, keys=keys, normalizer=BATCH
+            )[0]
+            for m in models_
+        ]
 
     zero = [jax.tree.map(jnp.zeros_like, params) for _ in models_]
-    total = jax.jit(lambda: jax.lax.fori_loop(
-        0, draws, lambda i, acc: jax.tree.map(jnp.add, acc, one(i)), zero))()
+    total = jax.jit(
+        lambda: jax.lax.fori_loop(0, draws, lambda i, acc: jax.tree.map(jnp.add, acc, one(i)), zero)
+    )()
     return jax.tree.map(lambda a: a / draws, total)
 
 
@@ -46,20 +52,26 @@ def _keys_like(tree):
 
 
 def worst(mean, true):
-    cos = [float(jnp.vdot(u, v) / (jnp.linalg.norm(u) * jnp.linalg.norm(v)))
-           for u, v in zip(jax.tree.leaves(mean), jax.tree.leaves(true))]
-    ratio = [float(jnp.linalg.norm(u) / jnp.linalg.norm(v))
-             for u, v in zip(jax.tree.leaves(mean), jax.tree.leaves(true))]
+    cos = [
+        float(jnp.vdot(u, v) / (jnp.linalg.norm(u) * jnp.linalg.norm(v)))
+        for u, v in zip(jax.tree.leaves(mean), jax.tree.leaves(true))
+    ]
+    ratio = [
+        float(jnp.linalg.norm(u) / jnp.linalg.norm(v))
+        for u, v in zip(jax.tree.leaves(mean), jax.tree.leaves(true))
+    ]
     return min(cos), min(ratio), max(ratio)
 
 
 def _comma_list(kind):
     """argparse type of a comma list whose items `kind` checks (a bad item: one-line error)."""
+
     def parse(text):
         try:
             return [kind(v) for v in text.split(",")]
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     return parse
 
 
@@ -85,20 +97,27 @@ def main():
         # Zero-initialised leaves (biases, resnet's residual-branch convs) get small random
         # values: with a zero residual branch the gradients before it are exactly zero, and
         # cosines of noise against zero would say nothing about bf16.
-        params = jax.tree.map(lambda p, k: p if jnp.any(p) else 0.1 * jax.random.normal(k, p.shape),
-                              params, _keys_like(params))
-        true = jax.grad(lambda p: jnp.mean(losses.ce(base.apply({"params": p}, x), y)))(params)
+        params = jax.tree.map(
+            lambda p, k: p if jnp.any(p) else 0.1 * jax.random.normal(k, p.shape),
+            params,
+            _keys_like(params),
+        )
+        true = jax.grad(lambda p: jnp.mean(losses.ce(base.apply({"params": p}, x), y)))(params)  # noqa: B023 (called here)
         for sigma in args.sigmas:
             t = time.time()
-            f32, bf16 = mean_estimates([base, base.clone(dtype=jnp.bfloat16)], params, x, y,
-                                       sigma, args.draws)
+            f32, bf16 = mean_estimates(
+                [base, base.clone(dtype=jnp.bfloat16)], params, x, y, sigma, args.draws
+            )
             row = dict(network=network, sigma=sigma, draws=args.draws)
             for name, (a, b) in {"bf16_vs_f32": (bf16, f32), "f32_vs_grad": (f32, true)}.items():
                 cos, lo, hi = worst(a, b)
                 row[name] = dict(min_cosine=round(cos, 4), norm_ratio=[round(lo, 3), round(hi, 3)])
             c = row["bf16_vs_f32"]
-            row["bf16_ok"] = c["min_cosine"] >= 0.99 and 0.85 <= c["norm_ratio"][0] \
+            row["bf16_ok"] = (
+                c["min_cosine"] >= 0.99
+                and 0.85 <= c["norm_ratio"][0]
                 and c["norm_ratio"][1] <= 1.15
+            )
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t:.0f} s)", flush=True)
     files.write_json(args.out, rows)
@@ -107,10 +126,14 @@ def main():
     print("|---" * (len(args.sigmas) + 2) + "|")
     for network in args.networks:
         mine = [r for r in rows if r["network"] == network]
-        cells = [f"{r['bf16_vs_f32']['min_cosine']:.3f} / {r['bf16_vs_f32']['norm_ratio'][0]:.2f}-"
-                 f"{r['bf16_vs_f32']['norm_ratio'][1]:.2f}" for r in mine]
+        cells = [
+            f"{r['bf16_vs_f32']['min_cosine']:.3f} / {r['bf16_vs_f32']['norm_ratio'][0]:.2f}-"
+            f"{r['bf16_vs_f32']['norm_ratio'][1]:.2f}"
+            for r in mine
+        ]
         ok = [r["sigma"] for r in mine if r["bf16_ok"]]
         print(f"| {network} | " + " | ".join(cells) + f" | {min(ok) if ok else 'none'} |")
+
 
 if __name__ == "__main__":
     main()

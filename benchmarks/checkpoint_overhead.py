@@ -29,8 +29,11 @@ def main():
     args = ap.parse_args()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from absl import logging
+
     logging.set_verbosity(logging.INFO)
-    from nodepert_dist import checkpoint, optim, step as step_lib, mesh as mesh_lib
+    from nodepert_dist import checkpoint, optim
+    from nodepert_dist import mesh as mesh_lib
+    from nodepert_dist import step as step_lib
     from nodepert_dist.estimator import NPSettings
 
     mesh = mesh_lib.make_mesh()
@@ -41,9 +44,16 @@ def main():
     x = rng.standard_normal((args.batchsize, *shape)).astype(np.float32)
     y = rng.integers(0, 10, args.batchsize).astype(np.int32)
     state = step_lib.init_state(model, optimizer, x, 0, mesh)
-    train_step = step_lib.make_train_step(model, optimizer, mesh, update_rule="np", loss="mse",
-                                          seed=0, global_batch=args.batchsize,
-                                          np=NPSettings(sigma=models.default_sigma(args.network)))
+    train_step = step_lib.make_train_step(
+        model,
+        optimizer,
+        mesh,
+        update_rule="np",
+        loss="mse",
+        seed=0,
+        global_batch=args.batchsize,
+        np=NPSettings(sigma=models.default_sigma(args.network)),
+    )
     batch = mesh_lib.global_batch(mesh, x, y)
     t = time.perf_counter()
     state, _ = train_step(state, *batch)
@@ -74,8 +84,10 @@ def main():
     for mode, r in results.items():
         loop = statistics.median(a for a, _ in r)
         total = statistics.median(b for _, b in r)
-        print(f"{mode:>5}: {args.steps} steps {loop:.3f} s ({1e3 * loop / args.steps:.1f} ms/step), "
-              f"with the final wait {total:.3f} s; saves: {args.steps // args.every if mode != 'none' else 0}")
+        print(
+            f"{mode:>5}: {args.steps} steps {loop:.3f} s ({1e3 * loop / args.steps:.1f} ms/step), "
+            f"with the final wait {total:.3f} s; saves: {args.steps // args.every if mode != 'none' else 0}"
+        )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,16 @@ from nodepert_dist.models import NETWORKS
 
 flags.DEFINE_enum("network", "fc", NETWORKS, "Network (as nodepert-train --network).")
 flags.DEFINE_enum("update_rule", "np", ["np", "sgd"], "np or sgd.")
-flags.DEFINE_string("data_dir", "data", "Where MNIST lives (python -m nodepert_dist.data fetch mnist).")
+flags.DEFINE_string(
+    "data_dir", "data", "Where MNIST lives (python -m nodepert_dist.data fetch mnist)."
+)
 flags.DEFINE_integer("batchsize", 128, "Global batch of strong scaling and of the layouts.")
 flags.DEFINE_integer("per_device_batch", 128, "Per-device batch of weak scaling.")
 flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Device counts.")
 flags.DEFINE_list("layouts", ["1x8", "2x4", "4x2"], "Processes x devices per process.")
-flags.DEFINE_list("extra", [], "More nodepert-train flags for every run, e.g. --extra=--hl_size=64.")
+flags.DEFINE_list(
+    "extra", [], "More nodepert-train flags for every run, e.g. --extra=--hl_size=64."
+)
 flags.DEFINE_bool("quick", False, "Smoke run: a small net, 8000 training examples, 1-2 devices.")
 flags.DEFINE_string("out", "benchmarks/results/device_scaling.jsonl", "JSON lines (appended).")
 flags.DEFINE_string("png", "benchmarks/results/device_scaling.png", "Efficiency chart ('' = none).")
@@ -52,8 +56,11 @@ flags.DEFINE_integer("timeout_s", 900, "Per run.")
 FLAGS = flags.FLAGS
 # Checked when the flags are parsed, not after hours of runs.
 cli.check_list("devices", pattern=cli.POSITIVE_INT, what="a positive integer")
-cli.check_list("layouts", pattern=f"{cli.POSITIVE_INT}x{cli.POSITIVE_INT}",
-               what="PxD (processes x devices per process, e.g. 2x4)")
+cli.check_list(
+    "layouts",
+    pattern=f"{cli.POSITIVE_INT}x{cli.POSITIVE_INT}",
+    what="PxD (processes x devices per process, e.g. 2x4)",
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,30 +68,55 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_point(processes: int, devices_per_process: int, batch: int, extra: list[str]) -> dict:
     """One nodepert-train run; epoch 2's row of metrics.jsonl."""
     with tempfile.TemporaryDirectory() as workdir:
-        train = [sys.executable, "-m", "nodepert_dist.train", f"--network={FLAGS.network}",
-                 f"--update_rule={FLAGS.update_rule}", f"--batchsize={batch}", "--num_epochs=2",
-                 "--noeval_train", "--checkpoint_every_epochs=0", f"--data_dir={FLAGS.data_dir}",
-                 f"--workdir={workdir}", *extra]
+        train = [
+            sys.executable,
+            "-m",
+            "nodepert_dist.train",
+            f"--network={FLAGS.network}",
+            f"--update_rule={FLAGS.update_rule}",
+            f"--batchsize={batch}",
+            "--num_epochs=2",
+            "--noeval_train",
+            "--checkpoint_every_epochs=0",
+            f"--data_dir={FLAGS.data_dir}",
+            f"--workdir={workdir}",
+            *extra,
+        ]
         if processes == 1:
             cmd = train + [f"--cpu_devices={devices_per_process}"]
         else:
-            cmd = [sys.executable, os.path.join(REPO, "launch", "local.py"),
-                   f"--num_processes={processes}", f"--devices_per_process={devices_per_process}",
-                   f"--timeout_s={FLAGS.timeout_s}", "--", *train]
+            cmd = [
+                sys.executable,
+                os.path.join(REPO, "launch", "local.py"),
+                f"--num_processes={processes}",
+                f"--devices_per_process={devices_per_process}",
+                f"--timeout_s={FLAGS.timeout_s}",
+                "--",
+                *train,
+            ]
         env = dict(os.environ, PYTHONPATH=REPO)
         env.pop("XLA_FLAGS", None)
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=FLAGS.timeout_s + 60,
-                             env=env, cwd=REPO)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=FLAGS.timeout_s + 60, env=env, cwd=REPO
+        )
         if out.returncode:
             tail = (out.stdout + out.stderr).strip().splitlines()[-3:]
-            raise SystemExit(f"error: {processes}x{devices_per_process} B={batch} failed: "
-                             + " | ".join(tail))
+            raise SystemExit(
+                f"error: {processes}x{devices_per_process} B={batch} failed: " + " | ".join(tail)
+            )
         row = run_record.read_metrics(workdir)[-1]
-    return {"network": FLAGS.network, "update_rule": FLAGS.update_rule, "processes": processes,
-            "devices_per_process": devices_per_process, "devices": processes * devices_per_process,
-            "batchsize": batch, "per_device_batch": batch // (processes * devices_per_process),
-            "examples_per_s": row["examples_per_s"], "epoch_time": row["epoch_time"],
-            "extra": extra}
+    return {
+        "network": FLAGS.network,
+        "update_rule": FLAGS.update_rule,
+        "processes": processes,
+        "devices_per_process": devices_per_process,
+        "devices": processes * devices_per_process,
+        "batchsize": batch,
+        "per_device_batch": batch // (processes * devices_per_process),
+        "examples_per_s": row["examples_per_s"],
+        "epoch_time": row["epoch_time"],
+        "extra": extra,
+    }
 
 
 def measure() -> list[dict]:
@@ -113,8 +145,11 @@ def measure() -> list[dict]:
         for r in rows:
             if r["mode"] == mode:
                 r["efficiency"] = r["examples_per_s"] / (r["devices"] * base["examples_per_s"])
-    base = next(r for r in rows if r["mode"] == "layout" and r["processes"] == 1) \
-        if any(r["mode"] == "layout" and r["processes"] == 1 for r in rows) else None
+    base = (
+        next(r for r in rows if r["mode"] == "layout" and r["processes"] == 1)
+        if any(r["mode"] == "layout" and r["processes"] == 1 for r in rows)
+        else None
+    )
     for r in rows:
         if r["mode"] == "layout" and base:
             r["vs_one_process"] = r["examples_per_s"] / base["examples_per_s"]
@@ -122,24 +157,35 @@ def measure() -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"{'mode':<8}{'layout':>7}{'B':>6}{'B/dev':>6}{'ex/s':>10}{'epoch s':>9}"
-          f"{'efficiency':>11}{'vs 1 proc':>10}")
+    print(
+        f"{'mode':<8}{'layout':>7}{'B':>6}{'B/dev':>6}{'ex/s':>10}{'epoch s':>9}"
+        f"{'efficiency':>11}{'vs 1 proc':>10}"
+    )
     for r in rows:
         eff, vs = r.get("efficiency"), r.get("vs_one_process")
-        print(f"{r['mode']:<8}{r['processes']:>4}x{r['devices_per_process']:<2}{r['batchsize']:>6}"
-              f"{r['per_device_batch']:>6}{r['examples_per_s']:>10,.0f}{r['epoch_time']:>9.2f}"
-              f"{'' if eff is None else f'{eff:.2f}':>11}{'' if vs is None else f'{vs:.2f}':>10}")
+        print(
+            f"{r['mode']:<8}{r['processes']:>4}x{r['devices_per_process']:<2}{r['batchsize']:>6}"
+            f"{r['per_device_batch']:>6}{r['examples_per_s']:>10,.0f}{r['epoch_time']:>9.2f}"
+            f"{'' if eff is None else f'{eff:.2f}':>11}{'' if vs is None else f'{vs:.2f}':>10}"
+        )
     if not FLAGS.png:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for mode in ("strong", "weak"):
         sel = [r for r in rows if r["mode"] == mode]
-        ax.plot([r["devices"] for r in sel], [r["efficiency"] for r in sel], marker="o",
-                label=f"{mode} (B={FLAGS.batchsize})" if mode == "strong"
-                else f"{mode} ({FLAGS.per_device_batch}/device)")
+        ax.plot(
+            [r["devices"] for r in sel],
+            [r["efficiency"] for r in sel],
+            marker="o",
+            label=f"{mode} (B={FLAGS.batchsize})"
+            if mode == "strong"
+            else f"{mode} ({FLAGS.per_device_batch}/device)",
+        )
     ns = sorted({r["devices"] for r in rows if r["mode"] != "layout"})
     ax.plot(ns, [1 / n for n in ns], "k:", label="1/n: shared cores, no overhead")
     ax.set_xscale("log", base=2)
@@ -148,8 +194,10 @@ def report(rows: list[dict]) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     sel = [r for r in rows if r["mode"] == "layout"]
-    bx.bar([f"{r['processes']}x{r['devices_per_process']}" for r in sel],
-           [r["examples_per_s"] for r in sel])
+    bx.bar(
+        [f"{r['processes']}x{r['devices_per_process']}" for r in sel],
+        [r["examples_per_s"] for r in sel],
+    )
     bx.set_xlabel("processes x devices")
     bx.set_ylabel(f"examples/s (B={FLAGS.batchsize})")
     fig.suptitle(f"{FLAGS.network} {FLAGS.update_rule}: the training loop over simulated devices")
@@ -164,7 +212,11 @@ def main(argv):
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.quick:
         FLAGS.devices, FLAGS.layouts, FLAGS.batchsize, FLAGS.per_device_batch = (
-            ["1", "2"], ["1x2", "2x1"], 400, 400)
+            ["1", "2"],
+            ["1x2", "2x1"],
+            400,
+            400,
+        )
     rows = measure()
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     files.append_jsonl(FLAGS.out, rows)

@@ -16,6 +16,7 @@ import tempfile
 from absl import app, flags
 
 from nodepert_dist import cli, files
+
 # nodepert_dist.train defines --network, --data_dir, --cpu_devices (and the rest of its CLI).
 from nodepert_dist import train as train_lib
 from nodepert_dist.data import DataError
@@ -33,17 +34,19 @@ def main(argv):
     try:
         measure()
     except (ValueError, DataError) as e:  # a missing dataset, a batch the devices do not divide
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 def measure():
     from nodepert_dist import mesh as mesh_lib
+
     if FLAGS.xla_cpu_conv_flag:  # as nodepert-train does
         mesh_lib.tune_cpu_convolutions()
     if FLAGS.cpu_devices:
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     import jax
     from absl import logging
+
     Config, train = train_lib.Config, train_lib.train
     logging.set_verbosity(logging.WARNING)
     for b in map(int, FLAGS.batchsizes):
@@ -51,16 +54,34 @@ def measure():
         for _ in range(FLAGS.repeats):
             for rule in times:
                 with tempfile.TemporaryDirectory() as workdir:
-                    rows = train(Config(network=FLAGS.network, update_rule=rule, batchsize=b,
-                                        num_epochs=2, data_dir=FLAGS.data_dir, workdir=workdir,
-                                        eval_train=False, checkpoint_every_epochs=0))
+                    rows = train(
+                        Config(
+                            network=FLAGS.network,
+                            update_rule=rule,
+                            batchsize=b,
+                            num_epochs=2,
+                            data_dir=FLAGS.data_dir,
+                            workdir=workdir,
+                            eval_train=False,
+                            checkpoint_every_epochs=0,
+                        )
+                    )
                 times[rule].append(rows[-1]["epoch_time"])
         np_s, sgd_s = statistics.median(times["np"]), statistics.median(times["sgd"])
-        row = {"network": FLAGS.network, "batchsize": b, "devices": jax.device_count(),
-               "np_epoch_s": np_s, "sgd_epoch_s": sgd_s, "np_vs_sgd": np_s / sgd_s,
-               "device_kind": jax.devices()[0].device_kind}
-        print(f"{FLAGS.network} B={b} on {row['devices']} device(s): NP {np_s:.2f} s, "
-              f"SGD {sgd_s:.2f} s per epoch, NP / SGD = {np_s / sgd_s:.2f}", flush=True)
+        row = {
+            "network": FLAGS.network,
+            "batchsize": b,
+            "devices": jax.device_count(),
+            "np_epoch_s": np_s,
+            "sgd_epoch_s": sgd_s,
+            "np_vs_sgd": np_s / sgd_s,
+            "device_kind": jax.devices()[0].device_kind,
+        }
+        print(
+            f"{FLAGS.network} B={b} on {row['devices']} device(s): NP {np_s:.2f} s, "
+            f"SGD {sgd_s:.2f} s per epoch, NP / SGD = {np_s / sgd_s:.2f}",
+            flush=True,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)  # once a row exists
         files.append_jsonl(FLAGS.out, [row])
 

@@ -28,11 +28,14 @@ def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
         keys = perturbation.example_keys(seed, step, global_index)
 
         def one_example(key, xi, yi):
-            noise = {k: jax.random.normal(jax.random.fold_in(key, taps.tap_id(k)), s)
-                     for k, s in shapes.items()}
+            noise = {
+                k: jax.random.normal(jax.random.fold_in(key, taps.tap_id(k)), s)
+                for k, s in shapes.items()
+            }
             clean_logits = model.apply({"params": params}, xi[None])
-            noisy_logits, values = taps.forward(model, params, xi[None],
-                                                {k: sigma * n[None] for k, n in noise.items()})
+            noisy_logits, values = taps.forward(
+                model, params, xi[None], {k: sigma * n[None] for k, n in noise.items()}
+            )
             clean = loss_fn(clean_logits, yi[None])[0]
             delta = loss_fn(noisy_logits, yi[None])[0] - clean
             return delta, noise, {k: v[0] for k, v in values.items()}, clean, clean_logits[0]
@@ -42,8 +45,10 @@ def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
 
         def surrogate(p):
             preacts = taps.replay(model, p, x, values)
-            return sum(jnp.sum(coef.reshape((-1,) + (1,) * (n.ndim - 1)) * n * preacts[k])
-                       for k, n in noise.items())
+            return sum(
+                jnp.sum(coef.reshape((-1,) + (1,) * (n.ndim - 1)) * n * preacts[k])
+                for k, n in noise.items()
+            )
 
         return jax.grad(surrogate)(params), clean, logits
 
@@ -53,6 +58,10 @@ def naive_np(*, loss: str, sigma: float, seed: int, global_batch: int):
 def original_np(*, loss: str, sigma: float, seed: int, global_batch: int):
     # The engine's own `--np_estimator=original` (perturbation.original_gradient), with the
     # original code's Gaussian noise.
-    return step.local_gradient(update_rule="np", loss=loss, seed=seed, global_batch=global_batch,
-                               np=NPSettings(sigma=sigma, noise="gaussian",
-                                             np_estimator="original"))
+    return step.local_gradient(
+        update_rule="np",
+        loss=loss,
+        seed=seed,
+        global_batch=global_batch,
+        np=NPSettings(sigma=sigma, noise="gaussian", np_estimator="original"),
+    )

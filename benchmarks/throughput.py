@@ -99,7 +99,9 @@ def _matmul_peak(mesh):
     measured now: the peak of this mesh's hardware (simulated CPU devices share its cores)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from nodepert_dist.mesh import DATA, make_mesh
     n, reps = 2048, 4
     best = 0.0
@@ -118,9 +120,10 @@ def _matmul_peak(mesh):
 
 
 def _build(variant, model, opt, mesh, batch, sigma):
+    import references
+
     from nodepert_dist import step as step_lib
     from nodepert_dist.estimator import NPSettings
-    import references
     common = dict(loss="mse", seed=0, global_batch=batch)
     if variant == "sgd":
         return step_lib.make_train_step(model, opt, mesh, update_rule="sgd", **common)
@@ -160,7 +163,10 @@ def worker(n_dev: int) -> None:
     """Times every config on a mesh of `n_dev` devices; appends JSON lines to --out."""
     import jax
     import numpy as np
-    from nodepert_dist import decorrelation, mesh as mesh_lib, models, optim, step as step_lib
+
+    from nodepert_dist import decorrelation, models, optim
+    from nodepert_dist import mesh as mesh_lib
+    from nodepert_dist import step as step_lib
 
     if jax.device_count() < n_dev:
         raise SystemExit(f"error: --devices asks for {n_dev} devices, this machine has "

@@ -41,8 +41,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def child_env(base: dict, rank: int, num_processes: int, address: str,
-              devices_per_process: int) -> dict:
+def child_env(
+    base: dict, rank: int, num_processes: int, address: str, devices_per_process: int
+) -> dict:
     env = dict(base)
     env[ENV_COORDINATOR] = address
     env[ENV_NUM_PROCESSES] = str(num_processes)
@@ -73,19 +74,26 @@ class Job:
 
     def __init__(self, command, num_processes, devices_per_process, address, out=sys.stdout):
         self.out, self.lock = out, threading.Lock()
-        self.exits: "queue.Queue[tuple[int, int]]" = queue.Queue()
+        self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
         width = len(str(num_processes - 1))
         for rank in range(num_processes):
             env = child_env(os.environ, rank, num_processes, address, devices_per_process)
             try:
-                p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                p = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             except OSError as e:  # the ranks already started must not outlive the launcher
                 self.kill_all()
-                raise StartError(f"rank {rank} could not start {command[0]!r}: {e.strerror}") from None
+                raise StartError(
+                    f"rank {rank} could not start {command[0]!r}: {e.strerror}"
+                ) from None
             self.procs.append(p)
             self.say(f"[launch] rank {rank} pid {p.pid}")
             pump = threading.Thread(target=self._pump, args=(p, f"[{rank:>{width}}] "), daemon=True)
@@ -138,8 +146,10 @@ class Job:
             except queue.Empty:
                 if time.monotonic() >= deadline:
                     running = [str(r) for r, p in enumerate(self.procs) if p.poll() is None]
-                    return 124, (f"timeout after {timeout_s:g} s with rank(s) {', '.join(running)} "
-                                 f"still running; killed all")
+                    return 124, (
+                        f"timeout after {timeout_s:g} s with rank(s) {', '.join(running)} "
+                        f"still running; killed all"
+                    )
                 continue
             finished += 1
             if rc == PREEMPTED:  # the others stop at the same step: give them time to
@@ -155,16 +165,29 @@ class Job:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="%(prog)s [options] -- command [args...]")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- command [args...]"
+    )
     parser.add_argument("--num_processes", type=int, required=True)
-    parser.add_argument("--devices_per_process", type=int, default=0,
-                        help="simulated CPU devices per process (0: leave the platform alone)")
-    parser.add_argument("--timeout_s", type=float, default=3600,
-                        help="kill everything and fail after this many seconds")
+    parser.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=0,
+        help="simulated CPU devices per process (0: leave the platform alone)",
+    )
+    parser.add_argument(
+        "--timeout_s",
+        type=float,
+        default=3600,
+        help="kill everything and fail after this many seconds",
+    )
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-    parser.add_argument("--grace_s", type=float, default=120,
-                        help="after a signal or a preempted rank, wait this long for the others")
+    parser.add_argument(
+        "--grace_s",
+        type=float,
+        default=120,
+        help="after a signal or a preempted rank, wait this long for the others",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -172,14 +195,20 @@ def main(argv=None) -> int:
         parser.error("no command given (put it after --)")
     if args.num_processes < 1:
         parser.error("--num_processes must be >= 1")
-    for name, ok in (("devices_per_process", args.devices_per_process >= 0),
-                     ("timeout_s", args.timeout_s > 0), ("grace_s", args.grace_s >= 0),
-                     ("port", 0 <= args.port < 65536)):
+    for name, ok in (
+        ("devices_per_process", args.devices_per_process >= 0),
+        ("timeout_s", args.timeout_s > 0),
+        ("grace_s", args.grace_s >= 0),
+        ("port", 0 <= args.port < 65536),
+    ):
         if not ok:
             parser.error(f"--{name}={getattr(args, name)} is out of range")
     if shutil.which(command[0]) is None:  # before any rank starts: one line, no traceback
-        print(f"error: {command[0]!r} is not an executable here (not on PATH, or not "
-              f"executable); check the command after --", file=sys.stderr)
+        print(
+            f"error: {command[0]!r} is not an executable here (not on PATH, or not "
+            f"executable); check the command after --",
+            file=sys.stderr,
+        )
         return 2
     address = f"127.0.0.1:{args.port or free_port()}"
 
@@ -202,8 +231,10 @@ def main(argv=None) -> int:
     except StartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    job.say(f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
-            f"device(s), coordinator {address}: {' '.join(command)}")
+    job.say(
+        f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
+        f"device(s), coordinator {address}: {' '.join(command)}"
+    )
     if started["pending"] is not None:
         forward(started["pending"], None)
 

@@ -25,8 +25,9 @@ from nodepert_dist import sweep, sweep_launch, sweep_report  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="JSON file or .py file defining SPEC")
-    parser.add_argument("--mode", choices=("print", "local", "slurm", "summary", "table"),
-                        default="print")
+    parser.add_argument(
+        "--mode", choices=("print", "local", "slurm", "summary", "table"), default="print"
+    )
     parser.add_argument("--index", type=int, default=None, help="only this row (print/local)")
     parser.add_argument("--parallel", type=int, default=1, help="local mode: runs at a time")
     parser.add_argument("--skip_finished", action="store_true", help="local mode")
@@ -63,6 +64,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except sweep.SweepError as e:  # every problem with the spec or its runs: one line
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     except OSError as e:  # an unwritable root or --out: one line, as for every other problem
-        raise SystemExit(f"error: {e.filename or 'sweep'}: {e.strerror}")
+        raise SystemExit(f"error: {e.filename or 'sweep'}: {e.strerror}") from None

@@ -7,8 +7,6 @@ With one process every function is local and free. The collectives (`everywhere`
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -40,6 +38,7 @@ def _client():
     if jax.process_count() == 1:
         return None
     from jax._src import distributed  # the client jax's own multihost_utils use
+
     return distributed.global_state.client
 
 
@@ -55,7 +54,7 @@ def kv_set(key: str, value: str) -> None:
         client.key_value_set(key, value)
 
 
-def kv_get(key: str, timeout_s: float) -> Optional[str]:
+def kv_get(key: str, timeout_s: float) -> str | None:
     """The value under `key` once some process set it; None if not within `timeout_s`.
     With one process the value must already be set (nothing else could set it)."""
     client = _client()

@@ -24,7 +24,6 @@ import dataclasses
 import errno
 import os
 import time
-from typing import Optional
 
 DELAY_ENV = "NODEPERT_CKPT_TEST_WRITE_DELAY_S"
 FAIL_ENV = "NODEPERT_CKPT_TEST_FAIL"
@@ -35,21 +34,23 @@ HIDE_ENV = "NODEPERT_CKPT_TEST_HIDE_NEWEST"
 class Faults:
     delay_s: float = 0.0
     delay_from_step: int = 0
-    fail_process: Optional[int] = None
+    fail_process: int | None = None
     fail_from_step: int = 0
     fail_errno: str = "EIO"
-    hide_newest_on: Optional[int] = None
+    hide_newest_on: int | None = None
 
 
-_active: Optional[Faults] = None  # None: no faults (production)
+_active: Faults | None = None  # None: no faults (production)
 
 
 def _process() -> int:
     import jax  # only when faults are on: this module stays importable without jax
+
     return jax.process_index()
 
 
 # ----------------------------------------------------------------------------- hooks
+
 
 def after_first_array(step: int) -> None:
     """Called by the writer once its first array is written."""
@@ -73,6 +74,7 @@ def listing(steps: list[int]) -> list[int]:
 
 # ----------------------------------------------------------------------------- turning them on
 
+
 @contextlib.contextmanager
 def inject(faults: Faults):
     global _active
@@ -83,7 +85,7 @@ def inject(faults: Faults):
         _active = before
 
 
-def from_env(environ=os.environ) -> Optional[Faults]:
+def from_env(environ=os.environ) -> Faults | None:
     """The faults the NODEPERT_CKPT_TEST_* variables describe (None if none is set)."""
     fields = {}
     if environ.get(DELAY_ENV):
@@ -92,8 +94,9 @@ def from_env(environ=os.environ) -> Optional[Faults]:
     if environ.get(FAIL_ENV):
         who, _, rest = environ[FAIL_ENV].partition("@")
         from_step, _, name = rest.partition(":")
-        fields.update(fail_process=int(who), fail_from_step=int(from_step or 0),
-                      fail_errno=name or "EIO")
+        fields.update(
+            fail_process=int(who), fail_from_step=int(from_step or 0), fail_errno=name or "EIO"
+        )
     if environ.get(HIDE_ENV):
         fields.update(hide_newest_on=int(environ[HIDE_ENV]))
     return Faults(**fields) if fields else None
@@ -109,6 +112,7 @@ def run_module_with_faults(module: str) -> None:
     """Runs `python -m module` (with this process's arguments) with the environment's faults."""
     import runpy
     import sys
+
     enable_from_env()
     sys.argv[0] = module
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -30,9 +30,11 @@ from nodepert_dist import checkpoint_faults, files
 FORMAT = "nodepert_dist.checkpoint/1"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
-           {"name": "zstd", "configuration": {"level": 3}},
-           {"name": "crc32c"}]
+_CODECS = [
+    {"name": "bytes", "configuration": {"endian": "little"}},
+    {"name": "zstd", "configuration": {"level": 3}},
+    {"name": "crc32c"},
+]
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "tensorstore", "grain")
 
 
@@ -49,6 +51,7 @@ class CorruptCheckpoint(CheckpointError):
 
 
 # ----------------------------------------------------------------------------- names and paths
+
 
 def step_dir(directory: str, step: int) -> str:
     return os.path.join(directory, f"step_{step:08d}")
@@ -78,8 +81,11 @@ def array_spec(path: str, shape=None, dtype=None, chunk=None) -> dict:
     if shape is not None:
         spec["store_data_equal_to_fill_value"] = True  # every chunk exists: a lost one is detected
         spec["metadata"] = {
-            "shape": list(shape), "data_type": np.dtype(dtype).name, "codecs": _CODECS,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}}}
+            "shape": list(shape),
+            "data_type": np.dtype(dtype).name,
+            "codecs": _CODECS,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+        }
     return spec
 
 
@@ -104,6 +110,7 @@ def one_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- manifest
+
 
 def versions() -> dict:
     """The installed versions of the packages that wrote the arrays (recorded in the manifest)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -22,8 +22,15 @@ import tensorstore as ts
 from absl import logging
 
 from nodepert_dist import agree
-from nodepert_dist.checkpoint_layout import (CheckpointError, CorruptCheckpoint, array_spec,
-                                             committed_steps, read_manifest, set_aside, step_dir)
+from nodepert_dist.checkpoint_layout import (
+    CheckpointError,
+    CorruptCheckpoint,
+    array_spec,
+    committed_steps,
+    read_manifest,
+    set_aside,
+    step_dir,
+)
 from nodepert_dist.params_io import leaf_name
 
 
@@ -34,12 +41,15 @@ def _open_checked(path: str, entry: dict):
     try:
         store = ts.open(array_spec(array_dir), open=True).result()
     except Exception as e:
-        raise CorruptCheckpoint(f"{path}: array {name!r} cannot be opened "
-                                f"({str(e).splitlines()[0]})") from None
+        raise CorruptCheckpoint(
+            f"{path}: array {name!r} cannot be opened ({str(e).splitlines()[0]})"
+        ) from None
     saved = [list(store.shape), store.dtype.numpy_dtype.name]
     if saved != [entry["shape"], entry["dtype"]]:
-        raise CorruptCheckpoint(f"{path}: array {name!r} is {saved[0]} {saved[1]} on disk but "
-                                f"{entry['shape']} {entry['dtype']} in the manifest")
+        raise CorruptCheckpoint(
+            f"{path}: array {name!r} is {saved[0]} {saved[1]} on disk but "
+            f"{entry['shape']} {entry['dtype']} in the manifest"
+        )
     chunk = entry["chunk"]
     expected = int(np.prod([-(-n // c) for n, c in zip(entry["shape"], chunk)]))
     keys = ts.KvStore.open({"driver": "file", "path": array_dir + "/"}).result().list().result()
@@ -61,12 +71,16 @@ def load(path: str, target: Any) -> tuple[Any, dict]:
     names = [leaf_name(p) for p, _ in leaves]
     for name in names:
         if name not in entries:
-            raise CheckpointError(f"checkpoint {path} has no array {name!r}: it was saved by "
-                                  f"another model or optimizer")
+            raise CheckpointError(
+                f"checkpoint {path} has no array {name!r}: it was saved by "
+                f"another model or optimizer"
+            )
     for name in entries:
         if name not in names:
-            raise CheckpointError(f"checkpoint {path} has array {name!r} that this model lacks: "
-                                  f"it was saved by another model or optimizer")
+            raise CheckpointError(
+                f"checkpoint {path} has array {name!r} that this model lacks: "
+                f"it was saved by another model or optimizer"
+            )
     out = []
     for name, (_, leaf) in zip(names, leaves):
         entry = entries[name]
@@ -74,7 +88,8 @@ def load(path: str, target: Any) -> tuple[Any, dict]:
         if (tuple(entry["shape"]), entry["dtype"]) != (leaf.shape, np.dtype(leaf.dtype).name):
             raise CheckpointError(
                 f"checkpoint {path}: array {name!r} is {tuple(entry['shape'])} {entry['dtype']} "
-                f"but this model has {leaf.shape} {np.dtype(leaf.dtype).name}")
+                f"but this model has {leaf.shape} {np.dtype(leaf.dtype).name}"
+            )
         cache = {}
 
         def read(index, store=store, cache=cache):
@@ -86,12 +101,13 @@ def load(path: str, target: Any) -> tuple[Any, dict]:
         try:
             out.append(jax.make_array_from_callback(leaf.shape, leaf.sharding, read))
         except Exception as e:
-            raise CorruptCheckpoint(f"{path}: array {name!r} cannot be read "
-                                    f"({str(e).splitlines()[0]})") from None
+            raise CorruptCheckpoint(
+                f"{path}: array {name!r} cannot be read ({str(e).splitlines()[0]})"
+            ) from None
     return jax.tree_util.tree_unflatten(treedef, out), manifest
 
 
-def restore(directory: str, target: Any) -> Optional[tuple[Any, dict]]:
+def restore(directory: str, target: Any) -> tuple[Any, dict] | None:
     """(state, manifest) from the newest valid checkpoint in `directory`; None if there is none.
 
     Process 0 chooses each candidate step and broadcasts it: every process restores the same
@@ -117,12 +133,20 @@ def restore(directory: str, target: Any) -> Optional[tuple[Any, dict]]:
         problems.append(str(error))
         aside = ""
         if jax.process_index() == 0:
-            aside = set_aside(directory, os.path.basename(step_dir(directory, step)),
-                               "unreadable", secrets.token_hex(4))
-            logging.warning("checkpoint step %d cannot be read (%s); set aside as %s, not "
-                            "deleted (remove it once you know it is bad); %s", step, error, aside,
-                            f"falling back to step {candidates[0]}" if candidates
-                            else "no older checkpoint")
+            aside = set_aside(
+                directory,
+                os.path.basename(step_dir(directory, step)),
+                "unreadable",
+                secrets.token_hex(4),
+            )
+            logging.warning(
+                "checkpoint step %d cannot be read (%s); set aside as %s, not "
+                "deleted (remove it once you know it is bad); %s",
+                step,
+                error,
+                aside,
+                f"falling back to step {candidates[0]}" if candidates else "no older checkpoint",
+            )
     if problems:
         raise CorruptCheckpoint(f"no valid checkpoint in {directory}: " + "; ".join(problems))
     return None

@@ -26,17 +26,22 @@ def help_text(program: str, doc: str, groups: dict) -> str:
 
 def flag_error(e: Exception) -> str:
     """absl's parse error as one line; `--noX=value` gets the spellings absl does accept."""
-    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    text = (
+        "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    )
     negated = re.match(r"--no(\w+)=(\S*) does not take an argument", text)
     if negated:
         name, value = negated.groups()
-        return (f"--no{name}={value}: a --no<flag> takes no value; write --no{name}, or "
-                f"--{name}=true / --{name}=false")
+        return (
+            f"--no{name}={value}: a --no<flag> takes no value; write --no{name}, or "
+            f"--{name}=true / --{name}=false"
+        )
     return text
 
 
-def parse_flags(argv: list[str], program: str, doc: str | None = None,
-                groups: dict | None = None) -> list[str]:
+def parse_flags(
+    argv: list[str], program: str, doc: str | None = None, groups: dict | None = None
+) -> list[str]:
     """An absl `flags_parser` for app.run: a flag error is one line (exit 2). With `groups`,
     --help is ours (exit 0); without, absl's help flags (module docstring) stay."""
     if groups is not None and any(a in ("-h", "--help", "-?", "--helpshort") for a in argv[1:]):
@@ -57,6 +62,7 @@ def flags_parser(program: str):
 def check_list(name: str, choices=None, pattern: str | None = None, what: str = "") -> None:
     """Validates each item of the comma-list flag `name` at parse time (one-line error before
     any work): one of `choices`, or a full match of `pattern` (described by `what`)."""
+
     def check(values):
         for v in values or []:
             if choices is not None and v not in choices:
@@ -64,6 +70,7 @@ def check_list(name: str, choices=None, pattern: str | None = None, what: str = 
             if pattern is not None and not re.fullmatch(pattern, v):
                 raise flags.ValidationError(f"{v!r} is not {what}")
         return True
+
     flags.register_validator(name, check)
 
 

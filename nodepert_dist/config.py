@@ -30,8 +30,7 @@ from nodepert_dist.decorrelation import DecorrelationSettings
 from nodepert_dist.estimator import NPSettings
 from nodepert_dist.models import ModelSettings
 from nodepert_dist.optim import OptimSettings
-from nodepert_dist.settings import GROUPS, project, setting
-from nodepert_dist.settings import check_non_negative, check_positive
+from nodepert_dist.settings import GROUPS, check_non_negative, check_positive, project, setting
 from nodepert_dist.step import TrainingSettings
 
 CLUSTER_MODULE = "nodepert_dist.distributed"  # its flags form the "cluster" group
@@ -40,8 +39,11 @@ CLUSTER_MODULE = "nodepert_dist.distributed"  # its flags form the "cluster" gro
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     eval_batchsize: int = setting(1024, "Global batch size of evaluation.", group="evaluation")
-    eval_train: bool = setting(True, "Evaluate on the whole training set each epoch (as the "
-                               "original code).", group="evaluation")
+    eval_train: bool = setting(
+        True,
+        "Evaluate on the whole training set each epoch (as the original code).",
+        group="evaluation",
+    )
 
     def validate(self) -> None:
         check_positive(self, "eval_batchsize")
@@ -49,27 +51,46 @@ class EvalSettings:
 
 @dataclasses.dataclass(frozen=True)
 class OutputSettings:
-    workdir: str = setting("runs/default", "Where config.json, metrics and checkpoints are "
-                           "written.", group="outputs and checkpoints")
-    checkpoint_every_steps: int = setting(0, "Checkpoint every N updates (0: not by steps).",
-                                          group="outputs and checkpoints")
-    checkpoint_every_epochs: int = setting(1, "Checkpoint every N epochs (0: not by epochs); "
-                                           "the last epoch always is.",
-                                           group="outputs and checkpoints")
-    keep_checkpoints: int = setting(3, "Keep the newest N checkpoints (0: all).",
-                                    group="outputs and checkpoints")
-    keep_checkpoint_every_steps: int = setting(0, "Also keep, permanently, checkpoints at "
-                                               "multiples of N steps (0: none).",
-                                               group="outputs and checkpoints")
-    resume: bool = setting(True, "Continue from the newest valid checkpoint in "
-                           "<workdir>/checkpoints, if any.", group="outputs and checkpoints")
-    save_final_params: str = setting("", "If set, write the final parameters (and --decorrelate's "
-                                     "matrices, under decorrelation.) to this .npz.",
-                                     group="outputs and checkpoints")
-    preemption_check_steps: int = setting(1, "On SIGTERM/SIGUSR1, all processes agree to stop "
-                                          "at the next multiple of N steps (multi-process: one "
-                                          "small collective per N steps), checkpoint and exit "
-                                          "75.", group="outputs and checkpoints")
+    workdir: str = setting(
+        "runs/default",
+        "Where config.json, metrics and checkpoints are written.",
+        group="outputs and checkpoints",
+    )
+    checkpoint_every_steps: int = setting(
+        0, "Checkpoint every N updates (0: not by steps).", group="outputs and checkpoints"
+    )
+    checkpoint_every_epochs: int = setting(
+        1,
+        "Checkpoint every N epochs (0: not by epochs); the last epoch always is.",
+        group="outputs and checkpoints",
+    )
+    keep_checkpoints: int = setting(
+        3, "Keep the newest N checkpoints (0: all).", group="outputs and checkpoints"
+    )
+    keep_checkpoint_every_steps: int = setting(
+        0,
+        "Also keep, permanently, checkpoints at multiples of N steps (0: none).",
+        group="outputs and checkpoints",
+    )
+    resume: bool = setting(
+        True,
+        "Continue from the newest valid checkpoint in <workdir>/checkpoints, if any.",
+        group="outputs and checkpoints",
+    )
+    save_final_params: str = setting(
+        "",
+        "If set, write the final parameters (and --decorrelate's "
+        "matrices, under decorrelation.) to this .npz.",
+        group="outputs and checkpoints",
+    )
+    preemption_check_steps: int = setting(
+        1,
+        "On SIGTERM/SIGUSR1, all processes agree to stop "
+        "at the next multiple of N steps (multi-process: one "
+        "small collective per N steps), checkpoint and exit "
+        "75.",
+        group="outputs and checkpoints",
+    )
 
     @property
     def checkpointing(self) -> bool:
@@ -77,18 +98,33 @@ class OutputSettings:
 
     def validate(self) -> None:
         check_positive(self, "preemption_check_steps")
-        check_non_negative(self, "checkpoint_every_steps", "checkpoint_every_epochs",
-                           "keep_checkpoints", "keep_checkpoint_every_steps")
+        check_non_negative(
+            self,
+            "checkpoint_every_steps",
+            "checkpoint_every_epochs",
+            "keep_checkpoints",
+            "keep_checkpoint_every_steps",
+        )
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise ValueError(f"--workdir={self.workdir} is a file, not a folder; "
-                             f"use another --workdir")
+            raise ValueError(
+                f"--workdir={self.workdir} is a file, not a folder; use another --workdir"
+            )
 
 
 # Config's fields are its groups' (a dataclass collects base fields from the last base to the
 # first: this order keeps config.json and --help in the order data, model, training, ...).
 @dataclasses.dataclass(frozen=True)
-class Config(OutputSettings, EvalSettings, NPSettings, DecorrelationSettings, CrashGuardSettings,
-             OptimSettings, TrainingSettings, ModelSettings, DataSettings):
+class Config(
+    OutputSettings,
+    EvalSettings,
+    NPSettings,
+    DecorrelationSettings,
+    CrashGuardSettings,
+    OptimSettings,
+    TrainingSettings,
+    ModelSettings,
+    DataSettings,
+):
     """Every setting of a run, flat (`Config(network="fc", lr=0.1)`, one flag per field); each
     concern's part, the object its code receives, is a property (`cfg.np`, `cfg.model`, ...)."""
 
@@ -128,25 +164,35 @@ class Config(OutputSettings, EvalSettings, NPSettings, DecorrelationSettings, Cr
     def outputs(self) -> OutputSettings:
         return project(self, OutputSettings)
 
-    def resolved(self) -> "Config":
-        sigma = self.sigma if self.sigma is not None else models.default_sigma(self.network,
-                                                                                self.dtype)
+    def resolved(self) -> Config:
+        sigma = (
+            self.sigma if self.sigma is not None else models.default_sigma(self.network, self.dtype)
+        )
         return dataclasses.replace(self, sigma=float(sigma))
 
     def validate(self) -> None:
         """One-line errors for bad settings, before anything is loaded or compiled: each group's
         own checks, then those that span groups."""
-        for group in (self.data, self.model, self.training, self.np, self.crash, self.eval,
-                      self.outputs):
+        for group in (
+            self.data,
+            self.model,
+            self.training,
+            self.np,
+            self.crash,
+            self.eval,
+            self.outputs,
+        ):
             group.validate()
         self.optim.validate(self.num_epochs)
         self.decorrelation.validate(self.network)
         floor = models.sigma_floor(self.network, self.dtype)
         if self.update_rule == "np" and self.sigma is not None and self.sigma < floor:
-            raise ValueError(f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
-                             f"which NP on {self.network} in {self.dtype} measured unbiased "
-                             f"(bf16 rounds smaller noise away); raise --sigma or use "
-                             f"--dtype=float32")
+            raise ValueError(
+                f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
+                f"which NP on {self.network} in {self.dtype} measured unbiased "
+                f"(bf16 rounds smaller noise away); raise --sigma or use "
+                f"--dtype=float32"
+            )
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -156,27 +202,73 @@ class Config(OutputSettings, EvalSettings, NPSettings, DecorrelationSettings, Cr
 RESUME_RULES = {
     # Allowed silently: where and how the run executes and what it writes, not what it computes
     # (np_mode and np_microbatches give the same update).
-    "free": ("data_dir", "data_workers", "num_epochs", "max_steps", "crash_guard",
-             "crash_points", "crash_lr_factor", "crash_max_rollbacks", "np_mode",
-             "np_microbatches", "eval_batchsize", "eval_train", "workdir",
-             "checkpoint_every_steps", "checkpoint_every_epochs", "keep_checkpoints",
-             "keep_checkpoint_every_steps", "resume", "save_final_params",
-             "preemption_check_steps"),
+    "free": (
+        "data_dir",
+        "data_workers",
+        "num_epochs",
+        "max_steps",
+        "crash_guard",
+        "crash_points",
+        "crash_lr_factor",
+        "crash_max_rollbacks",
+        "np_mode",
+        "np_microbatches",
+        "eval_batchsize",
+        "eval_train",
+        "workdir",
+        "checkpoint_every_steps",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "keep_checkpoint_every_steps",
+        "resume",
+        "save_final_params",
+        "preemption_check_steps",
+    ),
     # Allowed, logged: training continues from the checkpoint under the new value. Optimizer
     # parts the checkpoint lacks (--optimizer, --clip_norm, --wd, --weight_norm) start fresh
     # (Adam's moments at 0, weight norms held at their values at the resume); parts this run
     # lacks are dropped. lr settings apply from the resume step (the lr jump is logged).
-    "warn": ("preprocess", "dtype", "update_rule", "lr", "wd", "optimizer", "lr_schedule",
-             "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "clip_norm", "weight_norm",
-             "loss", "sigma", "noise", "np_antithetic", "np_draws", "np_delta", "np_layerwise",
-             "np_estimator", "decorrelate_lr"),
+    "warn": (
+        "preprocess",
+        "dtype",
+        "update_rule",
+        "lr",
+        "wd",
+        "optimizer",
+        "lr_schedule",
+        "warmup_epochs",
+        "lr_decay_epochs",
+        "lr_decay_factor",
+        "clip_norm",
+        "weight_norm",
+        "loss",
+        "sigma",
+        "noise",
+        "np_antithetic",
+        "np_draws",
+        "np_delta",
+        "np_layerwise",
+        "np_estimator",
+        "decorrelate_lr",
+    ),
     # Allowed (logged) at an epoch boundary; refused mid-epoch: they choose the epoch's batches
     # (order, crops and flips), so the rest of the epoch would repeat and skip examples.
     "epoch": ("seed", "augment"),
     # Refused: the train state's arrays (np_local's heads, decorrelate's matrices) or the
     # position in the data depend on them.
-    "refuse": ("dataset", "validation_size", "cifar100_labels", "batchsize", "network", "n_hl",
-               "hl_size", "width", "norm", "np_local", "decorrelate"),
+    "refuse": (
+        "dataset",
+        "validation_size",
+        "cifar100_labels",
+        "batchsize",
+        "network",
+        "n_hl",
+        "hl_size",
+        "width",
+        "norm",
+        "np_local",
+        "decorrelate",
+    ),
     # Not given (0): the checkpoint's value is kept, so --num_epochs never moves the cosine
     # schedule; given: as "warn".
     "inherit": ("lr_schedule_epochs",),
@@ -203,8 +295,9 @@ def overrides(name_or_path: str) -> dict:
         if not isinstance(values, dict):
             raise ValueError(f"--config={name_or_path}: expected a JSON object of settings")
     else:
-        raise ValueError(f"--config={name_or_path} is neither a preset ({', '.join(PRESETS)}) "
-                         f"nor a JSON file")
+        raise ValueError(
+            f"--config={name_or_path} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+        )
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -214,8 +307,12 @@ def overrides(name_or_path: str) -> dict:
 
 # ----------------------------------------------------------------------------- flags
 
-_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
-           str: flags.DEFINE_string}
+_DEFINE = {
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    bool: flags.DEFINE_bool,
+    str: flags.DEFINE_string,
+}
 
 
 def define_flags(cls=Config) -> None:
@@ -226,22 +323,35 @@ def define_flags(cls=Config) -> None:
         kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional
         meta = f.metadata
         if meta["choices"] is not None:
-            flags.DEFINE_enum(f.name, f.default, list(meta["choices"]), meta["help"],
-                              module_name=meta["group"])
+            flags.DEFINE_enum(
+                f.name, f.default, list(meta["choices"]), meta["help"], module_name=meta["group"]
+            )
         else:
             _DEFINE[kind](f.name, f.default, meta["help"], module_name=meta["group"])
 
 
 define_flags()
-flags.DEFINE_string("config", None, "A preset (" + ", ".join(PRESETS) + ") or a JSON file of "
-                    "settings; flags given on the command line override it.",
-                    module_name="settings")
-flags.DEFINE_integer("cpu_devices", 0, "If > 0, simulate this many CPU devices (tests the "
-                     "multi-device path on a CPU; slower than 1 device there).",
-                     module_name="machine")
-flags.DEFINE_bool("xla_cpu_conv_flag", True, "On CPU, add the measured XLA flag for faster "
-                  "convolutions unless XLA_FLAGS already sets that option.",
-                  module_name="machine")
+flags.DEFINE_string(
+    "config",
+    None,
+    "A preset (" + ", ".join(PRESETS) + ") or a JSON file of "
+    "settings; flags given on the command line override it.",
+    module_name="settings",
+)
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "If > 0, simulate this many CPU devices (tests the "
+    "multi-device path on a CPU; slower than 1 device there).",
+    module_name="machine",
+)
+flags.DEFINE_bool(
+    "xla_cpu_conv_flag",
+    True,
+    "On CPU, add the measured XLA flag for faster "
+    "convolutions unless XLA_FLAGS already sets that option.",
+    module_name="machine",
+)
 FLAGS = flags.FLAGS
 
 

@@ -25,10 +25,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Optional
 
-from nodepert_dist import (agree, checkpoint_layout, files, metrics, preempt, run_record,
-                           workdir_lock)
+from nodepert_dist import (
+    agree,
+    checkpoint_layout,
+    files,
+    metrics,
+    preempt,
+    run_record,
+    workdir_lock,
+)
 from nodepert_dist.settings import setting
 
 STATE_FILE = "crash_guard.json"
@@ -37,30 +43,45 @@ STATE_FILE = "crash_guard.json"
 @dataclasses.dataclass(frozen=True)
 class CrashGuardSettings:
     """--crash_guard and its criterion and limits; part of config.Config."""
-    crash_guard: bool = setting(False, "On a non-finite loss or a crash (test accuracy "
-                                "--crash_points below the best so far), roll back to the last "
-                                "good checkpoint and multiply the lr by --crash_lr_factor; "
-                                "events go to metrics.jsonl.", group="training")
-    crash_points: float = setting(25.0, "A crash: test accuracy this many percentage points "
-                                  "below the best so far.", group="training")
-    crash_lr_factor: float = setting(0.5, "The crash guard multiplies the lr by this at each "
-                                     "rollback.", group="training")
-    crash_max_rollbacks: int = setting(3, "The crash guard gives up after this many "
-                                       "rollbacks.", group="training")
+
+    crash_guard: bool = setting(
+        False,
+        "On a non-finite loss or a crash (test accuracy "
+        "--crash_points below the best so far), roll back to the last "
+        "good checkpoint and multiply the lr by --crash_lr_factor; "
+        "events go to metrics.jsonl.",
+        group="training",
+    )
+    crash_points: float = setting(
+        25.0,
+        "A crash: test accuracy this many percentage points below the best so far.",
+        group="training",
+    )
+    crash_lr_factor: float = setting(
+        0.5, "The crash guard multiplies the lr by this at each rollback.", group="training"
+    )
+    crash_max_rollbacks: int = setting(
+        3, "The crash guard gives up after this many rollbacks.", group="training"
+    )
 
     def validate(self) -> None:
-        if not (self.crash_points > 0 and 0 < self.crash_lr_factor < 1
-                and self.crash_max_rollbacks >= 0):
-            raise ValueError("--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
-                             "--crash_max_rollbacks >= 0")
+        if not (
+            self.crash_points > 0 and 0 < self.crash_lr_factor < 1 and self.crash_max_rollbacks >= 0
+        ):
+            raise ValueError(
+                "--crash_points must be > 0, --crash_lr_factor in (0, 1) and "
+                "--crash_max_rollbacks >= 0"
+            )
 
 
 class Crashed(Exception):
     """Raised by the detector hook at the first crashed epoch row."""
 
     def __init__(self, row: dict, best: float):
-        super().__init__(f"test accuracy fell from {100 * best:.1f}% to "
-                         f"{100 * row['test_acc']:.1f}% at epoch {row['epoch']}")
+        super().__init__(
+            f"test accuracy fell from {100 * best:.1f}% to "
+            f"{100 * row['test_acc']:.1f}% at epoch {row['epoch']}"
+        )
         self.row, self.best = row, best
 
 
@@ -78,7 +99,7 @@ def is_crash(acc: float, best: float, points: float) -> bool:
     return not math.isfinite(acc) or 100.0 * (best - acc) > points
 
 
-def first_crash(rows: list[dict], points: float) -> Optional[dict]:
+def first_crash(rows: list[dict], points: float) -> dict | None:
     """The first epoch row whose test accuracy crashed below the best of the rows before it."""
     best = -math.inf
     for row in run_record.epoch_rows(rows):
@@ -130,14 +151,19 @@ def _roll_back(workdir: str, good: dict, n: int) -> int:
     kept = [s for s in steps if s <= good["step"]]
     # Process 0's listing decides (like restore's): a stale cache must not split the processes.
     if not agree.from_process_0(len(kept)) and good["step"] > 0:
-        raise GaveUp(f"crash guard: no checkpoint at or before the last good epoch {good['epoch']} "
-                     f"(step {good['step']}) is left in {ckpt_dir} to roll back to; rerun with "
-                     f"a lower --lr")
+        raise GaveUp(
+            f"crash guard: no checkpoint at or before the last good epoch {good['epoch']} "
+            f"(step {good['step']}) is left in {ckpt_dir} to roll back to; rerun with "
+            f"a lower --lr"
+        )
     if metrics.is_writer():
         aside = _aside_dir(workdir, n)
         os.makedirs(aside)
-        later = [r for r in run_record.epoch_rows(run_record.read_metrics(workdir))
-                 if r["epoch"] > good["epoch"]]
+        later = [
+            r
+            for r in run_record.epoch_rows(run_record.read_metrics(workdir))
+            if r["epoch"] > good["epoch"]
+        ]
         files.write_jsonl(os.path.join(aside, "metrics.jsonl"), later)  # the rows it replaces
         for s in steps:
             if s > good["step"]:
@@ -156,10 +182,11 @@ def run(train_run, cfg, hooks=()) -> tuple[list[dict], str]:
     the run (exit 75) with the rollback done."""
     cfg.validate()  # bad input is one line before the workdir is touched
     if not cfg.checkpointing and cfg.crash_max_rollbacks > 0:
-        raise ValueError("--crash_guard rolls back to checkpoints: set --checkpoint_every_epochs "
-                         "or --checkpoint_every_steps")
-    with preempt.Watcher(cfg.preemption_check_steps) as watcher, \
-            workdir_lock.hold(cfg.workdir):
+        raise ValueError(
+            "--crash_guard rolls back to checkpoints: set --checkpoint_every_epochs "
+            "or --checkpoint_every_steps"
+        )
+    with preempt.Watcher(cfg.preemption_check_steps) as watcher, workdir_lock.hold(cfg.workdir):
         return _guarded(train_run, cfg, hooks, watcher)
 
 
@@ -171,27 +198,43 @@ def _guarded(train_run, cfg, hooks, watcher) -> tuple[list[dict], str]:
             return train_run(current, hooks=(*hooks, Detector(cfg.crash_points)))
         except (Crashed, Diverged, checkpoint_layout.NonFiniteState) as e:
             reason = str(e)
-            kind = ("crash" if isinstance(e, Crashed) else "non_finite_loss"
-                    if isinstance(e, Diverged) else "non_finite_state")
+            kind = (
+                "crash"
+                if isinstance(e, Crashed)
+                else "non_finite_loss"
+                if isinstance(e, Diverged)
+                else "non_finite_state"
+            )
         rows = run_record.epoch_rows(run_record.read_metrics(cfg.workdir))
         if kind == "crash":  # the crashed row is the last one written
             rows = rows[:-1]
         good = rows[-1] if rows else {"epoch": 0, "step": 0}
-        event = {"event": "rollback", "reason": kind, "detail": reason,
-                 "rollback": state["rollbacks"] + 1, "lr": state["lr"],
-                 "last_good_epoch": good["epoch"], "last_good_step": good["step"]}
+        event = {
+            "event": "rollback",
+            "reason": kind,
+            "detail": reason,
+            "rollback": state["rollbacks"] + 1,
+            "lr": state["lr"],
+            "last_good_epoch": good["epoch"],
+            "last_good_step": good["step"],
+        }
         if state["rollbacks"] >= cfg.crash_max_rollbacks:
             metrics.write_event(cfg.workdir, {**event, "event": "gave_up"})
-            raise GaveUp(f"crash guard gave up after {state['rollbacks']} rollback(s) (lr "
-                         f"{state['base_lr']:g} -> {state['lr']:g}); the last: {reason}. "
-                         f"Use a lower --lr or a larger --crash_max_rollbacks")
+            raise GaveUp(
+                f"crash guard gave up after {state['rollbacks']} rollback(s) (lr "
+                f"{state['base_lr']:g} -> {state['lr']:g}); the last: {reason}. "
+                f"Use a lower --lr or a larger --crash_max_rollbacks"
+            )
         try:
             event["resume_step"] = _roll_back(cfg.workdir, good, state["rollbacks"] + 1)
         except GaveUp as e:
             metrics.write_event(cfg.workdir, {**event, "event": "gave_up", "detail": str(e)})
             raise
-        state = {**state, "rollbacks": state["rollbacks"] + 1,
-                 "lr": state["lr"] * cfg.crash_lr_factor}
+        state = {
+            **state,
+            "rollbacks": state["rollbacks"] + 1,
+            "lr": state["lr"] * cfg.crash_lr_factor,
+        }
         event["new_lr"] = state["lr"]
         metrics.write_event(cfg.workdir, event)
         _write_state(cfg.workdir, state)
@@ -199,4 +242,5 @@ def _guarded(train_run, cfg, hooks, watcher) -> tuple[list[dict], str]:
             raise preempt.Preempted(
                 f"preempted by {watcher.describe()} during a crash-guard rollback: rolled back "
                 f"to step {event['resume_step']} (lr {state['lr']:g}); run the same command "
-                f"again to resume (exit {preempt.EXIT_CODE})")
+                f"again to resume (exit {preempt.EXIT_CODE})"
+            )

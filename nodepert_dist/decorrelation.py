@@ -43,7 +43,9 @@ class Decorrelate(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        r = jax.lax.stop_gradient(self.variable(DECOR, "R", lambda: jnp.eye(d, dtype=jnp.float32)).value)
+        r = jax.lax.stop_gradient(
+            self.variable(DECOR, "R", lambda: jnp.eye(d, dtype=jnp.float32)).value
+        )
         y = jnp.einsum("...i,ji->...j", x, r.astype(x.dtype))
         if self.is_mutable_collection(STATS) and not self.is_initializing():
             rows = y.reshape(-1, d).astype(jnp.promote_types(y.dtype, r.dtype))  # bf16 -> f32
@@ -84,28 +86,38 @@ def update(matrices, sums, lr: float):
     """The rule's step from the GLOBAL sums (psum'ed over the data axis): R - lr * mean."""
     flat_sums = traverse_util.flatten_dict(dict(sums))
     flat = traverse_util.flatten_dict(dict(matrices))
-    return traverse_util.unflatten_dict({
-        path: r - lr * flat_sums[path[:-1] + ("sum",)] / flat_sums[path[:-1] + ("count",)]
-        for path, r in flat.items()})
+    return traverse_util.unflatten_dict(
+        {
+            path: r - lr * flat_sums[path[:-1] + ("sum",)] / flat_sums[path[:-1] + ("count",)]
+            for path, r in flat.items()
+        }
+    )
 
 
 def check(network: str) -> None:
     """One line for a network without Decorrelate sites."""
     if network not in NETWORKS:
-        raise ValueError(f"--decorrelate is built for --network={', '.join(NETWORKS)}, not "
-                         f"--network={network}; drop --decorrelate")
+        raise ValueError(
+            f"--decorrelate is built for --network={', '.join(NETWORKS)}, not "
+            f"--network={network}; drop --decorrelate"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class DecorrelationSettings:
     """--decorrelate and its rate; part of config.Config."""
-    decorrelate: bool = setting(False, "fc/linfc/conv/conv-large: a learned matrix R "
-                                "decorrelates each layer's input (conv: its channels) before the "
-                                "weights, by its own local rule R <- R - lr_d * offdiag(E[x'x'^T]) "
-                                "R (Dalm et al.); NP or SGD train the weights with R fixed.",
-                                group="training")
-    decorrelate_lr: float = setting(1e-4, "--decorrelate: the learning rate lr_d of R's "
-                                    "rule.", group="training")
+
+    decorrelate: bool = setting(
+        False,
+        "fc/linfc/conv/conv-large: a learned matrix R "
+        "decorrelates each layer's input (conv: its channels) before the "
+        "weights, by its own local rule R <- R - lr_d * offdiag(E[x'x'^T]) "
+        "R (Dalm et al.); NP or SGD train the weights with R fixed.",
+        group="training",
+    )
+    decorrelate_lr: float = setting(
+        1e-4, "--decorrelate: the learning rate lr_d of R's rule.", group="training"
+    )
 
     def validate(self, network: str) -> None:
         if self.decorrelate:
@@ -113,5 +125,7 @@ class DecorrelationSettings:
             if not self.decorrelate_lr > 0:
                 raise ValueError(f"--decorrelate_lr={self.decorrelate_lr:g} must be positive")
         elif self.decorrelate_lr != settings_lib.default(DecorrelationSettings, "decorrelate_lr"):
-            raise ValueError("--decorrelate_lr is the rate of --decorrelate's matrices; give "
-                             "--decorrelate too, or drop --decorrelate_lr")
+            raise ValueError(
+                "--decorrelate_lr is the rate of --decorrelate's matrices; give "
+                "--decorrelate too, or drop --decorrelate_lr"
+            )

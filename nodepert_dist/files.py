@@ -30,7 +30,8 @@ import json
 import math
 import os
 import secrets
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class FileFormatError(ValueError):
@@ -38,6 +39,7 @@ class FileFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs):
@@ -88,7 +90,7 @@ def write_text(path: str, text: str) -> str:
     return path
 
 
-def finite(obj: Any, default: Optional[Callable[[Any], Any]] = None) -> Any:
+def finite(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
     """`obj` with every non-finite float (anywhere in dicts, lists, tuples) as None; `default`
     turns other objects (e.g. numpy scalars) into JSON types first."""
     if isinstance(obj, float):
@@ -102,10 +104,11 @@ def finite(obj: Any, default: Optional[Callable[[Any], Any]] = None) -> Any:
     return finite(default(obj), default)
 
 
-def json_text(obj: Any, indent: Optional[int] = 1, default=None) -> str:
+def json_text(obj: Any, indent: int | None = 1, default=None) -> str:
     """`obj` as JSON text (keys sorted, non-finite floats as null), one line when indent=None."""
-    return json.dumps(finite(obj, default), indent=indent, sort_keys=indent is not None,
-                      allow_nan=False)
+    return json.dumps(
+        finite(obj, default), indent=indent, sort_keys=indent is not None, allow_nan=False
+    )
 
 
 def write_json(path: str, obj: Any, *, indent: int = 1, default=None) -> str:
@@ -129,12 +132,13 @@ def _csv_rows(f, rows, columns, header: bool) -> None:
     w.writerows({k: _cell(r.get(k)) for k in columns} for r in rows)
 
 
-def write_csv(path: str, rows: Iterable[dict], columns: Optional[list] = None) -> str:
+def write_csv(path: str, rows: Iterable[dict], columns: list | None = None) -> str:
     """A CSV with a header: `columns` (keys outside them dropped), or every key in first-seen
     order."""
     rows = list(rows)
-    columns = list(columns) if columns is not None else list(
-        dict.fromkeys(k for r in rows for k in r))
+    columns = (
+        list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    )
     with atomic_open(path, newline="") as f:
         _csv_rows(f, rows, columns, header=True)
     return path
@@ -156,6 +160,7 @@ def append_csv(path: str, rows: Iterable[dict], columns: list) -> None:
 
 # ----------------------------------------------------------------------------- reading
 
+
 def _text(path: str) -> str:
     with open(path, "rb") as f:
         data = f.read()
@@ -170,8 +175,9 @@ def read_json(path: str) -> Any:
     try:
         return json.loads(_text(path))
     except json.JSONDecodeError as e:
-        raise FileFormatError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} "
-                              f"column {e.colno}") from None
+        raise FileFormatError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
 
 
 def read_jsonl(path: str, missing_ok: bool = True) -> list:
@@ -189,8 +195,10 @@ def read_jsonl(path: str, missing_ok: bool = True) -> list:
         except json.JSONDecodeError as e:
             if number == len(lines):
                 break  # torn by a kill mid-write: the row was never complete
-            raise FileFormatError(f"{path} line {number} is not valid JSON ({e.msg}); the file is "
-                                  f"damaged: remove that line") from None
+            raise FileFormatError(
+                f"{path} line {number} is not valid JSON ({e.msg}); the file is "
+                f"damaged: remove that line"
+            ) from None
     return rows
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import hostlist
 
@@ -39,17 +39,19 @@ class Launch:
     """What one launcher says about this process. `coordinator`: host:port or None when the
     launcher does not say where process 0 is; `num_processes` None when it does not say how many;
     `gpus_per_task`: the launcher bound a set of GPUs to this task (SLURM --gpus-per-task)."""
+
     name: str
-    label: str          # for messages: "Open MPI 5 (PRRTE/PMIx)"
-    evidence: str       # the variables it was recognised by
+    label: str  # for messages: "Open MPI 5 (PRRTE/PMIx)"
+    evidence: str  # the variables it was recognised by
     process_id: int
-    num_processes: Optional[int]
-    local_rank: Optional[int] = None
-    coordinator: Optional[str] = None
+    num_processes: int | None
+    local_rank: int | None = None
+    coordinator: str | None = None
     gpus_per_task: bool = False
 
 
 # ----------------------------------------------------------------------------- addresses
+
 
 def join_address(host: str, port: int) -> str:
     """host:port, with an IPv6 literal in brackets ([fe80::1%eth0]:1234) as gRPC and jax need."""
@@ -67,7 +69,9 @@ def split_address(address: str) -> tuple[str, int]:
     if m is None:
         why = "is not HOST:PORT (an IPv6 address in brackets: [ADDR]:PORT)"
     else:
-        host, port = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        host, port = (
+            (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+        )
         if not 0 < int(port) < 65536:
             why = f"has port {port}, outside 1..65535"
         elif m.group(1) is not None:
@@ -101,11 +105,12 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise LauncherError(f"{name}={value!r} is not an integer") from None
 
 
-def _opt_int(env: Mapping[str, str], name: str) -> Optional[int]:
+def _opt_int(env: Mapping[str, str], name: str) -> int | None:
     return _int(env, name) if env.get(name, "") != "" else None
 
 
 # ----------------------------------------------------------------------------- launchers
+
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM hostlist: 'machine2-[3-5]-vm1' -> 'machine2-3-vm1',
@@ -120,15 +125,27 @@ def first_host(nodelist: str) -> str:
     return hosts[0]
 
 
-def slurm(env: Mapping[str, str]) -> Optional[Launch]:
-    needed = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+def slurm(env: Mapping[str, str]) -> Launch | None:
+    needed = (
+        "SLURM_JOB_ID",
+        "SLURM_STEP_NODELIST",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+    )
     if not all(k in env for k in needed):
         return None  # e.g. the batch script itself, outside srun: one process
     port = _port(env, PORT_BASE + _int(env, "SLURM_JOB_ID") % 4096)
-    return Launch("slurm", "SLURM srun", "SLURM_PROCID/SLURM_NTASKS", _int(env, "SLURM_PROCID"),
-                  _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID"),
-                  join_address(first_host(env["SLURM_STEP_NODELIST"]), port),
-                  gpus_per_task=bool(env.get("SLURM_GPUS_PER_TASK")))
+    return Launch(
+        "slurm",
+        "SLURM srun",
+        "SLURM_PROCID/SLURM_NTASKS",
+        _int(env, "SLURM_PROCID"),
+        _int(env, "SLURM_NTASKS"),
+        _int(env, "SLURM_LOCALID"),
+        join_address(first_host(env["SLURM_STEP_NODELIST"]), port),
+        gpus_per_task=bool(env.get("SLURM_GPUS_PER_TASK")),
+    )
 
 
 def ompi_coordinator_host(uri: str) -> str:
@@ -147,41 +164,57 @@ def ompi_coordinator_host(uri: str) -> str:
                 continue
             if k == kind and not ip.is_unspecified and not (ip.is_link_local and "%" not in addr):
                 return addr
-    raise LauncherError(f"OMPI_MCA_orte_hnp_uri={uri!r} has no address another host can reach; "
-                        f"pass --coordinator_address=HOST:PORT (rank 0's host)")
+    raise LauncherError(
+        f"OMPI_MCA_orte_hnp_uri={uri!r} has no address another host can reach; "
+        f"pass --coordinator_address=HOST:PORT (rank 0's host)"
+    )
 
 
-def open_mpi(env: Mapping[str, str]) -> Optional[Launch]:
+def open_mpi(env: Mapping[str, str]) -> Launch | None:
     if "OMPI_COMM_WORLD_SIZE" not in env and "OMPI_MCA_orte_hnp_uri" not in env:
         return None
     rank, size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
     local = _opt_int(env, "OMPI_COMM_WORLD_LOCAL_RANK")
     uri = env.get("OMPI_MCA_orte_hnp_uri")
     if uri is None:  # Open MPI 5: PRRTE passes no address of mpirun's host
-        return Launch("ompi5", "Open MPI 5 (PRRTE/PMIx)", "OMPI_COMM_WORLD_SIZE/RANK", rank, size,
-                      local)
+        return Launch(
+            "ompi5", "Open MPI 5 (PRRTE/PMIx)", "OMPI_COMM_WORLD_SIZE/RANK", rank, size, local
+        )
     job_id = uri.split(".", 1)[0]
     if not job_id.isdigit():
         raise LauncherError(f"OMPI_MCA_orte_hnp_uri={uri!r} does not start with a job id")
     port = _port(env, PORT_BASE + int(job_id) // 4096 % 4096)  # ORTE job ids are multiples of 4096
-    return Launch("ompi", "Open MPI 4 (mpirun)", "OMPI_MCA_orte_hnp_uri", rank, size, local,
-                  join_address(ompi_coordinator_host(uri), port))
+    return Launch(
+        "ompi",
+        "Open MPI 4 (mpirun)",
+        "OMPI_MCA_orte_hnp_uri",
+        rank,
+        size,
+        local,
+        join_address(ompi_coordinator_host(uri), port),
+    )
 
 
-def hydra_pmi(env: Mapping[str, str]) -> Optional[Launch]:
+def hydra_pmi(env: Mapping[str, str]) -> Launch | None:
     if "PMI_RANK" not in env or "PMI_SIZE" not in env:
         return None
-    return Launch("pmi", "MPICH/Intel MPI (Hydra PMI)", "PMI_RANK/PMI_SIZE", _int(env, "PMI_RANK"),
-                  _int(env, "PMI_SIZE"), _opt_int(env, "MPI_LOCALRANKID"))
+    return Launch(
+        "pmi",
+        "MPICH/Intel MPI (Hydra PMI)",
+        "PMI_RANK/PMI_SIZE",
+        _int(env, "PMI_RANK"),
+        _int(env, "PMI_SIZE"),
+        _opt_int(env, "MPI_LOCALRANKID"),
+    )
 
 
-def pmix(env: Mapping[str, str]) -> Optional[Launch]:
+def pmix(env: Mapping[str, str]) -> Launch | None:
     if "PMIX_RANK" not in env:
         return None
     return Launch("pmix", "PMIx", "PMIX_RANK", _int(env, "PMIX_RANK"), None)
 
 
-def torchrun(env: Mapping[str, str]) -> Optional[Launch]:
+def torchrun(env: Mapping[str, str]) -> Launch | None:
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
     rank, size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
@@ -191,12 +224,24 @@ def torchrun(env: Mapping[str, str]) -> Optional[Launch]:
         # torchrun's agent serves its own store there (TORCHELASTIC_USE_AGENT_STORE), take the next.
         port = _int(env, "MASTER_PORT") + (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
         coordinator = join_address(env["MASTER_ADDR"].strip("[]"), _port(env, port))
-    return Launch("torchrun", "torchrun-style", "RANK/WORLD_SIZE", rank, size,
-                  _opt_int(env, "LOCAL_RANK"), coordinator)
+    return Launch(
+        "torchrun",
+        "torchrun-style",
+        "RANK/WORLD_SIZE",
+        rank,
+        size,
+        _opt_int(env, "LOCAL_RANK"),
+        coordinator,
+    )
 
 
-READERS: tuple[Callable[[Mapping[str, str]], Optional[Launch]], ...] = (
-    torchrun, open_mpi, hydra_pmi, pmix, slurm)  # innermost first
+READERS: tuple[Callable[[Mapping[str, str]], Launch | None], ...] = (
+    torchrun,
+    open_mpi,
+    hydra_pmi,
+    pmix,
+    slurm,
+)  # innermost first
 
 
 def find(env: Mapping[str, str]) -> list[Launch]:
@@ -204,7 +249,7 @@ def find(env: Mapping[str, str]) -> list[Launch]:
     return [launch for read in READERS if (launch := read(env)) is not None]
 
 
-def choose(launches: list[Launch]) -> Optional[Launch]:
+def choose(launches: list[Launch]) -> Launch | None:
     """The innermost launcher, completed by an outer one that started the same processes (e.g.
     `srun --mpi=pmix` sets SLURM's variables and PMIx's for one task): same rank, and the same
     size where both say. None when no launcher is present."""
@@ -214,15 +259,19 @@ def choose(launches: list[Launch]) -> Optional[Launch]:
     if inner.coordinator is not None and inner.num_processes is not None:
         return inner
     for outer in launches[1:]:
-        if (outer.coordinator is not None and outer.process_id == inner.process_id
-                and inner.num_processes in (None, outer.num_processes)):
+        if (
+            outer.coordinator is not None
+            and outer.process_id == inner.process_id
+            and inner.num_processes in (None, outer.num_processes)
+        ):
             return outer
     return inner
 
 
 # ----------------------------------------------------------------------------- GPUs
 
-def visible_gpus(env: Mapping[str, str]) -> Optional[list[str]]:
+
+def visible_gpus(env: Mapping[str, str]) -> list[str] | None:
     """The GPUs this process can see (indices or UUIDs), or None when nothing restricts them."""
     for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
         value = env.get(name)
@@ -231,7 +280,7 @@ def visible_gpus(env: Mapping[str, str]) -> Optional[list[str]]:
     return None
 
 
-def gpu_binding(launch: Launch, env: Mapping[str, str], per_node: bool) -> Optional[tuple[int, ...]]:
+def gpu_binding(launch: Launch, env: Mapping[str, str], per_node: bool) -> tuple[int, ...] | None:
     """Local device ids (positions among the GPUs the process sees) for one process per GPU;
     None: every device it sees. A task the launcher bound GPUs to (one visible, fewer visible
     than its local rank, SLURM --gpus-per-task) uses all of them; otherwise local rank r takes

@@ -11,7 +11,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 
@@ -40,8 +41,9 @@ def tune_cpu_convolutions() -> bool:
     """Adds CPU_CONV_FLAG to XLA_FLAGS (a no-op for GPU and TPU backends) unless the user set
     that option or jaxlib is of an unmeasured series; call before jax starts. True if added."""
     flags_now = os.environ.get("XLA_FLAGS", "")
-    if ("xla_cpu_experimental_ynn_fusion_type" in flags_now
-            or not importlib.metadata.version("jaxlib").startswith(CPU_CONV_FLAG_JAXLIB)):
+    if "xla_cpu_experimental_ynn_fusion_type" in flags_now or not importlib.metadata.version(
+        "jaxlib"
+    ).startswith(CPU_CONV_FLAG_JAXLIB):
         return False
     os.environ["XLA_FLAGS"] = (flags_now + " " + CPU_CONV_FLAG).strip()
     return True
@@ -66,9 +68,11 @@ def check_process_order(devices) -> None:
     """
     order = [d.process_index for d in devices]
     if order != sorted(order):
-        raise ValueError(f"the device mesh is not in process order (process of each mesh "
-                         f"position: {order}); global batch positions would not match the "
-                         f"processes' slices")
+        raise ValueError(
+            f"the device mesh is not in process order (process of each mesh "
+            f"position: {order}); global batch positions would not match the "
+            f"processes' slices"
+        )
 
 
 def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> None:
@@ -77,9 +81,13 @@ def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> Non
     if global_batch <= 0 or global_batch % n_dev:
         raise ValueError(
             f"{what}={global_batch} is not divisible by the {n_dev} devices of the mesh; "
-            f"use a multiple of {n_dev}" + (
+            f"use a multiple of {n_dev}"
+            + (
                 f" (e.g. {' or '.join(str(b) for b in _near_multiples(global_batch, n_dev))})"
-                if global_batch > 0 else ""))
+                if global_batch > 0
+                else ""
+            )
+        )
     if global_batch % n_proc:
         raise ValueError(f"{what}={global_batch} is not divisible by {n_proc} processes")
 

@@ -16,8 +16,17 @@ from absl import logging
 from nodepert_dist import files
 from nodepert_dist.run_record import HISTORY, epoch_rows, read_metrics
 
-CSV_COLUMNS = ("epoch", "step", "epoch_time", "train_acc", "test_acc", "train_loss", "test_loss",
-               "mean_step_loss", "examples_per_s")
+CSV_COLUMNS = (
+    "epoch",
+    "step",
+    "epoch_time",
+    "train_acc",
+    "test_acc",
+    "train_loss",
+    "test_loss",
+    "mean_step_loss",
+    "examples_per_s",
+)
 
 
 def is_writer() -> bool:
@@ -53,8 +62,11 @@ class MetricsWriter:
             return row
         files.append_jsonl(os.path.join(self.workdir, "metrics.jsonl"), [row])
         files.append_csv(os.path.join(self.workdir, "metrics.csv"), [row], CSV_COLUMNS)
-        logging.info("epoch %d: %s", row["epoch"], "  ".join(
-            f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None))
+        logging.info(
+            "epoch %d: %s",
+            row["epoch"],
+            "  ".join(f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None),
+        )
         return row
 
 
@@ -75,9 +87,13 @@ def set_aside_history(workdir: str) -> str:
     moved = [name for name in HISTORY if os.path.exists(os.path.join(workdir, name))]
     for name in moved:
         os.replace(os.path.join(workdir, name), os.path.join(aside, name))
-    logging.warning("fresh start (no checkpoint to resume) in %s, which holds an earlier run's "
-                    "metrics: moved %s to %s (kept; this run writes its own)", workdir,
-                    ", ".join(moved), aside)
+    logging.warning(
+        "fresh start (no checkpoint to resume) in %s, which holds an earlier run's "
+        "metrics: moved %s to %s (kept; this run writes its own)",
+        workdir,
+        ", ".join(moved),
+        aside,
+    )
     return aside
 
 
@@ -103,8 +119,6 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-
-
 class Progress:
     """A progress line during an epoch: in place on a terminal (~10 times a second), otherwise
     one log line at the end of the epoch (logs and SLURM output files stay short)."""
@@ -116,16 +130,18 @@ class Progress:
 
     def update(self, done: int, loss=None) -> None:
         """`loss` is a callable, called only when a line is printed (it syncs with the device)."""
-        if not is_writer() or not (done == self.total or (
-                self.tty and time.perf_counter() - self.shown > 0.1)):
+        if not is_writer() or not (
+            done == self.total or (self.tty and time.perf_counter() - self.shown > 0.1)
+        ):
             return
         self.shown = time.perf_counter()
         elapsed = time.perf_counter() - self.start
         rate = done * self.batch / max(elapsed, 1e-9)
         width = 30
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        text = (f"epoch {self.epoch} [{bar}] {done}/{self.total} steps  {rate:,.0f} ex/s"
-                + (f"  loss {loss():.4g}" if loss is not None else ""))
+        text = f"epoch {self.epoch} [{bar}] {done}/{self.total} steps  {rate:,.0f} ex/s" + (
+            f"  loss {loss():.4g}" if loss is not None else ""
+        )
         if self.tty:
             sys.stderr.write("\r" + text + ("\n" if done == self.total else ""))
             sys.stderr.flush()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -31,21 +31,35 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
     """The network's settings (`build`); part of config.Config."""
+
     network: str = setting("fc", "Architecture.", group="model", choices=NETWORKS)
     n_hl: int = setting(2, "Hidden layers of fc/linfc.", group="model")
     hl_size: int = setting(500, "Units per hidden layer of fc/linfc.", group="model")
-    width: int = setting(64, "vgg/vgg16/resnet: channels of the first stage (64 is "
-                         "VGG/ResNet-18; later stages have 2x, 4x, 8x).", group="model")
-    norm: str = setting("none", "vgg/vgg16/resnet: per-example normalisation before each tap "
-                        "(batch norm would bias NP).", group="model", choices=NORMS)
-    dtype: str = setting("float32", "Compute dtype of matmuls and convs; parameters, optimizer "
-                         "state and loss differences stay float32.", group="model",
-                         choices=tuple(DTYPES))
+    width: int = setting(
+        64,
+        "vgg/vgg16/resnet: channels of the first stage (64 is "
+        "VGG/ResNet-18; later stages have 2x, 4x, 8x).",
+        group="model",
+    )
+    norm: str = setting(
+        "none",
+        "vgg/vgg16/resnet: per-example normalisation before each tap (batch norm would bias NP).",
+        group="model",
+        choices=NORMS,
+    )
+    dtype: str = setting(
+        "float32",
+        "Compute dtype of matmuls and convs; parameters, optimizer "
+        "state and loss differences stay float32.",
+        group="model",
+        choices=tuple(DTYPES),
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
         settings_lib.check_positive(self, "hl_size", "width")
         settings_lib.check_non_negative(self, "n_hl")
+
 
 _xavier = nn.initializers.xavier_normal()
 _he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
@@ -73,15 +87,19 @@ class MLP(nn.Module):
         if self.decorrelate:
             h = Decorrelate(name="decor0")(h)
         for i, width in enumerate(self.widths):
-            h = Tap(name=f"tap{i}")(nn.Dense(width, kernel_init=_xavier, dtype=self.dtype,
-                                             name=f"layer{i}")(h))
+            h = Tap(name=f"tap{i}")(
+                nn.Dense(width, kernel_init=_xavier, dtype=self.dtype, name=f"layer{i}")(h)
+            )
             if i < len(self.widths) - 1 and self.activation == "relu":
                 h = nn.relu(h)
             if self.decorrelate and i < len(self.widths) - 1:
                 h = Decorrelate(name=f"decor{i + 1}")(h)
             if self.local_heads and i < len(self.widths) - 1:
-                Tap(name=f"head_tap{i}")(nn.Dense(self.widths[-1], kernel_init=_xavier,
-                                                  dtype=self.dtype, name=f"head{i}")(h))
+                Tap(name=f"head_tap{i}")(
+                    nn.Dense(
+                        self.widths[-1], kernel_init=_xavier, dtype=self.dtype, name=f"head{i}"
+                    )(h)
+                )
                 h = jax.lax.stop_gradient(h)
         return h
 
@@ -99,15 +117,27 @@ class ConvStack(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = x
-        decor = (lambda i, h: Decorrelate(name=f"decor{i}")(h)) if self.decorrelate else (
-            lambda i, h: h)
+        decor = (
+            (lambda i, h: Decorrelate(name=f"decor{i}")(h))
+            if self.decorrelate
+            else (lambda i, h: h)
+        )
         for i, (features, k, stride) in enumerate(self.convs):
-            conv = nn.Conv(features, (k, k), strides=stride, padding="SAME", kernel_init=_xavier,
-                           dtype=self.dtype, name=f"layer{i}")
+            conv = nn.Conv(
+                features,
+                (k, k),
+                strides=stride,
+                padding="SAME",
+                kernel_init=_xavier,
+                dtype=self.dtype,
+                name=f"layer{i}",
+            )
             h = nn.relu(Tap(name=f"tap{i}")(conv(decor(i, h))))
         n = len(self.convs)
         h = decor(n, h)
-        readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"layer{n}")
+        readout = nn.Dense(
+            self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"layer{n}"
+        )
         return Tap(name=f"tap{n}")(readout(h.reshape(h.shape[0], -1)))
 
 
@@ -115,8 +145,9 @@ def _norm(kind: str, dtype, name: str, zero_scale: bool = False):
     """Per-example normalisation (never batch norm), or None."""
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
     if kind == "group":
-        return lambda h: nn.GroupNorm(num_groups=math.gcd(h.shape[-1], 32),
-                                      scale_init=scale_init, dtype=dtype, name=name)(h)
+        return lambda h: nn.GroupNorm(
+            num_groups=math.gcd(h.shape[-1], 32), scale_init=scale_init, dtype=dtype, name=name
+        )(h)
     if kind == "layer":
         return lambda h: nn.LayerNorm(scale_init=scale_init, dtype=dtype, name=name)(h)
     return None
@@ -136,9 +167,16 @@ class ConvUnit(nn.Module):
     def __call__(self, h):
         norm = _norm(self.norm, self.dtype, "norm", self.zero_init)
         kernel_init = nn.initializers.zeros if (self.zero_init and norm is None) else _he
-        h = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
-                    use_bias=norm is None, kernel_init=kernel_init, dtype=self.dtype,
-                    name="conv")(h)
+        h = nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            padding="SAME",
+            use_bias=norm is None,
+            kernel_init=kernel_init,
+            dtype=self.dtype,
+            name="conv",
+        )(h)
         if norm is not None:
             h = norm(h)
         return Tap(name="tap")(h)
@@ -146,7 +184,7 @@ class ConvUnit(nn.Module):
 
 # VGG layouts in units of `width` channels; "M" is a 2x2 max-pool.
 VGG_LAYOUTS = {
-    "vgg": (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),                      # VGG-11
+    "vgg": (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),  # VGG-11
     "vgg16": (1, 1, "M", 2, 2, "M", 4, 4, 4, "M", 8, 8, 8, "M", 8, 8, 8, "M"),
 }
 
@@ -167,8 +205,11 @@ class VGG(nn.Module):
             if item == "M":
                 h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
             else:
-                h = nn.relu(ConvUnit(item * self.width, norm=self.norm, dtype=self.dtype,
-                                     name=f"conv{i}")(h))
+                h = nn.relu(
+                    ConvUnit(item * self.width, norm=self.norm, dtype=self.dtype, name=f"conv{i}")(
+                        h
+                    )
+                )
                 i += 1
         readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name="readout")
         return Tap(name="readout_tap")(readout(h.reshape(h.shape[0], -1)))
@@ -210,8 +251,13 @@ class ResNet(nn.Module):
         for stage, n in enumerate(self.blocks):
             for b in range(n):
                 stride = 2 if (stage > 0 and b == 0) else 1
-                h = BasicBlock(self.width * 2 ** stage, stride, self.norm, self.dtype,
-                               name=f"stage{stage}_block{b}")(h)
+                h = BasicBlock(
+                    self.width * 2**stage,
+                    stride,
+                    self.norm,
+                    self.dtype,
+                    name=f"stage{stage}_block{b}",
+                )(h)
         h = jnp.mean(h, axis=(1, 2))
         readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name="readout")
         return Tap(name="readout_tap")(readout(h))
@@ -219,14 +265,30 @@ class ResNet(nn.Module):
 
 _CONV_STACKS = {
     "conv": ((32, 3, 1), (32, 3, 2), (32, 3, 1)),
-    "conv-large": ((96, 5, 1), (96, 3, 2), (192, 5, 1), (192, 3, 2), (192, 3, 1), (192, 1, 1),
-                   (10, 1, 1)),
+    "conv-large": (
+        (96, 5, 1),
+        (96, 3, 2),
+        (192, 5, 1),
+        (192, 3, 2),
+        (192, 3, 1),
+        (192, 1, 1),
+        (10, 1, 1),
+    ),
 }
 
 
-def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 500, *,
-                width: int = 64, norm: str = "none", dtype: str = "float32",
-                local_heads: bool = False, decorrelate: bool = False) -> nn.Module:
+def build_model(
+    network: str,
+    num_classes: int,
+    n_hl: int = 2,
+    hl_size: int = 500,
+    *,
+    width: int = 64,
+    norm: str = "none",
+    dtype: str = "float32",
+    local_heads: bool = False,
+    decorrelate: bool = False,
+) -> nn.Module:
     """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet;
     local_heads (fc/linfc only): an auxiliary readout per hidden layer (--np_local);
     decorrelate: a Decorrelate before each layer (decorrelation.NETWORKS only)."""
@@ -238,14 +300,17 @@ def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 50
         raise ValueError(f"unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
     dt = DTYPES[dtype]
     if local_heads and network not in ("fc", "linfc"):
-        raise ValueError(f"--np_local is built for the MLPs (fc, linfc), not "
-                         f"--network={network}")
+        raise ValueError(f"--np_local is built for the MLPs (fc, linfc), not --network={network}")
     if decorrelate:
         decorrelation.check(network)
     if network in ("fc", "linfc"):
-        return MLP((hl_size,) * n_hl + (num_classes,),
-                   activation="linear" if network == "linfc" else "relu", dtype=dt,
-                   local_heads=local_heads, decorrelate=decorrelate)
+        return MLP(
+            (hl_size,) * n_hl + (num_classes,),
+            activation="linear" if network == "linfc" else "relu",
+            dtype=dt,
+            local_heads=local_heads,
+            decorrelate=decorrelate,
+        )
     if network in _CONV_STACKS:
         return ConvStack(_CONV_STACKS[network], num_classes, dtype=dt, decorrelate=decorrelate)
     if network in VGG_LAYOUTS:
@@ -253,12 +318,21 @@ def build_model(network: str, num_classes: int, n_hl: int = 2, hl_size: int = 50
     return ResNet(num_classes, width, norm, dtype=dt)
 
 
-def build(model: ModelSettings, num_classes: int, *, local_heads: bool = False,
-          decorrelate: bool = False) -> nn.Module:
+def build(
+    model: ModelSettings, num_classes: int, *, local_heads: bool = False, decorrelate: bool = False
+) -> nn.Module:
     """`build_model` of a run's model settings."""
-    return build_model(model.network, num_classes, model.n_hl, model.hl_size, width=model.width,
-                       norm=model.norm, dtype=model.dtype, local_heads=local_heads,
-                       decorrelate=decorrelate)
+    return build_model(
+        model.network,
+        num_classes,
+        model.n_hl,
+        model.hl_size,
+        width=model.width,
+        norm=model.norm,
+        dtype=model.dtype,
+        local_heads=local_heads,
+        decorrelate=decorrelate,
+    )
 
 
 # The smallest sigma on the grid 3e-3, 1e-2, 3e-2, 1e-1 at which NP's mean estimate in bfloat16
@@ -266,8 +340,15 @@ def build(model: ModelSettings, num_classes: int, *, local_heads: bool = False,
 # benchmarks/bf16_sigma.py (docs/results/bf16_sigma.md). bf16 keeps 8 significant bits: smaller
 # noise is rounded away at the taps and in the loss change. conv-large and vgg16 take conv's and
 # vgg's values (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18).
-BF16_SIGMA_FLOOR = {"fc": 3e-2, "linfc": 3e-2, "conv": 1e-2, "conv-large": 1e-2, "vgg": 3e-3,
-                    "vgg16": 3e-3, "resnet": 3e-2}
+BF16_SIGMA_FLOOR = {
+    "fc": 3e-2,
+    "linfc": 3e-2,
+    "conv": 1e-2,
+    "conv-large": 1e-2,
+    "vgg": 3e-3,
+    "vgg16": 3e-3,
+    "resnet": 3e-2,
+}
 
 
 def sigma_floor(network: str, dtype: str) -> float:

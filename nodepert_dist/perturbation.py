@@ -350,7 +350,7 @@ def _tap_gradients(model, params, x, values, coef, xi, group, shapes, *, keys, n
         # The step's input x gets no `after`: it is alive anyway, and adding would copy it.
         replay_values = {k: jax.lax.stop_gradient(v) + after.astype(v.dtype)
                          for k, v in values.items()}
-        preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, replay_values)[name], params)
+        preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, replay_values)[name], params)  # noqa: B023 (vjp calls it here)
         noise = xi[name]
         if mode == "regen":  # this tap's noise again, drawn only now
             noise = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],

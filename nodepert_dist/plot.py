@@ -26,12 +26,22 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command's flags, defined when it runs: as a library (`plot()`, `run_label()`) this
     module adds nothing to absl's global flags, where `--out` would clash with the experiments'."""
-    flags.DEFINE_list("workdirs", None, "Run directories (each with metrics.jsonl and config.json).")
+    flags.DEFINE_list(
+        "workdirs", None, "Run directories (each with metrics.jsonl and config.json)."
+    )
     flags.DEFINE_string("out", "learning_curves.png", "Output PNG.")
-    flags.DEFINE_string("metric", "test_acc", "Metric to plot (a metrics.jsonl key: test_acc, "
-                        "train_acc, val_acc, test_loss, train_loss, mean_step_loss, ...).")
-    flags.DEFINE_enum("x", "epoch", ["epoch", "time"], "x axis: epoch, or wall-clock training "
-                      "time in seconds (cumulative epoch_time).")
+    flags.DEFINE_string(
+        "metric",
+        "test_acc",
+        "Metric to plot (a metrics.jsonl key: test_acc, "
+        "train_acc, val_acc, test_loss, train_loss, mean_step_loss, ...).",
+    )
+    flags.DEFINE_enum(
+        "x",
+        "epoch",
+        ["epoch", "time"],
+        "x axis: epoch, or wall-clock training time in seconds (cumulative epoch_time).",
+    )
 
 
 def _config(workdir: str) -> dict:
@@ -46,17 +56,24 @@ def run_label(workdir: str) -> str:
     if "update_rule" not in c:
         return os.path.basename(os.path.normpath(workdir))
     rule = c["update_rule"]
-    optimizer = c["optimizer"] + (f", {c['lr_schedule']} lr"
-                                  if c.get("lr_schedule", "constant") != "constant" else "")
+    optimizer = c["optimizer"] + (
+        f", {c['lr_schedule']} lr" if c.get("lr_schedule", "constant") != "constant" else ""
+    )
     if rule == "np":
         sigma = f", sigma={c['sigma']:g}" if c.get("sigma") else ""
-        options = "".join(f", {name}" for name, on in (  # the estimator options set
-            ("antithetic", c.get("np_antithetic")), (f"{c.get('np_draws')} draws",
-                                                     c.get("np_draws", 1) > 1),
-            ("jvp", c.get("np_delta") == "jvp"), ("layerwise", c.get("np_layerwise")),
-            ("original estimator, biased", c.get("np_estimator") == "original"),
-            ("local losses", c.get("np_local")),
-            ("weight norm", c.get("weight_norm"))) if on)
+        options = "".join(
+            f", {name}"
+            for name, on in (  # the estimator options set
+                ("antithetic", c.get("np_antithetic")),
+                (f"{c.get('np_draws')} draws", c.get("np_draws", 1) > 1),
+                ("jvp", c.get("np_delta") == "jvp"),
+                ("layerwise", c.get("np_layerwise")),
+                ("original estimator, biased", c.get("np_estimator") == "original"),
+                ("local losses", c.get("np_local")),
+                ("weight norm", c.get("weight_norm")),
+            )
+            if on
+        )
         what = f"NP (node perturbation{sigma}{options}; {optimizer} optimizer)"
     else:
         what = f"{rule.upper()} (backprop; {optimizer} optimizer)"
@@ -75,6 +92,7 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     if missing:
         raise ValueError(f"--workdirs: {missing[0]} is not a folder (a run's --workdir)")
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,13 +101,20 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     for workdir in workdirs:
         rows = [r for r in epoch_rows(read_metrics(workdir)) if r.get(metric) is not None]
         if not rows:
-            raise ValueError(f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?")
+            raise ValueError(
+                f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?"
+            )
         if x == "time":  # epoch 0 (before training) at t=0
             xs = list(itertools.accumulate(r.get("epoch_time") or 0.0 for r in rows))
         else:
             xs = [r["epoch"] for r in rows]
-        ax.plot(xs, [scale * r[metric] for r in rows], marker="o", markersize=3,
-                label=run_label(workdir))
+        ax.plot(
+            xs,
+            [scale * r[metric] for r in rows],
+            marker="o",
+            markersize=3,
+            label=run_label(workdir),
+        )
     ax.set_title(title(workdirs))
     ax.set_xlabel("epoch" if x == "epoch" else "training time (s)")
     ax.set_ylabel(metric.replace("_", " ") + (" (%)" if metric.endswith("_acc") else ""))
@@ -110,13 +135,17 @@ def main(argv):
     try:
         print(plot(FLAGS.workdirs, FLAGS.out, FLAGS.metric, FLAGS.x))
     except (ValueError, KeyError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 def cli():
     define_flags()
-    app.run(main, flags_parser=lambda argv: cli_lib.parse_flags(
-        argv, "nodepert-plot", __doc__, {"flags": __name__}))
+    app.run(
+        main,
+        flags_parser=lambda argv: cli_lib.parse_flags(
+            argv, "nodepert-plot", __doc__, {"flags": __name__}
+        ),
+    )
 
 
 if __name__ == "__main__":

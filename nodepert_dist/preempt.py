@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Optional
 
 import jax
 from absl import logging
@@ -42,16 +41,16 @@ class Watcher:
     Nested in a live one (the crash guard's, held across its attempts and rollbacks), it is that
     one: a signal that arrives between two attempts is not forgotten."""
 
-    _active: Optional["Watcher"] = None
+    _active: Watcher | None = None
 
     def __init__(self, check_every: int = 1):
         self.check_every = check_every
-        self.signal: Optional[int] = None
+        self.signal: int | None = None
         self._previous: dict = {}
-        self._outer: Optional[Watcher] = None
+        self._outer: Watcher | None = None
         self._test_step, self._test_process = _test_hook()
 
-    def __enter__(self) -> "Watcher":
+    def __enter__(self) -> Watcher:
         if Watcher._active is not None:
             self._outer = Watcher._active
             return self._outer
@@ -73,8 +72,10 @@ class Watcher:
     def _record(self, signum, _frame) -> None:
         if self.signal is None:
             self.signal = signum
-            logging.warning("got %s: stopping at the next step boundary to checkpoint",
-                            signal.Signals(signum).name)
+            logging.warning(
+                "got %s: stopping at the next step boundary to checkpoint",
+                signal.Signals(signum).name,
+            )
 
     def stop_now(self, step: int) -> bool:
         """Called by every process after every step; True on all of them, or on none."""
@@ -93,7 +94,7 @@ class Watcher:
         return signal.Signals(self.signal).name if self.signal else "a signal to another process"
 
 
-def _test_hook() -> tuple[Optional[int], Optional[int]]:
+def _test_hook() -> tuple[int | None, int | None]:
     value = os.environ.get(TEST_SIGNAL_ENV)
     if not value:
         return None, None

@@ -11,22 +11,27 @@ shares with it and starts this run's other parts fresh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
 from absl import logging
 
-from nodepert_dist import agree, checkpoint_layout, checkpoint_restore
+from nodepert_dist import agree, checkpoint_layout, checkpoint_restore, optim
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
-from nodepert_dist import optim
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
 from nodepert_dist.params_io import leaf_name
 
-LR_SETTINGS = ("lr", "lr_schedule", "lr_schedule_epochs", "warmup_epochs", "lr_decay_epochs",
-               "lr_decay_factor")
+LR_SETTINGS = (
+    "lr",
+    "lr_schedule",
+    "lr_schedule_epochs",
+    "warmup_epochs",
+    "lr_decay_epochs",
+    "lr_decay_factor",
+)
 
 
 def _saved_value(saved: dict, name: str):
@@ -34,8 +39,9 @@ def _saved_value(saved: dict, name: str):
     return saved[name] if name in saved else Config.__dataclass_fields__[name].default
 
 
-def settle_resume(cfg: Config, saved: Optional[dict], mid_epoch: bool = False
-                  ) -> tuple[Config, list[str]]:
+def settle_resume(
+    cfg: Config, saved: dict | None, mid_epoch: bool = False
+) -> tuple[Config, list[str]]:
     """The run's settings against the checkpoint's (`saved`, its config; None: a fresh start).
 
     Returns the settings to run with ("inherit" rows filled in: from `saved`, or on a fresh
@@ -59,14 +65,18 @@ def settle_resume(cfg: Config, saved: Optional[dict], mid_epoch: bool = False
         if value == before or rule == "free":
             continue
         if rule == "refuse":
-            raise ValueError(f"the checkpoint was saved with --{name}={before}, this run has "
-                             f"--{name}={value}: a resumed run needs the same value; use "
-                             f"--{name}={before} or another --workdir")
+            raise ValueError(
+                f"the checkpoint was saved with --{name}={before}, this run has "
+                f"--{name}={value}: a resumed run needs the same value; use "
+                f"--{name}={before} or another --workdir"
+            )
         if rule == "epoch" and mid_epoch:
-            raise ValueError(f"the checkpoint stopped mid-epoch under --{name}={before}, this run "
-                             f"has --{name}={value}, which changes the rest of the epoch's batches "
-                             f"(examples repeated or skipped); resume with --{name}={before} and "
-                             f"change it at an epoch boundary")
+            raise ValueError(
+                f"the checkpoint stopped mid-epoch under --{name}={before}, this run "
+                f"has --{name}={value}, which changes the rest of the epoch's batches "
+                f"(examples repeated or skipped); resume with --{name}={before} and "
+                f"change it at an epoch boundary"
+            )
         changed.append(f"--{name}: {before} -> {value}")
     return cfg, changed
 
@@ -75,11 +85,14 @@ def _mid_epoch(manifest: dict) -> bool:
     return bool(manifest.get("loop", {}).get("step_in_epoch"))
 
 
-def _newest_manifest(ckpt_dir: str) -> Optional[dict]:
+def _newest_manifest(ckpt_dir: str) -> dict | None:
     """The newest committed checkpoint's manifest that reads on every process (process 0's
     listing decides, as in restore); None if there is none."""
-    candidates = (list(reversed(checkpoint_layout.committed_steps(ckpt_dir)))
-                  if jax.process_index() == 0 else [])
+    candidates = (
+        list(reversed(checkpoint_layout.committed_steps(ckpt_dir)))
+        if jax.process_index() == 0
+        else []
+    )
     while True:
         step = agree.from_process_0(candidates.pop(0) if candidates else -1)
         if step < 0:
@@ -116,8 +129,9 @@ def _lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
     return float(rate(step)) if callable(rate) else float(rate)
 
 
-def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, mesh,
-            steps_per_epoch: int) -> Optional[tuple[Any, dict]]:
+def restore(
+    ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, mesh, steps_per_epoch: int
+) -> tuple[Any, dict] | None:
     """(state, manifest) from the newest valid checkpoint, on this run's optimizer; None if
     there is none. `fresh`: this run's initial state (its parameters give the shapes)."""
     replicated = mesh_lib.replicated(mesh)
@@ -129,7 +143,8 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
         transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
         opt_state = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-            jax.eval_shape(transform.init, fresh.params))
+            jax.eval_shape(transform.init, fresh.params),
+        )
         return fresh.replace(opt_state=opt_state)
 
     try:
@@ -138,9 +153,11 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
         if isinstance(e, checkpoint_layout.CorruptCheckpoint):
             raise
         logging.error("%s", e)
-        raise ValueError(f"the newest checkpoint in {ckpt_dir} does not match the settings it "
-                         f"recorded (written by another version of nodepert_dist?); resume it "
-                         f"with that version, or use another --workdir") from None
+        raise ValueError(
+            f"the newest checkpoint in {ckpt_dir} does not match the settings it "
+            f"recorded (written by another version of nodepert_dist?); resume it "
+            f"with that version, or use another --workdir"
+        ) from None
     if restored is None:
         return None
     state, manifest = restored
@@ -150,20 +167,26 @@ def restore(ckpt_dir: str, cfg: Config, fresh: step_lib.TrainState, optimizer, m
         logging.warning("resuming with changed settings: %s", ", ".join(changed))
     step = int(jax.device_get(state.step))
     if any(getattr(saved, k) != getattr(cfg, k) for k in LR_SETTINGS):
-        logging.warning("the lr at step %d changes from %g to %g (the lr settings changed)",
-                        step, _lr_at(saved, step, steps_per_epoch),
-                        _lr_at(cfg, step, steps_per_epoch))
+        logging.warning(
+            "the lr at step %d changes from %g to %g (the lr settings changed)",
+            step,
+            _lr_at(saved, step, steps_per_epoch),
+            _lr_at(cfg, step, steps_per_epoch),
+        )
     before, now = _part_names(saved), _part_names(cfg)
     kept = optim.part_states(before, state.opt_state)
     if legacy:  # the counter equals the step, which the schedule now reads instead
         kept[saved.optimizer] = (kept[saved.optimizer][0], optax.ScaleState())
     if before != now:
-        initial = optim.part_states(now, jax.jit(optimizer.init, out_shardings=replicated)(
-            state.params))
-        logging.warning("optimizer parts: kept %s; started fresh %s; dropped %s",
-                        [n for n in now if n in before] or "none",
-                        [n for n in now if n not in before] or "none",
-                        [n for n in before if n not in now] or "none")
+        initial = optim.part_states(
+            now, jax.jit(optimizer.init, out_shardings=replicated)(state.params)
+        )
+        logging.warning(
+            "optimizer parts: kept %s; started fresh %s; dropped %s",
+            [n for n in now if n in before] or "none",
+            [n for n in now if n not in before] or "none",
+            [n for n in before if n not in now] or "none",
+        )
         kept = {n: kept.get(n, initial[n]) for n in now}
     state = state.replace(opt_state=optim.join_part_states(now, kept))
     return state, manifest
@@ -176,12 +199,14 @@ def _saved_parts(manifest: dict, params) -> tuple[list, list]:
     saved = saved_config(manifest["config"])
     parts = optim.parts_from(saved.optim)
     transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
-    expected = {"opt_state." + leaf_name(p) if p else "opt_state"
-                for p, _ in jax.tree_util.tree_flatten_with_path(
-                    jax.eval_shape(transform.init, params))[0]}
+    expected = {
+        "opt_state." + leaf_name(p) if p else "opt_state"
+        for p, _ in jax.tree_util.tree_flatten_with_path(jax.eval_shape(transform.init, params))[0]
+    }
     stored = {a["name"] for a in manifest["arrays"] if a["name"].startswith("opt_state")}
     if stored == expected or (saved.lr_schedule == "constant" and not saved.warmup_epochs):
         return parts, []
     scheduled = {"sgd": optax.sgd, "adam": optax.adam}[saved.optimizer](
-        optax.constant_schedule(1.0))  # the structure only: optax's counter and all
+        optax.constant_schedule(1.0)
+    )  # the structure only: optax's counter and all
     return [(n, scheduled if n == saved.optimizer else t) for n, t in parts], [True]

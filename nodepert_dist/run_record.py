@@ -24,4 +24,4 @@ def epoch_rows(rows: list[dict]) -> list[dict]:
     epochs 0, 1, 0, 1, 2) reads as its last run."""
     rows = [r for r in rows if "event" not in r]
     restarts = [i for i in range(1, len(rows)) if rows[i]["epoch"] <= rows[i - 1]["epoch"]]
-    return rows[restarts[-1]:] if restarts else rows
+    return rows[restarts[-1] :] if restarts else rows

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import optax
 
-from nodepert_dist import checkpoint, decorrelation, models, taps
+from nodepert_dist import checkpoint, decorrelation, models, optim, taps
 from nodepert_dist import mesh as mesh_lib
-from nodepert_dist import optim
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
 from nodepert_dist.data import pipeline, preprocess, store
@@ -26,26 +26,31 @@ from nodepert_dist.data import pipeline, preprocess, store
 
 @dataclasses.dataclass
 class Run:
-    cfg: Config                 # resolved (sigma filled in)
+    cfg: Config  # resolved (sigma filled in)
     mesh: Any
     data: store.Stored
-    splits: dict                # {"train": (lo, hi), "val": (lo, hi)} rows of data.train_*
+    splits: dict  # {"train": (lo, hi), "val": (lo, hi)} rows of data.train_*
     steps_per_epoch: int
-    prep_mode: str              # the resolved --preprocess
-    prep: Callable              # jitted uint8 -> float32 on the device, sharded like the batch
+    prep_mode: str  # the resolved --preprocess
+    prep: Callable  # jitted uint8 -> float32 on the device, sharded like the batch
     model: Any
     optimizer: optax.GradientTransformation
     state: step_lib.TrainState  # the initial state (seed's parameters), replicated
     train_step: Callable
     eval_step: Callable
-    eval_batch: int             # --eval_batchsize rounded up to a multiple of the devices
+    eval_batch: int  # --eval_batchsize rounded up to a multiple of the devices
 
     def gradient(self, global_batch: int, update_rule: str | None = None):
         """The run's local gradient (`step.local_gradient` of its settings) for a batch of
         `global_batch` examples; `update_rule="np"`: its NP estimator even for an SGD run."""
         cfg = self.cfg
-        return step_lib.local_gradient(update_rule=update_rule or cfg.update_rule, loss=cfg.loss,
-                                       seed=cfg.seed, global_batch=global_batch, np=cfg.np)
+        return step_lib.local_gradient(
+            update_rule=update_rule or cfg.update_rule,
+            loss=cfg.loss,
+            seed=cfg.seed,
+            global_batch=global_batch,
+            np=cfg.np,
+        )
 
     def restore(self, step: int) -> step_lib.TrainState:
         """The run's checkpoint at `step` (of cfg.workdir), on this run's optimizer."""
@@ -60,8 +65,10 @@ def check_mesh(cfg: Config, mesh) -> None:
     mesh_lib.check_batch(cfg.batchsize, mesh)
     per_device = cfg.batchsize // mesh.devices.size
     if cfg.update_rule == "np" and per_device % cfg.np_microbatches:
-        raise ValueError(f"--np_microbatches={cfg.np_microbatches} does not divide the "
-                         f"{per_device} examples per device; use a divisor of {per_device}")
+        raise ValueError(
+            f"--np_microbatches={cfg.np_microbatches} does not divide the "
+            f"{per_device} examples per device; use a divisor of {per_device}"
+        )
 
 
 def build(cfg: Config, mesh) -> Run:
@@ -71,20 +78,45 @@ def build(cfg: Config, mesh) -> Run:
     data, splits, steps_per_epoch = pipeline.open_splits(cfg.data, cfg.batchsize)
     # the preprocessing runs per batch on the device, from training-split statistics
     prep_mode = preprocess.resolve(cfg.preprocess, cfg.dataset)
-    prep = preprocess.device_fn(prep_mode, preprocess.statistics(
-        data.root, data.train_x, prep_mode, *splits["train"]), mesh)
+    prep = preprocess.device_fn(
+        prep_mode, preprocess.statistics(data.root, data.train_x, prep_mode, *splits["train"]), mesh
+    )
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
-    model = models.build(cfg.model, data.num_classes, local_heads=cfg.np_local,
-                         decorrelate=cfg.decorrelate)
+    model = models.build(
+        cfg.model, data.num_classes, local_heads=cfg.np_local, decorrelate=cfg.decorrelate
+    )
     optimizer = optim.optimizer_from(cfg.optim, cfg.num_epochs, steps_per_epoch)
     state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
-    taps.check(decorrelation.bind(model, state.decor), state.params, sample_x,
-               needs_taps=cfg.update_rule == "np")
+    taps.check(
+        decorrelation.bind(model, state.decor),
+        state.params,
+        sample_x,
+        needs_taps=cfg.update_rule == "np",
+    )
     train_step = step_lib.make_train_step(
-        model, optimizer, mesh, update_rule=cfg.update_rule, loss=cfg.loss, seed=cfg.seed,
-        global_batch=cfg.batchsize, np=cfg.np, decorrelate_lr=cfg.decorrelate_lr)
+        model,
+        optimizer,
+        mesh,
+        update_rule=cfg.update_rule,
+        loss=cfg.loss,
+        seed=cfg.seed,
+        global_batch=cfg.batchsize,
+        np=cfg.np,
+        decorrelate_lr=cfg.decorrelate_lr,
+    )
     eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
-    return Run(cfg=cfg, mesh=mesh, data=data, splits=splits, steps_per_epoch=steps_per_epoch,
-               prep_mode=prep_mode, prep=prep, model=model, optimizer=optimizer, state=state,
-               train_step=train_step, eval_step=eval_step,
-               eval_batch=mesh_lib.round_up_batch(cfg.eval_batchsize, mesh))
+    return Run(
+        cfg=cfg,
+        mesh=mesh,
+        data=data,
+        splits=splits,
+        steps_per_epoch=steps_per_epoch,
+        prep_mode=prep_mode,
+        prep=prep,
+        model=model,
+        optimizer=optimizer,
+        state=state,
+        train_step=train_step,
+        eval_step=eval_step,
+        eval_batch=mesh_lib.round_up_batch(cfg.eval_batchsize, mesh),
+    )

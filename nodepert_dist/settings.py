@@ -11,15 +11,26 @@ from __future__ import annotations
 import dataclasses
 
 # The `--help` groups, in the order they are printed.
-GROUPS = ("settings", "data", "model", "training", "node perturbation", "evaluation",
-          "outputs and checkpoints", "machine", "cluster")
+GROUPS = (
+    "settings",
+    "data",
+    "model",
+    "training",
+    "node perturbation",
+    "evaluation",
+    "outputs and checkpoints",
+    "machine",
+    "cluster",
+)
 
 
 def setting(default, help: str, *, group: str, choices=None):
     """A settings field; what a resumed run may do with it is in config.RESUME_RULES."""
     assert group in GROUPS
-    return dataclasses.field(default=default, metadata=dict(
-        help=help, group=group, choices=None if choices is None else tuple(choices)))
+    return dataclasses.field(
+        default=default,
+        metadata=dict(help=help, group=group, choices=None if choices is None else tuple(choices)),
+    )
 
 
 def check_choices(group) -> None:
@@ -27,8 +38,9 @@ def check_choices(group) -> None:
     for f in dataclasses.fields(group):
         allowed = f.metadata["choices"]
         if allowed is not None and getattr(group, f.name) not in allowed:
-            raise ValueError(f"--{f.name}={getattr(group, f.name)!r} is not one of "
-                             f"{', '.join(allowed)}")
+            raise ValueError(
+                f"--{f.name}={getattr(group, f.name)!r} is not one of {', '.join(allowed)}"
+            )
 
 
 def check_positive(group, *names: str) -> None:
@@ -45,8 +57,7 @@ def check_non_negative(group, *names: str) -> None:
 
 def project(settings, group_cls):
     """The `group_cls` part of a flat settings object (its fields, same values)."""
-    return group_cls(**{f.name: getattr(settings, f.name)
-                        for f in dataclasses.fields(group_cls)})
+    return group_cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(group_cls)})
 
 
 def default(group_cls, name: str):

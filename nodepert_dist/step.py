@@ -9,7 +9,8 @@ does not insert its own psum (the N-times gradient trap: docs/design/distributed
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -42,8 +43,12 @@ def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
     mesh."""
     variables = model.init(perturbation.stream_key(seed, "init"), sample_x[:1])
     params = variables["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                       decor=variables.get(decorrelation.DECOR))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        decor=variables.get(decorrelation.DECOR),
+    )
     return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
 
 
@@ -55,15 +60,19 @@ LocalGradient = Callable[..., tuple]
 @dataclasses.dataclass(frozen=True)
 class TrainingSettings:
     """The update rule and the loop's settings; part of config.Config."""
-    update_rule: str = setting("np", "np: node perturbation; sgd: backprop gradients.",
-                               group=_T, choices=UPDATE_RULES)
-    batchsize: int = setting(128, "Global batch size, over all devices (the original code "
-                             "used 100).", group=_T)
+
+    update_rule: str = setting(
+        "np", "np: node perturbation; sgd: backprop gradients.", group=_T, choices=UPDATE_RULES
+    )
+    batchsize: int = setting(
+        128, "Global batch size, over all devices (the original code used 100).", group=_T
+    )
     num_epochs: int = setting(10, "Epochs to train.", group=_T)
     seed: int = setting(0, "Seed of parameters, data order and noise.", group=_T)
     loss: str = setting("mse", "mse (sigmoid outputs) or ce.", group=_T, choices=losses.LOSSES)
-    max_steps: int = setting(0, "Stop after this many updates in all (0: no limit); a later "
-                             "run resumes.", group=_T)
+    max_steps: int = setting(
+        0, "Stop after this many updates in all (0: no limit); a later run resumes.", group=_T
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
@@ -71,33 +80,47 @@ class TrainingSettings:
         settings_lib.check_non_negative(self, "num_epochs", "max_steps")
 
 
-def local_gradient(*, update_rule: str, loss: str, seed: int, global_batch: int,
-                   np: NPSettings = NPSettings()) -> LocalGradient:
+def local_gradient(
+    *, update_rule: str, loss: str, seed: int, global_batch: int, np: NPSettings = NPSettings()
+) -> LocalGradient:
     """The NP estimate (of the estimator `np` describes: estimator.build) or the backprop
     gradient of this device's examples, / global batch. np_estimator="original" reduces its
     loss change over the `data` axis: call it inside the train step's shard_map."""
     if update_rule not in UPDATE_RULES:
-        raise ValueError(f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}")
+        raise ValueError(
+            f"unknown --update_rule={update_rule!r}; choose one of {', '.join(UPDATE_RULES)}"
+        )
     loss_fn = losses.get(loss)
     if update_rule == "np":
         return estimator.build(np, loss_fn, seed=seed, global_batch=global_batch, axis_name=DATA)
     if np.np_local:
-        raise ValueError("--np_local is node perturbation with block-local losses; drop it "
-                         "with --update_rule=sgd")
+        raise ValueError(
+            "--np_local is node perturbation with block-local losses; drop it "
+            "with --update_rule=sgd"
+        )
 
     def sgd_grad(model, params, x, labels, step, global_index):
         def summed_loss(p):
             logits = model.apply({"params": p}, x)
             example_loss = loss_fn(logits, labels)
             return jnp.sum(example_loss) / global_batch, (example_loss, logits)
+
         grads, (example_loss, logits) = jax.grad(summed_loss, has_aux=True)(params)
         return grads, example_loss, logits
 
     return sgd_grad
 
 
-def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: LocalGradient = None,
-                    decorrelate_lr: float | None = None, **rule) -> Callable:
+def make_train_step(
+    model,
+    optimizer,
+    mesh,
+    *,
+    global_batch: int,
+    gradient: LocalGradient = None,
+    decorrelate_lr: float | None = None,
+    **rule,
+) -> Callable:
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
 
     `rule` holds `local_gradient`'s settings (update_rule, loss, seed and `np`, the NPSettings);
@@ -117,23 +140,31 @@ def make_train_step(model, optimizer, mesh, *, global_batch: int, gradient: Loca
         decor = state.decor
         if decor is not None:
             if decorrelate_lr is None:
-                raise ValueError("the train state has decorrelation matrices: give "
-                                 "make_train_step decorrelate_lr")
+                raise ValueError(
+                    "the train state has decorrelation matrices: give "
+                    "make_train_step decorrelate_lr"
+                )
             sums = decorrelation.local_sums(model, params, decor, x)
             decor = decorrelation.update(decor, jax.lax.psum(sums, DATA), decorrelate_lr)
-        metrics = jax.lax.psum({
-            "loss_sum": jnp.sum(example_loss),
-            "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-            "count": jnp.float32(b),
-        }, DATA)
+        metrics = jax.lax.psum(
+            {
+                "loss_sum": jnp.sum(example_loss),
+                "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+                "count": jnp.float32(b),
+            },
+            DATA,
+        )
         updates, opt_state = optax.with_extra_args_support(optimizer).update(
-            grads, state.opt_state, state.params, step=state.step)
+            grads, state.opt_state, state.params, step=state.step
+        )
         params = optax.apply_updates(state.params, updates)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                          decor=decor), metrics
+        return TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, decor=decor
+        ), metrics
 
-    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)),
-                            out_specs=(P(), P()))
+    sharded = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P())
+    )
     return serialize_if_multiprocess_cpu(jax.jit(sharded, donate_argnums=0))
 
 
@@ -144,14 +175,18 @@ def make_eval_step(model, mesh, *, loss: str) -> Callable:
 
     def local_eval(params, x, labels, mask, decor):
         logits = decorrelation.bind(model, decor).apply({"params": params}, x)
-        return jax.lax.psum({
-            "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-            "count": jnp.sum(mask),
-        }, DATA)
+        return jax.lax.psum(
+            {
+                "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+                "count": jnp.sum(mask),
+            },
+            DATA,
+        )
 
-    sharded = jax.shard_map(local_eval, mesh=mesh,
-                            in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P())
+    sharded = jax.shard_map(
+        local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P()
+    )
 
     @jax.jit
     def evaluate(params, x, labels, mask, decor=None):

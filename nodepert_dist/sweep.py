@@ -26,7 +26,7 @@ import itertools
 import os
 import re
 import runpy
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 from nodepert_dist import files, run_record
 
@@ -34,6 +34,7 @@ DEFAULT_COMMAND = ["nodepert-train"]
 
 
 # ----------------------------------------------------------------------------- spec -> rows
+
 
 class SweepError(ValueError):
     """A bad spec or a sweep that cannot run: one line (launch/sweep.py prints it as `error:`)."""
@@ -75,7 +76,9 @@ def check_spec(spec, path: str) -> None:
     if unknown:
         fail(f"unknown spec keys {sorted(unknown)} in {path} (known: {', '.join(SPEC_KEYS)})")
     command = spec.get("command", DEFAULT_COMMAND)
-    if not (isinstance(command, list) and command and all(isinstance(c, str) and c for c in command)):
+    if not (
+        isinstance(command, list) and command and all(isinstance(c, str) and c for c in command)
+    ):
         fail(f'{path}: "command" must be a non-empty list of strings, e.g. ["nodepert-train"]')
     if not isinstance(spec.get("root", ""), str) or spec.get("root") == "":
         fail(f'{path}: "root" must be a folder name')
@@ -86,15 +89,21 @@ def check_spec(spec, path: str) -> None:
         if not isinstance(values, list) or not values:
             fail(f"grid entry {key!r} must be a non-empty list")
     variants = spec.get("variants", {"-": {}})
-    if not isinstance(variants, dict) or not variants or not all(
-            isinstance(v, dict) for v in variants.values()):
+    if (
+        not isinstance(variants, dict)
+        or not variants
+        or not all(isinstance(v, dict) for v in variants.values())
+    ):
         fail("variants must be a non-empty dict of name -> dict of flags")
     seeds = spec.get("seeds", 1)
-    if not ((type(seeds) is int and seeds >= 1) or (isinstance(seeds, list) and seeds and all(
-            type(s) is int for s in seeds))):
+    if not (
+        (type(seeds) is int and seeds >= 1)
+        or (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds))
+    ):
         fail(f'{path}: "seeds" must be a count >= 1 or a non-empty list of integers, not {seeds!r}')
     for name in [*spec.get("base", {}), *spec.get("grid", {}), *spec.get("slurm", {})] + [
-            k for v in variants.values() for k in v]:
+        k for v in variants.values() for k in v
+    ]:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             fail(f"{path}: {name!r} is not a flag or option name")
 
@@ -118,10 +127,18 @@ def flag_arg(name: str, value) -> str:
     (`--noeval_train=true` is an error in absl), a list -> --name=a,b (absl's list flags)."""
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no{name}"
-    if value is None or isinstance(value, dict) or (isinstance(value, (list, tuple)) and any(
-            isinstance(v, (list, tuple, dict)) or v is None for v in value)):
-        fail(f"flag {name!r} has the value {value!r}; give a number, string, true/false or a "
-             f"list of those")
+    if (
+        value is None
+        or isinstance(value, dict)
+        or (
+            isinstance(value, (list, tuple))
+            and any(isinstance(v, (list, tuple, dict)) or v is None for v in value)
+        )
+    ):
+        fail(
+            f"flag {name!r} has the value {value!r}; give a number, string, true/false or a "
+            f"list of those"
+        )
     return f"--{name}={fmt(value)}"
 
 
@@ -138,8 +155,9 @@ def expand(spec: dict) -> list[dict]:
     command = list(spec.get("command", DEFAULT_COMMAND))
     rows = []
     variants = spec.get("variants", {None: {}})
-    for (variant, variant_flags), values in itertools.product(variants.items(),
-                                                             itertools.product(*grid.values())):
+    for (variant, variant_flags), values in itertools.product(
+        variants.items(), itertools.product(*grid.values())
+    ):
         for seed in seeds_of(spec):
             settings = {} if variant is None else {"variant": variant}
             settings.update(zip(grid.keys(), values))
@@ -148,14 +166,22 @@ def expand(spec: dict) -> list[dict]:
             swept = {k: v for k, v in settings.items() if k != "variant"}
             run_flags = {**spec.get("base", {}), **variant_flags, **swept, "workdir": workdir}
             argv = command + [flag_arg(k, v) for k, v in run_flags.items()]
-            rows.append({"index": len(rows), "settings": settings, "flags": run_flags,
-                         "workdir": workdir, "argv": argv})
+            rows.append(
+                {
+                    "index": len(rows),
+                    "settings": settings,
+                    "flags": run_flags,
+                    "workdir": workdir,
+                    "argv": argv,
+                }
+            )
     return rows
 
 
 # ----------------------------------------------------------------------------- finished runs
 
-def num_epochs_of(run: dict) -> Optional[int]:
+
+def num_epochs_of(run: dict) -> int | None:
     """The run's num_epochs from its config.json (what it actually ran with), else its flags."""
     config = os.path.join(run["workdir"], "config.json")
     if os.path.exists(config):
@@ -167,7 +193,7 @@ def num_epochs_of(run: dict) -> Optional[int]:
     return None if value is None else int(value)
 
 
-def final_row(run: dict) -> Optional[dict]:
+def final_row(run: dict) -> dict | None:
     """The last metrics row if the run finished, else None."""
     rows = run_record.read_metrics(run["workdir"])
     target = num_epochs_of(run)

@@ -48,8 +48,10 @@ class Tap(nn.Module):
         if self.is_initializing() or not self.is_mutable_collection(collection):
             return
         if self.has_variable(collection, "value"):
-            raise ValueError(f"tap {'/'.join(self.scope.path)} is called twice in one forward "
-                             f"pass; give each perturbation site its own Tap")
+            raise ValueError(
+                f"tap {'/'.join(self.scope.path)} is called twice in one forward "
+                f"pass; give each perturbation site its own Tap"
+            )
         self.put_variable(collection, "value", value)
 
 
@@ -61,8 +63,10 @@ def tap_id(name: str) -> int:
 
 def _flat(collection) -> dict:
     """{"block0/tap1": array} from a collection nested like the module tree."""
-    return {k[:-len("/value")]: v
-            for k, v in traverse_util.flatten_dict(dict(collection), sep="/").items()}
+    return {
+        k[: -len("/value")]: v
+        for k, v in traverse_util.flatten_dict(dict(collection), sep="/").items()
+    }
 
 
 def _nested(flat: dict, leaf: str) -> dict:
@@ -80,8 +84,9 @@ def forward(model, params, x, noise: dict | None = None):
 
 def replay(model, params, x, values: dict) -> dict:
     """{tap name: pre-activation}, with each tap's output replaced by `values[name]`."""
-    _, state = model.apply({"params": params, REPLAY: _nested(values, "value")}, x,
-                           mutable=[PREACTS])
+    _, state = model.apply(
+        {"params": params, REPLAY: _nested(values, "value")}, x, mutable=[PREACTS]
+    )
     return _flat(state[PREACTS])
 
 
@@ -103,27 +108,38 @@ def check(model, params, x, *, needs_taps: bool = True) -> None:
     """One-line errors for a model NP cannot train (see the module docstring)."""
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))
     if "batch_stats" in variables:
-        raise ValueError(f"{type(model).__name__} uses batch norm: batch statistics mix the "
-                         f"examples of a batch, so each example's loss change would carry the "
-                         f"others' noise and NP would be biased; use GroupNorm or LayerNorm")
+        raise ValueError(
+            f"{type(model).__name__} uses batch norm: batch statistics mix the "
+            f"examples of a batch, so each example's loss change would carry the "
+            f"others' noise and NP would be biased; use GroupNorm or LayerNorm"
+        )
     other = sorted(set(variables) - {"params", DECOR})  # the train state carries DECOR
     if other:
-        raise ValueError(f"{type(model).__name__} has mutable state ({', '.join(other)}), "
-                         f"which the train step does not carry; use a model with params only")
+        raise ValueError(
+            f"{type(model).__name__} has mutable state ({', '.join(other)}), "
+            f"which the train step does not carry; use a model with params only"
+        )
     if not needs_taps:
         return
     shapes = tap_shapes(model, params, x)
     if not shapes:
-        raise ValueError(f"{type(model).__name__} has no Tap: put nodepert_dist.taps.Tap() after "
-                         f"each pre-activation so node perturbation has nodes to perturb")
+        raise ValueError(
+            f"{type(model).__name__} has no Tap: put nodepert_dist.taps.Tap() after "
+            f"each pre-activation so node perturbation has nodes to perturb"
+        )
     values = {k: jax.ShapeDtypeStruct((1, *s), jax.numpy.float32) for k, s in shapes.items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     closed = jax.make_jaxpr(lambda p, v: replay(model, p, x[:1], v))(params, values)
     _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-    unreached = [jax.tree_util.keystr(path, simple=True, separator="/")
-                 for (path, _), u in zip(leaves, used[:len(leaves)]) if not u]
+    unreached = [
+        jax.tree_util.keystr(path, simple=True, separator="/")
+        for (path, _), u in zip(leaves, used[: len(leaves)])
+        if not u
+    ]
     if unreached:
-        raise ValueError(f"parameter {unreached[0]} reaches no Tap except through another Tap, "
-                         f"so node perturbation cannot train it"
-                         + (f" (nor {len(unreached) - 1} more)" if len(unreached) > 1 else "")
-                         + "; put a Tap after the pre-activation it computes")
+        raise ValueError(
+            f"parameter {unreached[0]} reaches no Tap except through another Tap, "
+            f"so node perturbation cannot train it"
+            + (f" (nor {len(unreached) - 1} more)" if len(unreached) > 1 else "")
+            + "; put a Tap after the pre-activation it computes"
+        )

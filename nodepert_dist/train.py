@@ -24,9 +24,19 @@ import jax
 import numpy as np
 from absl import app, logging
 
-from nodepert_dist import agree, checkpoint, crash_guard, decorrelation, distributed, metrics
-from nodepert_dist import params_io, preempt, resume, run_setup
-from nodepert_dist import workdir_lock
+from nodepert_dist import (
+    agree,
+    checkpoint,
+    crash_guard,
+    decorrelation,
+    distributed,
+    metrics,
+    params_io,
+    preempt,
+    resume,
+    run_setup,
+    workdir_lock,
+)
 from nodepert_dist import config as config_lib
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist.config import Config
@@ -250,7 +260,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             if pending is not None:
                 accumulate(sums, pending, epoch)
             pending = (m, step)
-            progress.update(done, lambda: sums["last_loss"])
+            progress.update(done, lambda: sums["last_loss"])  # noqa: B023 (read now)
             preempted = watcher.stop_now(step)  # agreed by every process
             stopping = stop_due(step) or preempted
             if done < n_steps and (save_due(step) or (saver and stopping)):
@@ -333,10 +343,10 @@ def main(argv):
         rows, note = crash_guard.run(run, cfg) if cfg.crash_guard else run(cfg)
     except preempt.Preempted as e:
         sys.stderr.write(f"{e}\n")
-        raise SystemExit(preempt.EXIT_CODE)
+        raise SystemExit(preempt.EXIT_CODE) from None
     # checkpoint.CheckpointError is a ValueError; OSError: e.g. a read-only or full workdir
     except (ValueError, OSError, raw.DataError, distributed.DistributedError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     if metrics.is_writer():
         print(json.dumps(rows[-1]))
         if note:

@@ -30,7 +30,6 @@ import secrets
 import socket
 import threading
 import time
-from typing import Optional
 
 import jax
 from absl import logging
@@ -59,7 +58,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def process_start(pid: int) -> Optional[int]:
+def process_start(pid: int) -> int | None:
     """When `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None if unknown.
     With the pid it names one process: a reused pid has a later start."""
     try:
@@ -67,10 +66,10 @@ def process_start(pid: int) -> Optional[int]:
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)" start at 3
+    return int(stat[stat.rindex(")") + 2 :].split()[19])  # fields after "(comm)" start at 3
 
 
-def _boot_id() -> Optional[str]:
+def _boot_id() -> str | None:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -79,17 +78,25 @@ def _boot_id() -> Optional[str]:
 
 
 def _owner() -> dict:
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
-            "pid_start": process_start(os.getpid()), "token": secrets.token_hex(8),
-            "started": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+        "token": secrets.token_hex(8),
+        "started": time.time(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+    }
 
 
-def stale_reason(holder: dict, age_s: float, me: dict,
-                 stale_s: float = STALE_S) -> Optional[str]:
+def stale_reason(holder: dict, age_s: float, me: dict, stale_s: float = STALE_S) -> str | None:
     """Why the lock `holder` (last touched `age_s` ago) may be taken over by `me`; None: live."""
-    if (holder.get("slurm_job_id") and holder["slurm_job_id"] == me["slurm_job_id"]
-            and int(holder.get("slurm_restart_count", 0)) < me["slurm_restart_count"]):
+    if (
+        holder.get("slurm_job_id")
+        and holder["slurm_job_id"] == me["slurm_job_id"]
+        and int(holder.get("slurm_restart_count", 0)) < me["slurm_restart_count"]
+    ):
         return f"SLURM job {me['slurm_job_id']} was requeued"
     if holder.get("host") == me["host"]:
         pid = int(holder.get("pid", -1))
@@ -106,7 +113,7 @@ def stale_reason(holder: dict, age_s: float, me: dict,
     return None
 
 
-def _read(path: str) -> tuple[Optional[dict], float, Optional[int]]:
+def _read(path: str) -> tuple[dict | None, float, int | None]:
     """(content, age in s, inode) of a lock or marker file; content None: it is gone.
     A half-written file reads as {} (its age decides)."""
     try:
@@ -122,7 +129,7 @@ def _read(path: str) -> tuple[Optional[dict], float, Optional[int]]:
     return holder, time.time() - st.st_mtime, st.st_ino
 
 
-def _identity(holder: dict, inode: Optional[int]) -> str:
+def _identity(holder: dict, inode: int | None) -> str:
     """The name of one lock file: its token (a half-written one: its inode)."""
     return str(holder.get("token") or f"inode{inode}")
 
@@ -152,7 +159,8 @@ class WorkdirLock:
     def _busy(self, holder: dict, what: str) -> WorkdirBusy:
         return WorkdirBusy(
             f"--workdir={os.path.dirname(self.path)} is {what} (pid {holder.get('pid')} on "
-            f"{holder.get('host')}, lock {self.path}); use another --workdir, or stop that run")
+            f"{holder.get('host')}, lock {self.path}); use another --workdir, or stop that run"
+        )
 
     def _take_over_if_stale(self) -> None:
         holder, age, inode = _read(self.path)
@@ -180,15 +188,19 @@ class WorkdirLock:
                 os.remove(aside)
                 return
             os.remove(aside)
-            logging.warning("took over the stale lock of pid %s on %s: %s", holder.get("pid"),
-                            holder.get("host"), reason)
+            logging.warning(
+                "took over the stale lock of pid %s on %s: %s",
+                holder.get("pid"),
+                holder.get("host"),
+                reason,
+            )
         finally:
             for marker in glob.glob(glob.escape(f"{self.path}.takeover-{ident}.") + "*"):
                 if int(marker.rsplit(".", 1)[1]) <= claim:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(marker)
 
-    def _claim(self, ident: str) -> Optional[int]:
+    def _claim(self, ident: str) -> int | None:
         """Creates the takeover marker of the lock `ident` and returns its generation; None if
         another starter's takeover finished meanwhile; WorkdirBusy while a live one holds it."""
         for generation in range(100):
@@ -200,7 +212,7 @@ class WorkdirLock:
                 if taker is None:
                     return None
                 if stale_reason(taker, age, self.me, TAKEOVER_STALE_S) is None:
-                    raise self._busy(taker, "being taken over by another run")
+                    raise self._busy(taker, "being taken over by another run") from None
                 continue  # its starter died mid-takeover: claim the next generation
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
@@ -211,9 +223,13 @@ class WorkdirLock:
         while not self._stop.wait(HEARTBEAT_S):
             holder, _, _ = _read(self.path)
             if not holder or holder.get("token") != self.me["token"]:
-                logging.error("the lock %s is no longer this run's (taken over by pid %s on %s "
-                              "after missed heartbeats?)", self.path, (holder or {}).get("pid"),
-                              (holder or {}).get("host"))
+                logging.error(
+                    "the lock %s is no longer this run's (taken over by pid %s on %s "
+                    "after missed heartbeats?)",
+                    self.path,
+                    (holder or {}).get("pid"),
+                    (holder or {}).get("host"),
+                )
                 return  # never refresh another run's lock
             with contextlib.suppress(OSError):
                 os.utime(self.path)

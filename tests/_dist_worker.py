@@ -16,9 +16,11 @@ def main(argv):
     del argv
     if config.FLAGS.cpu_devices > 0:
         import jax
+
         jax.config.update("jax_num_cpu_devices", config.FLAGS.cpu_devices)
     distributed.initialize_from_flags()
     import jax
+
     rows = train.train(config.from_flags())
     print(f"ROWS {jax.process_index()} {json.dumps(rows)}", flush=True)
     sys.stdout.flush()

@@ -55,7 +55,9 @@ class _Py3Pickler(pickle._Pickler):
     def save_global(self, obj, name=None):
         module, name = obj.__module__, name or obj.__qualname__
         if module.startswith(("numpy._core", "numpy.core")):
-            module = ("numpy.core" if self.numpy_major == 1 else "numpy._core") + module.split("core", 1)[1]
+            module = ("numpy.core" if self.numpy_major == 1 else "numpy._core") + module.split(
+                "core", 1
+            )[1]
         if module == "builtins" and self.proto < 3:  # Python 3 writes Python 2's name there
             module = "__builtin__"
         if self.proto >= 4:
@@ -93,16 +95,26 @@ def cifar_pickle(d: dict, form: str) -> bytes:
     if CIFAR_FORMS[form] is None:
         return py2_pickle(d)
     protocol, keys, numpy_major, labels = CIFAR_FORMS[form]
-    as_labels = {list: list, np.ndarray: lambda v: np.asarray(v, np.int64),
-                 "numpy scalars": lambda v: [np.int64(x) for x in v]}[labels]
-    d = {(k.decode() if keys is str else k): (as_labels(v) if k.endswith(b"labels") and
-                                              isinstance(v, list) and k != b"label_names" else v)
-         for k, v in d.items()}
+    as_labels = {
+        list: list,
+        np.ndarray: lambda v: np.asarray(v, np.int64),
+        "numpy scalars": lambda v: [np.int64(x) for x in v],
+    }[labels]
+    d = {
+        (k.decode() if keys is str else k): (
+            as_labels(v)
+            if k.endswith(b"labels") and isinstance(v, list) and k != b"label_names"
+            else v
+        )
+        for k, v in d.items()
+    }
     return py3_pickle(d, protocol, numpy_major)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     return header + array.astype(np.uint8).tobytes()
 
 
@@ -131,8 +143,9 @@ def write_idx_dataset(root, n_train=60, n_test=20, gz=True, seed=1, spelling=0):
     return arrays
 
 
-def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0,
-                  form: str = "py2") -> tuple[dict, dict]:
+def cifar_members(
+    name: str, per_batch: int, n_test: int, seed: int = 0, form: str = "py2"
+) -> tuple[dict, dict]:
     """{member: pickled bytes} of a small CIFAR-10/100 in the real format (or re-saved in
     another of CIFAR_FORMS), and the arrays (train/test images N x 32 x 32 x 3, labels, coarse
     labels) it holds."""
@@ -142,13 +155,19 @@ def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0,
     def batch(member, n, label):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         fine = rng.integers(0, spec.num_classes, n)
-        d = {b"batch_label": f"{label}".encode(), b"data": data,
-             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        d = {
+            b"batch_label": f"{label}".encode(),
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
         if name == "cifar10":
             d[b"labels"] = [int(v) for v in fine]
         else:
             coarse = fine // 5
-            d[b"fine_labels"], d[b"coarse_labels"] = [int(v) for v in fine], [int(v) for v in coarse]
+            d[b"fine_labels"], d[b"coarse_labels"] = (
+                [int(v) for v in fine],
+                [int(v) for v in coarse],
+            )
         members[member] = cifar_pickle(d, form)
         images = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
         return images, fine, fine // 5
@@ -157,11 +176,21 @@ def cifar_members(name: str, per_batch: int, n_test: int, seed: int = 0,
         x, y, c = batch(member, per_batch, f"training batch {i + 1} of {len(spec.train)}")
         arrays["train_x"].append(x), arrays["train_y"].append(y), arrays["train_c"].append(c)
     arrays = {k: np.concatenate(v) for k, v in arrays.items()}
-    arrays["test_x"], arrays["test_y"], arrays["test_c"] = batch(spec.test[0], n_test, "testing batch 1 of 1")
-    meta = ({b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072,
-             b"num_cases_per_batch": per_batch} if name == "cifar10" else
-            {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-             b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
+    arrays["test_x"], arrays["test_y"], arrays["test_c"] = batch(
+        spec.test[0], n_test, "testing batch 1 of 1"
+    )
+    meta = (
+        {
+            b"label_names": [f"class{i}".encode() for i in range(10)],
+            b"num_vis": 3072,
+            b"num_cases_per_batch": per_batch,
+        }
+        if name == "cifar10"
+        else {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+        }
+    )
     members[spec.meta] = cifar_pickle(meta, form)
     return members, arrays
 

@@ -14,7 +14,7 @@ import os
 import stat
 import sys
 
-SRUN = r'''#!/usr/bin/env python3
+SRUN = r"""#!/usr/bin/env python3
 import os, subprocess, sys
 args, opts = sys.argv[1:], {}
 while args and args[0].startswith("--"):
@@ -31,16 +31,16 @@ for task in range(int(os.environ.get("SLURM_NTASKS", "1"))):
         rc = subprocess.run(args, env=env).returncode
     status = max(status, rc)
 sys.exit(int(os.environ.get("FAKE_SRUN_STATUS") or status))
-'''
+"""
 
-SCONTROL = r'''#!/bin/bash
+SCONTROL = r"""#!/bin/bash
 [ "$1" = requeue ] || { echo "fake scontrol: only 'requeue'" >&2; exit 2; }
 echo "$2" >> "$FAKE_SLURM_DIR/requeued"
-'''
+"""
 
-NVIDIA_SMI = "#!/bin/bash\nfor i in 0 1; do echo \"GPU $i: fake\"; done\n"
+NVIDIA_SMI = '#!/bin/bash\nfor i in 0 1; do echo "GPU $i: fake"; done\n'
 
-TRAIN = r'''#!/usr/bin/env python3
+TRAIN = r"""#!/usr/bin/env python3
 import os, sys
 attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 status = int(os.environ["FAKE_OUTCOMES"].split(",")[attempt])
@@ -51,14 +51,18 @@ if os.environ.get("SLURM_PROCID", "0") == "0":
     elif status:
         print("error: something failed")
 sys.exit(status)
-'''
+"""
 
 
 def install(bin_dir, train_name="nodepert-train") -> None:
     """Writes the fakes into bin_dir (put it first on PATH)."""
     os.makedirs(bin_dir, exist_ok=True)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("nvidia-smi", NVIDIA_SMI),
-                       (train_name, TRAIN)):
+    for name, text in (
+        ("srun", SRUN),
+        ("scontrol", SCONTROL),
+        ("nvidia-smi", NVIDIA_SMI),
+        (train_name, TRAIN),
+    ):
         path = os.path.join(bin_dir, name)
         with open(path, "w") as f:
             f.write(text.replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1))

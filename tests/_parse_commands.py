@@ -37,6 +37,7 @@ def _load(target):
 
 def check(module, target, argv):
     from absl import flags
+
     # argparse programs (argparse.ArgumentParser or nodepert_dist.cli's one-line-error subclass)
     if "ArgumentParser(" in inspect.getsource(module) and "app" not in vars(module):
         original = argparse.ArgumentParser.parse_args
@@ -63,6 +64,7 @@ def check(module, target, argv):
         return str(e)
     if target == "nodepert_dist.data.__main__":
         from nodepert_dist.data import store
+
         if rest[1:2] != ["fetch"] or not set(rest[2:]) <= set(store.DATASETS) or not rest[2:]:
             return f"not 'fetch NAME...': {rest[1:]}"
         return None
@@ -70,6 +72,7 @@ def check(module, target, argv):
         if rest[1:]:
             return f"unexpected arguments {rest[1:]}"
         from nodepert_dist import config
+
         try:
             config.from_flags().validate()
         except ValueError as e:

@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 
-from nodepert_dist.mesh import simulate_cpu_devices
-
 import pytest
+
+from nodepert_dist.mesh import simulate_cpu_devices
 
 # Before any backend starts: every in-process test sees 8 CPU devices.
 simulate_cpu_devices(8)
@@ -25,6 +25,7 @@ DATA_DIR = os.environ.get("NODEPERT_DATA_DIR", str(REPO / "data"))
 def mnist_dir():
     """The data_dir holding fetched MNIST; fails (never skips) when it is missing."""
     from nodepert_dist.data import DataError, open_dataset
+
     try:
         open_dataset("mnist", DATA_DIR)  # converts the fetched files once, if not yet done
     except DataError as e:
@@ -34,13 +35,18 @@ def mnist_dir():
 
 # ----------------------------------------------------------------------------- subprocesses
 
+
 def subprocess_env(**extra) -> dict:
     """The environment of a command a test starts: this checkout first on PYTHONPATH, and none
     of the cluster variables or XLA flags of the shell the suite runs in."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("NODEPERT_COORDINATOR_ADDRESS", "NODEPERT_NUM_PROCESSES", "NODEPERT_PROCESS_ID",
-              "XLA_FLAGS"):
+    for k in (
+        "NODEPERT_COORDINATOR_ADDRESS",
+        "NODEPERT_NUM_PROCESSES",
+        "NODEPERT_PROCESS_ID",
+        "XLA_FLAGS",
+    ):
         env.pop(k, None)
     env.update(extra)
     return env
@@ -48,8 +54,14 @@ def subprocess_env(**extra) -> dict:
 
 def run_command(cmd, timeout=300, **extra_env) -> subprocess.CompletedProcess:
     """Runs `cmd` from the repository root; its output captured as text."""
-    return subprocess.run(cmd, env=subprocess_env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        cmd,
+        env=subprocess_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def train_command(args, devices=8, timeout=300, **extra_env) -> subprocess.CompletedProcess:

@@ -15,13 +15,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_throughput_quick_run(tmp_path):
     out, png = tmp_path / "t.jsonl", tmp_path / "t.png"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
-         "--devices=2", f"--out={out}", f"--png={png}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "throughput.py"),
+            "--quick",
+            "--devices=2",
+            f"--out={out}",
+            f"--png={png}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["variant"], r["devices"]) for r in rows} == {
-        (v, 2) for v in ("sgd", "np-rademacher", "naive", "original")}
+        (v, 2) for v in ("sgd", "np-rademacher", "naive", "original")
+    }
     for d in (2,):  # 2 devices: the per-device columns and a multi-device mesh
         by = {r["variant"]: r for r in rows if r["devices"] == d}
         for v in ("np-rademacher", "naive", "original"):
@@ -30,7 +41,10 @@ def test_throughput_quick_run(tmp_path):
         ex_s, ms = by["np-rademacher"]["examples_per_s"], by["np-rademacher"]["step_ms"]
         assert ex_s * ms / 1e3 == pytest.approx(128)
         # NP's matmul FLOPs equal SGD's (the first layer is computed once for clean and noisy).
-        assert by["np-rademacher"]["gflop_per_step_per_device"] < 1.03 * by["sgd"]["gflop_per_step_per_device"]
+        assert (
+            by["np-rademacher"]["gflop_per_step_per_device"]
+            < 1.03 * by["sgd"]["gflop_per_step_per_device"]
+        )
     assert "np-rademacher" in proc.stdout and png.stat().st_size > 10_000
 
 
@@ -41,9 +55,12 @@ def test_naive_reference_is_the_same_unbiased_np():
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import references
-    from nodepert_dist import models, step as step_lib
+
+    from nodepert_dist import models
+    from nodepert_dist import step as step_lib
     from nodepert_dist.estimator import NPSettings
 
     model = models.build_model("conv", 10)
@@ -51,13 +68,19 @@ def test_naive_reference_is_the_same_unbiased_np():
     y = jnp.arange(16) % 10
     params = model.init(jax.random.key(1), x[:1])["params"]
     common = dict(loss="mse", sigma=1e-3, seed=0, global_batch=16)
-    ours = step_lib.local_gradient(update_rule="np", loss="mse", seed=0, global_batch=16,
-                                   np=NPSettings(sigma=1e-3, noise="gaussian"))
+    ours = step_lib.local_gradient(
+        update_rule="np",
+        loss="mse",
+        seed=0,
+        global_batch=16,
+        np=NPSettings(sigma=1e-3, noise="gaussian"),
+    )
     naive = references.naive_np(**common)
     args = (params, x, y, jnp.int32(4), jnp.arange(16))
     with jax.threefry_partitionable(False):
-        (g1, l1, _), (g2, l2, _) = [jax.jit(lambda *a, f=f: f(model, *a))(*args)
-                                    for f in (ours, naive)]
+        (g1, l1, _), (g2, l2, _) = [
+            jax.jit(lambda *a, f=f: f(model, *a))(*args) for f in (ours, naive)
+        ]
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-3 * float(jnp.abs(a).max()))

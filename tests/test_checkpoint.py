@@ -20,22 +20,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from nodepert_dist import checkpoint, checkpoint_faults, checkpoint_layout, checkpoint_restore
-from nodepert_dist import models, params_io, run_record
+from nodepert_dist import (
+    checkpoint,
+    checkpoint_faults,
+    checkpoint_layout,
+    checkpoint_restore,
+    models,
+    optim,
+    params_io,
+    run_record,
+)
 from nodepert_dist import mesh as mesh_lib
-from nodepert_dist import optim
 from nodepert_dist import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 TIMING = ("epoch_time", "examples_per_s")
-RUN = ["--hl_size=32", "--batchsize=2000", "--num_epochs=2", "--cpu_devices=8",
-       "--noeval_train", "--checkpoint_every_steps=10"]
+RUN = [
+    "--hl_size=32",
+    "--batchsize=2000",
+    "--num_epochs=2",
+    "--cpu_devices=8",
+    "--noeval_train",
+    "--checkpoint_every_steps=10",
+]
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _env(extra=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -47,16 +62,28 @@ def _env(extra=None):
 
 def _cmd(workdir, data_dir, *args, faults=False):
     # faults: the run takes checkpoint_faults' settings from its environment (tests only)
-    entry = (["-c", "from nodepert_dist import checkpoint_faults as f; "
-                    "f.run_module_with_faults('nodepert_dist.train')"] if faults
-             else ["-m", "nodepert_dist.train"])
+    entry = (
+        [
+            "-c",
+            "from nodepert_dist import checkpoint_faults as f; "
+            "f.run_module_with_faults('nodepert_dist.train')",
+        ]
+        if faults
+        else ["-m", "nodepert_dist.train"]
+    )
     return [sys.executable, *entry, f"--data_dir={data_dir}", f"--workdir={workdir}", *RUN, *args]
 
 
 def train_run(workdir, data_dir, *args) -> str:
     """Runs training in a new process; returns its log."""
-    p = subprocess.run(_cmd(workdir, data_dir, *args), env=_env(), capture_output=True,
-                       text=True, timeout=TIMEOUT_S, cwd=REPO)
+    p = subprocess.run(
+        _cmd(workdir, data_dir, *args),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=REPO,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stderr
 
@@ -67,8 +94,10 @@ def saved_arrays(path) -> dict:
         manifest = json.load(f)
     out = {}
     for entry in manifest["arrays"]:
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file",
-                                               "path": os.path.join(path, "arrays", entry["name"])}}
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": os.path.join(path, "arrays", entry["name"])},
+        }
         out[entry["name"]] = ts.open(spec).result().read().result()
     return out
 
@@ -79,8 +108,9 @@ def newest(workdir) -> str:
 
 
 def rows_without_timing(workdir) -> list:
-    return [{k: v for k, v in r.items() if k not in TIMING}
-            for r in run_record.read_metrics(workdir)]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING} for r in run_record.read_metrics(workdir)
+    ]
 
 
 def assert_same_run(a, b):
@@ -109,8 +139,13 @@ RESUMED_RULES = {
     "np": [],
     # SGD runs with Adam so that a non-trivial optimizer state must be restored as well, and
     # with decorrelation: its matrices are train state too (TrainState.decor).
-    "sgd-adam-decorrelate": ["--update_rule=sgd", "--optimizer=adam", "--lr=1e-3",
-                             "--decorrelate", "--decorrelate_lr=1e-3"],
+    "sgd-adam-decorrelate": [
+        "--update_rule=sgd",
+        "--optimizer=adam",
+        "--lr=1e-3",
+        "--decorrelate",
+        "--decorrelate_lr=1e-3",
+    ],
 }
 
 
@@ -134,22 +169,28 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     decor = [n for n in saved if n.startswith("decor.")]
     assert len(decor) == (3 if "--decorrelate" in extra else 0), decor
     with np.load(final) as params:  # the final parameters, with the matrices if any
-        assert sorted(params) == sorted([n[len("params."):] for n in saved
-                                         if n.startswith("params.")]
-                                        + [n.replace("decor.", "decorrelation.", 1) for n in decor])
+        assert sorted(params) == sorted(
+            [n[len("params.") :] for n in saved if n.startswith("params.")]
+            + [n.replace("decor.", "decorrelation.", 1) for n in decor]
+        )
         for name in decor:
-            np.testing.assert_array_equal(params[name.replace("decor.", "decorrelation.", 1)],
-                                          saved[name])
+            np.testing.assert_array_equal(
+                params[name.replace("decor.", "decorrelation.", 1)], saved[name]
+            )
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path, mnist_dir):
     workdir = tmp_path / "killed"
     ckpts = workdir / "checkpoints"
     # Saves from step 30 on stall 60 s after their first array: kill -9 lands inside one.
-    proc = subprocess.Popen(_cmd(workdir, mnist_dir, faults=True),
-                            env=_env({checkpoint_faults.DELAY_ENV: "60@30"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen(
+        _cmd(workdir, mnist_dir, faults=True),
+        env=_env({checkpoint_faults.DELAY_ENV: "60@30"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT_S
         partial = []
@@ -161,22 +202,25 @@ def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert checkpoint_layout.committed_steps(ckpts) == [10, 20]   # step 30 was in flight: invisible
+    assert checkpoint_layout.committed_steps(ckpts) == [10, 20]  # step 30 was in flight: invisible
     log = train_run(workdir, mnist_dir)
     assert "epoch 1, step 20 of the epoch (step 20 in all)" in log
-    assert not list(ckpts.glob(".tmp-*"))                   # the partial save was cleaned up
+    assert not list(ckpts.glob(".tmp-*"))  # the partial save was cleaned up
     assert_same_run(straight_np, workdir)
 
 
 # ----------------------------------------------------------------------------- in process
+
 
 def _state(mesh, hl_size=16, seed=0):
     """A real train state (Adam: step, params, mu, nu, count) plus an array sharded on `data`."""
     model = models.build_model("fc", 10, 2, hl_size)
     optimizer = optim.make_optimizer("adam", 1e-3, 0.0)
     state = step_lib.init_state(model, optimizer, np.zeros((1, 784), np.float32), seed, mesh)
-    sharded = jax.device_put(jnp.arange(16 * 3, dtype=jnp.float32).reshape(16, 3) + seed,
-                             NamedSharding(mesh, P(mesh_lib.DATA)))
+    sharded = jax.device_put(
+        jnp.arange(16 * 3, dtype=jnp.float32).reshape(16, 3) + seed,
+        NamedSharding(mesh, P(mesh_lib.DATA)),
+    )
     return {"train": state, "sharded": sharded}
 
 
@@ -198,8 +242,11 @@ def test_saved_on_8_devices_restores_on_fewer(k, tmp_path):
     target = _state(mesh_k, seed=0)
     restored, manifest = checkpoint_restore.restore(str(tmp_path), target)
     assert manifest["step"] == 7
-    for (path, got), want, tgt in zip(jax.tree_util.tree_leaves_with_path(restored),
-                                      jax.tree.leaves(tree), jax.tree.leaves(target)):
+    for (path, got), want, tgt in zip(
+        jax.tree_util.tree_leaves_with_path(restored),
+        jax.tree.leaves(tree),
+        jax.tree.leaves(target),
+    ):
         assert got.sharding == tgt.sharding, path
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
 
@@ -243,8 +290,9 @@ def _wrong_manifest_shape(step_path):
     (step_path / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("corrupt", [_truncate_chunk, _flip_byte, _delete_array,
-                                     _wrong_manifest_shape])
+@pytest.mark.parametrize(
+    "corrupt", [_truncate_chunk, _flip_byte, _delete_array, _wrong_manifest_shape]
+)
 def test_corrupt_checkpoint_falls_back_then_errors(corrupt, tmp_path, caplog):
     mesh = mesh_lib.make_mesh()
     _save(tmp_path, _state(mesh, seed=1), 1)
@@ -254,8 +302,9 @@ def test_corrupt_checkpoint_falls_back_then_errors(corrupt, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         restored, manifest = checkpoint_restore.restore(str(tmp_path), target)
     assert manifest["step"] == 1
-    np.testing.assert_array_equal(np.asarray(restored["sharded"]),
-                                  np.asarray(_state(mesh, seed=1)["sharded"]))
+    np.testing.assert_array_equal(
+        np.asarray(restored["sharded"]), np.asarray(_state(mesh, seed=1)["sharded"])
+    )
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "train.params.layer0.kernel" in warning and "falling back to step 1" in warning
     # The unreadable one (perhaps a transient error) is set aside, never deleted, so a later
@@ -286,19 +335,22 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     mesh = mesh_lib.make_mesh()
     saver = checkpoint.Checkpointer(str(tmp_path))
     saver.save(1, _state(mesh, seed=1), meta={})
-    with checkpoint_faults.inject(checkpoint_faults.Faults(fail_process=0, fail_from_step=2,
-                                                           fail_errno="ENOSPC")):
+    with checkpoint_faults.inject(
+        checkpoint_faults.Faults(fail_process=0, fail_from_step=2, fail_errno="ENOSPC")
+    ):
         saver.save(2, _state(mesh, seed=2), meta={})
         with pytest.raises(checkpoint_layout.CheckpointError) as e:
             saver.wait()
-    assert str(e.value).startswith("saving checkpoint step 2 failed on process 0: OSError: "
-                                   "[Errno 28] No space left on device")
+    assert str(e.value).startswith(
+        "saving checkpoint step 2 failed on process 0: OSError: [Errno 28] No space left on device"
+    )
     assert "\n" not in str(e.value)
     assert checkpoint_layout.committed_steps(str(tmp_path)) == [1]
     restored, manifest = checkpoint_restore.restore(str(tmp_path), _state(mesh))
     assert manifest["step"] == 1
-    np.testing.assert_array_equal(np.asarray(restored["sharded"]),
-                                  np.asarray(_state(mesh, seed=1)["sharded"]))
+    np.testing.assert_array_equal(
+        np.asarray(restored["sharded"]), np.asarray(_state(mesh, seed=1)["sharded"])
+    )
 
 
 def test_fault_variables_are_ignored_unless_a_test_turns_them_on(tmp_path, monkeypatch):
@@ -337,7 +389,7 @@ def test_pending_save_is_invisible_until_committed(tmp_path):
     with checkpoint_faults.inject(checkpoint_faults.Faults(delay_s=1.0)):
         t0 = time.perf_counter()
         saver.save(5, _state(mesh), meta={})
-        assert time.perf_counter() - t0 < 0.9          # the loop does not wait for the write
+        assert time.perf_counter() - t0 < 0.9  # the loop does not wait for the write
         assert checkpoint_layout.committed_steps(str(tmp_path)) == []
         assert checkpoint_restore.restore(str(tmp_path), _state(mesh)) is None
         saver.wait()
@@ -376,12 +428,22 @@ print("OK", pid, len(jax.devices()), [p["position"] for p in manifest["processes
 def test_two_processes_write_their_own_shards_and_commit_once(tmp_path):
     """2 processes x 4 devices: each writes its 4 shards and a done marker; one commit."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(tmp_path)],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True, cwd=REPO) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(i), str(port), str(tmp_path)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for p in procs:
@@ -400,5 +462,6 @@ def test_two_processes_write_their_own_shards_and_commit_once(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["process_count"] == 2
     assert [p["position"]["process_index"] for p in manifest["processes"]] == [0, 1]
-    np.testing.assert_array_equal(saved_arrays(path)["sharded"],
-                                  np.arange(48, dtype=np.float32).reshape(16, 3))
+    np.testing.assert_array_equal(
+        saved_arrays(path)["sharded"], np.arange(48, dtype=np.float32).reshape(16, 3)
+    )

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from nodepert_dist import checkpoint_faults, checkpoint_layout
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -59,12 +59,21 @@ def _free_port():
 
 def _two_processes(directory, saves, env_of):
     port = _free_port()
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(directory),
-                               str(saves)], env=dict(base, PYTHONPATH=str(REPO), **env_of(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True, cwd=REPO) for i in range(2)]
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(i), str(port), str(directory), str(saves)],
+            env=dict(base, PYTHONPATH=str(REPO), **env_of(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
     outs, start = [], time.monotonic()
     try:
         for p in procs:
@@ -94,16 +103,30 @@ def test_processes_with_different_listings_restore_the_step_process_0_chose(tmp_
 INJECTED = "OSError: [Errno 5] Input/output error (injected by NODEPERT_CKPT_TEST_FAIL)"
 
 
-@pytest.mark.parametrize("failing, expected", [
-    (1, ["error: saving checkpoint step 2 failed on process 0: process 1 failed to write step 2: "
-         + INJECTED,
-         "error: saving checkpoint step 2 failed on process 1: " + INJECTED]),
-    (0, ["error: saving checkpoint step 2 failed on process 0: " + INJECTED,
-         "error: saving checkpoint step 2 failed: process 0: " + INJECTED]),
-])
+@pytest.mark.parametrize(
+    "failing, expected",
+    [
+        (
+            1,
+            [
+                "error: saving checkpoint step 2 failed on process 0: process 1 failed to write step 2: "
+                + INJECTED,
+                "error: saving checkpoint step 2 failed on process 1: " + INJECTED,
+            ],
+        ),
+        (
+            0,
+            [
+                "error: saving checkpoint step 2 failed on process 0: " + INJECTED,
+                "error: saving checkpoint step 2 failed: process 0: " + INJECTED,
+            ],
+        ),
+    ],
+)
 def test_a_write_failure_on_one_process_ends_both_with_one_line(tmp_path, failing, expected):
     rcs, outs, elapsed = _two_processes(
-        tmp_path, 3, lambda i: {checkpoint_faults.FAIL_ENV: f"{failing}@2"})
+        tmp_path, 3, lambda i: {checkpoint_faults.FAIL_ENV: f"{failing}@2"}
+    )
     assert rcs == [1, 1], outs
     assert elapsed < 90  # within the commit timeout (60 s), not a hang
     errors = [[l for l in out.splitlines() if l.startswith("error:")] for out in outs]

@@ -11,12 +11,24 @@ from nodepert_dist import checkpoint_layout, crash_guard, files, run_record, tra
 
 # SGD with cross-entropy at lr 1e6 overflows within the first steps (measured: lr 1e4 gave inf at step
 # 10 on MNIST fc); lr 1 trains. 1000 training examples (7 steps an epoch) keep epochs short.
-BLOWS_UP = dict(update_rule="sgd", loss="ce", lr=1e6, n_hl=1, hl_size=16, validation_size=59000,
-                eval_train=False, eval_batchsize=2000, num_epochs=2, crash_guard=True)
+BLOWS_UP = dict(
+    update_rule="sgd",
+    loss="ce",
+    lr=1e6,
+    n_hl=1,
+    hl_size=16,
+    validation_size=59000,
+    eval_train=False,
+    eval_batchsize=2000,
+    num_epochs=2,
+    crash_guard=True,
+)
 
 
 def cfg(tmp_path, mnist_dir, **kw):
-    return train.Config(**{**BLOWS_UP, "data_dir": mnist_dir, "workdir": str(tmp_path / "run"), **kw})
+    return train.Config(
+        **{**BLOWS_UP, "data_dir": mnist_dir, "workdir": str(tmp_path / "run"), **kw}
+    )
 
 
 def test_first_crash_is_25_points_below_the_best_so_far():
@@ -24,7 +36,10 @@ def test_first_crash_is_25_points_below_the_best_so_far():
     rows = [{"epoch": i, "test_acc": a} for i, a in enumerate(accs)] + [{"event": "rollback"}]
     assert crash_guard.first_crash(rows, 25)["epoch"] == 4  # 90 -> 64: 26 points
     assert crash_guard.first_crash(rows, 30) is None
-    assert crash_guard.first_crash(rows[:3] + [{"epoch": 3, "test_acc": float("nan")}], 25)["epoch"] == 3
+    assert (
+        crash_guard.first_crash(rows[:3] + [{"epoch": 3, "test_acc": float("nan")}], 25)["epoch"]
+        == 3
+    )
     with pytest.raises(crash_guard.Crashed, match="from 90.0% to 64.0% at epoch 4"):
         crash_guard.Detector(25).after_row(rows[4], rows[:5])
 
@@ -32,7 +47,9 @@ def test_first_crash_is_25_points_below_the_best_so_far():
 def test_guard_rolls_back_lowers_lr_and_finishes(tmp_path, mnist_dir):
     c = cfg(tmp_path, mnist_dir, crash_lr_factor=1e-6)  # 1e6 -> 1: the second attempt trains
     rows, _ = crash_guard.run(train.run, c)
-    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["test_acc"] > 0.15  # chance: 0.1; 14 steps
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1][
+        "test_acc"
+    ] > 0.15  # chance: 0.1; 14 steps
     logged = run_record.read_metrics(c.workdir)
     events = [r for r in logged if "event" in r]
     assert len(events) == 1 and events[0]["reason"] == "non_finite_loss"
@@ -49,13 +66,24 @@ def test_guard_rolls_back_lowers_lr_and_finishes(tmp_path, mnist_dir):
 def test_guard_gives_up_after_k_rollbacks_with_one_line(tmp_path, mnist_dir):
     args = {**BLOWS_UP, "crash_max_rollbacks": 2, "crash_lr_factor": 0.5}
     proc = subprocess.run(
-        [sys.executable, "-m", "nodepert_dist.train", f"--data_dir={mnist_dir}",
-         f"--workdir={tmp_path / 'run'}", "--cpu_devices=1"] +
-        [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "nodepert_dist.train",
+            f"--data_dir={mnist_dir}",
+            f"--workdir={tmp_path / 'run'}",
+            "--cpu_devices=1",
+        ]
+        + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.items()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: crash guard gave up after 2 rollback(s) (lr 1e+06 -> 250000)"), last
+    assert last.startswith("error: crash guard gave up after 2 rollback(s) (lr 1e+06 -> 250000)"), (
+        last
+    )
     assert "Traceback" not in proc.stderr
     events = [r for r in run_record.read_metrics(str(tmp_path / "run")) if "event" in r]
     assert [e["event"] for e in events] == ["rollback", "rollback", "gave_up"]
@@ -76,8 +104,15 @@ class _FakeCrash:
 
 
 def test_accuracy_crash_rolls_back_to_the_last_good_epoch(tmp_path, mnist_dir):
-    c = cfg(tmp_path, mnist_dir, lr=0.5, num_epochs=3, keep_checkpoints=0, crash_points=5,
-            checkpoint_every_steps=3)
+    c = cfg(
+        tmp_path,
+        mnist_dir,
+        lr=0.5,
+        num_epochs=3,
+        keep_checkpoints=0,
+        crash_points=5,
+        checkpoint_every_steps=3,
+    )
     rows, _ = crash_guard.run(train.run, c, hooks=[_FakeCrash(0.5)])
     events = [r for r in run_record.read_metrics(c.workdir) if "event" in r]
     assert len(events) == 1 and events[0]["reason"] == "crash"
@@ -98,7 +133,9 @@ class _FakeCrashRecording(_FakeCrash):
             self.rows_at_crash = [dict(r) for r in rows]
 
 
-def test_guard_with_step_checkpoints_and_default_retention_keeps_its_rollback_target(tmp_path, mnist_dir):
+def test_guard_with_step_checkpoints_and_default_retention_keeps_its_rollback_target(
+    tmp_path, mnist_dir
+):
     """What users run: a checkpoint every 2 steps, --keep_checkpoints=3 (the default). Epoch 1
     ends at step 7, epoch 2 (crashed) at step 14; the newest three when it crashes are steps 8,
     10, 12, so the checkpoint of step 7 survives only because it is the rollback target."""
@@ -113,21 +150,28 @@ def test_guard_with_step_checkpoints_and_default_retention_keeps_its_rollback_ta
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert rows[:2] == hook.rows_at_crash[:2]
     aside = tmp_path / "run" / "rolled_back" / "1"
-    assert sorted(os.listdir(aside)) == ["metrics.jsonl", "step_00000008", "step_00000010",
-                                         "step_00000012"]
+    assert sorted(os.listdir(aside)) == [
+        "metrics.jsonl",
+        "step_00000008",
+        "step_00000010",
+        "step_00000012",
+    ]
     crashed = files.read_jsonl(str(aside / "metrics.jsonl"))  # the rows the rollback replaced
     assert [(r["epoch"], r["step"]) for r in crashed] == [(2, 14)]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # lr 1e300 -> float32 inf
 def test_non_finite_state_at_a_save_rolls_back_under_the_lock_and_a_signal_then_is_kept(
-        tmp_path, mnist_dir, monkeypatch):
+    tmp_path, mnist_dir, monkeypatch
+):
     """lr 1e300 (inf in float32) gives a finite loss at step 1 but an infinite state, which the
     checkpoint save of step 1 refuses: a crash for the guard. The rollback holds the workdir lock;
     a SIGTERM during it stops the run (Preempted, exit 75) after the rollback, and the rerun
     finishes with the lowered lr."""
     import signal
+
     from nodepert_dist import preempt, workdir_lock
+
     c = cfg(tmp_path, mnist_dir, lr=1e300, crash_lr_factor=1e-300, checkpoint_every_steps=1)
     seen = []
     real_roll_back = crash_guard._roll_back
@@ -170,13 +214,19 @@ class _FakeCrashLosingTheTarget(_FakeCrash):
         super().after_row(row, rows)
         if self.active and row["epoch"] == 2:
             import shutil
+
             shutil.rmtree(checkpoint_layout.step_dir(os.path.join(self.workdir, "checkpoints"), 7))
 
 
-def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_rows(tmp_path, mnist_dir):
+def test_guard_with_no_rollback_target_left_stops_with_one_line_and_keeps_the_rows(
+    tmp_path, mnist_dir
+):
     c = cfg(tmp_path, mnist_dir, lr=0.5, num_epochs=3, crash_points=5, checkpoint_every_steps=2)
-    with pytest.raises(crash_guard.GaveUp, match="no checkpoint at or before the last good epoch 1 "
-                                                  r"\(step 7\) is left in "):
+    with pytest.raises(
+        crash_guard.GaveUp,
+        match="no checkpoint at or before the last good epoch 1 "
+        r"\(step 7\) is left in ",
+    ):
         crash_guard.run(train.run, c, hooks=[_FakeCrashLosingTheTarget(0.5)])
     logged = run_record.read_metrics(c.workdir)
     assert [r["epoch"] for r in run_record.epoch_rows(logged)] == [0, 1, 2]  # nothing truncated

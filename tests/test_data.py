@@ -17,8 +17,16 @@ def _images(n, side=6):
 
 def _epoch(n, global_batch, epoch, p, count, seed=7, start=0, **kw):
     x = np.arange(n)  # the "images" are their own row numbers
-    batches = pipeline.train_batches(x, x, global_batch=global_batch, seed=seed, epoch=epoch,
-                                     process_index=p, process_count=count, **kw)
+    batches = pipeline.train_batches(
+        x,
+        x,
+        global_batch=global_batch,
+        seed=seed,
+        epoch=epoch,
+        process_index=p,
+        process_count=count,
+        **kw,
+    )
     return [xb for xb, _ in pipeline.iterate(batches, start=start)]
 
 
@@ -72,18 +80,38 @@ def test_resuming_mid_epoch_gives_the_same_batches(aug):
 
 def test_augmentation_is_the_same_across_restarts_and_process_counts():
     x, y = _images(400), np.arange(400)
-    one = list(pipeline.iterate(pipeline.train_batches(x, y, global_batch=40, seed=3, epoch=5,
-                                                       augment=True)))
-    two = [list(pipeline.iterate(pipeline.train_batches(
-        x, y, global_batch=40, seed=3, epoch=5, augment=True, process_index=p, process_count=2)))
-        for p in range(2)]
+    one = list(
+        pipeline.iterate(
+            pipeline.train_batches(x, y, global_batch=40, seed=3, epoch=5, augment=True)
+        )
+    )
+    two = [
+        list(
+            pipeline.iterate(
+                pipeline.train_batches(
+                    x,
+                    y,
+                    global_batch=40,
+                    seed=3,
+                    epoch=5,
+                    augment=True,
+                    process_index=p,
+                    process_count=2,
+                )
+            )
+        )
+        for p in range(2)
+    ]
     for step, (xb, yb) in enumerate(one):
         np.testing.assert_array_equal(np.concatenate([two[0][step][0], two[1][step][0]]), xb)
         # Each augmented image is the crop/flip of its own row, drawn from (seed, epoch, row).
         expect = augment.crop_flip(x[yb], augment.example_bits(3, 5, yb))
         np.testing.assert_array_equal(xb, expect)
-    other_epoch = list(pipeline.iterate(pipeline.train_batches(x, y, global_batch=40, seed=3,
-                                                               epoch=6, augment=True)))
+    other_epoch = list(
+        pipeline.iterate(
+            pipeline.train_batches(x, y, global_batch=40, seed=3, epoch=6, augment=True)
+        )
+    )
     rows5, rows6 = np.concatenate([b[1] for b in one]), np.concatenate([b[1] for b in other_epoch])
     img5 = np.concatenate([b[0] for b in one])[np.argsort(rows5)]
     img6 = np.concatenate([b[0] for b in other_epoch])[np.argsort(rows6)]
@@ -100,7 +128,10 @@ def test_crop_and_flip_are_what_they_say():
     assert (shifted[:, -1] == 0).all() and (shifted[:, :, :2] == 0).all()  # zero padding
     draws = augment.example_bits(0, 1, np.arange(20000))
     dy = (draws & np.uint64(0xFFFF)) % np.uint64(9)
-    assert set(np.unique(dy)) == set(range(9)) and 0.45 < ((draws >> np.uint64(32)) & np.uint64(1)).mean() < 0.55
+    assert (
+        set(np.unique(dy)) == set(range(9))
+        and 0.45 < ((draws >> np.uint64(32)) & np.uint64(1)).mean() < 0.55
+    )
 
 
 def test_eval_batches_cover_every_example_once():
@@ -111,9 +142,10 @@ def test_eval_batches_cover_every_example_once():
         for count in (1, 2):
             got = []
             for p in range(count):
-                ds = pipeline.eval_batches(x, x, global_batch=200, process_index=p,
-                                           process_count=count, rows=rows)
-                for xb, yb, mask in pipeline.iterate(ds):
+                ds = pipeline.eval_batches(
+                    x, x, global_batch=200, process_index=p, process_count=count, rows=rows
+                )
+                for xb, _, mask in pipeline.iterate(ds):
                     got.extend(xb[mask > 0].tolist())
             seen.append(sorted(got))
         assert seen[0] == seen[1] == list(range(lo, hi))
@@ -121,6 +153,7 @@ def test_eval_batches_cover_every_example_once():
 
 def test_rows_pickle_as_the_file_name_not_the_data(tmp_path):
     import pickle
+
     path = tmp_path / "a.npy"
     np.save(path, np.arange(100000, dtype=np.int32))
     rows = pipeline.Rows(np.load(path, mmap_mode="r"))
@@ -130,6 +163,7 @@ def test_rows_pickle_as_the_file_name_not_the_data(tmp_path):
 
 
 # ----------------------------------------------------------------------------- preprocessing
+
 
 def _rgb(n=600, side=4, seed=0):
     rng = np.random.default_rng(seed)
@@ -181,7 +215,9 @@ def test_zca_whitens_the_training_split(tmp_path):
 
 def test_device_preprocessing_matches_the_host_and_keeps_the_sharding():
     import jax
+
     from nodepert_dist import mesh as mesh_lib
+
     mesh = mesh_lib.make_mesh()
     x = _rgb(n=16)
     stats = preprocess.compute(x, "zca", 0, 16)

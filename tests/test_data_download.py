@@ -10,8 +10,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from _fake_data import fake_cifar, write_idx_dataset
+
 from nodepert_dist.data import cifar, fetch, mnist, store
 from nodepert_dist.data.raw import DataError
 
@@ -36,7 +36,7 @@ class _Server:
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     outer.requests.append(self.path)
@@ -44,7 +44,8 @@ class _Server:
                     super().do_GET()
 
         self.httpd = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
 
@@ -59,8 +60,12 @@ def cifar_mirror(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "mirror")
     tarball, _, arrays, _ = fake_cifar(tmp_path / "mirror")
     blob = open(tarball, "rb").read()
-    spec = dataclasses.replace(cifar.CIFAR["cifar10"], size=len(blob),
-                               sha256=hashlib.sha256(blob).hexdigest(), md5=hashlib.md5(blob).hexdigest())
+    spec = dataclasses.replace(
+        cifar.CIFAR["cifar10"],
+        size=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        md5=hashlib.md5(blob).hexdigest(),
+    )
     monkeypatch.setitem(cifar.CIFAR, "cifar10", spec)
     server = _Server(tmp_path / "mirror")
     yield server, tmp_path, arrays
@@ -84,15 +89,19 @@ def test_download_verifies_converts_and_caches(cifar_mirror):
 
 def test_checksum_mismatch_leaves_nothing(cifar_mirror, monkeypatch):
     server, tmp, _ = cifar_mirror
-    monkeypatch.setitem(cifar.CIFAR, "cifar10",
-                        dataclasses.replace(cifar.CIFAR["cifar10"], sha256="0" * 64))
-    with pytest.raises(DataError, match="cifar-10-python.tar.gz: SHA-256 .* does not match the pinned 0000"):
+    monkeypatch.setitem(
+        cifar.CIFAR, "cifar10", dataclasses.replace(cifar.CIFAR["cifar10"], sha256="0" * 64)
+    )
+    with pytest.raises(
+        DataError, match="cifar-10-python.tar.gz: SHA-256 .* does not match the pinned 0000"
+    ):
         fetch.fetch("cifar10", str(tmp / "data"), mirrors=[server.url])
     assert _leftovers(tmp / "data") == []
 
 
-@pytest.mark.parametrize("mode, message", [("error", "HTTP Error 500"),
-                                           ("cut", "IncompleteRead|transfer interrupted")])
+@pytest.mark.parametrize(
+    "mode, message", [("error", "HTTP Error 500"), ("cut", "IncompleteRead|transfer interrupted")]
+)
 def test_server_error_and_interrupted_transfer_leave_nothing(cifar_mirror, mode, message):
     server, tmp, _ = cifar_mirror
     server.mode = mode
@@ -118,10 +127,13 @@ def test_the_next_mirror_is_tried(cifar_mirror):
 def idx_mirror(tmp_path, monkeypatch):
     """Real-format fmnist IDX files on a loopback mirror, with their SHA-256 pinned in the spec."""
     write_idx_dataset(tmp_path / "mirror")
-    digests = {f: hashlib.sha256((tmp_path / "mirror" / f).read_bytes()).hexdigest()
-               for f in os.listdir(tmp_path / "mirror")}
-    monkeypatch.setitem(mnist.DATASETS, "fmnist",
-                        mnist.IdxDataset("fmnist", mirrors=(), sha256=digests))
+    digests = {
+        f: hashlib.sha256((tmp_path / "mirror" / f).read_bytes()).hexdigest()
+        for f in os.listdir(tmp_path / "mirror")
+    }
+    monkeypatch.setitem(
+        mnist.DATASETS, "fmnist", mnist.IdxDataset("fmnist", mirrors=(), sha256=digests)
+    )
     server = _Server(tmp_path / "mirror")
     yield server, tmp_path
     server.close()

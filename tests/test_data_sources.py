@@ -9,10 +9,17 @@ import sys
 
 import numpy as np
 import pytest
-
-from _fake_data import (CIFAR_FORMS, fake_cifar, idx_name, py2_pickle, py3_pickle, write_cifar_tarball,
-                        write_idx_dataset)
+from _fake_data import (
+    CIFAR_FORMS,
+    fake_cifar,
+    idx_name,
+    py2_pickle,
+    py3_pickle,
+    write_cifar_tarball,
+    write_idx_dataset,
+)
 from conftest import run_command
+
 from nodepert_dist.data import cifar, fetch, mnist, store
 from nodepert_dist.data.raw import DataError
 
@@ -25,6 +32,7 @@ def _no_trace(tmp_path, name):
 
 
 # ----------------------------------------------------------------------------- MNIST family
+
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_reader_round_trip_gzip_and_raw(tmp_path, gz):
@@ -46,7 +54,10 @@ MNIST_PICKLE_FORMS = {  # file name, bytes of the pickled splits
 @pytest.mark.parametrize("form", MNIST_PICKLE_FORMS)
 def test_mnist_pickle_reader_joins_train_and_valid_without_loss(tmp_path, form):
     rng = np.random.default_rng(2)
-    split = lambda n: (rng.integers(0, 256, (n, 784)).astype(np.float32) / 256, rng.integers(0, 10, n))
+    split = lambda n: (
+        rng.integers(0, 256, (n, 784)).astype(np.float32) / 256,
+        rng.integers(0, 10, n),
+    )
     train, valid, test = split(50), split(10), split(10)
     os.makedirs(tmp_path / "mnist")
     fname, dump = MNIST_PICKLE_FORMS[form]
@@ -66,12 +77,14 @@ def test_damaged_idx_files_are_clear_errors(tmp_path):
     (tmp_path / "fmnist" / mnist.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
     write_idx_dataset(tmp_path / "f2", gz=False)
     (tmp_path / "f2" / mnist.TRAIN_LABELS).write_bytes(b"<html>not found</html>")
-    with pytest.raises(DataError, match=f"{mnist.TRAIN_LABELS} is not an unsigned-byte IDX file .bad magic"):
+    with pytest.raises(
+        DataError, match=f"{mnist.TRAIN_LABELS} is not an unsigned-byte IDX file .bad magic"
+    ):
         mnist.read("fmnist", str(tmp_path / "f2"))
     write_idx_dataset(tmp_path / "f3", gz=True)
     gz = tmp_path / "f3" / mnist.TEST_LABELS
     data = bytearray(gz.read_bytes())
-    data[len(data) // 2:] = b"\x00" * (len(data) - len(data) // 2)
+    data[len(data) // 2 :] = b"\x00" * (len(data) - len(data) // 2)
     gz.write_bytes(bytes(data))
     with pytest.raises(DataError, match=mnist.TEST_LABELS):
         mnist.read("fmnist", str(tmp_path / "f3"))
@@ -86,13 +99,18 @@ def test_corrupt_mnist_pickle_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["mnist", "fmnist"])
 @pytest.mark.parametrize("spelling", [1, 2])  # train-images-idx3-ubyte, train-images.idx3-ubyte
-def test_un_gzipped_idx_copies_under_their_common_names_import_as_unverified(tmp_path, name, spelling):
+def test_un_gzipped_idx_copies_under_their_common_names_import_as_unverified(
+    tmp_path, name, spelling
+):
     arrays = write_idx_dataset(tmp_path / "src", gz=False, spelling=spelling)
     src, data_dir = str(tmp_path / "src"), str(tmp_path / "data")
     raw_name = idx_name(mnist.TRAIN_IMAGES, spelling)
-    with pytest.raises(DataError, match=f"{raw_name} is un-gzipped, and only the published "
-                                        f"{mnist.TRAIN_IMAGES} has a pinned SHA-256 .*; if you "
-                                        f"trust this copy, pass --allow_unverified"):
+    with pytest.raises(
+        DataError,
+        match=f"{raw_name} is un-gzipped, and only the published "
+        f"{mnist.TRAIN_IMAGES} has a pinned SHA-256 .*; if you "
+        f"trust this copy, pass --allow_unverified",
+    ):
         fetch.fetch(name, data_dir, from_path=src)
     _no_trace(tmp_path, name)
     fetch.fetch(name, data_dir, from_path=src, allow_unverified=True)
@@ -112,15 +130,20 @@ def test_an_incomplete_from_folder_names_the_file_and_the_users_data_dir(tmp_pat
         f"{tmp_path / 'src'} has no train-labels-idx1-ubyte.gz / train-labels-idx1-ubyte / "
         f"train-labels.idx1-ubyte / train-labels.idx1-ubyte.gz, nor mnist.pkl.gz / mnist.pkl; "
         f"copy the missing file there, or download: python -m nodepert_dist.data fetch mnist "
-        f"--data_dir={data_dir}")
+        f"--data_dir={data_dir}"
+    )
     assert not data_dir.exists()
 
 
 def test_unverified_files_in_the_data_dir_hint_the_command_that_accepts_them(tmp_path):
     write_idx_dataset(tmp_path / "data" / "fmnist", gz=False, spelling=1)
-    with pytest.raises(DataError, match=(
+    with pytest.raises(
+        DataError,
+        match=(
             f"; if you trust this copy, run: python -m nodepert_dist.data fetch fmnist "
-            f"--from={tmp_path / 'data' / 'fmnist'} --allow_unverified --data_dir={tmp_path / 'data'}$")):
+            f"--from={tmp_path / 'data' / 'fmnist'} --allow_unverified --data_dir={tmp_path / 'data'}$"
+        ),
+    ):
         store.open_dataset("fmnist", str(tmp_path / "data"))
     assert not (tmp_path / "data" / "fmnist" / store.ARRAYS).exists()
 
@@ -131,10 +154,17 @@ def test_a_hostile_mnist_pickle_cannot_run_code(tmp_path):
             return (os.system, (f"touch {tmp_path}/pwned",))
 
     os.makedirs(tmp_path / "src")
-    (tmp_path / "src" / mnist.MNIST_PICKLE).write_bytes(gzip.compress(pickle.dumps(Evil(), protocol=2)))
-    with pytest.raises(DataError, match=f"{mnist.MNIST_PICKLE}: refused to unpickle {os.name}.system "
-                                        f"\\(a dataset file may hold only numpy arrays") as e:
-        fetch.fetch("mnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True)
+    (tmp_path / "src" / mnist.MNIST_PICKLE).write_bytes(
+        gzip.compress(pickle.dumps(Evil(), protocol=2))
+    )
+    with pytest.raises(
+        DataError,
+        match=f"{mnist.MNIST_PICKLE}: refused to unpickle {os.name}.system "
+        f"\\(a dataset file may hold only numpy arrays",
+    ) as e:
+        fetch.fetch(
+            "mnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True
+        )
     assert "corrupt" not in str(e.value)
     assert not (tmp_path / "pwned").exists()
     _no_trace(tmp_path, "mnist")
@@ -142,11 +172,15 @@ def test_a_hostile_mnist_pickle_cannot_run_code(tmp_path):
 
 def test_unverified_idx_files_are_converted_only_when_allowed(tmp_path):
     arrays = write_idx_dataset(tmp_path / "src")
-    with pytest.raises(DataError, match=f"{mnist.TRAIN_IMAGES} .* does not match the pinned "
-                                        f"SHA-256 .*--allow_unverified"):
+    with pytest.raises(
+        DataError,
+        match=f"{mnist.TRAIN_IMAGES} .* does not match the pinned SHA-256 .*--allow_unverified",
+    ):
         fetch.fetch("fmnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"))
     _no_trace(tmp_path, "fmnist")
-    fetch.fetch("fmnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True)
+    fetch.fetch(
+        "fmnist", str(tmp_path / "data"), from_path=str(tmp_path / "src"), allow_unverified=True
+    )
     data = store.open_dataset("fmnist", str(tmp_path / "data"))
     assert data.meta["verified"] is False and isinstance(data.train_x, np.memmap)
     np.testing.assert_array_equal(data.train_x[..., 0], arrays[mnist.TRAIN_IMAGES])
@@ -159,17 +193,22 @@ def test_unverified_idx_files_are_converted_only_when_allowed(tmp_path):
 
 # ----------------------------------------------------------------------------- CIFAR
 
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("form", ["tarball", "folder", "parent"])
 def test_cifar_tarball_and_folder_convert_to_the_same_arrays(tmp_path, name, form):
-    tarball, folder, arrays, _ = fake_cifar(tmp_path, name, per_batch=8 if name == "cifar10" else 40)
+    tarball, folder, arrays, _ = fake_cifar(
+        tmp_path, name, per_batch=8 if name == "cifar10" else 40
+    )
     src = {"tarball": tarball, "folder": folder, "parent": os.path.dirname(folder)}[form]
     fetch.fetch(name, str(tmp_path / "data"), from_path=src, allow_unverified=True)
     data = store.open_dataset(name, str(tmp_path / "data"))
     np.testing.assert_array_equal(data.train_x, arrays["train_x"])
     np.testing.assert_array_equal(data.train_y, arrays["train_y"])
     np.testing.assert_array_equal(data.test_x, arrays["test_x"])
-    assert data.train_x.shape == (40, 32, 32, 3) and data.num_classes == cifar.CIFAR[name].num_classes
+    assert (
+        data.train_x.shape == (40, 32, 32, 3) and data.num_classes == cifar.CIFAR[name].num_classes
+    )
     assert data.meta["verified"] is False and "does not match" in data.meta["checksum_problem"]
     if name == "cifar100":
         coarse = store.open_dataset(name, str(tmp_path / "data"), labels="coarse")
@@ -183,8 +222,9 @@ def test_cifar_copies_re_saved_by_python3_read_the_same(tmp_path, form):
     or numpy scalars: all within the restricted unpickler, all recorded as unverified."""
     for name in ("cifar10", "cifar100"):
         (tmp_path / name).mkdir()
-        _, folder, arrays, _ = fake_cifar(tmp_path / name, name, per_batch=8 if name == "cifar10" else 40,
-                                          form=form)
+        _, folder, arrays, _ = fake_cifar(
+            tmp_path / name, name, per_batch=8 if name == "cifar10" else 40, form=form
+        )
         fetch.fetch(name, str(tmp_path / "data"), from_path=folder, allow_unverified=True)
         data = store.open_dataset(name, str(tmp_path / "data"))
         np.testing.assert_array_equal(data.train_x, arrays["train_x"])
@@ -203,17 +243,24 @@ def test_cifar_needs_only_the_batches_not_the_label_names(tmp_path, name):
     short = write_cifar_tarball(tmp_path / "short.tar.gz", name, members, skip=(spec.meta,))
     for src in (folder, short):
         fetch.fetch(name, str(tmp_path / "data"), from_path=src, allow_unverified=True)
-        np.testing.assert_array_equal(store.open_dataset(name, str(tmp_path / "data")).test_x,
-                                      arrays["test_x"])
+        np.testing.assert_array_equal(
+            store.open_dataset(name, str(tmp_path / "data")).test_x, arrays["test_x"]
+        )
 
 
 def test_cifar_checksum_mismatch_is_refused_naming_the_file(tmp_path):
     tarball, folder, _, _ = fake_cifar(tmp_path)
-    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz \(\d+ bytes, SHA-256 \w+\) does not "
-                                        r"match the published .*--allow_unverified"):
+    with pytest.raises(
+        DataError,
+        match=r"cifar-10-python.tar.gz \(\d+ bytes, SHA-256 \w+\) does not "
+        r"match the published .*--allow_unverified",
+    ):
         fetch.fetch("cifar10", str(tmp_path / "data"), from_path=tarball)
-    with pytest.raises(DataError, match=r"cifar-10-batches-py/data_batch_1 \(MD5 \w+\) does not match "
-                                        r"the published MD5 c99cafc152244af753f735de768cd75f"):
+    with pytest.raises(
+        DataError,
+        match=r"cifar-10-batches-py/data_batch_1 \(MD5 \w+\) does not match "
+        r"the published MD5 c99cafc152244af753f735de768cd75f",
+    ):
         fetch.fetch("cifar10", str(tmp_path / "data"), from_path=folder)
     _no_trace(tmp_path, "cifar10")
 
@@ -224,12 +271,14 @@ def test_damaged_cifar_files_are_clear_errors_and_leave_nothing(tmp_path):
     short = tmp_path / "short.tar.gz"
     short.write_bytes(open(tarball, "rb").read()[:5000])
     cases[str(short)] = "short.tar.gz"
-    missing = write_cifar_tarball(tmp_path / "missing.tar.gz", "cifar10", members, skip=("test_batch",))
+    missing = write_cifar_tarball(
+        tmp_path / "missing.tar.gz", "cifar10", members, skip=("test_batch",)
+    )
     cases[missing] = "missing.tar.gz has no member cifar-10-batches-py/test_batch"
     bad = tmp_path / "bad" / "cifar-10-batches-py"
     bad.mkdir(parents=True)
     for m, data in members.items():
-        (bad / m).write_bytes(data[:len(data) // 2] if m == "data_batch_3" else data)
+        (bad / m).write_bytes(data[: len(data) // 2] if m == "data_batch_3" else data)
     cases[str(bad)] = "corrupt CIFAR file .*data_batch_3"
     notdict = tmp_path / "nd" / "cifar-10-batches-py"
     notdict.mkdir(parents=True)
@@ -257,15 +306,27 @@ def test_a_hostile_pickle_cannot_run_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("module, name", [("builtins", "eval"), ("builtins", "getattr"),
-                                          ("numpy", "load"), ("subprocess", "Popen"),
-                                          ("numpy.core.multiarray", "_unknown")])
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("builtins", "eval"),
+        ("builtins", "getattr"),
+        ("numpy", "load"),
+        ("subprocess", "Popen"),
+        ("numpy.core.multiarray", "_unknown"),
+    ],
+)
 def test_the_unpickler_builds_data_only(module, name):
     from nodepert_dist.data import safe_pickle
+
     payload = pickle.PROTO + b"\x02c" + f"{module}\n{name}\n".encode() + b"X\x01\x00\x00\x00x\x85R."
     with pytest.raises(DataError, match=rf"^f: refused to unpickle {module}\.{name} "):
         safe_pickle.loads(payload, "f")
-    assert safe_pickle.loads(pickle.dumps({"a": np.arange(3)}, protocol=2), "f")["a"].tolist() == [0, 1, 2]
+    assert safe_pickle.loads(pickle.dumps({"a": np.arange(3)}, protocol=2), "f")["a"].tolist() == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_a_failed_reconversion_keeps_the_good_store(tmp_path):
@@ -275,8 +336,9 @@ def test_a_failed_reconversion_keeps_the_good_store(tmp_path):
     with pytest.raises(DataError, match="has no member cifar-10-batches-py/test_batch"):
         fetch.fetch("cifar10", str(tmp_path / "data"), from_path=missing, allow_unverified=True)
     assert sorted(os.listdir(tmp_path / "data" / "cifar10")) == [store.ARRAYS]  # no temp folders
-    np.testing.assert_array_equal(store.open_dataset("cifar10", str(tmp_path / "data")).test_y,
-                                  arrays["test_y"])
+    np.testing.assert_array_equal(
+        store.open_dataset("cifar10", str(tmp_path / "data")).test_y, arrays["test_y"]
+    )
 
 
 def test_damaged_store_files_are_clear_errors(tmp_path):
@@ -286,14 +348,18 @@ def test_damaged_store_files_are_clear_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(DataError, match="train_images.npy .*delete .* and fetch again"):
         store.open_dataset("cifar10", str(tmp_path / "data"))
-    with pytest.raises(DataError, match=r"missing dataset .*cifar100/arrays; run: python -m "
-                                        r"nodepert_dist.data fetch cifar100"):
+    with pytest.raises(
+        DataError,
+        match=r"missing dataset .*cifar100/arrays; run: python -m "
+        r"nodepert_dist.data fetch cifar100",
+    ):
         store.open_dataset("cifar100", str(tmp_path / "data"))
     with pytest.raises(ValueError, match="applies to --dataset=cifar100 only"):
         store.open_dataset("cifar10", str(tmp_path / "data"), labels="coarse")
 
 
 # ----------------------------------------------------------------------------- the CLI
+
 
 def _cli(*args):
     cmd = [sys.executable, "-m", "nodepert_dist.data", "fetch", *args]

@@ -13,11 +13,14 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 
-DOCS = ["README.md", "WORKSPACE.md", "launch/README.md",
-        *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))]
+DOCS = [
+    "README.md",
+    "WORKSPACE.md",
+    "launch/README.md",
+    *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md")),
+]
 HELPER = str(REPO / "tests" / "_parse_commands.py")
 # Commands that need no check beyond existing (set-up, shell, test runner).
 IGNORED = {"source", "mkdir", "cd", "python3 -m venv", "pip", "pytest", "echo"}
@@ -28,11 +31,18 @@ SHELL_INFO = {"", "sh", "bash", "shell", "console"}
 def code_blocks(text):
     """Shell blocks: fenced ones (no info string, or a shell's; in lists too), and 4-space
     indented blocks that follow a blank line in a file without fences (launch/README)."""
-    blocks = [textwrap.dedent(body) for info, body in re.findall(
-        r"^ *```([^\n]*)\n(.*?)^ *```", text, flags=re.M | re.S) if info.strip() in SHELL_INFO]
+    blocks = [
+        textwrap.dedent(body)
+        for info, body in re.findall(r"^ *```([^\n]*)\n(.*?)^ *```", text, flags=re.M | re.S)
+        if info.strip() in SHELL_INFO
+    ]
     indented, current, previous_blank = [], [], True
     for line in text.splitlines():
-        if line.startswith("    ") and (current or previous_blank) and not line.lstrip().startswith(("-", "|")):
+        if (
+            line.startswith("    ")
+            and (current or previous_blank)
+            and not line.lstrip().startswith(("-", "|"))
+        ):
             current.append(line[4:])
         elif current and line.strip():
             indented.append("\n".join(current))
@@ -79,7 +89,7 @@ def classify(cmd):
         assert (REPO / script).exists(), f"no script {script}"
         if script == "launch/local.py":
             inner = args.index("--")
-            return [("launch/local.py", args[:inner] + ["--", "true"]), *nested(args[inner + 1:])]
+            return [("launch/local.py", args[:inner] + ["--", "true"]), *nested(args[inner + 1 :])]
         return script, args
     if prog == "nodepert-train":
         return "nodepert_dist.train", cmd[1:]
@@ -91,7 +101,7 @@ def classify(cmd):
         script = next((t for t in cmd[1:] if t.endswith(".sbatch")), None)
         if script and script.startswith("launch/"):
             assert (REPO / script).exists(), f"no script {script}"
-            return "nodepert_dist.train", cmd[cmd.index(script) + 1:]
+            return "nodepert_dist.train", cmd[cmd.index(script) + 1 :]
         return None  # a generated one (sweep.sbatch)
     if prog == "bash":
         assert (REPO / cmd[1]).exists(), f"no script {cmd[1]}"
@@ -104,6 +114,7 @@ def classify(cmd):
 def experiment(args):
     """`nodepert-experiment NAME FLAGS`: the flags of that experiment's module."""
     from nodepert_dist.experiments import EXPERIMENTS
+
     assert args and args[0] in EXPERIMENTS, f"no experiment {args[:1]}"
     return f"nodepert_dist.experiments.{EXPERIMENTS[args[0]][0]}", args[1:]
 
@@ -128,12 +139,23 @@ def test_every_documented_command_parses():
             by_target[target].append((doc, argv))
             n += 1
     assert n >= 25, n  # the extraction found the docs' commands
-    assert {"nodepert_dist.train", "nodepert_dist.plot", "launch/local.py",
-            "launch/sweep.py", "benchmarks/throughput.py"} <= set(by_target)
+    assert {
+        "nodepert_dist.train",
+        "nodepert_dist.plot",
+        "launch/local.py",
+        "launch/sweep.py",
+        "benchmarks/throughput.py",
+    } <= set(by_target)
+
     def parse(target):  # one process per program: each defines its own absl flags
-        out = subprocess.run([sys.executable, HELPER, target], input=json.dumps(
-            [argv for _, argv in by_target[target]]), capture_output=True, text=True,
-            timeout=300, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, HELPER, target],
+            input=json.dumps([argv for _, argv in by_target[target]]),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -141,8 +163,11 @@ def test_every_documented_command_parses():
     # A few at a time: most of each is importing jax, which waits on the disk as much as the CPU.
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         for target, errors in zip(by_target, pool.map(parse, by_target)):
-            problems += [f"{doc}: {target} {' '.join(argv)}: {error}"
-                         for (doc, argv), error in zip(by_target[target], errors) if error]
+            problems += [
+                f"{doc}: {target} {' '.join(argv)}: {error}"
+                for (doc, argv), error in zip(by_target[target], errors)
+                if error
+            ]
     assert not problems, "\n".join(problems)
 
 
@@ -167,25 +192,38 @@ def test_commands_use_the_venv():
             for j, cmd in enumerate(cmds):
                 if cmd[0] in ("nodepert-train", "nodepert-plot"):
                     assert any(c[:2] == ["source", ".venv/bin/activate"] for c in cmds[:j]) or (
-                        doc == "launch/README.md" and "(`source .venv/bin/activate`)" in
-                        (REPO / doc).read_text()), f"{doc}: {' '.join(cmd)} without .venv"
+                        doc == "launch/README.md"
+                        and "(`source .venv/bin/activate`)" in (REPO / doc).read_text()
+                    ), f"{doc}: {' '.join(cmd)} without .venv"
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("a --x=1 && b # c", [["a", "--x=1"], ["b"]]),
-    ("python launch/sweep.py --mode=slurm > sweep.sbatch && sbatch sweep.sbatch",
-     [["python", "launch/sweep.py", "--mode=slurm"], ["sbatch", "sweep.sbatch"]]),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("a --x=1 && b # c", [["a", "--x=1"], ["b"]]),
+        (
+            "python launch/sweep.py --mode=slurm > sweep.sbatch && sbatch sweep.sbatch",
+            [["python", "launch/sweep.py", "--mode=slurm"], ["sbatch", "sweep.sbatch"]],
+        ),
+    ],
+)
 def test_command_splitting(line, expected):
     assert commands(line) == expected
 
 
 def test_docs_are_found():
     # The new docs are under test: a moved or renamed docs file cannot silently drop out.
-    assert {"docs/usage.md", "docs/data.md", "docs/experiments.md", "docs/design/estimator.md",
-            "docs/design/distributed.md", "docs/design/checkpoints.md",
-            "docs/design/reliability.md", "docs/results/README.md",
-            "docs/results/variance.md"} <= set(DOCS)
+    assert {
+        "docs/usage.md",
+        "docs/data.md",
+        "docs/experiments.md",
+        "docs/design/estimator.md",
+        "docs/design/distributed.md",
+        "docs/design/checkpoints.md",
+        "docs/design/reliability.md",
+        "docs/results/README.md",
+        "docs/results/variance.md",
+    } <= set(DOCS)
 
 
 def test_readme_is_the_front_door():
@@ -239,13 +277,18 @@ def test_links_between_docs_resolve():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("text, broken", [
-    ("[a](docs/usage.md) [b](docs/design/estimator.md#the-update)", []),
-    ("[a](nowhere/nothing.md)", ["README.md: link to missing nowhere/nothing.md"]),
-    ("[a](docs/usage.md#no-such-heading)",
-     ["README.md: link to missing heading docs/usage.md#no-such-heading"]),
-    ("`[addr]:port` and [x](https://example.org/nothing)", []),
-])
+@pytest.mark.parametrize(
+    "text, broken",
+    [
+        ("[a](docs/usage.md) [b](docs/design/estimator.md#the-update)", []),
+        ("[a](nowhere/nothing.md)", ["README.md: link to missing nowhere/nothing.md"]),
+        (
+            "[a](docs/usage.md#no-such-heading)",
+            ["README.md: link to missing heading docs/usage.md#no-such-heading"],
+        ),
+        ("`[addr]:port` and [x](https://example.org/nothing)", []),
+    ],
+)
 def test_link_check_catches_broken_links(text, broken):
     assert broken_links("README.md", text) == broken
 
@@ -256,13 +299,21 @@ def test_every_result_is_stamped():
         if path.name == "README.md":
             continue
         text = path.read_text()
-        for what, pattern in [("provenance", r"Provenance"), ("date", r"\b20\d\d-\d\d-\d\d\b"),
-                              ("commit", r"`[0-9a-f]{7,40}`"), ("machine", r"CPU|GPU")]:
+        for what, pattern in [
+            ("provenance", r"Provenance"),
+            ("date", r"\b20\d\d-\d\d-\d\d\b"),
+            ("commit", r"`[0-9a-f]{7,40}`"),
+            ("machine", r"CPU|GPU"),
+        ]:
             assert re.search(pattern, text), f"{path.name}: no {what}"
 
 
-SOURCES = [p for top in ("nodepert_dist", "launch", "benchmarks", "tests", ".ci")
-           for p in sorted((REPO / top).rglob("*")) if p.is_file() and p.suffix != ".pyc"]
+SOURCES = [
+    p
+    for top in ("nodepert_dist", "launch", "benchmarks", "tests", ".ci")
+    for p in sorted((REPO / top).rglob("*"))
+    if p.is_file() and p.suffix != ".pyc"
+]
 OUTSIDE = ("DESIGN" + ".md", "../" + "shared")  # spelled apart so this file does not match
 
 
@@ -272,8 +323,12 @@ def test_nothing_points_outside_the_repository(top):
     if top == "docs":
         files += [REPO / "README.md", REPO / "WORKSPACE.md"]
     assert files
-    found = [f"{p.relative_to(REPO)}: {word}" for p in files
-             for word in OUTSIDE if word in p.read_text(errors="replace")]
+    found = [
+        f"{p.relative_to(REPO)}: {word}"
+        for p in files
+        for word in OUTSIDE
+        if word in p.read_text(errors="replace")
+    ]
     assert not found, "\n".join(found)
 
 
@@ -291,8 +346,10 @@ def test_files_the_docs_name_exist():
     # A renamed or moved script, module or spec leaves no stale name in the docs' prose (commands
     # in code blocks are checked above; generated outputs under benchmarks/results/ are exempt).
     n, problems = 0, []
-    named = re.compile(r"(?<![\w./<-])((?:nodepert_dist|launch|benchmarks|tests|docs|\.ci)/"
-                       r"[\w./-]*\.(?:py|sh|sbatch|json|md|ini))\b")
+    named = re.compile(
+        r"(?<![\w./<-])((?:nodepert_dist|launch|benchmarks|tests|docs|\.ci)/"
+        r"[\w./-]*\.(?:py|sh|sbatch|json|md|ini))\b"
+    )
     for doc in DOCS:
         for path in named.findall((REPO / doc).read_text()):
             n += 1

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, subprocess_env
+
 from nodepert_dist.experiments import EXPERIMENTS
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -20,8 +20,12 @@ CONSOLE_SCRIPTS = dict(re.findall(r'"([\w-]+)=([\w.]+:\w+)"', (REPO / "setup.py"
 def _console(name, *args):
     """The console script `name` exactly as setup.py declares it (module:function)."""
     module, func = CONSOLE_SCRIPTS[name].split(":")
-    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; "
-            f"from {module} import {func}; sys.exit({func}())", *args]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; sys.exit({func}())",
+        *args,
+    ]
 
 
 def _bench(name, *args):
@@ -32,28 +36,55 @@ NO_VALUE = "a --no<flag> takes no value; write --no"
 CASES = {  # name: (command, what its error line must say)
     "train --noX=value": (_console("nodepert-train", "--noeval_train=true"), NO_VALUE),
     "plot --noX=value": (_console("nodepert-plot", "--nologtostderr=true"), NO_VALUE),
-    "plot missing workdir": (_console("nodepert-plot", "--workdirs=/nonexistent/run"),
-                             "/nonexistent/run is not a folder"),
-    "experiment unknown": (_console("nodepert-experiment", "no-such-experiment"),
-                           "unknown experiment 'no-such-experiment'; choose one of vary-lr"),
-    **{f"experiment {name} --noX=value": (
-        _console("nodepert-experiment", name, "--noeval_train=true"), NO_VALUE) for name in EXPERIMENTS},
-    "experiment stray argument": (_console("nodepert-experiment", "vary-lr", "extra"),
-                                  "unexpected arguments: extra"),
+    "plot missing workdir": (
+        _console("nodepert-plot", "--workdirs=/nonexistent/run"),
+        "/nonexistent/run is not a folder",
+    ),
+    "experiment unknown": (
+        _console("nodepert-experiment", "no-such-experiment"),
+        "unknown experiment 'no-such-experiment'; choose one of vary-lr",
+    ),
+    **{
+        f"experiment {name} --noX=value": (
+            _console("nodepert-experiment", name, "--noeval_train=true"),
+            NO_VALUE,
+        )
+        for name in EXPERIMENTS
+    },
+    "experiment stray argument": (
+        _console("nodepert-experiment", "vary-lr", "extra"),
+        "unexpected arguments: extra",
+    ),
     "data no command": ([sys.executable, "-m", "nodepert_dist.data"], "expected `fetch NAME...`"),
-    "data --noX=value": ([sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist",
-                          "--noallow_unverified=true"], NO_VALUE),
-    "data unknown flag": ([sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist", "--form=x"],
-                          "Unknown command line flag 'form'"),
-    "throughput unknown network": (_bench("throughput", "--networks=fc,bogus"), "'bogus' is not one of"),
+    "data --noX=value": (
+        [sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist", "--noallow_unverified=true"],
+        NO_VALUE,
+    ),
+    "data unknown flag": (
+        [sys.executable, "-m", "nodepert_dist.data", "fetch", "mnist", "--form=x"],
+        "Unknown command line flag 'form'",
+    ),
+    "throughput unknown network": (
+        _bench("throughput", "--networks=fc,bogus"),
+        "'bogus' is not one of",
+    ),
     "device_scaling bad layout": (_bench("device_scaling", "--layouts=2x4,3x"), "'3x' is not PxD"),
-    "input_pipeline unknown dataset": (_bench("input_pipeline", "--datasets=mnist,imagenet"),
-                                       "'imagenet' is not one of"),
-    "epoch_time missing data": (_bench("epoch_time", "--data_dir=/nonexistent/data"),
-                                "missing dataset /nonexistent/data/mnist/arrays"),
-    "bf16_sigma unknown network": (_bench("bf16_sigma", "--networks=fc,bogus"), "'bogus' is not one of"),
-    "checkpoint_overhead unknown network": (_bench("checkpoint_overhead", "--network=bogus"),
-                                            "invalid choice: 'bogus'"),
+    "input_pipeline unknown dataset": (
+        _bench("input_pipeline", "--datasets=mnist,imagenet"),
+        "'imagenet' is not one of",
+    ),
+    "epoch_time missing data": (
+        _bench("epoch_time", "--data_dir=/nonexistent/data"),
+        "missing dataset /nonexistent/data/mnist/arrays",
+    ),
+    "bf16_sigma unknown network": (
+        _bench("bf16_sigma", "--networks=fc,bogus"),
+        "'bogus' is not one of",
+    ),
+    "checkpoint_overhead unknown network": (
+        _bench("checkpoint_overhead", "--network=bogus"),
+        "invalid choice: 'bogus'",
+    ),
 }
 
 
@@ -71,8 +102,9 @@ def test_every_entry_point_has_a_case():
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_error_line_and_no_traceback(tmp_path, case):
     cmd, message = CASES[case]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                         env=subprocess_env(), cwd=tmp_path)  # cwd: nothing the command writes lands in the repo
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path
+    )  # cwd: nothing the command writes lands in the repo
     text = out.stdout + out.stderr
     assert out.returncode != 0, text[-2000:]
     assert "Traceback" not in text, text[-3000:]

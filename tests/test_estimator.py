@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
-from nodepert_dist import optim
+from nodepert_dist import losses, models, optim, perturbation
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import step as step_lib
 from nodepert_dist.taps import Tap
 
 BATCH = 32
@@ -37,7 +38,7 @@ class Net(nn.Module):
             pass
         elif self.body == "mlp":
             h = h.reshape(h.shape[0], -1)
-            for i in range(2):
+            for _ in range(2):
                 h = act(Tap()(dense(16)(h)))
         elif self.body == "conv":
             h = act(Tap()(conv(3, (3, 3))(h)))
@@ -50,8 +51,8 @@ class Net(nn.Module):
             h = pool(h, (2, 2), strides=(2, 2), padding="SAME")
         elif self.body == "residual":
             h = act(models.ConvUnit(3, dtype=self.dtype)(h))
-            h = models.BasicBlock(3, dtype=self.dtype)(h)      # identity shortcut
-            h = models.BasicBlock(4, 2, dtype=self.dtype)(h)   # tapped projection shortcut
+            h = models.BasicBlock(3, dtype=self.dtype)(h)  # identity shortcut
+            h = models.BasicBlock(4, 2, dtype=self.dtype)(h)  # tapped projection shortcut
             h = jnp.mean(h, axis=(1, 2))
         elif self.body == "groupnorm":
             h = act(models.ConvUnit(4, norm="group", dtype=self.dtype)(h))
@@ -69,30 +70,40 @@ def _setup(body, input_shape, activation="relu", loss="ce", dtype=jnp.float32):
     y = jnp.arange(BATCH) % 10
     params = model.init(jax.random.key(0), x)["params"]
     if body == "residual":  # unit2 starts at zero (skip-init): move it so its input gets a signal
-        params = jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(2), p.shape),
-                              params)
+        params = jax.tree.map(
+            lambda p: p + 0.2 * jax.random.normal(jax.random.key(2), p.shape), params
+        )
     loss_fn = losses.get(loss)
     # The true gradient: of the float32 model, whatever dtype the estimate runs in.
     model32 = model.clone(dtype=jnp.float32)
-    true = jax.grad(lambda p: jnp.mean(loss_fn(model32.apply({"params": p}, x.astype(jnp.float32)),
-                                               y)))(params)
+    true = jax.grad(
+        lambda p: jnp.mean(loss_fn(model32.apply({"params": p}, x.astype(jnp.float32)), y))
+    )(params)
     return model, params, x, y, loss_fn, true
 
 
 def _mean_estimate(estimate, like, draws):
-    total = jax.lax.fori_loop(0, draws, lambda i, acc: jax.tree.map(jnp.add, acc, estimate(i)),
-                              jax.tree.map(jnp.zeros_like, like))
+    total = jax.lax.fori_loop(
+        0,
+        draws,
+        lambda i, acc: jax.tree.map(jnp.add, acc, estimate(i)),
+        jax.tree.map(jnp.zeros_like, like),
+    )
     return jax.tree.map(lambda a: a / draws, total)
 
 
 def _cosines(a, b):
-    return {jax.tree_util.keystr(k): float(jnp.vdot(u, v) / (jnp.linalg.norm(u) * jnp.linalg.norm(v)))
-            for (k, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))}
+    return {
+        jax.tree_util.keystr(k): float(jnp.vdot(u, v) / (jnp.linalg.norm(u) * jnp.linalg.norm(v)))
+        for (k, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+    }
 
 
 def _norm_ratios(a, b):
-    return {jax.tree_util.keystr(k): float(jnp.linalg.norm(u) / jnp.linalg.norm(v))
-            for (k, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))}
+    return {
+        jax.tree_util.keystr(k): float(jnp.linalg.norm(u) / jnp.linalg.norm(v))
+        for (k, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+    }
 
 
 def _assert_unbiased(mean, true):
@@ -104,14 +115,16 @@ def _assert_unbiased(mean, true):
 
 def _np_estimate(model, params, x, y, loss_fn, sigma, step, **options):
     keys = perturbation.example_keys(0, step, jnp.arange(BATCH))
-    return perturbation.np_gradient(model, params, x, y, loss_fn, sigma=sigma, keys=keys,
-                                    normalizer=BATCH, **options)[0]
+    return perturbation.np_gradient(
+        model, params, x, y, loss_fn, sigma=sigma, keys=keys, normalizer=BATCH, **options
+    )[0]
 
 
 def _np_mean(model, params, x, y, loss_fn, sigma, samples, **options):
     """The mean of `samples` estimates (steps 0..samples-1); `options` go to np_gradient."""
-    estimate = jax.jit(lambda step: _np_estimate(model, params, x, y, loss_fn, sigma, step,
-                                                 **options))
+    estimate = jax.jit(
+        lambda step: _np_estimate(model, params, x, y, loss_fn, sigma, step, **options)
+    )
     return jax.jit(lambda: _mean_estimate(estimate, params, samples))()
 
 
@@ -151,8 +164,7 @@ OPTIONS = {
 def test_np_is_unbiased_with_each_estimator_option(name, option):
     body, shape, act, loss, sigma, draws = CASES[name]
     model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
-    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, sigma, draws, **OPTIONS[option]),
-                     true)
+    _assert_unbiased(_np_mean(model, params, x, y, loss_fn, sigma, draws, **OPTIONS[option]), true)
 
 
 BF16_SIGMA = max(models.BF16_SIGMA_FLOOR.values())
@@ -197,9 +209,20 @@ def test_modes_give_the_same_update():
         keys = perturbation.example_keys(0, 3, jnp.arange(BATCH))
         for noise in perturbation.NOISE_KINDS:
             # Compiled: eager dispatch of the residual net's ops took minutes here.
-            run = lambda **o: jax.jit(lambda p: perturbation.np_gradient(
-                model, p, x, y, loss_fn, sigma=1e-3, keys=keys, normalizer=BATCH,
-                noise_kind=noise, **o))(params)
+            run = lambda **o: jax.jit(
+                lambda p: perturbation.np_gradient(
+                    model,
+                    p,
+                    x,
+                    y,
+                    loss_fn,
+                    sigma=1e-3,
+                    keys=keys,
+                    normalizer=BATCH,
+                    noise_kind=noise,  # noqa: B023 (run is called in this iteration)
+                    **o,
+                )
+            )(params)
             default = jax.tree.leaves(run())
             for option in (dict(mode="regen"), dict(microbatches=4)):
                 for u, v in zip(default, jax.tree.leaves(run(**option))):
@@ -211,34 +234,43 @@ def test_regen_draws_the_noise_again():
     body, shape, act, loss, _, _ = CASES["fc-mse"]
     model, params, x, y, loss_fn, _ = _setup(body, shape, act, loss)
     keys = perturbation.example_keys(0, 0, jnp.arange(BATCH))
-    draws = lambda mode: str(jax.make_jaxpr(lambda p: perturbation.np_gradient(
-        model, p, x, y, loss_fn, sigma=1e-4, keys=keys, normalizer=BATCH, mode=mode))(
-        params)).count("random_bits")
+    draws = lambda mode: str(
+        jax.make_jaxpr(
+            lambda p: perturbation.np_gradient(
+                model, p, x, y, loss_fn, sigma=1e-4, keys=keys, normalizer=BATCH, mode=mode
+            )
+        )(params)
+    ).count("random_bits")
     assert draws("regen") == 2 * draws("keep") > 0
 
 
 def test_noise_differs_between_steps_examples_and_taps():
     """A constant step or example index in the keys would reuse noise (and pass the MC tests)."""
     draw = lambda step, idx: perturbation.draw_noise(
-        perturbation.example_keys(0, step, jnp.asarray(idx)), {"a": (64,), "b": (64,)},
-        "gaussian").values()
+        perturbation.example_keys(0, step, jnp.asarray(idx)), {"a": (64,), "b": (64,)}, "gaussian"
+    ).values()
     (a0, a1), (b0, _) = draw(0, [0, 1]), draw(1, [0, 1])
-    assert not np.allclose(a0[0], a0[1])   # examples 0 and 1, same step
-    assert not np.allclose(a0[0], b0[0])   # steps 0 and 1, same example
-    assert not np.allclose(a0[0], a1[0])   # taps a and b
+    assert not np.allclose(a0[0], a0[1])  # examples 0 and 1, same step
+    assert not np.allclose(a0[0], b0[0])  # steps 0 and 1, same example
+    assert not np.allclose(a0[0], a1[0])  # taps a and b
     c0 = list(draw(0, [1]))[0]
     np.testing.assert_array_equal(c0[0], a0[1])  # an example's noise depends on its index only
 
 
 def test_init_and_noise_streams_are_apart():
-    keys = [perturbation.stream_key(0, "init"), perturbation.stream_key(0, "noise"), jax.random.key(0)]
+    keys = [
+        perturbation.stream_key(0, "init"),
+        perturbation.stream_key(0, "noise"),
+        jax.random.key(0),
+    ]
     data = [tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in keys]
     assert len(set(data)) == 3, data
     # and init_state draws the parameters from the init stream
     model = models.build_model("fc", 10, n_hl=1, hl_size=8)
     x = np.zeros((8, 12), np.float32)
-    state = step_lib.init_state(model, optim.make_optimizer("sgd", 0.1, 0.0), x, 0,
-                                mesh_lib.make_mesh(jax.devices()[:1]))
+    state = step_lib.init_state(
+        model, optim.make_optimizer("sgd", 0.1, 0.0), x, 0, mesh_lib.make_mesh(jax.devices()[:1])
+    )
     expected = model.init(perturbation.stream_key(0, "init"), x[:1])["params"]
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
@@ -249,7 +281,7 @@ def test_rademacher_noise_is_signs_with_unit_variance():
     (n,) = perturbation.draw_noise(keys, {"t": (7, 5)}, "rademacher").values()
     assert n.shape == (64, 7, 5)
     assert set(np.unique(np.asarray(n)).tolist()) == {-1.0, 1.0}
-    assert abs(float(n.mean())) < 0.05 and abs(float((n ** 2).mean()) - 1.0) < 1e-6
+    assert abs(float(n.mean())) < 0.05 and abs(float((n**2).mean()) - 1.0) < 1e-6
     # Neighbouring nodes take different bits: not all equal along any axis.
     assert float(jnp.abs(jnp.diff(n, axis=-1)).mean()) > 0.5
 
@@ -262,9 +294,17 @@ def test_same_harness_rejects_the_batch_mean_estimator():
 
     @jax.jit
     def biased(step):
-        return perturbation.original_gradient(model, params, x, y, loss_fn, sigma=sigma,
-                                              key=perturbation.step_key(0, step),
-                                              normalizer=BATCH, noise_kind="gaussian")[0]
+        return perturbation.original_gradient(
+            model,
+            params,
+            x,
+            y,
+            loss_fn,
+            sigma=sigma,
+            key=perturbation.step_key(0, step),
+            normalizer=BATCH,
+            noise_kind="gaussian",
+        )[0]
 
     mean = jax.jit(lambda: _mean_estimate(biased, params, draws))()
     cos = _cosines(mean, true)

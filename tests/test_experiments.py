@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -51,20 +50,30 @@ def test_vary_lr_and_resume(tmp_path, mnist_dir):
     out = tmp_path / "vary"
     experiment("vary-lr", out, f"--data_dir={mnist_dir}", "--lrs=1.0")
     rows = table(out / "vary_lr.csv")
-    assert [(r["update_rule"], r["status"]) for r in rows] == [("np", "finished"), ("sgd", "finished")]
+    assert [(r["update_rule"], r["status"]) for r in rows] == [
+        ("np", "finished"),
+        ("sgd", "finished"),
+    ]
     assert all(float(r["final_acc"]) > 0.15 for r in rows)  # chance is 0.1
     assert_png(out / "vary_lr.png")
     # Rerun: nothing is trained again (the workdirs are finished), the same table comes out.
     mtime = os.path.getmtime(out / "runs" / "update_rule=np,lr=1.0,seed=0" / "metrics.jsonl")
     experiment("vary-lr", out, f"--data_dir={mnist_dir}", "--lrs=1.0")
     assert table(out / "vary_lr.csv") == rows
-    assert os.path.getmtime(out / "runs" / "update_rule=np,lr=1.0,seed=0" / "metrics.jsonl") == mtime
+    assert (
+        os.path.getmtime(out / "runs" / "update_rule=np,lr=1.0,seed=0" / "metrics.jsonl") == mtime
+    )
 
 
 def test_grad_stats_resumes_without_duplicate_rows(tmp_path, mnist_dir):
     out = tmp_path / "gs"
-    args = [f"--data_dir={mnist_dir}", "--every=2", "--draws=2", "--probe_size=64",
-            "--checkpoint_every_steps=2"]
+    args = [
+        f"--data_dir={mnist_dir}",
+        "--every=2",
+        "--draws=2",
+        "--probe_size=64",
+        "--checkpoint_every_steps=2",
+    ]
     experiment("grad-stats", out, *args, "--max_steps=5")  # preempted after step 5, saved at 4
     experiment("grad-stats", out, *args)
     rows = table(out / "grad_stats.csv")
@@ -79,9 +88,19 @@ def test_crash_timing_finds_and_replays_a_crash(tmp_path, mnist_dir):
     # SGD + cross-entropy at lr 3 on the tiny net: test accuracy 10, 11, 19, then 11% at epoch
     # 3, a crash by a 5-point criterion; lr 0.01 does not crash.
     out = tmp_path / "crash"
-    experiment("crash-timing", out, f"--data_dir={mnist_dir}", "--num_epochs=3",
-               "--update_rule=sgd", "--loss=ce", "--lrs=0.01,3", "--crash_points=5",
-               "--replay_every=3", "--replay_draws=2", "--probe_size=64")
+    experiment(
+        "crash-timing",
+        out,
+        f"--data_dir={mnist_dir}",
+        "--num_epochs=3",
+        "--update_rule=sgd",
+        "--loss=ce",
+        "--lrs=0.01,3",
+        "--crash_points=5",
+        "--replay_every=3",
+        "--replay_draws=2",
+        "--probe_size=64",
+    )
     rows = {float(r["lr"]): r for r in table(out / "crash_timing.csv")}
     assert rows[0.01]["status"] == "finished" and rows[0.01]["crash_epoch"] == ""
     assert rows[3.0]["status"] == "crashed" and rows[3.0]["crash_epoch"] == "3"
@@ -97,12 +116,21 @@ def test_crash_timing_finds_and_replays_a_crash(tmp_path, mnist_dir):
 
 def test_linesearch(tmp_path, mnist_dir):
     out = tmp_path / "ls"
-    experiment("linesearch", out, f"--data_dir={mnist_dir}", "--widths=8,32", "--draws=2",
-               "--probe_size=200", "--lrs=0.01,1,100,10000")
+    experiment(
+        "linesearch",
+        out,
+        f"--data_dir={mnist_dir}",
+        "--widths=8,32",
+        "--draws=2",
+        "--probe_size=200",
+        "--lrs=0.01,1,100,10000",
+    )
     rows = table(out / "linesearch.csv")
     assert len(rows) == 2 * 2 * 4
     lrs = table(out / "linesearch_lrs.csv")
-    assert {(r["width"], r["rule"]) for r in lrs} == {(w, u) for w in ("8", "32") for u in ("np", "sgd")}
+    assert {(r["width"], r["rule"]) for r in lrs} == {
+        (w, u) for w in ("8", "32") for u in ("np", "sgd")
+    }
     sgd = [float(r["delta_loss"]) for r in rows if r["rule"] == "sgd" and r["width"] == "32"]
     assert sgd[0] < 0  # a small SGD step lowers the loss
     assert_png(out / "linesearch.png")
@@ -110,11 +138,16 @@ def test_linesearch(tmp_path, mnist_dir):
 
 def test_delta_loss(tmp_path, mnist_dir):
     out = tmp_path / "dl"
-    experiment("delta-loss", out, f"--data_dir={mnist_dir}", "--per_epoch=2", "--window=2",
-               "--lrs=0.5,1.0")
+    experiment(
+        "delta-loss", out, f"--data_dir={mnist_dir}", "--per_epoch=2", "--window=2", "--lrs=0.5,1.0"
+    )
     rows = table(out / "delta_loss.csv")
     assert [(r["rule"], r["point"], r["updates"]) for r in rows] == [
-        ("np", "0", "2"), ("np", "1", "2"), ("sgd", "0", "2"), ("sgd", "1", "2")]
+        ("np", "0", "2"),
+        ("np", "1", "2"),
+        ("sgd", "0", "2"),
+        ("sgd", "1", "2"),
+    ]
     assert float(rows[2]["delta_loss"]) < 0  # SGD's first updates lower their batch's loss
     assert_png(out / "delta_loss.png")
 
@@ -124,15 +157,24 @@ def test_adam_np(tmp_path, mnist_dir):
     experiment("adam-np", out, f"--data_dir={mnist_dir}", "--lrs=0.001")
     rows = table(out / "adam_np.csv")
     assert [r["optimizer"] for r in rows] == ["sgd", "adam"]
-    config = json.loads((out / "runs" / "optimizer=adam,lr=0.001,seed=0" / "config.json").read_text())
+    config = json.loads(
+        (out / "runs" / "optimizer=adam,lr=0.001,seed=0" / "config.json").read_text()
+    )
     assert config["optimizer"] == "adam" and config["update_rule"] == "np"
     assert_png(out / "adam_np.png")
 
 
 def test_landscape(tmp_path, mnist_dir):
     out = tmp_path / "land"
-    experiment("landscape", out, f"--data_dir={mnist_dir}", "--every=3", "--grid=5",
-               "--surface_size=200", "--lr=1")
+    experiment(
+        "landscape",
+        out,
+        f"--data_dir={mnist_dir}",
+        "--every=3",
+        "--grid=5",
+        "--surface_size=200",
+        "--lr=1",
+    )
     surface = table(out / "landscape.csv")
     path = table(out / "landscape_trajectory.csv")
     assert len(surface) == 25
@@ -146,48 +188,96 @@ def test_landscape(tmp_path, mnist_dir):
 # Every setting that shapes the train state or the model: the optimizer, its aids and schedule,
 # the compute dtype; and an estimator option. --loss=ce: landscape's trajectory loss once
 # took one example's logits for every label (ce then failed, mse was silently wrong).
-ANY_RUN = ["--optimizer=adam", "--lr=1e-3", "--lr_schedule=cosine", "--warmup_epochs=0.5",
-           "--weight_norm", "--clip_norm=1", "--wd=1e-5", "--dtype=bfloat16", "--sigma=0.03",
-           "--loss=ce", "--np_layerwise", "--update_rule=np"]
+ANY_RUN = [
+    "--optimizer=adam",
+    "--lr=1e-3",
+    "--lr_schedule=cosine",
+    "--warmup_epochs=0.5",
+    "--weight_norm",
+    "--clip_norm=1",
+    "--wd=1e-5",
+    "--dtype=bfloat16",
+    "--sigma=0.03",
+    "--loss=ce",
+    "--np_layerwise",
+    "--update_rule=np",
+]
 
 
 def test_landscape_and_linesearch_restore_any_run(tmp_path, mnist_dir):
     """Both restore their runs' checkpoints through the one run set-up (run_setup.build):
     every setting of the run, whatever the optimizer, schedule, weight norm and dtype."""
     out = tmp_path / "land"
-    experiment("landscape", out, f"--data_dir={mnist_dir}", "--every=3", "--grid=3",
-               "--surface_size=200", *ANY_RUN)
+    experiment(
+        "landscape",
+        out,
+        f"--data_dir={mnist_dir}",
+        "--every=3",
+        "--grid=3",
+        "--surface_size=200",
+        *ANY_RUN,
+    )
     path = table(out / "landscape_trajectory.csv")
     assert [int(r["step"]) for r in path] == [0, 3, 6, 9, 10]
     assert len(table(out / "landscape.csv")) == 9
     # cross-entropy of 10 classes near chance: ~2.3 each (not one example's logits per label)
     assert all(1 < float(r["loss"]) < 4 for r in path)
     out = tmp_path / "ls"
-    experiment("linesearch", out, f"--data_dir={mnist_dir}", "--widths=16", "--draws=2",
-               "--lrs=0.01,1", *ANY_RUN)
+    experiment(
+        "linesearch",
+        out,
+        f"--data_dir={mnist_dir}",
+        "--widths=16",
+        "--draws=2",
+        "--lrs=0.01,1",
+        *ANY_RUN,
+    )
     rows = table(out / "linesearch.csv")
-    assert [(r["rule"], r["lr"]) for r in rows] == [("sgd", "0.01"), ("np", "0.01"),
-                                                   ("sgd", "1.0"), ("np", "1.0")]
+    assert [(r["rule"], r["lr"]) for r in rows] == [
+        ("sgd", "0.01"),
+        ("np", "0.01"),
+        ("sgd", "1.0"),
+        ("np", "1.0"),
+    ]
     assert all(r["delta_loss"] != "" for r in rows)
 
 
 def test_scaling(tmp_path, mnist_dir):
     out = tmp_path / "scale"
-    experiment("scaling", out, f"--data_dir={mnist_dir}", "--widths=8,16", "--depths=2",
-               "--lrs=1.0")
+    experiment(
+        "scaling", out, f"--data_dir={mnist_dir}", "--widths=8,16", "--depths=2", "--lrs=1.0"
+    )
     summary = table(out / "scaling.csv")
     assert [(r["sweep"], r["hl_size"] or r["n_hl"]) for r in summary] == [
-        ("width", "8"), ("width", "16"), ("depth", "2")]
+        ("width", "8"),
+        ("width", "16"),
+        ("depth", "2"),
+    ]
     assert all(r["largest_stable_lr"] == "1.0" for r in summary)
     assert_png(out / "scaling.png")
 
 
 def test_bad_input_is_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "nodepert_dist.experiments", "scaling", f"--out={tmp_path}",
-           "--widths=8,x"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nodepert_dist.experiments",
+        "scaling",
+        f"--out={tmp_path}",
+        "--widths=8,x",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=ENV, cwd=REPO)
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --widths must be integers"
+    assert (
+        proc.returncode != 0
+        and proc.stderr.strip().splitlines()[-1] == "error: --widths must be integers"
+    )
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "nodepert_dist.experiments", "nope"],
-                          capture_output=True, text=True, timeout=60, env=ENV, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodepert_dist.experiments", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        cwd=REPO,
+    )
     assert proc.returncode != 0 and "unknown experiment 'nope'" in proc.stderr

@@ -21,6 +21,7 @@ def _listing(folder):
 
 # ----------------------------------------------------------------------------- atomic writes
 
+
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "config.json"
     files.write_json(path, {"lr": 0.1})
@@ -77,6 +78,7 @@ def test_the_folder_is_created(tmp_path):
 
 # ----------------------------------------------------------------------------- values
 
+
 def test_non_finite_floats_are_null_in_json_and_empty_in_csv(tmp_path):
     row = {"loss": math.nan, "acc": math.inf, "nested": {"x": [1.5, -math.inf]}, "ok": 0.5}
     files.write_json(tmp_path / "r.json", row)
@@ -103,6 +105,7 @@ def test_csv_columns_in_first_seen_order_or_as_given(tmp_path):
 
 # ----------------------------------------------------------------------------- reading
 
+
 def test_a_byte_order_mark_is_fine(tmp_path):
     (tmp_path / "c.json").write_bytes(b"\xef\xbb\xbf" + b'{"lr": 0.1}')
     assert files.read_json(tmp_path / "c.json") == {"lr": 0.1}
@@ -112,11 +115,17 @@ def test_a_byte_order_mark_is_fine(tmp_path):
     assert files.read_jsonl(tmp_path / "c.jsonl") == [{"a": 1}]
 
 
-@pytest.mark.parametrize("content, words", [
-    (b'{"lr": 0.1,}', "is not valid JSON: Expecting property name enclosed in double quotes at "
-                      "line 1 column 12"),
-    (b'{"lr": "\xff"}', "is not UTF-8 text (invalid start byte at byte 8)"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (
+            b'{"lr": 0.1,}',
+            "is not valid JSON: Expecting property name enclosed in double quotes at "
+            "line 1 column 12",
+        ),
+        (b'{"lr": "\xff"}', "is not UTF-8 text (invalid start byte at byte 8)"),
+    ],
+)
 def test_a_bad_json_file_is_one_line_naming_it(tmp_path, content, words):
     path = tmp_path / "spec.json"
     path.write_bytes(content)
@@ -145,14 +154,14 @@ def test_jsonl_skips_a_torn_last_line_but_not_a_damaged_middle(tmp_path):
 # file created exclusively, or a log stream. Counted per module, so a new hand-written copy in
 # one of these modules fails the test too.
 _OTHER_WRITES = {
-    "nodepert_dist/checkpoint.py": 1,         # commit: the step folder renamed into place
+    "nodepert_dist/checkpoint.py": 1,  # commit: the step folder renamed into place
     "nodepert_dist/checkpoint_layout.py": 2,  # step folders set aside / renamed away to delete
-    "nodepert_dist/crash_guard.py": 1,        # rollback: step folders moved aside
-    "nodepert_dist/metrics.py": 1,            # a fresh start: earlier run's files moved aside
-    "nodepert_dist/data/store.py": 3,         # arrays into a temp folder, published whole (old out)
+    "nodepert_dist/crash_guard.py": 1,  # rollback: step folders moved aside
+    "nodepert_dist/metrics.py": 1,  # a fresh start: earlier run's files moved aside
+    "nodepert_dist/data/store.py": 3,  # arrays into a temp folder, published whole (old out)
     "nodepert_dist/experiments/crash_timing.py": 1,  # the replay folder published
-    "nodepert_dist/workdir_lock.py": 5,       # the lock: exclusive create + holder (x2), takeover
-    "nodepert_dist/sweep_launch.py": 1,       # each run's run.log, a stream
+    "nodepert_dist/workdir_lock.py": 5,  # the lock: exclusive create + holder (x2), takeover
+    "nodepert_dist/sweep_launch.py": 1,  # each run's run.log, a stream
 }
 
 
@@ -164,8 +173,10 @@ def _writes(path: pathlib.Path) -> int:
     inside = set()  # nodes within a `with files.atomic_open(...)` block
     for node in ast.walk(tree):
         if isinstance(node, ast.With) and any(
-                isinstance(i.context_expr, ast.Call) and ast.unparse(i.context_expr.func)
-                == "files.atomic_open" for i in node.items):
+            isinstance(i.context_expr, ast.Call)
+            and ast.unparse(i.context_expr.func) == "files.atomic_open"
+            for i in node.items
+        ):
             inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
     count = 0
     for node in ast.walk(tree):
@@ -179,8 +190,9 @@ def _writes(path: pathlib.Path) -> int:
             count += 1
         elif name in ("os.replace", "os.rename", "json.dump"):
             count += 1
-        elif node.args and (name in ("np.save", "np.savez", "np.savez_compressed")
-                            or last in ("savefig", "tofile")):
+        elif node.args and (
+            name in ("np.save", "np.savez", "np.savez_compressed") or last in ("savefig", "tofile")
+        ):
             count += 1
     return count
 
@@ -193,24 +205,30 @@ def test_no_module_writes_a_file_its_own_way():
             n = _writes(path)
             if rel != "nodepert_dist/files.py" and n != _OTHER_WRITES.get(rel, 0):
                 found[rel] = n
-    assert not found, ("modules that write files outside nodepert_dist/files.py (write through "
-                       f"files.atomic_open / write_json / write_csv / append_jsonl): {found}")
+    assert not found, (
+        "modules that write files outside nodepert_dist/files.py (write through "
+        f"files.atomic_open / write_json / write_csv / append_jsonl): {found}"
+    )
 
 
 def test_the_write_finder_sees_a_hand_written_copy(tmp_path):
     path = tmp_path / "m.py"
-    path.write_text("import json, os\n"
-                    "def save(p, obj):\n"
-                    "    with open(p + '.tmp', 'w') as f:\n"
-                    "        json.dump(obj, f)\n"
-                    "    os.replace(p + '.tmp', p)\n"
-                    "def read(p):\n"
-                    "    with open(p) as f:\n"
-                    "        return f.read()\n")
+    path.write_text(
+        "import json, os\n"
+        "def save(p, obj):\n"
+        "    with open(p + '.tmp', 'w') as f:\n"
+        "        json.dump(obj, f)\n"
+        "    os.replace(p + '.tmp', p)\n"
+        "def read(p):\n"
+        "    with open(p) as f:\n"
+        "        return f.read()\n"
+    )
     assert _writes(path) == 3
-    path.write_text("import numpy as np\n"
-                    "from nodepert_dist import files\n"
-                    "with files.atomic_open('a.npy', 'wb') as f:\n"
-                    "    np.save(f, 1)\n"
-                    "np.save('b.npy', 1)\n")
+    path.write_text(
+        "import numpy as np\n"
+        "from nodepert_dist import files\n"
+        "with files.atomic_open('a.npy', 'wb') as f:\n"
+        "    np.save(f, 1)\n"
+        "np.save('b.npy', 1)\n"
+    )
     assert _writes(path) == 1  # the second: a path written in place

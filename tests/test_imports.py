@@ -34,11 +34,12 @@ def _imports(name: str, path: pathlib.Path, modules: dict) -> set:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from the package, `level - 1` folders up
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             # `from a import b`: the submodule a.b if there is one, else a itself
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
-                       for a in node.names]
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -97,12 +98,11 @@ def _path_through(graph: dict, component: list) -> str:
 
 def test_no_import_cycle_in_the_package():
     modules = _modules()
-    graph = {name: {t for t in _imports(name, path, modules)
-}
-             for name, path in modules.items()}
+    graph = {name: {t for t in _imports(name, path, modules)} for name, path in modules.items()}
     cycles = _cycles(graph)
     assert not cycles, "import cycles (cut each; lazy imports count): " + "; ".join(
-        f"{{{', '.join(c)}}}: {_path_through(graph, c)}" for c in cycles)
+        f"{{{', '.join(c)}}}: {_path_through(graph, c)}" for c in cycles
+    )
 
 
 def test_the_cycle_finder_sees_a_cycle():
@@ -124,7 +124,8 @@ def test_no_module_over_400_lines():
             if lines > MAX_LINES:
                 too_long.append(f"{rel} ({lines})")
     assert not too_long, f"modules over {MAX_LINES} lines (split by concern): " + ", ".join(
-        too_long)
+        too_long
+    )
 
 
 def _reachable(graph: dict, start: str) -> set:
@@ -153,8 +154,15 @@ def test_settings_sit_at_the_bottom():
 @pytest.mark.parametrize("module", ["presets", "settings"])
 def test_leaf_modules_import_only_the_standard_library(module):
     tree = ast.parse((REPO / PACKAGE / f"{module}.py").read_text())
-    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for a in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        a.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for a in node.names
+    }
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert imported <= {"__future__", "dataclasses"}, imported

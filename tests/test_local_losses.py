@@ -6,14 +6,17 @@ the same update on 1 and 8 devices is in tests/test_step.py."""
 import jax
 import jax.numpy as jnp
 import pytest
+from test_estimator import BATCH, _assert_unbiased, _np_mean
 
 from nodepert_dist import losses, models, perturbation, taps
 from nodepert_dist import step as step_lib
 from nodepert_dist.estimator import NPSettings
-from test_estimator import BATCH, _assert_unbiased, _np_mean
 
-OPTIONS = {"finite": ({}, 8000), "jvp-2-draws": (dict(delta="jvp", draws=2), 4000),
-           "antithetic-regen": (dict(antithetic=True, mode="regen"), 8000)}
+OPTIONS = {
+    "finite": ({}, 8000),
+    "jvp-2-draws": (dict(delta="jvp", draws=2), 4000),
+    "antithetic-regen": (dict(antithetic=True, mode="regen"), 8000),
+}
 
 
 def _setup():
@@ -27,10 +30,12 @@ def _setup():
 def local_gradient(model, params, x, y, loss_fn):
     """jax.grad of the sum of the blocks' mean losses: each hidden layer's input is
     stop-gradient'ed in the model, so every parameter gets its own block's gradient only."""
+
     def objective(p):
         logits, values = taps.forward(model, p, x)
         heads = [v for k, v in values.items() if k.startswith(perturbation.HEAD_PREFIX)]
         return sum(jnp.mean(loss_fn(z, y)) for z in [logits, *heads])
+
     return jax.grad(objective)(params)
 
 
@@ -44,8 +49,16 @@ def test_each_block_is_unbiased_for_its_local_objective(option):
     mean = _np_mean(model, params, x, y, losses.mse, sigma, samples, local=True, **options)
     _assert_unbiased(mean, true)
     # and it is not the global gradient: the hidden layers follow their own heads' losses
-    global_grad = jax.grad(lambda p: jnp.mean(losses.mse(model.clone(local_heads=False).apply(
-        {"params": {k: v for k, v in p.items() if not k.startswith("head")}}, x), y)))(params)
+    global_grad = jax.grad(
+        lambda p: jnp.mean(
+            losses.mse(
+                model.clone(local_heads=False).apply(
+                    {"params": {k: v for k, v in p.items() if not k.startswith("head")}}, x
+                ),
+                y,
+            )
+        )
+    )(params)
     with pytest.raises(AssertionError):
         _assert_unbiased({"layer0": mean["layer0"]}, {"layer0": global_grad["layer0"]})
 
@@ -57,17 +70,33 @@ def test_blocks_are_the_layers_and_their_heads():
     assert heads == ["head_tap0", "head_tap1", None]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: perturbation.check_options(layerwise=True, local=True),
-     "--np_local perturbs one block at a time already; drop --np_layerwise"),
-    (lambda: models.build_model("conv", 10, local_heads=True),
-     "--np_local is built for the MLPs \\(fc, linfc\\), not --network=conv"),
-    (lambda: step_lib.local_gradient(update_rule="sgd", loss="mse", seed=0, global_batch=8,
-                                     np=NPSettings(sigma=1e-4, np_local=True)),
-     "--np_local is node perturbation with block-local losses; drop it with --update_rule=sgd"),
-    (lambda: perturbation.local_blocks({"tap0": (3,), "tap1": (2,)}),
-     "--np_local: tap tap0 has no auxiliary head \\(head_tap0\\)"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: perturbation.check_options(layerwise=True, local=True),
+            "--np_local perturbs one block at a time already; drop --np_layerwise",
+        ),
+        (
+            lambda: models.build_model("conv", 10, local_heads=True),
+            "--np_local is built for the MLPs \\(fc, linfc\\), not --network=conv",
+        ),
+        (
+            lambda: step_lib.local_gradient(
+                update_rule="sgd",
+                loss="mse",
+                seed=0,
+                global_batch=8,
+                np=NPSettings(sigma=1e-4, np_local=True),
+            ),
+            "--np_local is node perturbation with block-local losses; drop it with --update_rule=sgd",
+        ),
+        (
+            lambda: perturbation.local_blocks({"tap0": (3,), "tap1": (2,)}),
+            "--np_local: tap tap0 has no auxiliary head \\(head_tap0\\)",
+        ),
+    ],
+)
 def test_bad_local_settings_are_one_line_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()

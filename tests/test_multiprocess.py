@@ -30,16 +30,21 @@ SMALL = ["--hl_size=32", "--n_hl=1", "--batchsize=8000", "--num_epochs=1", "--ev
 def env(**extra):
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    for k in ("NODEPERT_COORDINATOR_ADDRESS", "NODEPERT_NUM_PROCESSES", "NODEPERT_PROCESS_ID",
-              "XLA_FLAGS"):
+    for k in (
+        "NODEPERT_COORDINATOR_ADDRESS",
+        "NODEPERT_NUM_PROCESSES",
+        "NODEPERT_PROCESS_ID",
+        "XLA_FLAGS",
+    ):
         e.pop(k, None)
     e.update(extra)
     return e
 
 
 def run(cmd, timeout, **extra_env):
-    return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        cmd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def rows_by_rank(stdout):
@@ -57,16 +62,39 @@ def rows_by_rank(stdout):
 # loss differences by sigma=1e-4, so rounding is amplified: parameters within 2e-6 (measured 5e-7 after 7 steps, while training
 # moves them by > 1e-3), losses within 1e-5 relative, and accuracies within 3 examples
 # (measured: 1 of 60000 flipped).
-@pytest.mark.parametrize("rule, atol, loss_rel, acc_abs", [
-    ("sgd", 1e-7, 1e-6, 2 / 10000), ("np", 2e-6, 1e-5, 3 / 10000)])
+@pytest.mark.parametrize(
+    "rule, atol, loss_rel, acc_abs", [("sgd", 1e-7, 1e-6, 2 / 10000), ("np", 2e-6, 1e-5, 3 / 10000)]
+)
 def test_two_processes_train_like_one(mnist_dir, tmp_path, rule, atol, loss_rel, acc_abs):
     common = SMALL + [f"--update_rule={rule}", f"--data_dir={mnist_dir}"]
-    multi = run([PY, LAUNCH, "--num_processes=2", "--devices_per_process=4", "--timeout_s=150",
-                 "--", PY, WORKER, *common, f"--workdir={tmp_path}/m",
-                 f"--save_final_params={tmp_path}/m.npz"], timeout=180)
+    multi = run(
+        [
+            PY,
+            LAUNCH,
+            "--num_processes=2",
+            "--devices_per_process=4",
+            "--timeout_s=150",
+            "--",
+            PY,
+            WORKER,
+            *common,
+            f"--workdir={tmp_path}/m",
+            f"--save_final_params={tmp_path}/m.npz",
+        ],
+        timeout=180,
+    )
     assert multi.returncode == 0, multi.stdout[-3000:]
-    single = run([PY, WORKER, "--cpu_devices=8", *common, f"--workdir={tmp_path}/s",
-                  f"--save_final_params={tmp_path}/s.npz"], timeout=120)
+    single = run(
+        [
+            PY,
+            WORKER,
+            "--cpu_devices=8",
+            *common,
+            f"--workdir={tmp_path}/s",
+            f"--save_final_params={tmp_path}/s.npz",
+        ],
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     timing = {"epoch_time", "examples_per_s"}  # each process's own clock
@@ -93,19 +121,28 @@ def test_two_processes_train_like_one(mnist_dir, tmp_path, rule, atol, loss_rel,
         np.testing.assert_allclose(p_multi[k], p_single[k], rtol=0, atol=atol, err_msg=k)
     # The tolerance is far below how far training moved the parameters.
     init = _init_params(mnist_dir)
-    moved = max(float(np.abs(p_single[k] - init[k.split(".")[0]][k.split(".")[1]]).max())
-                for k in p_single)
+    moved = max(
+        float(np.abs(p_single[k] - init[k.split(".")[0]][k.split(".")[1]]).max()) for k in p_single
+    )
     assert moved > 100 * atol, moved
 
 
 def _init_params(mnist_dir):
     """The untrained parameters of the SMALL net (seed 0), to show training moved them."""
     import jax
-    from nodepert_dist import mesh as mesh_lib, models, optim, step as step_lib
+
+    from nodepert_dist import mesh as mesh_lib
+    from nodepert_dist import models, optim
+    from nodepert_dist import step as step_lib
+
     model = models.build_model("fc", 10, 1, 32)
-    state = step_lib.init_state(model, optim.make_optimizer("sgd", 1e-2, 0.0),
-                                np.zeros((1, 28, 28, 1), np.float32), 0,
-                                mesh_lib.make_mesh(jax.devices()[:1]))
+    state = step_lib.init_state(
+        model,
+        optim.make_optimizer("sgd", 1e-2, 0.0),
+        np.zeros((1, 28, 28, 1), np.float32),
+        0,
+        mesh_lib.make_mesh(jax.devices()[:1]),
+    )
     return jax.device_get(state.params)
 
 
@@ -143,13 +180,34 @@ def _alive(pid):
 def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
     # Long enough (20 epochs) that it is still training when killed; short epochs (5,000
     # training examples: the rest is the validation split) so the first one ends soon.
-    cmd = [PY, LAUNCH, "--num_processes=2", "--devices_per_process=4", "--timeout_s=120", "--",
-           PY, "-m", "nodepert_dist.train", "--hl_size=32", "--n_hl=1", "--batchsize=64",
-           "--num_epochs=20", "--validation_size=55000", "--eval_train=false",
-           f"--data_dir={mnist_dir}",
-           f"--workdir={tmp_path}/w"]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO, start_new_session=True)
+    cmd = [
+        PY,
+        LAUNCH,
+        "--num_processes=2",
+        "--devices_per_process=4",
+        "--timeout_s=120",
+        "--",
+        PY,
+        "-m",
+        "nodepert_dist.train",
+        "--hl_size=32",
+        "--n_hl=1",
+        "--batchsize=64",
+        "--num_epochs=20",
+        "--validation_size=55000",
+        "--eval_train=false",
+        f"--data_dir={mnist_dir}",
+        f"--workdir={tmp_path}/w",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
     out = Output(proc)
     try:
         pids = [int(out.wait_for(f"[launch] rank {r} pid", 30).split()[-1]) for r in (0, 1)]
@@ -170,13 +228,27 @@ def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
 
 
 def test_launcher_names_the_failing_rank_and_prefixes_output():
-    script = ("import os, sys; r = int(os.environ['NODEPERT_PROCESS_ID']);"
-              "print('hello from', r, os.environ['NODEPERT_NUM_PROCESSES'],"
-              " os.environ['XLA_FLAGS'], flush=True);"
-              "import time; time.sleep(0.5 if r == 2 else 60); sys.exit(7)")
+    script = (
+        "import os, sys; r = int(os.environ['NODEPERT_PROCESS_ID']);"
+        "print('hello from', r, os.environ['NODEPERT_NUM_PROCESSES'],"
+        " os.environ['XLA_FLAGS'], flush=True);"
+        "import time; time.sleep(0.5 if r == 2 else 60); sys.exit(7)"
+    )
     start = time.monotonic()
-    res = run([PY, LAUNCH, "--num_processes=3", "--devices_per_process=2", "--timeout_s=60",
-               "--", PY, "-c", script], timeout=90)
+    res = run(
+        [
+            PY,
+            LAUNCH,
+            "--num_processes=3",
+            "--devices_per_process=2",
+            "--timeout_s=60",
+            "--",
+            PY,
+            "-c",
+            script,
+        ],
+        timeout=90,
+    )
     assert res.returncode == 1
     assert time.monotonic() - start < 30
     lines = res.stdout.splitlines()
@@ -198,7 +270,8 @@ def test_launcher_mistyped_command_is_one_error_line():
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.splitlines() == [
         "error: 'nodepert-trian' is not an executable here (not on PATH, or not executable); "
-        "check the command after --"]
+        "check the command after --"
+    ]
     assert "[launch] rank" not in res.stdout  # no rank was started
 
 
@@ -211,10 +284,22 @@ def _free_port():
 def test_unreachable_coordinator_is_a_clear_error(mnist_dir, tmp_path):
     address = f"127.0.0.1:{_free_port()}"  # nobody listens there
     start = time.monotonic()
-    res = run([PY, "-m", "nodepert_dist.train", "--init_timeout_s=4", *SMALL,
-               f"--data_dir={mnist_dir}", f"--workdir={tmp_path}/w"], timeout=60,
-              NODEPERT_COORDINATOR_ADDRESS=address, NODEPERT_NUM_PROCESSES="2",
-              NODEPERT_PROCESS_ID="1", JAX_PLATFORMS="cpu")
+    res = run(
+        [
+            PY,
+            "-m",
+            "nodepert_dist.train",
+            "--init_timeout_s=4",
+            *SMALL,
+            f"--data_dir={mnist_dir}",
+            f"--workdir={tmp_path}/w",
+        ],
+        timeout=60,
+        NODEPERT_COORDINATOR_ADDRESS=address,
+        NODEPERT_NUM_PROCESSES="2",
+        NODEPERT_PROCESS_ID="1",
+        JAX_PLATFORMS="cpu",
+    )
     assert res.returncode == 1, res.stderr[-2000:]
     assert time.monotonic() - start < 40
     last = res.stderr.strip().splitlines()[-1]
@@ -225,19 +310,46 @@ def test_missing_peer_is_a_clear_error(mnist_dir, tmp_path):
     # Process 0 of 2 starts the coordinator; process 1 never comes.
     address = f"127.0.0.1:{_free_port()}"
     start = time.monotonic()
-    res = run([PY, "-m", "nodepert_dist.train", "--init_timeout_s=4", *SMALL,
-               f"--data_dir={mnist_dir}", f"--workdir={tmp_path}/w"], timeout=60,
-              NODEPERT_COORDINATOR_ADDRESS=address, NODEPERT_NUM_PROCESSES="2",
-              NODEPERT_PROCESS_ID="0", JAX_PLATFORMS="cpu")
+    res = run(
+        [
+            PY,
+            "-m",
+            "nodepert_dist.train",
+            "--init_timeout_s=4",
+            *SMALL,
+            f"--data_dir={mnist_dir}",
+            f"--workdir={tmp_path}/w",
+        ],
+        timeout=60,
+        NODEPERT_COORDINATOR_ADDRESS=address,
+        NODEPERT_NUM_PROCESSES="2",
+        NODEPERT_PROCESS_ID="0",
+        JAX_PLATFORMS="cpu",
+    )
     assert res.returncode == 3, res.stderr[-2000:]
     assert time.monotonic() - start < 40
-    assert (f"error: process 0/2: not all 2 processes joined the coordinator at {address} "
-            f"within 4 s") in res.stderr
+    assert (
+        f"error: process 0/2: not all 2 processes joined the coordinator at {address} within 4 s"
+    ) in res.stderr
 
 
 def test_expected_devices_mismatch_fails_at_start(mnist_dir, tmp_path):
-    res = run([PY, "-m", "nodepert_dist.train", "--cpu_devices=4", "--expected_devices=8", *SMALL,
-               f"--data_dir={mnist_dir}", f"--workdir={tmp_path}/w"], timeout=60)
+    res = run(
+        [
+            PY,
+            "-m",
+            "nodepert_dist.train",
+            "--cpu_devices=4",
+            "--expected_devices=8",
+            *SMALL,
+            f"--data_dir={mnist_dir}",
+            f"--workdir={tmp_path}/w",
+        ],
+        timeout=60,
+    )
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1].startswith(
-        "error: expected 8 devices (--expected_devices) but the job sees 4")
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: expected 8 devices (--expected_devices) but the job sees 4")
+    )

@@ -23,7 +23,8 @@ def test_schedules():
     assert warm[:5] == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5])
     assert warm[10] == pytest.approx(0.0, abs=1e-7)
     assert _lrs("step", decay_every=4, decay_factor=0.1) == pytest.approx(
-        [0.5] * 4 + [0.05] * 4 + [0.005] * 3)
+        [0.5] * 4 + [0.05] * 4 + [0.005] * 3
+    )
     with pytest.raises(ValueError, match="needs --lr_decay_epochs > 0"):
         optim.lr_schedule("step", 0.5, total_steps=10)
     with pytest.raises(ValueError, match="unknown --lr_schedule='linear'"):
@@ -42,6 +43,7 @@ def _apply(opt, params, grads, steps=1):
     def step(params, state):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
+
     state = opt.init(params)
     for _ in range(steps):
         params, state = step(params, state)
@@ -52,7 +54,7 @@ def test_clip_norm_clips_the_global_norm_before_the_optimizer():
     params = {"a": jnp.zeros(3), "b": jnp.zeros(4)}
     grads = {"a": jnp.full(3, 3.0), "b": jnp.full(4, 4.0)}  # global norm sqrt(27 + 64)
     new = _apply(optim.make_optimizer("sgd", 1.0, 0.0, clip_norm=1.0), params, grads)
-    norm = float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(new))))
+    norm = float(jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(new))))
     assert norm == pytest.approx(1.0, rel=1e-6)
     small = _apply(optim.make_optimizer("sgd", 1.0, 0.0, clip_norm=100.0), params, grads)
     np.testing.assert_allclose(small["a"], -3.0)
@@ -64,21 +66,25 @@ def test_weight_norm_holds_kernel_norms_and_leaves_biases():
     opt = optim.make_optimizer("sgd", 0.3, 0.0, weight_norm=True)
     new = _apply(opt, params, grads, steps=5)
     assert float(jnp.linalg.norm(new["kernel"])) == pytest.approx(
-        float(jnp.linalg.norm(params["kernel"])), rel=1e-5)
+        float(jnp.linalg.norm(params["kernel"])), rel=1e-5
+    )
     np.testing.assert_allclose(new["bias"], -1.5, rtol=1e-6)
     plain = _apply(optim.make_optimizer("sgd", 0.3, 0.0), params, grads, steps=5)
     assert float(jnp.linalg.norm(plain["kernel"])) != pytest.approx(
-        float(jnp.linalg.norm(params["kernel"])), rel=1e-2)
+        float(jnp.linalg.norm(params["kernel"])), rel=1e-2
+    )
 
 
 def test_weight_norm_leaves_zero_norm_kernels_trainable_and_finite():
     """ResNet's last conv of each residual branch starts at zero: main held it at norm 0 (never
     trained) and turned a zero kernel with a zero update into NaN."""
     from nodepert_dist import models
+
     model = models.build_model("resnet", 10, 0, 0, width=4)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-    zero = [k for k, v in jax.tree_util.tree_leaves_with_path(params)
-            if v.ndim >= 2 and not np.any(v)]
+    zero = [
+        k for k, v in jax.tree_util.tree_leaves_with_path(params) if v.ndim >= 2 and not np.any(v)
+    ]
     assert zero  # the case at hand: ResNet has zero-initialised kernels
     grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
     opt = optim.make_optimizer("sgd", 0.5, 0.0, weight_norm=True)

@@ -13,13 +13,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_estimator_exact import (
+    CLASSES,
+    HIDDEN,
+    SEED,
+    SIGMA,
+    STEP,
+    TAPS,
+    B,
+    _assert_equal,
+    _forward,
+    _tiny,
+)
 
-from nodepert_dist import losses, mesh as mesh_lib, perturbation, step as step_lib
-from nodepert_dist import optim
-from nodepert_dist.estimator import NPSettings
+from nodepert_dist import losses, optim, perturbation
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
-from test_estimator_exact import (B, CLASSES, HIDDEN, SEED, SIGMA, STEP, TAPS, _assert_equal,
-                                  _forward, _tiny)
+from nodepert_dist.estimator import NPSettings
 
 
 def _shared_noise(seed, step, kind):
@@ -28,12 +39,16 @@ def _shared_noise(seed, step, kind):
     noise = {}
     with jax.threefry_partitionable(False):
         for tap, n in widths.items():
-            k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
-                jax.random.key(seed), 2), step), zlib.crc32(tap.encode()) & 0x7FFFFFFF)
+            k = jax.random.fold_in(
+                jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 2), step),
+                zlib.crc32(tap.encode()) & 0x7FFFFFFF,
+            )
             if kind == "rademacher":
                 words = np.asarray(jax.random.bits(k, ((n + 31) // 32,), jnp.uint32))
-                noise[tap] = 2.0 * ((words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
-                                    ).reshape(-1)[:n] - 1.0
+                noise[tap] = (
+                    2.0 * ((words[:, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(-1)[:n]
+                    - 1.0
+                )
             else:
                 noise[tap] = np.asarray(jax.random.normal(k, (n,), jnp.float32), np.float64)
     return noise
@@ -47,9 +62,13 @@ def original_formula(params, x, y, loss_fn, xi, sigma):
     logits, pre = _forward(params, x, noisy, jax.nn.relu)
     d = jnp.mean(loss_fn(logits, y) - loss_fn(_forward(params, x, {}, jax.nn.relu)[0], y))
     inputs = {"tap0": x, "tap1": jax.nn.relu(pre["tap0"])}
-    return {f"layer{l}": {"kernel": d / sigma * jnp.outer(jnp.mean(inputs[t], 0), xi[t]),
-                          "bias": d / sigma * jnp.asarray(xi[t])}
-            for l, t in enumerate(TAPS)}
+    return {
+        f"layer{l}": {
+            "kernel": d / sigma * jnp.outer(jnp.mean(inputs[t], 0), xi[t]),
+            "bias": d / sigma * jnp.asarray(xi[t]),
+        }
+        for l, t in enumerate(TAPS)
+    }
 
 
 @pytest.mark.parametrize("noise", perturbation.NOISE_KINDS)
@@ -61,21 +80,33 @@ def test_original_estimator_is_the_original_formula_on_1_and_8_devices(noise):
     with jax.enable_x64(True):
         model, params, x, y = _tiny()
         params0 = jax.device_get(params)
-        expected = original_formula(params0, x, y, losses.mse, _shared_noise(SEED, STEP, noise),
-                                    SIGMA)
+        expected = original_formula(
+            params0, x, y, losses.mse, _shared_noise(SEED, STEP, noise), SIGMA
+        )
         opt = optim.make_optimizer("sgd", 1.0, 0.0)
-        for devices, (xs, ys) in ((1, (x, y)), (8, (jnp.concatenate([x, x]),
-                                                    jnp.concatenate([y, y])))):
+        for devices, (xs, ys) in (
+            (1, (x, y)),
+            (8, (jnp.concatenate([x, x]), jnp.concatenate([y, y]))),
+        ):
             mesh = mesh_lib.make_mesh(jax.devices()[:devices])
             rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            state = jax.device_put(step_lib.TrainState(step=jnp.int32(STEP), params=params0,
-                                                       opt_state=opt.init(params0)), rep)
-            step = step_lib.make_train_step(model, opt, mesh, update_rule="np", loss="mse",
-                                            seed=SEED, global_batch=len(xs),
-                                            np=NPSettings(sigma=SIGMA, noise=noise,
-                                                          np_estimator="original"))
-            new, metrics = step(state, *mesh_lib.global_batch(mesh, np.asarray(xs),
-                                                              np.asarray(ys)))
+            state = jax.device_put(
+                step_lib.TrainState(
+                    step=jnp.int32(STEP), params=params0, opt_state=opt.init(params0)
+                ),
+                rep,
+            )
+            step = step_lib.make_train_step(
+                model,
+                opt,
+                mesh,
+                update_rule="np",
+                loss="mse",
+                seed=SEED,
+                global_batch=len(xs),
+                np=NPSettings(sigma=SIGMA, noise=noise, np_estimator="original"),
+            )
+            new, metrics = step(state, *mesh_lib.global_batch(mesh, np.asarray(xs), np.asarray(ys)))
             update = jax.tree.map(lambda a, b: a - b, params0, jax.device_get(new.params))
             _assert_equal(update, expected, rtol=1e-9)
             clean = losses.mse(_forward(params0, xs, {}, jax.nn.relu)[0], ys)
@@ -90,36 +121,62 @@ def test_original_estimator_is_biased_and_per_example_is_not():
     with jax.enable_x64(True):
         model, params, x, y = _tiny()
         sigma = 1e-6
-        patterns = [{"tap0": np.asarray(p[:HIDDEN]), "tap1": np.asarray(p[HIDDEN:])}
-                    for p in itertools.product([-1.0, 1.0], repeat=HIDDEN + CLASSES)]
-        mean = jax.tree.map(lambda *g: sum(g) / len(g), *[
-            original_formula(params, x, y, losses.mse, p, sigma) for p in patterns])
+        patterns = [
+            {"tap0": np.asarray(p[:HIDDEN]), "tap1": np.asarray(p[HIDDEN:])}
+            for p in itertools.product([-1.0, 1.0], repeat=HIDDEN + CLASSES)
+        ]
+        mean = jax.tree.map(
+            lambda *g: sum(g) / len(g),
+            *[original_formula(params, x, y, losses.mse, p, sigma) for p in patterns],
+        )
         true = jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x), y)))(params)
         # the first-order prediction: per-example slopes dL_i/da at the taps, batch means
-        slopes = jax.grad(lambda e: jnp.sum(losses.mse(_forward(params, x, e, jax.nn.relu)[0],
-                                                       y)))({t: jnp.zeros((B, n)) for t, n in
-                                                             zip(TAPS, (HIDDEN, CLASSES))})
+        slopes = jax.grad(lambda e: jnp.sum(losses.mse(_forward(params, x, e, jax.nn.relu)[0], y)))(
+            {t: jnp.zeros((B, n)) for t, n in zip(TAPS, (HIDDEN, CLASSES))}
+        )
         inputs = {"tap0": x, "tap1": jax.nn.relu(_forward(params, x, {}, jax.nn.relu)[1]["tap0"])}
-        predicted = {f"layer{l}": {"kernel": jnp.outer(inputs[t].mean(0), slopes[t].mean(0)),
-                                   "bias": slopes[t].mean(0)} for l, t in enumerate(TAPS)}
+        predicted = {
+            f"layer{l}": {
+                "kernel": jnp.outer(inputs[t].mean(0), slopes[t].mean(0)),
+                "bias": slopes[t].mean(0),
+            }
+            for l, t in enumerate(TAPS)
+        }
         _assert_equal(mean, predicted, rtol=1e-4)
-        error = [float(jnp.linalg.norm(m - g) / jnp.linalg.norm(g)) for m, g in zip(
-            jax.tree.leaves(mean), jax.tree.leaves(true))]
+        error = [
+            float(jnp.linalg.norm(m - g) / jnp.linalg.norm(g))
+            for m, g in zip(jax.tree.leaves(mean), jax.tree.leaves(true))
+        ]
         # A bias's update has no input factor: (mean_i dL_i/da) is its gradient, unbiased. A
         # kernel's is the product of batch means: every kernel is off by a large fraction.
-        _assert_equal({l: v["bias"] for l, v in mean.items()},
-                      {l: v["bias"] for l, v in true.items()}, rtol=1e-4)
-        kernels = [e for (path, _), e in zip(jax.tree_util.tree_leaves_with_path(mean), error)
-                   if "kernel" in jax.tree_util.keystr(path)]
+        _assert_equal(
+            {l: v["bias"] for l, v in mean.items()},
+            {l: v["bias"] for l, v in true.items()},
+            rtol=1e-4,
+        )
+        kernels = [
+            e
+            for (path, _), e in zip(jax.tree_util.tree_leaves_with_path(mean), error)
+            if "kernel" in jax.tree_util.keystr(path)
+        ]
         assert min(kernels) > 0.2, error
 
 
-@pytest.mark.parametrize("flags, bad", [
-    (dict(np_layerwise=True), "--np_layerwise"), (dict(np_draws=2), "--np_draws=2"),
-    (dict(np_antithetic=True), "--np_antithetic"), (dict(np_delta="jvp"), "--np_delta=jvp"),
-    (dict(np_microbatches=2), "--np_microbatches=2"), (dict(np_mode="regen"), "--np_mode=regen"),
-])
+@pytest.mark.parametrize(
+    "flags, bad",
+    [
+        (dict(np_layerwise=True), "--np_layerwise"),
+        (dict(np_draws=2), "--np_draws=2"),
+        (dict(np_antithetic=True), "--np_antithetic"),
+        (dict(np_delta="jvp"), "--np_delta=jvp"),
+        (dict(np_microbatches=2), "--np_microbatches=2"),
+        (dict(np_mode="regen"), "--np_mode=regen"),
+    ],
+)
 def test_original_estimator_refuses_the_per_example_options(flags, bad):
-    with pytest.raises(ValueError, match=f"--np_estimator=original is the original code's "
-                                         f"estimator as it was, a reference; drop {bad}$"):
+    with pytest.raises(
+        ValueError,
+        match=f"--np_estimator=original is the original code's "
+        f"estimator as it was, a reference; drop {bad}$",
+    ):
         Config(np_estimator="original", **flags).validate()

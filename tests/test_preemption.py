@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_command, subprocess_env
+
 from nodepert_dist import checkpoint_layout, preempt
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-
 PY = sys.executable
 LAUNCH = str(REPO / "launch" / "local.py")
 # 7 steps of 8000 examples per epoch; the signal lands at step 10 = epoch 2, step 3 of 7.
-SMALL = ["--n_hl=1", "--hl_size=32", "--batchsize=8000", "--num_epochs=2", "--eval_batchsize=2000",
-         "--checkpoint_every_epochs=1"]
+SMALL = [
+    "--n_hl=1",
+    "--hl_size=32",
+    "--batchsize=8000",
+    "--num_epochs=2",
+    "--eval_batchsize=2000",
+    "--checkpoint_every_epochs=1",
+]
 TIMING = ("epoch_time", "examples_per_s")
 
 
@@ -35,14 +41,28 @@ def _untimed(workdir):
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_signal_mid_epoch_checkpoints_and_the_rerun_matches_an_uninterrupted_run(
-        tmp_path, mnist_dir, processes):
+    tmp_path, mnist_dir, processes
+):
     def cmd(workdir):
-        train = [PY, "-m", "nodepert_dist.train", *SMALL, f"--data_dir={mnist_dir}",
-                 f"--workdir={workdir}"]
+        train = [
+            PY,
+            "-m",
+            "nodepert_dist.train",
+            *SMALL,
+            f"--data_dir={mnist_dir}",
+            f"--workdir={workdir}",
+        ]
         if processes == 1:
             return train
-        return [PY, LAUNCH, f"--num_processes={processes}", "--devices_per_process=2",
-                "--timeout_s=200", "--", *train]
+        return [
+            PY,
+            LAUNCH,
+            f"--num_processes={processes}",
+            "--devices_per_process=2",
+            "--timeout_s=200",
+            "--",
+            *train,
+        ]
 
     # Only the last process gets the signal: the others must stop at the same step anyway.
     hook = "10" if processes == 1 else f"10@{processes - 1}"
@@ -54,7 +74,9 @@ def test_signal_mid_epoch_checkpoints_and_the_rerun_matches_an_uninterrupted_run
     assert "at step 10: checkpoint saved; run the same command again to resume (exit 75)" in last
     steps = checkpoint_layout.committed_steps(str(tmp_path / "cut" / "checkpoints"))
     assert steps == [7, 10]  # epoch 1's and the preemption's
-    manifest = checkpoint_layout.read_manifest(checkpoint_layout.step_dir(str(tmp_path / "cut" / "checkpoints"), 10))
+    manifest = checkpoint_layout.read_manifest(
+        checkpoint_layout.step_dir(str(tmp_path / "cut" / "checkpoints"), 10)
+    )
     assert (manifest["loop"]["epoch"], manifest["loop"]["step_in_epoch"]) == (2, 3)
     assert [r["epoch"] for r in _untimed(tmp_path / "cut")] == [0, 1]
 
@@ -74,16 +96,29 @@ def test_sbatch_templates_requeue_on_the_preemption_exit_code(tmp_path, script, 
     # Fake srun / scontrol / nvidia-smi on PATH: the templates' own shell logic runs.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("srun", f"echo srun \"$@\" >> {tmp_path}/calls; exit {rc}"),
-                       ("scontrol", f"echo scontrol \"$@\" >> {tmp_path}/calls"),
-                       ("nvidia-smi", "echo GPU 0; echo GPU 1")):
+    for name, body in (
+        ("srun", f'echo srun "$@" >> {tmp_path}/calls; exit {rc}'),
+        ("scontrol", f'echo scontrol "$@" >> {tmp_path}/calls'),
+        ("nvidia-smi", "echo GPU 0; echo GPU 1"),
+    ):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[1-2]", SLURM_NTASKS="16")
-    out = subprocess.run(["bash", str(REPO / "launch" / "slurm" / f"{script}.sbatch"),
-                          "--num_epochs=3"], capture_output=True, text=True, timeout=60,
-                         env=env, cwd=tmp_path)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="n[1-2]",
+        SLURM_NTASKS="16",
+    )
+    out = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm" / f"{script}.sbatch"), "--num_epochs=3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == rc, out.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0].startswith("srun ") and "--workdir=runs/slurm/4242/run" in calls[0]
@@ -95,6 +130,7 @@ def test_sbatch_templates_requeue_on_the_preemption_exit_code(tmp_path, script, 
 
 def test_watcher_records_sigusr1_and_restores_the_handlers():
     import signal
+
     before = signal.getsignal(signal.SIGUSR1)
     with preempt.Watcher(check_every=3) as watcher:
         assert not watcher.stop_now(3)
@@ -105,12 +141,19 @@ def test_watcher_records_sigusr1_and_restores_the_handlers():
 
 
 def test_launcher_forwards_sigterm_and_exits_75_when_every_rank_was_preempted():
-    script = ("import os, signal, sys, time; r = os.environ['NODEPERT_PROCESS_ID'];"
-              "signal.signal(signal.SIGTERM, lambda *a: (print('rank', r, 'saving', flush=True),"
-              " time.sleep(0.5 * int(r)), sys.exit(75)));"
-              "print('ready', r, flush=True); time.sleep(60)")
-    proc = subprocess.Popen([PY, LAUNCH, "--num_processes=2", "--timeout_s=60", "--", PY, "-c",
-                             script], stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    script = (
+        "import os, signal, sys, time; r = os.environ['NODEPERT_PROCESS_ID'];"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('rank', r, 'saving', flush=True),"
+        " time.sleep(0.5 * int(r)), sys.exit(75)));"
+        "print('ready', r, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [PY, LAUNCH, "--num_processes=2", "--timeout_s=60", "--", PY, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     lines = []
     while len([l for l in lines if l.startswith(("[0] ready", "[1] ready"))]) < 2:
         lines.append(proc.stdout.readline())
@@ -146,15 +189,38 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tmp_p
     so the last line it prints says why it stopped (no resource_tracker warning after it)."""
     import signal
     import time
-    cmd = [PY, "-m", "nodepert_dist.train", "--n_hl=1", "--hl_size=16", "--batchsize=100",
-           "--num_epochs=2", "--noeval_train", "--eval_batchsize=2000", "--data_workers=2",
-           "--cpu_devices=1", f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=REPO, start_new_session=True)
+
+    cmd = [
+        PY,
+        "-m",
+        "nodepert_dist.train",
+        "--n_hl=1",
+        "--hl_size=16",
+        "--batchsize=100",
+        "--num_epochs=2",
+        "--noeval_train",
+        "--eval_batchsize=2000",
+        "--data_workers=2",
+        "--cpu_devices=1",
+        f"--data_dir={mnist_dir}",
+        f"--workdir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
-        while (len([k for k in _descendants(proc.pid) if "spawn_main" in _cmdline(k)]) < 2
-               and proc.poll() is None and time.time() < deadline):
+        while (
+            len([k for k in _descendants(proc.pid) if "spawn_main" in _cmdline(k)]) < 2
+            and proc.poll() is None
+            and time.time() < deadline
+        ):
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before its workers started"
         os.killpg(proc.pid, signal.SIGTERM)  # the run and its workers, as SLURM does
@@ -172,7 +238,12 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_75(tmp_p
     out = _run(cmd + [f"--max_steps={step + 5}"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"step {step} in all" in out.stderr
-    assert out.stderr.strip().splitlines()[-1].endswith(
-        f"stopped at --max_steps={step + 5} (step {step + 5}, 0 of 2 epochs done); rerun with a "
-        f"larger --max_steps to continue"), out.stderr[-2000:]
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"stopped at --max_steps={step + 5} (step {step + 5}, 0 of 2 epochs done); rerun with a "
+            f"larger --max_steps to continue"
+        )
+    ), out.stderr[-2000:]
     assert "leaked" not in out.stderr

@@ -34,15 +34,18 @@ def test_sgd_against_itself_gives_angle_0_and_sign_symmetry_1():
         assert float(s[f"{name}_ratio"]) == pytest.approx(1.0, abs=1e-6)
     # and a sign flip is the opposite answer: the statistics can fail
     flipped = probes.compare(g, jax.tree.map(jnp.negative, g))
-    assert float(flipped["all_angle"]) > 179.9 and float(flipped["all_sign_sym"]) < 0.01  # exact zeros (dead units) agree
+    assert (
+        float(flipped["all_angle"]) > 179.9 and float(flipped["all_sign_sym"]) < 0.01
+    )  # exact zeros (dead units) agree
 
 
 def test_np_mean_over_many_draws_approaches_angle_0():
     model, params, x, y = tiny()
     stats = {}
     for draws in (8, 512):
-        gradient = step_lib.local_gradient(update_rule="np", loss="mse", seed=0,
-                                           global_batch=len(y), np=NPSettings(sigma=1e-3))
+        gradient = step_lib.local_gradient(
+            update_rule="np", loss="mse", seed=0, global_batch=len(y), np=NPSettings(sigma=1e-3)
+        )
         fn = probes.probe_fn(model, gradient, loss="mse", draws=draws, norms=True)
         stats[draws] = jax.device_get(fn(params, x, y))
     few, many = stats[8], stats[512]
@@ -55,17 +58,25 @@ def test_np_mean_over_many_draws_approaches_angle_0():
         assert many[f"{name}_angle_mean"] < 25
     # the variance over draws is an estimate of the same quantity at any number of draws
     assert many["all_rel_var"] == pytest.approx(few["all_rel_var"], rel=0.6)
-    assert few["all_norm_sgd"] == pytest.approx(float(probes.flat(true_grad(
-        model, params, x, y)).__pow__(2).sum() ** 0.5), rel=1e-5)
+    assert few["all_norm_sgd"] == pytest.approx(
+        float(probes.flat(true_grad(model, params, x, y)).__pow__(2).sum() ** 0.5), rel=1e-5
+    )
     assert few["layer0_w_norm"] > 0 and few["layer1_act_norm"] > 0
 
 
-@pytest.mark.parametrize("options", [dict(np_layerwise=True, np_draws=2, np_antithetic=True),
-                                     dict(np_estimator="original", noise="gaussian")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(np_layerwise=True, np_draws=2, np_antithetic=True),
+        dict(np_estimator="original", noise="gaussian"),
+    ],
+)
 def test_probe_estimate_is_the_train_steps_gradient(options):
     """probes.np_estimate of a run's local gradient at step s is the update the train step
     makes at step s (sgd at lr 1: params - new params), estimator options included."""
-    from nodepert_dist import mesh as mesh_lib, optim
+    from nodepert_dist import mesh as mesh_lib
+    from nodepert_dist import optim
+
     model, params, x, y = tiny(batch=32)
     params = jax.device_get(params)  # host copies: the train step donates its state
     settings = NPSettings(sigma=1e-2, **options)
@@ -73,9 +84,10 @@ def test_probe_estimate_is_the_train_steps_gradient(options):
     opt = optim.make_optimizer("sgd", 1.0, 0.0)
     rule = dict(update_rule="np", loss="mse", seed=2, np=settings)
     train_step = step_lib.make_train_step(model, opt, mesh, global_batch=len(y), **rule)
-    state = jax.device_put(step_lib.TrainState(step=jnp.int32(7), params=params,
-                                               opt_state=opt.init(params)),
-                           mesh_lib.replicated(mesh))
+    state = jax.device_put(
+        step_lib.TrainState(step=jnp.int32(7), params=params, opt_state=opt.init(params)),
+        mesh_lib.replicated(mesh),
+    )
     new, _ = train_step(state, *mesh_lib.global_batch(mesh, np.asarray(x), np.asarray(y)))
     update = jax.tree.map(lambda a, b: a - b, params, jax.device_get(new.params))
     gradient = step_lib.local_gradient(global_batch=len(y), **rule)
@@ -94,26 +106,53 @@ def test_grad_stats_measures_the_estimator_the_run_trains_with(tmp_path, mnist_d
     step, computed here from the estimator itself), not of the plain one."""
     from nodepert_dist import config, perturbation, train
     from nodepert_dist.data import preprocess, store
+
     seed, size, sigma = 3, 64, 0.05
-    cfg = config.Config(dataset="mnist", data_dir=mnist_dir, network="fc", n_hl=1, hl_size=16,
-                        batchsize=64, validation_size=59000, eval_train=False,
-                        eval_batchsize=4000, num_epochs=1, max_steps=1,
-                        checkpoint_every_epochs=0, workdir=str(tmp_path / "run"), seed=seed,
-                        sigma=sigma, noise="gaussian", np_layerwise=True, np_draws=4)
+    cfg = config.Config(
+        dataset="mnist",
+        data_dir=mnist_dir,
+        network="fc",
+        n_hl=1,
+        hl_size=16,
+        batchsize=64,
+        validation_size=59000,
+        eval_train=False,
+        eval_batchsize=4000,
+        num_epochs=1,
+        max_steps=1,
+        checkpoint_every_epochs=0,
+        workdir=str(tmp_path / "run"),
+        seed=seed,
+        sigma=sigma,
+        noise="gaussian",
+        np_layerwise=True,
+        np_draws=4,
+    )
     path = str(tmp_path / "grad_stats.jsonl")
     train.run(cfg, hooks=[probes.Hook(path, every=1, draws=1, probe_size=size, at_start=True)])
     row = files.read_jsonl(path)[0]
     assert row["step"] == 0
     data = store.open_dataset("mnist", mnist_dir)
-    x, y = probes.probe_batch(data, {"train": (0, 1000)}, preprocess.resolve("auto", "mnist"),
-                              size, seed)
+    x, y = probes.probe_batch(
+        data, {"train": (0, 1000)}, preprocess.resolve("auto", "mnist"), size, seed
+    )
     model = models.build_model("fc", 10, n_hl=1, hl_size=16)
     params = model.init(perturbation.stream_key(seed, "init"), x[:1])["params"]
     keys = perturbation.example_keys(seed, jnp.int32(probes._STATS_STEP), jnp.arange(size))
 
     def norm(**options):
-        g = perturbation.np_gradient(model, params, x, y, losses.mse, sigma=sigma, keys=keys,
-                                     normalizer=size, noise_kind="gaussian", **options)[0]
+        g = perturbation.np_gradient(
+            model,
+            params,
+            x,
+            y,
+            losses.mse,
+            sigma=sigma,
+            keys=keys,
+            normalizer=size,
+            noise_kind="gaussian",
+            **options,
+        )[0]
         return float(jnp.linalg.norm(probes.flat(g)))
 
     run_estimator, plain = norm(layerwise=True, draws=4), norm()

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, mesh as mesh_lib, models, perturbation, step as step_lib
-from nodepert_dist import optim
+from nodepert_dist import losses, models, optim, perturbation
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import step as step_lib
 from nodepert_dist.estimator import NPSettings
 
 GLOBAL_BATCH = 64
@@ -14,23 +15,46 @@ GLOBAL_BATCH = 64
 
 def _batches(n_steps, shape=(8, 8, 1)):
     rng = np.random.default_rng(0)
-    return [(rng.normal(size=(GLOBAL_BATCH,) + shape).astype(np.float32),
-             rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)) for _ in range(n_steps)]
+    return [
+        (
+            rng.normal(size=(GLOBAL_BATCH,) + shape).astype(np.float32),
+            rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32),
+        )
+        for _ in range(n_steps)
+    ]
 
 
-def _run(n_devices, network, update_rule, optimizer="sgd", n_steps=3, lr=0.05, dtype=np.float32,
-         **options):
+def _run(
+    n_devices,
+    network,
+    update_rule,
+    optimizer="sgd",
+    n_steps=3,
+    lr=0.05,
+    dtype=np.float32,
+    **options,
+):
     mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
-    model = models.build_model(network, 10, n_hl=2, hl_size=32, width=2,
-                               local_heads=options.get("np_local", False)).clone(dtype=dtype)
+    model = models.build_model(
+        network, 10, n_hl=2, hl_size=32, width=2, local_heads=options.get("np_local", False)
+    ).clone(dtype=dtype)
     opt = optim.make_optimizer(optimizer, lr, 1e-4)
     batches = [(x.astype(dtype), y) for x, y in _batches(max(n_steps, 1))]
     state = step_lib.init_state(model, opt, batches[0][0], 0, mesh)
-    state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                         state)
+    state = jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
+    )
     options.setdefault("sigma", models.default_sigma(network))
-    step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="mse",
-                                    seed=3, global_batch=GLOBAL_BATCH, np=NPSettings(**options))
+    step = step_lib.make_train_step(
+        model,
+        opt,
+        mesh,
+        update_rule=update_rule,
+        loss="mse",
+        seed=3,
+        global_batch=GLOBAL_BATCH,
+        np=NPSettings(**options),
+    )
     m = None
     for x, y in batches[:n_steps]:
         state, m = step(state, *mesh_lib.global_batch(mesh, x, y))
@@ -39,8 +63,14 @@ def _run(n_devices, network, update_rule, optimizer="sgd", n_steps=3, lr=0.05, d
 
 def _relative_change_difference(network, update_rule, dtype, n_steps=3, **options):
     """max over leaves of |(p1 - p0) - (p8 - p0)| / |p1 - p0|: 1-device vs 8-device runs."""
-    p0, _ = _run(1, network, update_rule, n_steps=0, dtype=dtype,
-                 **{k: v for k, v in options.items() if k == "np_local"})  # same parameters
+    p0, _ = _run(
+        1,
+        network,
+        update_rule,
+        n_steps=0,
+        dtype=dtype,
+        **{k: v for k, v in options.items() if k == "np_local"},
+    )  # same parameters
     p1, m1 = _run(1, network, update_rule, n_steps=n_steps, dtype=dtype, **options)
     p8, m8 = _run(8, network, update_rule, n_steps=n_steps, dtype=dtype, **options)
     worst = 0.0
@@ -68,12 +98,14 @@ NP_OPTIONS = {
     "2-draws": dict(np_draws=2),
     "jvp": dict(np_delta="jvp"),
     "layerwise": dict(np_layerwise=True),
-    "layerwise-jvp-2-draws-microbatches": dict(np_layerwise=True, np_delta="jvp", np_draws=2,
-                                               np_microbatches=2),
+    "layerwise-jvp-2-draws-microbatches": dict(
+        np_layerwise=True, np_delta="jvp", np_draws=2, np_microbatches=2
+    ),
     "original-estimator": dict(np_estimator="original"),
     "local": dict(np_local=True),
-    "local-antithetic-2-draws-microbatches": dict(np_local=True, np_antithetic=True, sigma=1e-2,
-                                                  np_draws=2, np_microbatches=2),
+    "local-antithetic-2-draws-microbatches": dict(
+        np_local=True, np_antithetic=True, sigma=1e-2, np_draws=2, np_microbatches=2
+    ),
 }
 
 
@@ -83,8 +115,7 @@ def test_np_options_same_update_on_1_and_8_devices_float64(option):
     The variance-reduction options (perturbation.py) run on fc, the rest on conv."""
     network = "conv" if option in ("gaussian-regen", "microbatches") else "fc"
     with jax.enable_x64(True):
-        assert _relative_change_difference(network, "np", np.float64,
-                                           **NP_OPTIONS[option]) < 1e-9
+        assert _relative_change_difference(network, "np", np.float64, **NP_OPTIONS[option]) < 1e-9
 
 
 @pytest.mark.parametrize("update_rule", ["np", "sgd"])
@@ -106,13 +137,20 @@ def _one_update(update_rule, n_devices, optimizer="sgd", at_step=0):
     mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
     model = models.build_model("fc", 10, n_hl=1, hl_size=16)
     opt = optim.make_optimizer(optimizer, 1.0, 0.0)
-    (x, y), = _batches(1, shape=(12,))
+    ((x, y),) = _batches(1, shape=(12,))
     state = step_lib.init_state(model, opt, x, 0, mesh)
     state = state.replace(step=jax.device_put(jnp.int32(at_step), state.step.sharding))
     params0 = jax.device_get(state.params)
-    step = step_lib.make_train_step(model, opt, mesh, update_rule=update_rule, loss="ce",
-                                    seed=5, global_batch=GLOBAL_BATCH,
-                                    np=NPSettings(sigma=1e-3))
+    step = step_lib.make_train_step(
+        model,
+        opt,
+        mesh,
+        update_rule=update_rule,
+        loss="ce",
+        seed=5,
+        global_batch=GLOBAL_BATCH,
+        np=NPSettings(sigma=1e-3),
+    )
     state, _ = step(state, *mesh_lib.global_batch(mesh, x, y))
     return model, params0, jax.device_get(state.params), x, y
 
@@ -131,11 +169,19 @@ def test_np_update_is_the_global_batch_estimate(at_step):
     which are those of the state's step: a step that reused step 0's noise fails at step 7."""
     model, p0, p1, x, y = _one_update("np", 8, at_step=at_step)
     estimate = lambda step: perturbation.np_gradient(
-        model, p0, x, y, losses.ce, sigma=1e-3, normalizer=GLOBAL_BATCH,
-        keys=perturbation.example_keys(5, step, jnp.arange(GLOBAL_BATCH)))[0]
+        model,
+        p0,
+        x,
+        y,
+        losses.ce,
+        sigma=1e-3,
+        normalizer=GLOBAL_BATCH,
+        keys=perturbation.example_keys(5, step, jnp.arange(GLOBAL_BATCH)),
+    )[0]
     grad, other = estimate(at_step), estimate(at_step + 1)
-    for a, b, g, o in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), jax.tree.leaves(grad),
-                          jax.tree.leaves(other)):
+    for a, b, g, o in zip(
+        jax.tree.leaves(p0), jax.tree.leaves(p1), jax.tree.leaves(grad), jax.tree.leaves(other)
+    ):
         np.testing.assert_allclose(a - b, g, rtol=1e-3, atol=1e-6)
         assert not np.allclose(a - b, o, rtol=1e-2, atol=1e-6)
 
@@ -151,8 +197,16 @@ def test_np_peak_memory_is_below_sgd():
     state = step_lib.init_state(model, opt, x, 0, mesh)
     temp = {}
     for rule in ("np", "sgd"):
-        step = step_lib.make_train_step(model, opt, mesh, update_rule=rule, loss="mse",
-                                        seed=0, global_batch=128, np=NPSettings(sigma=1e-5))
+        step = step_lib.make_train_step(
+            model,
+            opt,
+            mesh,
+            update_rule=rule,
+            loss="mse",
+            seed=0,
+            global_batch=128,
+            np=NPSettings(sigma=1e-5),
+        )
         compiled = step.lower(state, *mesh_lib.global_batch(mesh, x, y)).compile()
         temp[rule] = compiled.memory_analysis().temp_size_in_bytes
     assert temp["np"] < 0.85 * temp["sgd"], temp
@@ -179,8 +233,16 @@ def test_default_eval_batch_works_on_any_device_count(tmp_path, mnist_dir):
     import json
 
     from conftest import train_command
-    common = ["--hl_size=8", "--n_hl=1", "--batchsize=120", "--max_steps=1", "--noeval_train",
-              "--checkpoint_every_epochs=0", f"--data_dir={mnist_dir}"]
+
+    common = [
+        "--hl_size=8",
+        "--n_hl=1",
+        "--batchsize=120",
+        "--max_steps=1",
+        "--noeval_train",
+        "--checkpoint_every_epochs=0",
+        f"--data_dir={mnist_dir}",
+    ]
     rows = []
     for n_devices in (3,):  # a subprocess: the device count is fixed at start-up
         workdir = tmp_path / f"run{n_devices}"
@@ -189,9 +251,19 @@ def test_default_eval_batch_works_on_any_device_count(tmp_path, mnist_dir):
         rows.append(json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0]))
     from nodepert_dist import train
     from nodepert_dist.config import Config
-    eight = train.train(Config(hl_size=8, n_hl=1, batchsize=120, max_steps=1, eval_train=False,
-                               checkpoint_every_epochs=0, data_dir=mnist_dir,
-                               workdir=str(tmp_path / "run8")))[0]
+
+    eight = train.train(
+        Config(
+            hl_size=8,
+            n_hl=1,
+            batchsize=120,
+            max_steps=1,
+            eval_train=False,
+            checkpoint_every_epochs=0,
+            data_dir=mnist_dir,
+            workdir=str(tmp_path / "run8"),
+        )
+    )[0]
     assert rows[0]["test_acc"] == eight["test_acc"]
     assert rows[0]["test_loss"] == pytest.approx(eight["test_loss"], rel=1e-6)
     assert rows[1]["test_loss"] == pytest.approx(eight["test_loss"], rel=1e-6)

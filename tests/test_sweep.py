@@ -8,18 +8,23 @@ import pathlib
 import subprocess
 import sys
 
+import _fake_slurm
 import pytest
 
-import _fake_slurm
 from nodepert_dist import sweep, sweep_launch, sweep_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_spec(tmp_path, command=("nodepert-train",), **extra):
-    spec = {"command": list(command), "root": str(tmp_path / "runs"),
-            "base": {"num_epochs": 3, "hl_size": 32},
-            "grid": {"update_rule": ["np", "sgd"], "lr": [0.01, 0.001]}, "seeds": 2, **extra}
+    spec = {
+        "command": list(command),
+        "root": str(tmp_path / "runs"),
+        "base": {"num_epochs": 3, "hl_size": 32},
+        "grid": {"update_rule": ["np", "sgd"], "lr": [0.01, 0.001]},
+        "seeds": 2,
+        **extra,
+    }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     return str(path)
@@ -29,48 +34,87 @@ def test_grid_times_seeds_gives_distinct_runs(tmp_path):
     runs = sweep.expand(sweep.load_spec(make_spec(tmp_path)))
     assert len(runs) == 8
     assert len({r["workdir"] for r in runs}) == 8
-    combos = {(r["settings"]["update_rule"], r["settings"]["lr"], r["settings"]["seed"]) for r in runs}
+    combos = {
+        (r["settings"]["update_rule"], r["settings"]["lr"], r["settings"]["seed"]) for r in runs
+    }
     assert combos == {(u, lr, s) for u in ("np", "sgd") for lr in (0.01, 0.001) for s in (0, 1)}
     # Row order: grid in spec order, seed innermost; each row's flags carry its settings.
     r5 = runs[5]
     assert r5["settings"] == {"update_rule": "sgd", "lr": 0.01, "seed": 1}
     assert os.path.basename(r5["workdir"]) == "update_rule=sgd,lr=0.01,seed=1"
-    assert r5["argv"] == ["nodepert-train", "--num_epochs=3", "--hl_size=32", "--update_rule=sgd",
-                          "--lr=0.01", "--seed=1", f"--workdir={r5['workdir']}"]
+    assert r5["argv"] == [
+        "nodepert-train",
+        "--num_epochs=3",
+        "--hl_size=32",
+        "--update_rule=sgd",
+        "--lr=0.01",
+        "--seed=1",
+        f"--workdir={r5['workdir']}",
+    ]
 
 
 def test_python_spec_and_explicit_seed_list(tmp_path):
     path = tmp_path / "spec.py"
-    path.write_text("SPEC = {'grid': {'noise': ['gaussian', 'sign']}, 'seeds': [3, 7],"
-                    " 'base': {'eval_train': False}}\n")
+    path.write_text(
+        "SPEC = {'grid': {'noise': ['gaussian', 'sign']}, 'seeds': [3, 7],"
+        " 'base': {'eval_train': False}}\n"
+    )
     runs = sweep.expand(sweep.load_spec(str(path)))
     assert [(r["settings"]["noise"], r["settings"]["seed"]) for r in runs] == [
-        ("gaussian", 3), ("gaussian", 7), ("sign", 3), ("sign", 7)]
+        ("gaussian", 3),
+        ("gaussian", 7),
+        ("sign", 3),
+        ("sign", 7),
+    ]
     assert "--noeval_train" in runs[0]["argv"]
 
 
 def fake_slurm_env(tmp_path, **extra):
     _fake_slurm.install(tmp_path / "bin")
-    return {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-            "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": "977", **extra}
+    return {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "977",
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("task_id", [0, 5, 7])
 def test_job_array_index_runs_its_row(tmp_path, task_id):
     spec_path = make_spec(tmp_path, command=["echo"])  # the array task prints its command line
-    script = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}",
-                             "--mode=slurm"], capture_output=True, text=True, timeout=30, check=True).stdout
+    script = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}", "--mode=slurm"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     assert "#SBATCH --array=0-7" in script
     (tmp_path / "job.sbatch").write_text(script)
-    res = subprocess.run(["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
-                         timeout=30, env=fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID=str(task_id)),
-                         cwd=tmp_path)
+    res = subprocess.run(
+        ["bash", str(tmp_path / "job.sbatch")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID=str(task_id)),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     row = sweep.expand(sweep.load_spec(spec_path))[task_id]
     assert res.stdout.splitlines()[-1] == " ".join(row["argv"][1:])
     # --mode=print --index=i gives the same row.
-    printed = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}",
-                              f"--index={task_id}"], capture_output=True, text=True, timeout=30).stdout
+    printed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "sweep.py"),
+            f"--spec={spec_path}",
+            f"--index={task_id}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     assert printed.split() == row["argv"]
 
 
@@ -80,8 +124,17 @@ def write_run(run, epochs_done, num_epochs=3):
         json.dump({"num_epochs": num_epochs, **run["settings"]}, f)
     with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
         for e in range(epochs_done + 1):
-            f.write(json.dumps({"epoch": e, "step": 10 * e, "test_acc": 0.1 * e + run["index"] / 100,
-                                "test_loss": 1.0 / (e + 1)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": e,
+                        "step": 10 * e,
+                        "test_acc": 0.1 * e + run["index"] / 100,
+                        "test_loss": 1.0 / (e + 1),
+                    }
+                )
+                + "\n"
+            )
 
 
 def test_summary_has_finished_runs_only(tmp_path):
@@ -92,12 +145,22 @@ def test_summary_has_finished_runs_only(tmp_path):
         if run["index"] in finished:
             write_run(run, 3)
         elif run["index"] in (1, 4):
-            write_run(run, 1)       # stopped after epoch 1
+            write_run(run, 1)  # stopped after epoch 1
         elif run["index"] == 2:
             write_run(run, 2, num_epochs=2)  # ran with a different num_epochs: its config counts
     out = tmp_path / "summary.csv"
-    res = subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}",
-                          "--mode=summary", f"--out={out}"], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "sweep.py"),
+            f"--spec={spec_path}",
+            "--mode=summary",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     assert "4 finished run(s), 4 unfinished skipped" in res.stdout
     rows = list(csv.DictReader(open(out)))
@@ -106,7 +169,10 @@ def test_summary_has_finished_runs_only(tmp_path):
     for i in finished:
         r = by_index[i]
         assert (r["update_rule"], float(r["lr"]), int(r["seed"])) == (
-            runs[i]["settings"]["update_rule"], runs[i]["settings"]["lr"], runs[i]["settings"]["seed"])
+            runs[i]["settings"]["update_rule"],
+            runs[i]["settings"]["lr"],
+            runs[i]["settings"]["seed"],
+        )
         assert int(r["epoch"]) == 3
         assert float(r["test_acc"]) == pytest.approx(0.3 + i / 100)
 
@@ -122,7 +188,8 @@ def test_local_mode_runs_every_row_and_skips_finished(tmp_path):
         "with open(os.path.join(a['workdir'], 'metrics.jsonl'), 'w') as f:\n"
         "    for e in range(int(a['num_epochs']) + 1):\n"
         "        f.write(json.dumps({'epoch': e, 'test_acc': float(a['lr'])}) + '\\n')\n"
-        "print('trained', a['workdir'])\n")
+        "print('trained', a['workdir'])\n"
+    )
     spec_path = make_spec(tmp_path, command=[sys.executable, str(fake)])
     runs = sweep.expand(sweep.load_spec(spec_path))
     log = []
@@ -138,11 +205,16 @@ def test_local_mode_runs_every_row_and_skips_finished(tmp_path):
 
 def test_variants_are_named_flag_sets_outermost(tmp_path):
     """Options that go together (a flag set per variant) without a product over every flag."""
-    path = make_spec(tmp_path, variants={"plain": {}, "jvp": {"np_delta": "jvp", "sigma": 0.1}},
-                     grid={"lr": [0.01, 0.001]}, seeds=1)
+    path = make_spec(
+        tmp_path,
+        variants={"plain": {}, "jvp": {"np_delta": "jvp", "sigma": 0.1}},
+        grid={"lr": [0.01, 0.001]},
+        seeds=1,
+    )
     runs = sweep.expand(sweep.load_spec(path))
     assert [r["settings"] for r in runs] == [
-        {"variant": v, "lr": lr, "seed": 0} for v in ("plain", "jvp") for lr in (0.01, 0.001)]
+        {"variant": v, "lr": lr, "seed": 0} for v in ("plain", "jvp") for lr in (0.01, 0.001)
+    ]
     assert os.path.basename(runs[2]["workdir"]) == "variant=jvp,lr=0.01,seed=0"
     assert "--np_delta=jvp" in runs[2]["argv"] and "--sigma=0.1" in runs[2]["argv"]
     assert not any(a.startswith("--variant") for r in runs for a in r["argv"])
@@ -159,29 +231,48 @@ def test_table_pools_seeds_and_times_thresholds(tmp_path):
         with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"epoch": 0, "test_acc": 0.1}) + "\n")
             for e, acc in enumerate(accs[run["index"]], 1):
-                f.write(json.dumps({"epoch": e, "test_acc": acc, "epoch_time": 2.0 * e,
-                                    "examples_per_s": 100.0 * e}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "epoch": e,
+                            "test_acc": acc,
+                            "epoch_time": 2.0 * e,
+                            "examples_per_s": 100.0 * e,
+                        }
+                    )
+                    + "\n"
+                )
     lines = sweep_report.table(runs).splitlines()
     assert len(lines) == 4, lines
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     # final 94/96 -> 95.0 ± 1.0; 90%: seed 0 at epoch 2 (2+4 s), seed 1 at epoch 2 (6 s); 93%:
     # epoch 3 (12 s) and epoch 2 (6 s) -> 9; 95%: seed 0 never -> '-'
-    assert cells[:8] == ["lr=0.1", "3", "95.0 ± 1.0", "95.0 ± 1.0", "6 (2)", "9 (2.5)", "-",
-                         "200"], cells
+    assert cells[:8] == [
+        "lr=0.1",
+        "3",
+        "95.0 ± 1.0",
+        "95.0 ± 1.0",
+        "6 (2)",
+        "9 (2.5)",
+        "-",
+        "200",
+    ], cells
     assert cells[8] == "2" and cells[9].startswith("`nodepert-train ") and "--lr=0.1" in cells[9]
     assert [c.strip() for c in lines[3].split("|")[1:-1]][8] == "1"  # lr=0.2: one seed finished
 
 
 # ----------------------------------------------------------------------------- issue 17
 
+
 def sbatch_options(script: str) -> dict:
     """The #SBATCH options as sbatch's parser reads them: quotes group, a backslash escapes, an
     unquoted # starts a comment."""
     import shlex
+
     opts = {}
     for line in script.splitlines():
         if line.startswith("#SBATCH"):
-            words = shlex.split(line[len("#SBATCH"):], comments=True)
+            words = shlex.split(line[len("#SBATCH") :], comments=True)
             assert len(words) == 1, line
             key, _, value = words[0].partition("=")
             opts[key] = value
@@ -189,9 +280,13 @@ def sbatch_options(script: str) -> dict:
 
 
 def slurm_script_of(spec_path) -> str:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}",
-                           "--mode=slurm"], capture_output=True, text=True, timeout=30,
-                          check=True).stdout
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "sweep.py"), f"--spec={spec_path}", "--mode=slurm"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
 
 
 def test_sweep_rows_are_preempted_and_requeued_like_single_runs(tmp_path):
@@ -199,42 +294,73 @@ def test_sweep_rows_are_preempted_and_requeued_like_single_runs(tmp_path):
     spec_path = make_spec(tmp_path, command=[str(tmp_path / "bin" / "nodepert-train")], seeds=1)
     script = slurm_script_of(spec_path)
     opts = sbatch_options(script)
-    assert opts["--signal"] == "USR1@120" and "--requeue" in opts and opts["--open-mode"] == "append"
+    assert (
+        opts["--signal"] == "USR1@120" and "--requeue" in opts and opts["--open-mode"] == "append"
+    )
     (tmp_path / "job.sbatch").write_text(script)
-    env = fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID="2", FAKE_OUTCOMES="75,0",
-                         SLURM_OPEN_MODE="a")
+    env = fake_slurm_env(
+        tmp_path, SLURM_ARRAY_TASK_ID="2", FAKE_OUTCOMES="75,0", SLURM_OPEN_MODE="a"
+    )
     codes = []
     for attempt in range(2):  # preempted, then finished
         if attempt:
             env["SLURM_RESTART_COUNT"] = str(attempt)
-        codes.append(subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=env,
-                                    capture_output=True, text=True, timeout=30).returncode)
+        codes.append(
+            subprocess.run(
+                ["bash", str(tmp_path / "job.sbatch")],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).returncode
+        )
     assert codes == [75, 0]
     assert _fake_slurm.requeued(tmp_path) == ["977"]
 
 
 def test_values_in_the_job_script_are_quoted(tmp_path):
     root = tmp_path / "runs" / "NP vs SGD"
-    spec_path = make_spec(tmp_path, command=["echo"], root=str(root), grid={"lr": [0.5]}, seeds=1,
-                          slurm={"job-name": "np vs sgd", "comment": 'say "hi" #1'})
+    spec_path = make_spec(
+        tmp_path,
+        command=["echo"],
+        root=str(root),
+        grid={"lr": [0.5]},
+        seeds=1,
+        slurm={"job-name": "np vs sgd", "comment": 'say "hi" #1'},
+    )
     script = slurm_script_of(spec_path)
     opts = sbatch_options(script)
     assert opts["--job-name"] == "np vs sgd"
     assert opts["--comment"] == 'say "hi" #1'
     assert opts["--output"] == f"{root}/slurm-%A_%a.out"
     (tmp_path / "job.sbatch").write_text(script)
-    res = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=30, env=fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID="0"))
+    res = subprocess.run(
+        ["bash", str(tmp_path / "job.sbatch")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=fake_slurm_env(tmp_path, SLURM_ARRAY_TASK_ID="0"),
+    )
     assert res.returncode == 0, res.stderr
     assert root.is_dir()
-    assert res.stdout.splitlines()[-1] == (f"--num_epochs=3 --hl_size=32 --lr=0.5 --seed=0 "
-                                           f"--workdir={root}/lr=0.5,seed=0")
+    assert res.stdout.splitlines()[-1] == (
+        f"--num_epochs=3 --hl_size=32 --lr=0.5 --seed=0 --workdir={root}/lr=0.5,seed=0"
+    )
 
 
 def test_boolean_flags_render_the_way_absl_reads_them(tmp_path):
     from absl import flags as absl_flags
-    spec = sweep.load_spec(make_spec(tmp_path, base={"noeval_train": True, "crash_guard": False,
-                                                     "resume": True}, grid={"lr": [0.1]}, seeds=1))
+
+    spec = sweep.load_spec(
+        make_spec(
+            tmp_path,
+            base={"noeval_train": True, "crash_guard": False, "resume": True},
+            grid={"lr": [0.1]},
+            seeds=1,
+        )
+    )
     argv = sweep.expand(spec)[0]["argv"]
     assert argv[1:4] == ["--noeval_train", "--nocrash_guard", "--resume"]
     fv = absl_flags.FlagValues()
@@ -247,8 +373,13 @@ def test_boolean_flags_render_the_way_absl_reads_them(tmp_path):
 
 
 def run_sweep(args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "launch" / "sweep.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "sweep.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def assert_one_error_line(res, *words):
@@ -268,14 +399,17 @@ def test_spec_with_a_byte_order_mark_is_read(tmp_path):
     assert len(res.stdout.splitlines()) == 2
 
 
-@pytest.mark.parametrize("text, words", [
-    (None, ["not found"]),
-    ('{"grid": {"lr": [0.1, 0.2],}}', ["not valid JSON", "line 1"]),
-    ('{"command": "nodepert-train --lr=1"}', ['"command" must be a non-empty list']),
-    ('{"seeds": 0}', ['"seeds"']),
-    ('{"base": {"lr": null}}', ["'lr'"]),
-    ('[1, 2]', ["must be a JSON object"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (None, ["not found"]),
+        ('{"grid": {"lr": [0.1, 0.2],}}', ["not valid JSON", "line 1"]),
+        ('{"command": "nodepert-train --lr=1"}', ['"command" must be a non-empty list']),
+        ('{"seeds": 0}', ['"seeds"']),
+        ('{"base": {"lr": null}}', ["'lr'"]),
+        ("[1, 2]", ["must be a JSON object"]),
+    ],
+)
 def test_bad_specs_are_one_error_line(tmp_path, text, words):
     path = tmp_path / "spec.json"
     if text is not None:
@@ -294,7 +428,9 @@ def test_a_row_that_cannot_start_is_a_failure_and_the_rest_still_run(tmp_path):
     spec_path = make_spec(tmp_path, command=[str(tmp_path / "gone")], seeds=1)
     runs = sweep.expand(sweep.load_spec(spec_path))
     log = []
-    assert sweep_launch.run_local(runs, parallel=1, skip_finished=False, log=log.append) == len(runs)
+    assert sweep_launch.run_local(runs, parallel=1, skip_finished=False, log=log.append) == len(
+        runs
+    )
     assert sum(line.startswith("[sweep] FAILED") for line in log) == len(runs)
     for run in runs:
         assert "error: could not start" in open(os.path.join(run["workdir"], "run.log")).read()
@@ -304,15 +440,22 @@ def test_table_reads_guarded_runs_event_rows_and_null_accuracy(tmp_path):
     """A crash-guarded run's metrics.jsonl holds event rows (no accuracy) and may hold a null
     accuracy (a non-finite value): the table pools the epoch rows and skips neither run."""
     runs = sweep.expand(sweep.load_spec(make_spec(tmp_path, grid={"lr": [0.1]})))
-    for run, middle in zip(runs, ({"event": "rollback", "reason": "accuracy", "resume_step": 3},
-                                  {"epoch": 1, "test_acc": None, "epoch_time": 1.0,
-                                   "examples_per_s": 50.0})):
+    for run, middle in zip(
+        runs,
+        (
+            {"event": "rollback", "reason": "accuracy", "resume_step": 3},
+            {"epoch": 1, "test_acc": None, "epoch_time": 1.0, "examples_per_s": 50.0},
+        ),
+    ):
         os.makedirs(run["workdir"])
         with open(os.path.join(run["workdir"], "config.json"), "w") as f:
             json.dump({"num_epochs": 2}, f)
-        rows = [{"epoch": 0, "test_acc": 0.1}, {"epoch": 1, "test_acc": 0.9, "epoch_time": 1.0,
-                                                 "examples_per_s": 100.0},
-                middle, {"epoch": 2, "test_acc": 0.96, "epoch_time": 1.0, "examples_per_s": 100.0}]
+        rows = [
+            {"epoch": 0, "test_acc": 0.1},
+            {"epoch": 1, "test_acc": 0.9, "epoch_time": 1.0, "examples_per_s": 100.0},
+            middle,
+            {"epoch": 2, "test_acc": 0.96, "epoch_time": 1.0, "examples_per_s": 100.0},
+        ]
         with open(os.path.join(run["workdir"], "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     lines = sweep_report.table(runs).splitlines()
@@ -323,12 +466,20 @@ def test_table_reads_guarded_runs_event_rows_and_null_accuracy(tmp_path):
 
 def test_the_sweep_library_imports_no_jax():
     """The launcher stays light: the sweep modules (and what they import) are standard library."""
-    code = ("import sys; import nodepert_dist.sweep, nodepert_dist.sweep_launch, "
-            "nodepert_dist.sweep_report; "
-            "heavy = sorted(m for m in ('jax', 'numpy', 'absl', 'flax') if m in sys.modules); "
-            "print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    code = (
+        "import sys; import nodepert_dist.sweep, nodepert_dist.sweep_launch, "
+        "nodepert_dist.sweep_report; "
+        "heavy = sorted(m for m in ('jax', 'numpy', 'absl', 'flax') if m in sys.modules); "
+        "print(heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 

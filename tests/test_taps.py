@@ -52,13 +52,16 @@ def _check(model):
     taps.check(model, params, X)
 
 
-@pytest.mark.parametrize("model, message", [
-    (BatchNormNet(), "uses batch norm: batch statistics mix the examples"),
-    (UntappedReadout(), "parameter readout/bias reaches no Tap"),
-    (ScaleAfterLastTap(), "parameter temperature reaches no Tap"),
-    (NoTaps(), "has no Tap"),
-    (TapTwice(), "tap shared is called twice"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (BatchNormNet(), "uses batch norm: batch statistics mix the examples"),
+        (UntappedReadout(), "parameter readout/bias reaches no Tap"),
+        (ScaleAfterLastTap(), "parameter temperature reaches no Tap"),
+        (NoTaps(), "has no Tap"),
+        (TapTwice(), "tap shared is called twice"),
+    ],
+)
 def test_check_refuses_with_one_named_line(model, message):
     with pytest.raises(ValueError, match=message) as e:
         if isinstance(model, BatchNormNet):  # init needs a mutable batch_stats collection
@@ -85,8 +88,16 @@ def test_np_step_refuses_an_untapped_model():
     model = UntappedReadout()
     params = model.init(jax.random.key(0), X)["params"]
     with pytest.raises(ValueError, match="readout/bias reaches no Tap"):
-        perturbation.np_gradient(model, params, X, jnp.zeros(4, jnp.int32), losses.ce, sigma=1e-3,
-                                 keys=perturbation.example_keys(0, 0, jnp.arange(4)), normalizer=4)
+        perturbation.np_gradient(
+            model,
+            params,
+            X,
+            jnp.zeros(4, jnp.int32),
+            losses.ce,
+            sigma=1e-3,
+            keys=perturbation.example_keys(0, 0, jnp.arange(4)),
+            normalizer=4,
+        )
 
 
 def test_adding_a_tap_leaves_the_other_taps_noise_alone():

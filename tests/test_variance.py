@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_estimator import BATCH, CASES, _assert_unbiased, _np_mean, _setup
 
 from nodepert_dist import perturbation
-from test_estimator import BATCH, CASES, _assert_unbiased, _np_mean, _setup
 
 OPTIONS = {
     "antithetic": dict(antithetic=True),
@@ -23,8 +23,9 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name, option", [("fc-mse", o) for o in OPTIONS] + [
-    ("conv", "layerwise-jvp-2-draws-regen")])
+@pytest.mark.parametrize(
+    "name, option", [("fc-mse", o) for o in OPTIONS] + [("conv", "layerwise-jvp-2-draws-regen")]
+)
 def test_each_option_is_unbiased(name, option):
     body, shape, act, loss, sigma, samples = CASES[name]
     options = OPTIONS[option]
@@ -42,21 +43,25 @@ def _moments(name, samples, sigma=None, **options):
     @jax.jit
     def estimate(step):
         keys = perturbation.example_keys(0, step, jnp.arange(BATCH))
-        return perturbation.np_gradient(model, params, x, y, loss_fn, sigma=sigma, keys=keys,
-                                        normalizer=BATCH, **options)[0]
+        return perturbation.np_gradient(
+            model, params, x, y, loss_fn, sigma=sigma, keys=keys, normalizer=BATCH, **options
+        )[0]
 
     @jax.jit
     def run():
         def add(i, acc):
             g = estimate(i)
             return jax.tree.map(jnp.add, acc[0], g), jax.tree.map(lambda a, v: a + v * v, acc[1], g)
+
         zero = jax.tree.map(jnp.zeros_like, params)
         return jax.lax.fori_loop(0, samples, add, (zero, zero))
 
     total, squares = run()
     mean = jax.tree.map(lambda t: t / samples, total)
-    var = {jax.tree_util.keystr(k): float(jnp.sum(s / samples - m * m)) for (k, s), m in zip(
-        jax.tree_util.tree_leaves_with_path(squares), jax.tree.leaves(mean))}
+    var = {
+        jax.tree_util.keystr(k): float(jnp.sum(s / samples - m * m))
+        for (k, s), m in zip(jax.tree_util.tree_leaves_with_path(squares), jax.tree.leaves(mean))
+    }
     return mean, var, true
 
 
@@ -74,8 +79,10 @@ def test_antithetic_has_less_bias_than_one_sided_at_a_large_sigma():
     exact, _, _ = _moments("fc-mse", 2000, delta="jvp")
     one, _, _ = _moments("fc-mse", 2000, sigma=1.0)
     anti, _, _ = _moments("fc-mse", 2000, sigma=1.0, antithetic=True)
-    bias = {k: float(jnp.linalg.norm(_flat(m) - _flat(exact)) / jnp.linalg.norm(_flat(exact)))
-            for k, m in (("one-sided", one), ("antithetic", anti))}
+    bias = {
+        k: float(jnp.linalg.norm(_flat(m) - _flat(exact)) / jnp.linalg.norm(_flat(exact)))
+        for k, m in (("one-sided", one), ("antithetic", anti))
+    }
     assert bias["antithetic"] < 0.8 * bias["one-sided"], bias
 
 
@@ -99,10 +106,17 @@ def _float64_estimate(sigma, step=3, **options):
     model, params, x, y, loss_fn, _ = _setup(body, shape, act, loss, jnp.float64)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     keys = options.pop("keys", perturbation.example_keys(0, step, jnp.arange(BATCH)))
-    perturbation.check_options(options.get("mode", "keep"), options.get("antithetic", False),
-                               options.get("draws", 1), options.get("delta", "finite"))
-    return jax.jit(lambda: perturbation.np_gradient(model, params, x, y, loss_fn, sigma=sigma,
-                                                    keys=keys, normalizer=BATCH, **options))()
+    perturbation.check_options(
+        options.get("mode", "keep"),
+        options.get("antithetic", False),
+        options.get("draws", 1),
+        options.get("delta", "finite"),
+    )
+    return jax.jit(
+        lambda: perturbation.np_gradient(
+            model, params, x, y, loss_fn, sigma=sigma, keys=keys, normalizer=BATCH, **options
+        )
+    )()
 
 
 def test_jvp_delta_is_the_small_sigma_limit_of_the_finite_difference():
@@ -115,11 +129,14 @@ def test_jvp_delta_is_the_small_sigma_limit_of_the_finite_difference():
         pair, _, _ = _float64_estimate(1e-6, antithetic=True)
         np.testing.assert_allclose(loss, clean_loss, rtol=1e-12)
         for name, approx, rtol in (("one-sided", clean, 1e-5), ("antithetic", pair, 1e-8)):
-            err = float(jnp.linalg.norm(_flat(approx) - _flat(exact)) / jnp.linalg.norm(_flat(exact)))
+            err = float(
+                jnp.linalg.norm(_flat(approx) - _flat(exact)) / jnp.linalg.norm(_flat(exact))
+            )
             assert err < rtol, (name, err)
         far, _, _ = _float64_estimate(1e-2)  # and it is a limit: a large sigma is further away
         assert float(jnp.linalg.norm(_flat(far) - _flat(exact))) > 10 * float(
-            jnp.linalg.norm(_flat(clean) - _flat(exact)))
+            jnp.linalg.norm(_flat(clean) - _flat(exact))
+        )
 
 
 def test_draw_0_is_todays_noise_and_draws_average():
@@ -136,11 +153,14 @@ def test_draw_0_is_todays_noise_and_draws_average():
         assert not np.allclose(_flat(two), _flat(first), rtol=1e-3)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(antithetic=True, delta="jvp"), "does nothing with --np_delta=jvp"),
-    (dict(draws=0), "--np_draws=0 must be a positive integer"),
-    (dict(delta="central"), "unknown --np_delta='central'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(antithetic=True, delta="jvp"), "does nothing with --np_delta=jvp"),
+        (dict(draws=0), "--np_draws=0 must be a positive integer"),
+        (dict(delta="central"), "unknown --np_delta='central'"),
+    ],
+)
 def test_bad_options_are_one_line_errors(options, message):
     with jax.enable_x64(True), pytest.raises(ValueError, match=message):
         _float64_estimate(1e-3, **options)

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import subprocess_env, train_command
+
 from nodepert_dist import workdir_lock
 from nodepert_dist.workdir_lock import WorkdirBusy, WorkdirLock
 
@@ -73,9 +73,18 @@ def test_other_hosts_lock_is_stale_after_the_timeout_or_a_slurm_requeue(tmp_path
 
 
 def _train(workdir, mnist_dir):
-    return train_command(["--n_hl=1", "--hl_size=16", "--num_epochs=0", "--noeval_train",
-                          f"--data_dir={mnist_dir}", f"--workdir={workdir}"], devices=0,
-                         timeout=120)
+    return train_command(
+        [
+            "--n_hl=1",
+            "--hl_size=16",
+            "--num_epochs=0",
+            "--noeval_train",
+            f"--data_dir={mnist_dir}",
+            f"--workdir={workdir}",
+        ],
+        devices=0,
+        timeout=120,
+    )
 
 
 def test_second_run_on_a_live_workdir_is_refused(tmp_path, mnist_dir, live_pid, dead_pid):
@@ -85,8 +94,11 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path, mnist_dir, live_pid, 
     in_flight.mkdir(parents=True)
     out = _train(workdir, mnist_dir)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        f"error: --workdir={workdir} is in use by a live run (pid {live_pid} on ")
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: --workdir={workdir} is in use by a live run (pid {live_pid} on ")
+    )
     assert "Traceback" not in out.stderr
     assert in_flight.exists() and not (workdir / "config.json").exists()
     _plant(workdir, pid=dead_pid)  # the same run, crashed: its lock is taken over
@@ -97,8 +109,9 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path, mnist_dir, live_pid, 
     assert not (workdir / workdir_lock.LOCK_NAME).exists()  # released at the end
 
 
-def test_two_starters_that_judged_one_lock_stale_cannot_both_take_it(tmp_path, dead_pid,
-                                                                     monkeypatch):
+def test_two_starters_that_judged_one_lock_stale_cannot_both_take_it(
+    tmp_path, dead_pid, monkeypatch
+):
     """Forced interleavings of two starters A and B that both found the same stale lock."""
     orig_stale, orig_rename = workdir_lock.stale_reason, os.rename
     # 1. A takes the lock over between B's judgment ("stale") and B's move: B must not move
@@ -180,9 +193,16 @@ def test_real_starters_racing_for_one_stale_lock_leave_exactly_one_holder(tmp_pa
     n, rounds = 6, 20
     run, flags = tmp_path / "run", tmp_path / "flags"
     flags.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path), str(i), str(rounds)],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, str(tmp_path), str(i), str(rounds)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
 
     def wait_for(prefix):
         deadline = time.time() + 120
@@ -214,11 +234,12 @@ def test_real_starters_racing_for_one_stale_lock_leave_exactly_one_holder(tmp_pa
 def _start_time(pid):
     """/proc/<pid>/stat field 22: when the process started (clock ticks after boot)."""
     stat = open(f"/proc/{pid}/stat").read()
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
 def test_a_lock_is_the_pid_and_its_start_time_and_a_requeued_slurm_job_takes_its_own(
-        tmp_path, live_pid, monkeypatch):
+    tmp_path, live_pid, monkeypatch
+):
     """In a container the dead run's pid soon belongs to another process: that lock is stale.
     A requeued SLURM job takes over its own lock on the same host even if the pid lives."""
     start = _start_time(live_pid)

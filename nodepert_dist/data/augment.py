@@ -11,7 +11,11 @@ import numpy as np
 
 PAD = 4  # pixels of zero padding on each side before the crop (the usual CIFAR recipe)
 
-_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+_M1, _M2, _GOLDEN = (
+    np.uint64(0xBF58476D1CE4E5B9),
+    np.uint64(0x94D049BB133111EB),
+    np.uint64(0x9E3779B97F4A7C15),
+)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -39,14 +43,14 @@ def crop_flip(images: np.ndarray, bits: np.ndarray, pad: int = PAD) -> np.ndarra
     """
     b, h, w, _ = images.shape
     span, low16 = np.uint64(2 * pad + 1), np.uint64(0xFFFF)
-    sy = ((bits & low16) % span).astype(np.int64) - pad                  # row shift in [-pad, pad]
+    sy = ((bits & low16) % span).astype(np.int64) - pad  # row shift in [-pad, pad]
     sx = (((bits >> np.uint64(16)) & low16) % span).astype(np.int64) - pad
     flip = ((bits >> np.uint64(32)) & np.uint64(1)).astype(bool)
     out = np.zeros_like(images)
     for i in range(b):
         # output row r shows input row r + sy (zero where that is outside the image); same for columns
-        dst = out[i, max(0, -sy[i]):h - max(0, sy[i]), max(0, -sx[i]):w - max(0, sx[i])]
-        dst[...] = images[i, max(0, sy[i]):h + min(0, sy[i]), max(0, sx[i]):w + min(0, sx[i])]
+        dst = out[i, max(0, -sy[i]) : h - max(0, sy[i]), max(0, -sx[i]) : w - max(0, sx[i])]
+        dst[...] = images[i, max(0, sy[i]) : h + min(0, sy[i]), max(0, sx[i]) : w + min(0, sx[i])]
         if flip[i]:
             out[i] = out[i, :, ::-1]
     return out

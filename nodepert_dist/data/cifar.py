@@ -25,15 +25,15 @@ from nodepert_dist.data.raw import DataError, Raw
 @dataclasses.dataclass(frozen=True)
 class CifarSpec:
     name: str
-    archive: str          # the published tarball's file name
+    archive: str  # the published tarball's file name
     size: int
     sha256: str
     md5: str
-    folder: str           # the folder inside the tarball
-    train: tuple          # member names, in order
+    folder: str  # the folder inside the tarball
+    train: tuple  # member names, in order
     test: tuple
-    meta: str             # label names: published, never needed
-    member_md5: dict      # batch member -> published MD5
+    meta: str  # label names: published, never needed
+    member_md5: dict  # batch member -> published MD5
     label_key: str
     num_classes: int
     url: str
@@ -41,27 +41,45 @@ class CifarSpec:
 
 CIFAR = {
     "cifar10": CifarSpec(
-        "cifar10", "cifar-10-python.tar.gz", 170_498_071,
+        "cifar10",
+        "cifar-10-python.tar.gz",
+        170_498_071,
         "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-        "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-        train=tuple(f"data_batch_{i}" for i in range(1, 6)), test=("test_batch",), meta="batches.meta",
-        member_md5={"data_batch_1": "c99cafc152244af753f735de768cd75f",
-                    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-                    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-                    "data_batch_4": "634d18415352ddfa80567beed471001a",
-                    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-                    "test_batch": "40351d587109b95175f43aff81a1287e"},
-        label_key="labels", num_classes=10,
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test=("test_batch",),
+        meta="batches.meta",
+        member_md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
+        label_key="labels",
+        num_classes=10,
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
     "cifar100": CifarSpec(
-        "cifar100", "cifar-100-python.tar.gz", 169_001_437,
+        "cifar100",
+        "cifar-100-python.tar.gz",
+        169_001_437,
         "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
-        "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
-        train=("train",), test=("test",), meta="meta",
-        member_md5={"train": "16019d7e3df5f24257cddd939b257f8d",
-                    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
-        label_key="fine_labels", num_classes=100,
-        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+        train=("train",),
+        test=("test",),
+        meta="meta",
+        member_md5={
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        },
+        label_key="fine_labels",
+        num_classes=100,
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
 }
 COARSE_KEY, NUM_COARSE = "coarse_labels", 20
 
@@ -81,12 +99,21 @@ def _batch(obj: dict, where: str, spec: CifarSpec):
     data = np.asarray(obj["data"])
     labels = np.asarray(obj[spec.label_key])
     if labels.dtype.kind not in "iu" and len(labels):  # lists of ints, int arrays of any width
-        raise DataError(f"{where}: {spec.label_key!r} holds {labels.dtype} values; expected "
-                        f"integer class labels")
+        raise DataError(
+            f"{where}: {spec.label_key!r} holds {labels.dtype} values; expected "
+            f"integer class labels"
+        )
     labels = labels.astype(np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{where}: data of shape {data.shape} ({data.dtype}) with {len(labels)} "
-                        f"labels; expected N x 3072 uint8 and N labels")
+    if (
+        data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or len(data) != len(labels)
+    ):
+        raise DataError(
+            f"{where}: data of shape {data.shape} ({data.dtype}) with {len(labels)} "
+            f"labels; expected N x 3072 uint8 and N labels"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise DataError(f"{where}: labels outside [0, {spec.num_classes})")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -108,10 +135,14 @@ class _Members:
                 self.tar = tarfile.open(path, "r:*")
                 self.names = set(self.tar.getnames())
             except (tarfile.TarError, OSError, EOFError) as e:
-                raise DataError(f"{path} is not a readable tarball ({e}); fetch or copy it again") from None
+                raise DataError(
+                    f"{path} is not a readable tarball ({e}); fetch or copy it again"
+                ) from None
         else:
-            raise DataError(f"{path} does not exist; pass the {spec.archive} tarball or its "
-                            f"extracted {spec.folder}/ folder")
+            raise DataError(
+                f"{path} does not exist; pass the {spec.archive} tarball or its "
+                f"extracted {spec.folder}/ folder"
+            )
 
     def where(self, member: str) -> str:
         if self.tar is None:
@@ -122,7 +153,9 @@ class _Members:
         if self.tar is None:
             path = self.where(member)
             if not os.path.isfile(path):
-                raise DataError(f"missing CIFAR file {path}; the {self.spec.folder}/ folder is incomplete")
+                raise DataError(
+                    f"missing CIFAR file {path}; the {self.spec.folder}/ folder is incomplete"
+                )
             with open(path, "rb") as f:
                 return f.read()
         name = f"{self.spec.folder}/{member}"
@@ -131,8 +164,9 @@ class _Members:
         try:
             return self.tar.extractfile(name).read()
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"truncated or corrupt tarball {self.path} at {name} ({e}); "
-                            f"fetch or copy it again") from None
+            raise DataError(
+                f"truncated or corrupt tarball {self.path} at {name} ({e}); fetch or copy it again"
+            ) from None
 
     def close(self):
         if self.tar is not None:
@@ -148,8 +182,10 @@ def checksum_problem(path: str, spec: CifarSpec):
                 sha.update(chunk), md5.update(chunk)
                 size += len(chunk)
         if size != spec.size or sha.hexdigest() != spec.sha256 or md5.hexdigest() != spec.md5:
-            return (f"{path} ({size} bytes, SHA-256 {sha.hexdigest()}) does not match the published "
-                    f"{spec.archive} ({spec.size} bytes, SHA-256 {spec.sha256})")
+            return (
+                f"{path} ({size} bytes, SHA-256 {sha.hexdigest()}) does not match the published "
+                f"{spec.archive} ({spec.size} bytes, SHA-256 {spec.sha256})"
+            )
         return None
     members = _Members(path, spec)
     for member, digest in spec.member_md5.items():
@@ -165,12 +201,17 @@ def read(path: str, spec: CifarSpec) -> Raw:
     try:
         splits = {}
         for split, names in (("train", spec.train), ("test", spec.test)):
-            parts = [_batch(_unpickle(members.read(m), members.where(m)), members.where(m), spec)
-                     for m in names]
+            parts = [
+                _batch(_unpickle(members.read(m), members.where(m)), members.where(m), spec)
+                for m in names
+            ]
             images = np.concatenate([p[0] for p in parts])
             labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
-            coarse = None if any(p[2] is None for p in parts) else \
-                np.concatenate([p[2] for p in parts]).astype(np.int32)
+            coarse = (
+                None
+                if any(p[2] is None for p in parts)
+                else np.concatenate([p[2] for p in parts]).astype(np.int32)
+            )
             splits[split] = (images, labels, coarse)
     finally:
         members.close()
@@ -179,5 +220,11 @@ def read(path: str, spec: CifarSpec) -> Raw:
         if splits["train"][2] is None or splits["test"][2] is None:
             raise DataError(f"{path}: CIFAR-100 batches without {COARSE_KEY!r}")
         extra = {"coarse": (splits["train"][2], splits["test"][2])}
-    return Raw(splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
-               spec.num_classes, extra)
+    return Raw(
+        splits["train"][0],
+        splits["train"][1],
+        splits["test"][0],
+        splits["test"][1],
+        spec.num_classes,
+        extra,
+    )

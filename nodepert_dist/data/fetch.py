@@ -42,8 +42,15 @@ def _download_cifar(spec: cifar.CifarSpec, root: str, mirrors, timeout: float) -
     raise DataError(f"could not fetch {spec.name}: {errors[-1]}")
 
 
-def fetch(name: str, data_dir: str, from_path: str | None = None, allow_unverified: bool = False,
-          mirrors=None, source: str = "auto", timeout: float = 30.0) -> str:
+def fetch(
+    name: str,
+    data_dir: str,
+    from_path: str | None = None,
+    allow_unverified: bool = False,
+    mirrors=None,
+    source: str = "auto",
+    timeout: float = 30.0,
+) -> str:
     """Makes `<data_dir>/<name>/arrays/` (store.py) and returns it.
 
     from_path: a tarball or folder the user already has (clusters without internet), verified
@@ -54,11 +61,15 @@ def fetch(name: str, data_dir: str, from_path: str | None = None, allow_unverifi
         raise DataError(f"--from={from_path} does not exist")
     if from_path is not None and name in mnist.DATASETS:
         if not os.path.isdir(from_path):
-            raise DataError(f"--from={from_path} is a file; for {name} pass the folder holding its "
-                            f"files: --from={os.path.dirname(os.path.abspath(from_path))}")
+            raise DataError(
+                f"--from={from_path} is a file; for {name} pass the folder holding its "
+                f"files: --from={os.path.dirname(os.path.abspath(from_path))}"
+            )
         if not mnist.has_files(name, from_path):  # the hint names the user's data_dir
-            raise DataError(f"{mnist.missing(name, from_path)}; copy the missing file there, or "
-                            f"download: python -m nodepert_dist.data fetch {name} --data_dir={data_dir}")
+            raise DataError(
+                f"{mnist.missing(name, from_path)}; copy the missing file there, or "
+                f"download: python -m nodepert_dist.data fetch {name} --data_dir={data_dir}"
+            )
     root = os.path.join(data_dir, name)
     created = _first_missing(root)
     try:

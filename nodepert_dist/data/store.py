@@ -38,8 +38,14 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def convert(name: str, source: str, data_dir: str, allow_unverified: bool = False,
-            replace: bool = True, trust_hint: str = "pass --allow_unverified") -> str:
+def convert(
+    name: str,
+    source: str,
+    data_dir: str,
+    allow_unverified: bool = False,
+    replace: bool = True,
+    trust_hint: str = "pass --allow_unverified",
+) -> str:
     """Reads the published files at `source` and writes `<data_dir>/<name>/arrays/`.
 
     `source`: the MNIST-family folder of IDX files / mnist.pkl.gz, or a CIFAR tarball or its
@@ -58,17 +64,28 @@ def convert(name: str, source: str, data_dir: str, allow_unverified: bool = Fals
     if problem and not allow_unverified:
         raise DataError(f"{problem}; if you trust this copy, {trust_hint}")
     if problem:
-        logging.warning("%s: UNVERIFIED copy, used because of --allow_unverified: %s", name, problem)
+        logging.warning(
+            "%s: UNVERIFIED copy, used because of --allow_unverified: %s", name, problem
+        )
     raw = cifar.read(source, cifar.CIFAR[name]) if name in cifar.CIFAR else mnist.read(name, source)
-    meta = {"format": FORMAT, "dataset": name, "source": os.path.abspath(source),
-            "verified": problem is None, "checksum_problem": problem,
-            "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        "format": FORMAT,
+        "dataset": name,
+        "source": os.path.abspath(source),
+        "verified": problem is None,
+        "checksum_problem": problem,
+        "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     return write(raw, store_dir(data_dir, name), meta, replace=replace)
 
 
 def _arrays(raw: Raw) -> dict:
-    out = {"train_images": raw.train_x, "train_labels": raw.train_y,
-           "test_images": raw.test_x, "test_labels": raw.test_y}
+    out = {
+        "train_images": raw.train_x,
+        "train_labels": raw.train_y,
+        "test_images": raw.test_x,
+        "test_labels": raw.test_y,
+    }
     for kind, (train, test) in raw.extra.items():
         out[f"train_{kind}_labels"], out[f"test_{kind}_labels"] = train, test
     return out
@@ -86,10 +103,15 @@ def write(raw: Raw, dest: str, meta: dict, replace: bool = True) -> str:
         for key, array in arrays.items():
             dtype = np.uint8 if key.endswith("images") else np.int32
             np.save(os.path.join(tmp, key + ".npy"), np.ascontiguousarray(array, dtype=dtype))
-        meta = dict(meta, num_classes=raw.num_classes,
-                    num_classes_extra={"coarse": cifar.NUM_COARSE} if "coarse" in raw.extra else {},
-                    shapes={k: list(v.shape) for k, v in arrays.items()})
-        files.write_json(os.path.join(tmp, "meta.json"), meta, indent=2)  # the folder is renamed whole
+        meta = dict(
+            meta,
+            num_classes=raw.num_classes,
+            num_classes_extra={"coarse": cifar.NUM_COARSE} if "coarse" in raw.extra else {},
+            shapes={k: list(v.shape) for k, v in arrays.items()},
+        )
+        files.write_json(
+            os.path.join(tmp, "meta.json"), meta, indent=2
+        )  # the folder is renamed whole
         if os.path.exists(dest):
             if not replace:
                 return dest  # another process converted it first
@@ -111,6 +133,7 @@ def write(raw: Raw, dest: str, meta: dict, replace: bool = True) -> str:
 @dataclasses.dataclass
 class Stored:
     """A converted dataset, memory-mapped: nothing is read until rows are indexed."""
+
     root: str
     meta: dict
     train_x: np.ndarray
@@ -125,10 +148,14 @@ def _load(root: str, key: str, shape) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise DataError(f"corrupt converted file {path} ({e}); delete {root} and fetch again") from None
+        raise DataError(
+            f"corrupt converted file {path} ({e}); delete {root} and fetch again"
+        ) from None
     if list(array.shape) != list(shape):
-        raise DataError(f"{path} has shape {array.shape}, meta.json says {tuple(shape)}; "
-                        f"delete {root} and fetch again")
+        raise DataError(
+            f"{path} has shape {array.shape}, meta.json says {tuple(shape)}; "
+            f"delete {root} and fetch again"
+        )
     return array
 
 
@@ -143,12 +170,21 @@ def open_dataset(name: str, data_dir: str, labels: str = "fine") -> Stored:
     if not os.path.exists(os.path.join(root, "meta.json")):
         if name in mnist.DATASETS and mnist.has_files(name, raw_root):
             logging.info("%s: converting %s once into %s", name, raw_root, root)
-            convert(name, raw_root, data_dir, replace=False, trust_hint=(
-                f"run: python -m nodepert_dist.data fetch {name} --from={raw_root} "
-                f"--allow_unverified --data_dir={data_dir}"))
+            convert(
+                name,
+                raw_root,
+                data_dir,
+                replace=False,
+                trust_hint=(
+                    f"run: python -m nodepert_dist.data fetch {name} --from={raw_root} "
+                    f"--allow_unverified --data_dir={data_dir}"
+                ),
+            )
         else:
-            raise DataError(f"missing dataset {root}; run: python -m nodepert_dist.data fetch {name} "
-                            f"--data_dir={data_dir}")
+            raise DataError(
+                f"missing dataset {root}; run: python -m nodepert_dist.data fetch {name} "
+                f"--data_dir={data_dir}"
+            )
     try:
         meta = files.read_json(os.path.join(root, "meta.json"))
         shapes = meta["shapes"]
@@ -159,5 +195,7 @@ def open_dataset(name: str, data_dir: str, labels: str = "fine") -> Stored:
     tx, ty, sx, sy = (_load(root, k, shapes[k]) for k in keys)
     classes = meta["num_classes"] if labels == "fine" else meta["num_classes_extra"][labels]
     if not meta.get("verified", False):
-        logging.warning("%s: %s holds an UNVERIFIED copy (%s)", name, root, meta.get("checksum_problem"))
+        logging.warning(
+            "%s: %s holds an UNVERIFIED copy (%s)", name, root, meta.get("checksum_problem")
+        )
     return Stored(root, meta, tx, ty, sx, sy, int(classes))

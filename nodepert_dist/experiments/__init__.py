@@ -7,8 +7,14 @@ Each writes tidy results (CSV, JSONL) and its plot (PNG) under --out, and resume
 EXPERIMENTS = {
     "vary-lr": ("vary_lr", "final and best test accuracy vs lr, NP and SGD, over seeds"),
     "grad-stats": ("grad_stats", "NP update vs the true gradient every k steps while training"),
-    "crash-timing": ("crash_timing", "when NP crashes over an lr grid; replay of a crash step by step"),
-    "linesearch": ("linesearch", "loss change after one NP / SGD step vs lr (critical, optimal lr) vs width"),
+    "crash-timing": (
+        "crash_timing",
+        "when NP crashes over an lr grid; replay of a crash step by step",
+    ),
+    "linesearch": (
+        "linesearch",
+        "loss change after one NP / SGD step vs lr (critical, optimal lr) vs width",
+    ),
     "delta-loss": ("delta_loss", "loss change per update, k times per epoch, NP and SGD"),
     "adam-np": ("adam_np", "Adam on NP gradients vs plain NP over an lr grid"),
     "landscape": ("landscape", "loss surface around the final point with the PCA trajectory"),

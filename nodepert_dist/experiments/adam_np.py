@@ -19,13 +19,29 @@ _LABELS = {"sgd": "NP", "adam": "NP + Adam"}
 
 def run(base, out, lrs, seeds, launch="inprocess", parallel=1) -> list[str]:
     base = dataclasses.replace(base, update_rule="np")
-    return vary_lr.lr_sweep(base, out, "adam_np", "optimizer", ["sgd", "adam"], lrs, seeds,
-                            launch, parallel, label=_LABELS.get)[1]
+    return vary_lr.lr_sweep(
+        base,
+        out,
+        "adam_np",
+        "optimizer",
+        ["sgd", "adam"],
+        lrs,
+        seeds,
+        launch,
+        parallel,
+        label=_LABELS.get,
+    )[1]
 
 
 def _main():
-    return run(common.base_config("adam-np"), common.out_dir("adam-np"), common.lrs(DEFAULT_LRS),
-               common.FLAGS.seeds, common.FLAGS.launch, common.FLAGS.parallel)
+    return run(
+        common.base_config("adam-np"),
+        common.out_dir("adam-np"),
+        common.lrs(DEFAULT_LRS),
+        common.FLAGS.seeds,
+        common.FLAGS.launch,
+        common.FLAGS.parallel,
+    )
 
 
 main = common.command(_main)

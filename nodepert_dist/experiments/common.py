@@ -17,20 +17,40 @@ import sys
 import numpy as np
 from absl import flags
 
-from nodepert_dist import (checkpoint_layout, crash_guard, distributed, files,
-                           metrics, run_record, sweep, sweep_launch, train)
+from nodepert_dist import (
+    checkpoint_layout,
+    crash_guard,
+    distributed,
+    files,
+    metrics,
+    presets,
+    run_record,
+    sweep,
+    sweep_launch,
+    train,
+)
 from nodepert_dist import mesh as mesh_lib
-from nodepert_dist import presets
 from nodepert_dist.experiments import probes
 
-flags.DEFINE_string("out", None, "Results folder (default runs/experiments/<experiment>); "
-                    "rerunning with the same one resumes.")
-flags.DEFINE_string("preset", None, "Base settings from nodepert_dist/presets.py (default: the "
-                    "experiment's own); training flags given here override them.")
-flags.DEFINE_enum("launch", "inprocess", ["inprocess", "local", "slurm", "none"],
-                  "Grid experiments: train here one run after another (inprocess), as "
-                  "subprocesses (local, --parallel at a time), write a SLURM job array to "
-                  "<out>/sweep.sbatch (slurm), or only aggregate finished runs (none).")
+flags.DEFINE_string(
+    "out",
+    None,
+    "Results folder (default runs/experiments/<experiment>); rerunning with the same one resumes.",
+)
+flags.DEFINE_string(
+    "preset",
+    None,
+    "Base settings from nodepert_dist/presets.py (default: the "
+    "experiment's own); training flags given here override them.",
+)
+flags.DEFINE_enum(
+    "launch",
+    "inprocess",
+    ["inprocess", "local", "slurm", "none"],
+    "Grid experiments: train here one run after another (inprocess), as "
+    "subprocesses (local, --parallel at a time), write a SLURM job array to "
+    "<out>/sweep.sbatch (slurm), or only aggregate finished runs (none).",
+)
 flags.DEFINE_integer("parallel", 1, "--launch=local: runs at a time.")
 flags.DEFINE_list("lrs", None, "Learning rates (default: the experiment's log-spaced grid).")
 flags.DEFINE_integer("seeds", 1, "Seeds per grid point (0..N-1).")
@@ -46,6 +66,7 @@ class Submitted(Exception):
 
 
 # ----------------------------------------------------------------------------- set-up
+
 
 def setup_devices() -> None:
     """What `nodepert-train` does before touching a device (CPU flags, processes)."""
@@ -105,11 +126,15 @@ def int_list(text, name: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- training runs
 
+
 def overrides(cfg: train.Config) -> dict:
     """The fields of `cfg` that differ from Config's defaults (flags of a sweep spec)."""
     default = train.Config()
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if getattr(cfg, f.name) != getattr(default, f.name) and getattr(cfg, f.name) is not None}
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(default, f.name) and getattr(cfg, f.name) is not None
+    }
 
 
 def train_once(cfg: train.Config, hooks=()) -> dict:
@@ -122,9 +147,13 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
             crash_guard.run(train.run, cfg, hooks)
         else:
             train.run(cfg, hooks)
-    except (crash_guard.Diverged, checkpoint_layout.NonFiniteState) as e:  # in the loss or the params
-        files.write_json(os.path.join(cfg.workdir, "outcome.json"),
-                         {"status": "diverged", "detail": str(e)})
+    except (
+        crash_guard.Diverged,
+        checkpoint_layout.NonFiniteState,
+    ) as e:  # in the loss or the params
+        files.write_json(
+            os.path.join(cfg.workdir, "outcome.json"), {"status": "diverged", "detail": str(e)}
+        )
     except crash_guard.GaveUp:
         pass  # its events are in metrics.jsonl
     return outcome(cfg.workdir, cfg.num_epochs)
@@ -140,8 +169,10 @@ def outcome(workdir: str, num_epochs: int) -> dict:
     log = os.path.join(workdir, "run.log")  # subprocess runs (sweep_launch.run_local)
     if gave_up:
         e = gave_up[-1]
-        result.update(status="crashed" if e["reason"] == "crash" else "diverged",
-                      event_epoch=e["last_good_epoch"] + 1)
+        result.update(
+            status="crashed" if e["reason"] == "crash" else "diverged",
+            event_epoch=e["last_good_epoch"] + 1,
+        )
     elif os.path.exists(path):
         result.update(files.read_json(path))
     elif os.path.exists(log) and _diverged_log(log):
@@ -160,14 +191,24 @@ def _diverged_log(path: str) -> bool:
         return "training diverged" in f.read()
 
 
-def run_grid(base: train.Config, grid: dict, seeds: int, root: str, launch: str = "inprocess",
-             parallel: int = 1) -> list[dict]:
+def run_grid(
+    base: train.Config,
+    grid: dict,
+    seeds: int,
+    root: str,
+    launch: str = "inprocess",
+    parallel: int = 1,
+) -> list[dict]:
     """Every (grid point x seed) run of `base` via nodepert_dist.sweep; returns its run dicts,
     each with its `cfg` and `outcome`. Finished, crashed and diverged runs are not rerun."""
-    spec = {"command": [sys.executable, "-m", "nodepert_dist.train"]
-                       + ([f"--cpu_devices={FLAGS.cpu_devices}"] if _flag("cpu_devices") else []),
-            "root": root, "base": {k: v for k, v in overrides(base).items() if k != "workdir"},
-            "grid": grid, "seeds": list(range(seeds))}
+    spec = {
+        "command": [sys.executable, "-m", "nodepert_dist.train"]
+        + ([f"--cpu_devices={FLAGS.cpu_devices}"] if _flag("cpu_devices") else []),
+        "root": root,
+        "base": {k: v for k, v in overrides(base).items() if k != "workdir"},
+        "grid": grid,
+        "seeds": list(range(seeds)),
+    }
     files.write_json(os.path.join(root, "sweep_spec.json"), spec)
     runs = sweep.expand(spec)
     for run in runs:
@@ -182,10 +223,13 @@ def run_grid(base: train.Config, grid: dict, seeds: int, root: str, launch: str 
             print("[experiments] some runs failed; see their run.log (aggregating the rest)")
     elif launch == "slurm":
         path = os.path.join(root, "sweep.sbatch")
-        files.write_text(path, sweep_launch.slurm_script(todo, spec,
-                                                         os.path.join(root, "sweep_spec.json")))
-        raise Submitted(f"wrote {path} ({len(todo)} runs): submit it with sbatch, then run "
-                        f"this command again with --launch=none to aggregate")
+        files.write_text(
+            path, sweep_launch.slurm_script(todo, spec, os.path.join(root, "sweep_spec.json"))
+        )
+        raise Submitted(
+            f"wrote {path} ({len(todo)} runs): submit it with sbatch, then run "
+            f"this command again with --launch=none to aggregate"
+        )
     for run in runs:
         run["outcome"] = outcome(run["workdir"], run["cfg"].num_epochs)
     return runs
@@ -196,6 +240,7 @@ def _flag(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- result files
+
 
 def write_json(path: str, obj) -> str:
     if metrics.is_writer():
@@ -212,10 +257,13 @@ def write_csv(path: str, rows: list[dict]) -> str:
 
 def figure(nrows: int = 1, ncols: int = 1, size=(6.4, 4.2)):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), dpi=110,
-                             squeeze=False)
+
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), dpi=110, squeeze=False
+    )
     return fig, axes
 
 
@@ -223,6 +271,7 @@ def log_axis(ax, which: str = "x", ticks=None) -> None:
     """A log axis; with `ticks` (e.g. the lr grid), labelled at exactly those values in plain
     numbers (matplotlib's own minor labels overlap on ranges of one or two decades)."""
     from matplotlib.ticker import NullFormatter
+
     getattr(ax, f"set_{which}scale")("log")
     if ticks is not None and len(ticks) <= 12:
         getattr(ax, f"set_{which}ticks")(list(ticks), [f"{t:g}" for t in ticks])
@@ -231,6 +280,7 @@ def log_axis(ax, which: str = "x", ticks=None) -> None:
 
 def save_figure(fig, path: str) -> str:
     import matplotlib.pyplot as plt
+
     if metrics.is_writer():
         fig.tight_layout()
         with files.atomic_open(path, "wb") as f:
@@ -267,8 +317,9 @@ def command(body):
             return
         # OSError: e.g. a read-only or full --out (as nodepert-train)
         except (ValueError, OSError, DataError, distributed.DistributedError) as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {e}") from None
         done(paths)
+
     return main
 
 
@@ -277,11 +328,15 @@ def run_summary(run: dict, crash_points: float) -> dict:
     o, rows = run["outcome"], run["outcome"]["rows"]
     trained = [r for r in rows if r["epoch"] > 0]
     crash = crash_guard.first_crash(rows, crash_points)
-    row = {**run["settings"], "status": o["status"], "epochs": rows[-1]["epoch"] if rows else 0,
-           "final_acc": trained[-1]["test_acc"] if trained and o["status"] == "finished" else None,
-           "best_acc": max((r["test_acc"] for r in trained), default=None),
-           "crash_epoch": crash["epoch"] if crash else o.get("event_epoch"),
-           "workdir": run["workdir"]}
+    row = {
+        **run["settings"],
+        "status": o["status"],
+        "epochs": rows[-1]["epoch"] if rows else 0,
+        "final_acc": trained[-1]["test_acc"] if trained and o["status"] == "finished" else None,
+        "best_acc": max((r["test_acc"] for r in trained), default=None),
+        "crash_epoch": crash["epoch"] if crash else o.get("event_epoch"),
+        "workdir": run["workdir"],
+    }
     return row
 
 

@@ -47,8 +47,9 @@ class Hook:
         model = ctx.model
         self.loss = jax.jit(lambda p, x, y: jnp.mean(loss_fn(model.apply({"params": p}, x), y)))
         if metrics.is_writer():
-            files.write_jsonl(self.path, [r for r in files.read_jsonl(self.path)
-                                          if r["step"] <= ctx.step])
+            files.write_jsonl(
+                self.path, [r for r in files.read_jsonl(self.path) if r["step"] <= ctx.step]
+            )
 
     def after_step(self, step, state, x, labels, step_metrics) -> None:
         position = (step - 1) % self.n  # step counts updates: update `step` is at this position
@@ -57,8 +58,14 @@ class Hook:
         after = float(self.loss(state.params, x, labels))
         m = jax.device_get(step_metrics)
         before = float(m["loss_sum"]) / float(m["count"])
-        row = {"step": step, "epoch": (step - 1) // self.n + 1, "point": self.points[position],
-               "loss_before": before, "loss_after": after, "delta_loss": after - before}
+        row = {
+            "step": step,
+            "epoch": (step - 1) // self.n + 1,
+            "point": self.points[position],
+            "loss_before": before,
+            "loss_after": after,
+            "delta_loss": after - before,
+        }
         if metrics.is_writer():
             files.append_jsonl(self.path, [row])
 
@@ -72,11 +79,19 @@ def window_means(rows: list[dict], rule: str, lr: float, steps_per_epoch: int) -
         # float arrays: a non-finite loss was written as null (files.py), read back as NaN
         d = np.array([g["delta_loss"] for g in group], float)
         before = np.array([g["loss_before"] for g in group], float)
-        table.append({"rule": rule, "lr": lr, "epoch": epoch, "point": point,
-                      "epoch_frac": (group[0]["step"] - 1) / steps_per_epoch,
-                      "updates": len(d), "delta_loss": float(np.mean(d)),
-                      "rel_delta_loss": float(np.mean(d / before)),
-                      "loss_before": float(np.mean(before))})
+        table.append(
+            {
+                "rule": rule,
+                "lr": lr,
+                "epoch": epoch,
+                "point": point,
+                "epoch_frac": (group[0]["step"] - 1) / steps_per_epoch,
+                "updates": len(d),
+                "delta_loss": float(np.mean(d)),
+                "rel_delta_loss": float(np.mean(d / before)),
+                "loss_before": float(np.mean(before)),
+            }
+        )
     return table
 
 
@@ -85,8 +100,15 @@ def plot(table, path, base) -> str:
     for i, rule in enumerate(sorted({r["rule"] for r in table})):
         rows = [r for r in table if r["rule"] == rule]
         for ax, key in zip(axes[0], ("delta_loss", "rel_delta_loss")):
-            ax.plot([r["epoch_frac"] for r in rows], [r[key] for r in rows], "o-", ms=2, lw=1,
-                    color=f"C{i}", label=f"{rule.upper()} lr {rows[0]['lr']:g}")
+            ax.plot(
+                [r["epoch_frac"] for r in rows],
+                [r[key] for r in rows],
+                "o-",
+                ms=2,
+                lw=1,
+                color=f"C{i}",
+                label=f"{rule.upper()} lr {rows[0]['lr']:g}",
+            )
     for ax, ylabel in zip(axes[0], ("loss change per update", "loss change / loss")):
         ax.axhline(0, color="k", lw=0.5)
         ax.set_yscale("symlog", linthresh=1e-5 if ylabel.startswith("loss change per") else 1e-3)
@@ -94,8 +116,11 @@ def plot(table, path, base) -> str:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{base.network} {base.n_hl}x{base.hl_size} on {base.dataset}, batch "
-                 f"{base.batchsize}: mean of each window of updates", fontsize=9)
+    fig.suptitle(
+        f"{base.network} {base.n_hl}x{base.hl_size} on {base.dataset}, batch "
+        f"{base.batchsize}: mean of each window of updates",
+        fontsize=9,
+    )
     return common.save_figure(fig, path)
 
 
@@ -107,16 +132,22 @@ def run(base, out, rules, lrs, per_epoch=10, window=5) -> list[str]:
     lrs = lrs * len(rules) if len(lrs) == 1 else lrs
     table = []
     for rule, lr in zip(rules, lrs):
-        cfg = dataclasses.replace(base, update_rule=rule, lr=lr,
-                                  workdir=os.path.join(out, "runs", f"update_rule={rule},lr={lr:g}"))
+        cfg = dataclasses.replace(
+            base,
+            update_rule=rule,
+            lr=lr,
+            workdir=os.path.join(out, "runs", f"update_rule={rule},lr={lr:g}"),
+        )
         jsonl = os.path.join(cfg.workdir, "delta_loss.jsonl")
         hook = Hook(jsonl, per_epoch, window)
         common.train_once(cfg, hooks=[hook])
         table += window_means(files.read_jsonl(jsonl), rule, lr, hook.n)
     if not table:
         raise common.ExperimentError("no updates were measured")
-    return [common.write_csv(os.path.join(out, "delta_loss.csv"), table),
-            plot(table, os.path.join(out, "delta_loss.png"), base)]
+    return [
+        common.write_csv(os.path.join(out, "delta_loss.csv"), table),
+        plot(table, os.path.join(out, "delta_loss.png"), base),
+    ]
 
 
 def _main():
@@ -125,8 +156,14 @@ def _main():
         raise common.ExperimentError(f"--rules: {', '.join(sorted(bad))} is not np or sgd")
     base = common.base_config("delta-loss")
     default = [base.lr if r == "np" else 1.0 for r in FLAGS.rules]
-    return run(base, common.out_dir("delta-loss"), FLAGS.rules, common.lrs(default),
-               FLAGS.per_epoch, FLAGS.window)
+    return run(
+        base,
+        common.out_dir("delta-loss"),
+        FLAGS.rules,
+        common.lrs(default),
+        FLAGS.per_epoch,
+        FLAGS.window,
+    )
 
 
 main = common.command(_main)

@@ -22,8 +22,12 @@ from absl import flags
 from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("every", 100, "Measure every this many steps (and at step 0).")
-flags.DEFINE_integer("draws", 8, "NP draws per measurement (variance, angle of the mean), each "
-                     "an estimate of the run's own estimator (--np_* settings included).")
+flags.DEFINE_integer(
+    "draws",
+    8,
+    "NP draws per measurement (variance, angle of the mean), each "
+    "an estimate of the run's own estimator (--np_* settings included).",
+)
 flags.DEFINE_integer("probe_size", 512, "Training examples in the fixed probe batch.")
 FLAGS = flags.FLAGS
 
@@ -31,18 +35,30 @@ FLAGS = flags.FLAGS
 def plot(rows: list[dict], path: str, title: str) -> str:
     fig, axes = common.figure(2, 2, size=(5.2, 3.6))
     steps = [r["step"] for r in rows]
-    panels = [("angle", "angle to the true gradient (deg)", False),
-              ("sign_sym", "sign symmetry", False),
-              ("ratio", "NP / SGD step size", True),
-              ("rel_var", "NP variance / |grad|^2", True)]
+    panels = [
+        ("angle", "angle to the true gradient (deg)", False),
+        ("sign_sym", "sign symmetry", False),
+        ("ratio", "NP / SGD step size", True),
+        ("rel_var", "NP variance / |grad|^2", True),
+    ]
     for ax, (stat, ylabel, log) in zip(axes.ravel(), panels):
         for i, name in enumerate(["all"] + probes.layer_names(rows)):
             ys = [r.get(f"{name}_{stat}", np.nan) for r in rows]
-            ax.plot(steps, ys, color="k" if name == "all" else f"C{i}", lw=2 if name == "all" else 1,
-                    label="whole network" if name == "all" else name)
+            ax.plot(
+                steps,
+                ys,
+                color="k" if name == "all" else f"C{i}",
+                lw=2 if name == "all" else 1,
+                label="whole network" if name == "all" else name,
+            )
         if stat == "angle":
-            ax.plot(steps, [r["all_angle_mean"] for r in rows], "k--", lw=1,
-                    label="whole, mean of draws")
+            ax.plot(
+                steps,
+                [r["all_angle_mean"] for r in rows],
+                "k--",
+                lw=1,
+                label="whole, mean of draws",
+            )
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if log:
@@ -62,15 +78,23 @@ def run(base, out: str, every: int, draws: int, probe_size: int) -> list[str]:
     rows = common.jsonl_to_csv(jsonl, os.path.join(out, "grad_stats.csv"))
     if not rows:
         raise common.ExperimentError(f"no statistics in {jsonl}")
-    png = plot(rows, os.path.join(out, "grad_stats.png"),
-               f"{cfg.update_rule.upper()} training, {cfg.network} {cfg.n_hl}x{cfg.hl_size}, "
-               f"lr {cfg.lr:g}; probe {probe_size} examples, {draws} NP draws")
+    png = plot(
+        rows,
+        os.path.join(out, "grad_stats.png"),
+        f"{cfg.update_rule.upper()} training, {cfg.network} {cfg.n_hl}x{cfg.hl_size}, "
+        f"lr {cfg.lr:g}; probe {probe_size} examples, {draws} NP draws",
+    )
     return [jsonl, os.path.join(out, "grad_stats.csv"), png]
 
 
 def _main():
-    return run(common.base_config("grad-stats"), common.out_dir("grad-stats"), FLAGS.every,
-               FLAGS.draws, FLAGS.probe_size)
+    return run(
+        common.base_config("grad-stats"),
+        common.out_dir("grad-stats"),
+        FLAGS.every,
+        FLAGS.draws,
+        FLAGS.probe_size,
+    )
 
 
 main = common.command(_main)

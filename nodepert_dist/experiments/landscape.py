@@ -67,11 +67,13 @@ def _step_of(path: str) -> int:
 
 def filter_normalize(direction, params):
     """Each output unit's slice (last axis of a kernel) rescaled to that unit's norm in params."""
+
     def one(d, p):
         if p.ndim < 2:
             return jnp.zeros_like(d)
         axes = tuple(range(p.ndim - 1))
         return d * jnp.linalg.norm(p, axis=axes) / (jnp.linalg.norm(d, axis=axes) + 1e-12)
+
     return jax.tree.map(one, direction, params)
 
 
@@ -85,6 +87,7 @@ def surface_fn(model, loss: str):
         def point(ab):
             logits = model.apply({"params": unravel(final + ab[0] * d1 + ab[1] * d2)}, x)
             return jnp.mean(loss_fn(logits, y)), jnp.mean(jnp.argmax(logits, -1) == y)
+
         return jax.lax.map(point, coords)
 
     return jax.jit(f)
@@ -103,7 +106,7 @@ def analyse(cfg, folder, grid, surface_size):
     traj = np.stack([np.load(p) for p in paths] + [np.asarray(final)])
     diffs = traj - np.asarray(final)[None]
     _, s, vt = np.linalg.svd(diffs - diffs.mean(0), full_matrices=False)
-    explained = (s ** 2 / np.sum(s ** 2))[:2]
+    explained = (s**2 / np.sum(s**2))[:2]
     dirs = [ravel_pytree(filter_normalize(unravel(jnp.asarray(v)), params))[0] for v in vt[:2]]
     basis = np.stack([np.asarray(d) for d in dirs], 1)  # (P, 2)
     coords = np.linalg.lstsq(basis, diffs.T, rcond=None)[0].T  # (T, 2)
@@ -115,17 +118,28 @@ def analyse(cfg, folder, grid, surface_size):
     device = jax.local_devices()[0]
     put = lambda v: jax.device_put(jnp.asarray(v), device)
     f = surface_fn(model, cfg.loss)
-    loss, acc = jax.device_get(f(params, put(final), put(dirs[0]), put(dirs[1]), put(lattice),
-                                 put(x), put(y)))
+    loss, acc = jax.device_get(
+        f(params, put(final), put(dirs[0]), put(dirs[1]), put(lattice), put(x), put(y))
+    )
     # the trajectory's own loss (at the stored points, not their projections): the surface at
     # (0, 0) around each of them
     at_point = np.zeros((1, 2), np.float32)
-    traj_loss = [float(jax.device_get(f(params, put(t), put(dirs[0]), put(dirs[1]),
-                                        put(at_point), put(x), put(y)))[0][0]) for t in traj]
-    surface = [{"alpha": float(a), "beta": float(b), "loss": float(l), "acc": float(c)}
-               for (a, b), l, c in zip(lattice, loss, acc)]
-    path = [{"step": s_, "alpha": float(c[0]), "beta": float(c[1]), "loss": l}
-            for s_, c, l in zip(steps, coords, traj_loss)]
+    traj_loss = [
+        float(
+            jax.device_get(
+                f(params, put(t), put(dirs[0]), put(dirs[1]), put(at_point), put(x), put(y))
+            )[0][0]
+        )
+        for t in traj
+    ]
+    surface = [
+        {"alpha": float(a), "beta": float(b), "loss": float(l), "acc": float(c)}
+        for (a, b), l, c in zip(lattice, loss, acc)
+    ]
+    path = [
+        {"step": s_, "alpha": float(c[0]), "beta": float(c[1]), "loss": l}
+        for s_, c, l in zip(steps, coords, traj_loss)
+    ]
     return surface, path, explained
 
 
@@ -137,10 +151,13 @@ def plot(surface, path, explained, out_png, title) -> str:
     z = np.array([r["loss"] for r in surface]).reshape(len(b), len(a))
     cs = ax.contourf(a, b, np.log10(np.maximum(z, 1e-12)), levels=30, cmap="viridis")
     fig.colorbar(cs, ax=ax, label="log10 loss")
-    ax.plot([r["alpha"] for r in path], [r["beta"] for r in path], "w.-", ms=3, lw=1,
-            label="trajectory")
+    ax.plot(
+        [r["alpha"] for r in path], [r["beta"] for r in path], "w.-", ms=3, lw=1, label="trajectory"
+    )
     ax.plot(path[0]["alpha"], path[0]["beta"], "wo", ms=6, label=f"step {path[0]['step']}")
-    ax.plot(path[-1]["alpha"], path[-1]["beta"], "r*", ms=12, label=f"final (step {path[-1]['step']})")
+    ax.plot(
+        path[-1]["alpha"], path[-1]["beta"], "r*", ms=12, label=f"final (step {path[-1]['step']})"
+    )
     ax.set_xlabel(f"PC1, filter-normalised ({100 * explained[0]:.0f}% of the trajectory variance)")
     ax.set_ylabel(f"PC2, filter-normalised ({100 * explained[1]:.0f}%)")
     ax.set_title(title, fontsize=9)
@@ -155,21 +172,34 @@ def run(base, out, every=50, grid=25, surface_size=2000) -> list[str]:
     folder = os.path.join(cfg.workdir, "trajectory")
     result = common.train_once(cfg, hooks=[TrajectoryHook(folder, every)])
     if result["status"] != "finished":
-        raise common.ExperimentError(f"the training run is {result['status']}: nothing to draw "
-                                     f"(see {cfg.workdir}/metrics.jsonl)")
+        raise common.ExperimentError(
+            f"the training run is {result['status']}: nothing to draw "
+            f"(see {cfg.workdir}/metrics.jsonl)"
+        )
     surface, path, explained = analyse(cfg, folder, grid, surface_size)
-    title = (f"{cfg.update_rule.upper()} {cfg.network} {cfg.n_hl}x{cfg.hl_size} on {cfg.dataset}, "
-             f"lr {cfg.lr:g}, {cfg.num_epochs} epochs")
-    common.write_json(os.path.join(out, "landscape.json"),
-                      {"explained_variance": [float(e) for e in explained], "snapshots": len(path)})
-    return [common.write_csv(os.path.join(out, "landscape.csv"), surface),
-            common.write_csv(os.path.join(out, "landscape_trajectory.csv"), path),
-            plot(surface, path, explained, os.path.join(out, "landscape.png"), title)]
+    title = (
+        f"{cfg.update_rule.upper()} {cfg.network} {cfg.n_hl}x{cfg.hl_size} on {cfg.dataset}, "
+        f"lr {cfg.lr:g}, {cfg.num_epochs} epochs"
+    )
+    common.write_json(
+        os.path.join(out, "landscape.json"),
+        {"explained_variance": [float(e) for e in explained], "snapshots": len(path)},
+    )
+    return [
+        common.write_csv(os.path.join(out, "landscape.csv"), surface),
+        common.write_csv(os.path.join(out, "landscape_trajectory.csv"), path),
+        plot(surface, path, explained, os.path.join(out, "landscape.png"), title),
+    ]
 
 
 def _main():
-    return run(common.base_config("landscape"), common.out_dir("landscape"), FLAGS.every,
-               FLAGS.grid, FLAGS.surface_size)
+    return run(
+        common.base_config("landscape"),
+        common.out_dir("landscape"),
+        FLAGS.every,
+        FLAGS.grid,
+        FLAGS.surface_size,
+    )
 
 
 main = common.command(_main)

@@ -28,10 +28,18 @@ from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_list("widths", ["100", "300", "1000"], "hl_size values.")
 flags.DEFINE_float("target_acc", 0.9, "Test accuracy (0..1) at which to measure.")
-flags.DEFINE_integer("draws", 8, "NP draws averaged per lr, each an estimate of the run's own "
-                     "estimator (--np_* settings included).")
-flags.DEFINE_integer("probe_size", 0, "Training examples the step is computed and the loss "
-                     "change measured on (0: --batchsize, one training step's batch).")
+flags.DEFINE_integer(
+    "draws",
+    8,
+    "NP draws averaged per lr, each an estimate of the run's own "
+    "estimator (--np_* settings included).",
+)
+flags.DEFINE_integer(
+    "probe_size",
+    0,
+    "Training examples the step is computed and the loss "
+    "change measured on (0: --batchsize, one training step's batch).",
+)
 FLAGS = flags.FLAGS
 
 DEFAULT_LRS = common.log_grid(1e-3, 100.0, 16)
@@ -56,6 +64,7 @@ def delta_fn(run, model, *, batch: int, draws: int):
 
         def at(lr):
             return change(g, lr), jax.vmap(lambda d: change(d, lr))(estimates)
+
         sgd, np_ = jax.lax.map(at, lrs)
         return start, sgd, np_
 
@@ -70,8 +79,14 @@ def critical_and_optimal(lrs, deltas) -> tuple:
 
 
 def measure(base, out, width, lrs, target, draws, probe_size):
-    cfg = dataclasses.replace(base, hl_size=width, keep_checkpoints=0, checkpoint_every_epochs=1,
-                              crash_guard=False, workdir=os.path.join(out, "runs", f"hl_size={width}"))
+    cfg = dataclasses.replace(
+        base,
+        hl_size=width,
+        keep_checkpoints=0,
+        checkpoint_every_epochs=1,
+        crash_guard=False,
+        workdir=os.path.join(out, "runs", f"hl_size={width}"),
+    )
     result = common.train_once(cfg)
     rows = [r for r in result["rows"] if r["epoch"] > 0]
     if not rows:
@@ -82,21 +97,49 @@ def measure(base, out, width, lrs, target, draws, probe_size):
     x, y = probes.probe_batch(run.data, run.splits, run.prep_mode, probe_size, cfg.seed)
     f = delta_fn(run, model, batch=len(y), draws=draws)
     device = jax.local_devices()[0]
-    start, sgd, np_ = jax.device_get(f(params, jax.device_put(x, device), jax.device_put(y, device),
-                                       jnp.asarray(lrs, jnp.float32)))
-    at = {"width": width, "epoch": point["epoch"], "test_acc": point["test_acc"],
-          "reached_target": bool(reached), "probe_size": probe_size, "loss": float(start)}
+    start, sgd, np_ = jax.device_get(
+        f(
+            params,
+            jax.device_put(x, device),
+            jax.device_put(y, device),
+            jnp.asarray(lrs, jnp.float32),
+        )
+    )
+    at = {
+        "width": width,
+        "epoch": point["epoch"],
+        "test_acc": point["test_acc"],
+        "reached_target": bool(reached),
+        "probe_size": probe_size,
+        "loss": float(start),
+    }
     table = []
     for i, lr in enumerate(lrs):
-        table.append({**at, "rule": "sgd", "lr": lr, "delta_loss": float(sgd[i]), "delta_loss_std": 0.0})
-        table.append({**at, "rule": "np", "lr": lr, "delta_loss": float(np.mean(np_[i])),
-                      "delta_loss_std": float(np.std(np_[i]))})
+        table.append(
+            {**at, "rule": "sgd", "lr": lr, "delta_loss": float(sgd[i]), "delta_loss_std": 0.0}
+        )
+        table.append(
+            {
+                **at,
+                "rule": "np",
+                "lr": lr,
+                "delta_loss": float(np.mean(np_[i])),
+                "delta_loss_std": float(np.std(np_[i])),
+            }
+        )
     summary = []
     for rule in ("np", "sgd"):
         deltas = [r["delta_loss"] for r in table if r["rule"] == rule]
         critical, optimal = critical_and_optimal(lrs, deltas)
-        summary.append({**at, "rule": rule, "critical_lr": critical, "optimal_lr": optimal,
-                        "best_delta_loss": float(np.nanmin(deltas))})
+        summary.append(
+            {
+                **at,
+                "rule": rule,
+                "critical_lr": critical,
+                "optimal_lr": optimal,
+                "best_delta_loss": float(np.nanmin(deltas)),
+            }
+        )
     return table, summary
 
 
@@ -107,8 +150,13 @@ def plot(table, summary, path, base, target) -> str:
     for i, w in enumerate(widths):
         for rule, style in (("np", "-"), ("sgd", "--")):
             rows = [r for r in table if r["width"] == w and r["rule"] == rule]
-            ax.plot([r["lr"] for r in rows], [r["delta_loss"] for r in rows], style, color=f"C{i}",
-                    label=f"{rule.upper()} width {w}")
+            ax.plot(
+                [r["lr"] for r in rows],
+                [r["delta_loss"] for r in rows],
+                style,
+                color=f"C{i}",
+                label=f"{rule.upper()} width {w}",
+            )
     ax.axhline(0, color="k", lw=0.5)
     common.log_axis(ax)
     ax.set_yscale("symlog", linthresh=1e-4)
@@ -123,8 +171,13 @@ def plot(table, summary, path, base, target) -> str:
         for key, marker, style in (("critical_lr", "o", "-"), ("optimal_lr", "s", ":")):
             pts = [(r["width"], r[key]) for r in rows if r[key] is not None]
             if pts:
-                ax.plot(*zip(*pts), style, marker=marker, color=color,
-                        label=f"{rule.upper()} {key.replace('_lr', '')} lr")
+                ax.plot(
+                    *zip(*pts),
+                    style,
+                    marker=marker,
+                    color=color,
+                    label=f"{rule.upper()} {key.replace('_lr', '')} lr",
+                )
     common.log_axis(ax, ticks=sorted({r["width"] for r in summary}))
     common.log_axis(ax, "y")
     ax.set_xlabel("hidden layer width")
@@ -144,15 +197,23 @@ def run(base, out, widths, lrs, target=0.9, draws=8, probe_size=0) -> list[str]:
         t, s = measure(base, out, w, lrs, target, draws, probe_size)
         table += t
         summary += s
-    return [common.write_csv(os.path.join(out, "linesearch.csv"), table),
-            common.write_csv(os.path.join(out, "linesearch_lrs.csv"), summary),
-            plot(table, summary, os.path.join(out, "linesearch.png"), base, target)]
+    return [
+        common.write_csv(os.path.join(out, "linesearch.csv"), table),
+        common.write_csv(os.path.join(out, "linesearch_lrs.csv"), summary),
+        plot(table, summary, os.path.join(out, "linesearch.png"), base, target),
+    ]
 
 
 def _main():
-    return run(common.base_config("linesearch"), common.out_dir("linesearch"),
-               common.int_list(FLAGS.widths, "widths"), common.lrs(DEFAULT_LRS), FLAGS.target_acc,
-               FLAGS.draws, FLAGS.probe_size)
+    return run(
+        common.base_config("linesearch"),
+        common.out_dir("linesearch"),
+        common.int_list(FLAGS.widths, "widths"),
+        common.lrs(DEFAULT_LRS),
+        FLAGS.target_acc,
+        FLAGS.draws,
+        FLAGS.probe_size,
+    )
 
 
 main = common.command(_main)

@@ -28,11 +28,9 @@ measures, so the other steps run exactly as without it.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import PartitionSpec as P
 
 from nodepert_dist import files, losses, metrics
@@ -55,14 +53,17 @@ def np_estimate(gradient, model, params, x, labels, step):
         grads = gradient(model, varying, x, labels, step, jnp.arange(x.shape[0]))[0]
         return jax.lax.psum(grads, DATA)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()),
-                         out_specs=P())(params, x, labels, step)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=P())(
+        params, x, labels, step
+    )
 
 
 def np_estimates(gradient, model, params, x, labels, draws: int):
     """`draws` estimates (stacked on a leading axis), at noise steps _STATS_STEP, -1, ..."""
-    return jax.lax.map(lambda d: np_estimate(gradient, model, params, x, labels,
-                                             _STATS_STEP - d), jnp.arange(draws))
+    return jax.lax.map(
+        lambda d: np_estimate(gradient, model, params, x, labels, _STATS_STEP - d),
+        jnp.arange(draws),
+    )
 
 
 def flat(tree):
@@ -88,17 +89,24 @@ def compare(true_grad, estimate) -> dict:
     out = {}
     for name in groups(true_grad):
         r, e = flat(groups(true_grad)[name]), flat(groups(estimate)[name])
-        out.update({f"{name}_angle": angle_deg(r, e), f"{name}_sign_sym": sign_symmetry(r, e),
-                    f"{name}_norm_sgd": jnp.linalg.norm(r), f"{name}_norm_np": jnp.linalg.norm(e),
-                    f"{name}_ratio": jnp.linalg.norm(e) / jnp.linalg.norm(r),
-                    f"{name}_zero_grad": jnp.mean((r == 0).astype(jnp.float32))})
+        out.update(
+            {
+                f"{name}_angle": angle_deg(r, e),
+                f"{name}_sign_sym": sign_symmetry(r, e),
+                f"{name}_norm_sgd": jnp.linalg.norm(r),
+                f"{name}_norm_np": jnp.linalg.norm(e),
+                f"{name}_ratio": jnp.linalg.norm(e) / jnp.linalg.norm(r),
+                f"{name}_zero_grad": jnp.mean((r == 0).astype(jnp.float32)),
+            }
+        )
     return out
 
 
 def activity_norms(model, params, x) -> dict:
     """Mean per-example L2 norm of every layer's output (generic: flax capture_intermediates)."""
-    _, state = model.apply({"params": params}, x, capture_intermediates=True,
-                           mutable=["intermediates"])
+    _, state = model.apply(
+        {"params": params}, x, capture_intermediates=True, mutable=["intermediates"]
+    )
     out = {}
     for name in sorted(params):
         (a,) = state["intermediates"][name]["__call__"]
@@ -114,6 +122,7 @@ def probe_fn(model, gradient, *, loss: str, draws: int, norms: bool = False):
     def stats(params, x, labels):
         def mean_loss(p):
             return jnp.mean(loss_fn(model.apply({"params": p}, x), labels))
+
         value, true_grad = jax.value_and_grad(mean_loss)(params)
         draws_ = np_estimates(gradient, model, params, x, labels, draws)
         first = jax.tree.map(lambda a: a[0], draws_)
@@ -143,16 +152,22 @@ def local_copy(tree):
 def check_probe_size(size: int, cfg) -> None:
     """One line if the run's --np_microbatches does not split a probe batch of `size`."""
     if size % cfg.np_microbatches:
-        raise ValueError(f"the probe batch of {size} examples does not split into "
-                         f"--np_microbatches={cfg.np_microbatches}; use a probe size that is a "
-                         f"multiple of it")
+        raise ValueError(
+            f"the probe batch of {size} examples does not split into "
+            f"--np_microbatches={cfg.np_microbatches}; use a probe size that is a "
+            f"multiple of it"
+        )
 
 
 def probe_batch(data, splits, prep_mode: str, size: int, seed: int):
     """`size` fixed training examples (a seeded choice), preprocessed like the train batches."""
     lo, hi = splits["train"]
-    rows = np.sort(np.random.default_rng([seed, 7919]).choice(hi - lo, min(size, hi - lo),
-                                                               replace=False)) + lo
+    rows = (
+        np.sort(
+            np.random.default_rng([seed, 7919]).choice(hi - lo, min(size, hi - lo), replace=False)
+        )
+        + lo
+    )
     stats = preprocess.statistics(data.root, data.train_x, prep_mode, lo, hi)
     x = preprocess.apply(np.asarray(data.train_x[rows]), prep_mode, stats)
     return np.asarray(x, np.float32), np.asarray(data.train_y[rows], np.int32)
@@ -160,7 +175,7 @@ def probe_batch(data, splits, prep_mode: str, size: int, seed: int):
 
 def layer_names(rows: list[dict]) -> list[str]:
     """The layers named in statistics rows (`layer0_angle` -> `layer0`)."""
-    return sorted({k[:-len("_angle")] for k in rows[0] if k.endswith("_angle")} - {"all"})
+    return sorted({k[: -len("_angle")] for k in rows[0] if k.endswith("_angle")} - {"all"})
 
 
 class Hook:
@@ -169,9 +184,22 @@ class Hook:
 
     Resumable: at the start it drops rows past the step the run resumes from."""
 
-    def __init__(self, path: str, every: int, draws: int = 4, probe_size: int = 512,
-                 norms: bool = False, at_start: bool = False):
-        self.path, self.every, self.draws, self.size, self.norms = path, every, draws, probe_size, norms
+    def __init__(
+        self,
+        path: str,
+        every: int,
+        draws: int = 4,
+        probe_size: int = 512,
+        norms: bool = False,
+        at_start: bool = False,
+    ):
+        self.path, self.every, self.draws, self.size, self.norms = (
+            path,
+            every,
+            draws,
+            probe_size,
+            norms,
+        )
         self.at_start = at_start  # also measure the step the run starts or resumes from
 
     def start(self, ctx) -> None:
@@ -180,14 +208,20 @@ class Hook:
             raise ValueError("the gradient-statistics probe does not take --decorrelate; drop it")
         x, y = probe_batch(ctx.data, ctx.splits, ctx.prep_mode, self.size, cfg.seed)
         check_probe_size(len(y), cfg)
-        self.fn = probe_fn(ctx.model, ctx.run.gradient(len(y), update_rule="np"), loss=cfg.loss,
-                           draws=self.draws, norms=self.norms)
+        self.fn = probe_fn(
+            ctx.model,
+            ctx.run.gradient(len(y), update_rule="np"),
+            loss=cfg.loss,
+            draws=self.draws,
+            norms=self.norms,
+        )
         device = jax.local_devices()[0]
         self.x, self.y = jax.device_put(x, device), jax.device_put(y, device)
         self.steps_per_epoch = ctx.steps_per_epoch
         if metrics.is_writer():
-            files.write_jsonl(self.path, [r for r in files.read_jsonl(self.path)
-                                          if r["step"] < ctx.step])
+            files.write_jsonl(
+                self.path, [r for r in files.read_jsonl(self.path) if r["step"] < ctx.step]
+            )
         if self.at_start or ctx.step % self.every == 0:
             self.measure(ctx.step, ctx.state)
 
@@ -197,7 +231,10 @@ class Hook:
 
     def measure(self, step, state) -> None:
         values = jax.device_get(self.fn(local_copy(state.params), self.x, self.y))
-        row = {"step": step, "epoch": step / self.steps_per_epoch,
-               **{k: float(v) for k, v in values.items()}}
+        row = {
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            **{k: float(v) for k, v in values.items()},
+        }
         if metrics.is_writer():
             files.append_jsonl(self.path, [row])

@@ -22,11 +22,27 @@ FLAGS = flags.FLAGS
 DEFAULT_LRS = common.log_grid(1e-3, 1.0, 7)
 
 
-def lr_sweep(base, out: str, name: str, series: str, values: list, lrs: list[float], seeds: int,
-             launch: str = "inprocess", parallel: int = 1, label=str) -> tuple[list[dict], list[str]]:
+def lr_sweep(
+    base,
+    out: str,
+    name: str,
+    series: str,
+    values: list,
+    lrs: list[float],
+    seeds: int,
+    launch: str = "inprocess",
+    parallel: int = 1,
+    label=str,
+) -> tuple[list[dict], list[str]]:
     """Runs `series` x lr x seed; writes <out>/<name>.csv and .png (accuracy vs lr per series)."""
-    runs = common.run_grid(base, {series: list(values), "lr": list(lrs)}, seeds,
-                           os.path.join(out, "runs"), launch, parallel)
+    runs = common.run_grid(
+        base,
+        {series: list(values), "lr": list(lrs)},
+        seeds,
+        os.path.join(out, "runs"),
+        launch,
+        parallel,
+    )
     rows = [common.run_summary(r, base.crash_points) for r in runs]
     csv_path = common.write_csv(os.path.join(out, f"{name}.csv"), rows)
     fig, axes = common.figure()
@@ -41,16 +57,25 @@ def lr_sweep(base, out: str, name: str, series: str, values: list, lrs: list[flo
                 if accs:
                     xs.append(lr)
                     ys.append(100 * np.mean(accs))
-            ax.plot(xs, ys, style, color=color, markersize=4,
-                    label=f"{label(value)} {key.split('_')[0]}" + (f" (mean of {seeds})" if seeds > 1 else ""))
+            ax.plot(
+                xs,
+                ys,
+                style,
+                color=color,
+                markersize=4,
+                label=f"{label(value)} {key.split('_')[0]}"
+                + (f" (mean of {seeds})" if seeds > 1 else ""),
+            )
         bad = [r["lr"] for r in mine if r["status"] in ("diverged", "crashed")]
         if bad:
             ax.plot(bad, [0] * len(bad), "x", color=color, label=f"{label(value)} diverged")
     common.log_axis(ax, ticks=lrs)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{base.network} {base.n_hl}x{base.hl_size} on {base.dataset}, "
-                 f"{base.num_epochs} epochs", fontsize=9)
+    ax.set_title(
+        f"{base.network} {base.n_hl}x{base.hl_size} on {base.dataset}, {base.num_epochs} epochs",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     png = common.save_figure(fig, os.path.join(out, f"{name}.png"))
@@ -58,8 +83,9 @@ def lr_sweep(base, out: str, name: str, series: str, values: list, lrs: list[flo
 
 
 def run(base, out: str, rules, lrs, seeds: int, launch="inprocess", parallel=1) -> list[str]:
-    return lr_sweep(base, out, "vary_lr", "update_rule", rules, lrs, seeds, launch, parallel,
-                    label=str.upper)[1]
+    return lr_sweep(
+        base, out, "vary_lr", "update_rule", rules, lrs, seeds, launch, parallel, label=str.upper
+    )[1]
 
 
 def _main():
@@ -67,8 +93,15 @@ def _main():
     bad = set(FLAGS.rules) - {"np", "sgd"}
     if bad:
         raise common.ExperimentError(f"--rules: {', '.join(sorted(bad))} is not np or sgd")
-    return run(base, common.out_dir("vary-lr"), FLAGS.rules, common.lrs(DEFAULT_LRS),
-               FLAGS.seeds, FLAGS.launch, FLAGS.parallel)
+    return run(
+        base,
+        common.out_dir("vary-lr"),
+        FLAGS.rules,
+        common.lrs(DEFAULT_LRS),
+        FLAGS.seeds,
+        FLAGS.launch,
+        FLAGS.parallel,
+    )
 
 
 main = common.command(_main)
