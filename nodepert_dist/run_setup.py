@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import optax
 
-from nodepert_dist import checkpoint, decorrelation, models, optim, taps
+from nodepert_dist import checkpoint_layout, checkpoint_restore, decorrelation, models, optim, taps
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
@@ -54,10 +54,10 @@ class Run:
 
     def restore(self, step: int) -> step_lib.TrainState:
         """The run's checkpoint at `step` (of cfg.workdir), on this run's optimizer."""
-        path = checkpoint.step_dir(os.path.join(self.cfg.workdir, "checkpoints"), step)
+        path = checkpoint_layout.step_dir(os.path.join(self.cfg.workdir, "checkpoints"), step)
         if not os.path.isdir(path):
             raise ValueError(f"no checkpoint of step {step} in {self.cfg.workdir}/checkpoints")
-        return checkpoint.load(path, self.state)[0]
+        return checkpoint_restore.load(path, self.state)[0]
 
 
 def check_mesh(cfg: Config, mesh) -> None:

@@ -27,6 +27,7 @@ from absl import app, logging
 from nodepert_dist import (
     agree,
     checkpoint,
+    checkpoint_layout,
     crash_guard,
     decorrelation,
     distributed,
@@ -167,7 +168,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                 else None)
     # Process 0's listing decides (like restore's): stale caches must not split the processes.
     if restored is None and cfg.checkpointing and agree.from_process_0(
-            len(checkpoint.committed_steps(ckpt_dir))):
+            len(checkpoint_layout.committed_steps(ckpt_dir))):
         raise ValueError(f"--noresume, but {ckpt_dir} holds checkpoints of an earlier run; "
                          f"remove them or use another --workdir")
     if restored is not None:
@@ -344,7 +345,7 @@ def main(argv):
     except preempt.Preempted as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(preempt.EXIT_CODE) from None
-    # checkpoint.CheckpointError is a ValueError; OSError: e.g. a read-only or full workdir
+    # checkpoint_layout.CheckpointError is a ValueError; OSError: e.g. a read-only or full workdir
     except (ValueError, OSError, raw.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}") from None
     if metrics.is_writer():

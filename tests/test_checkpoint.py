@@ -8,7 +8,6 @@ The subprocess runs train fc 784-32-32-10 on real MNIST at batch 2000 on 8 simul
 import json
 import logging
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
+from conftest import REPO, subprocess_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,7 +36,6 @@ from nodepert_dist import (
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 TIMING = ("epoch_time", "examples_per_s")
 RUN = [
@@ -53,9 +52,8 @@ RUN = [
 
 
 def _env(extra=None):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop(checkpoint_faults.DELAY_ENV, None)
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
+    env.pop(checkpoint_faults.DELAY_ENV, None)  # a fault this process set is not the command's
     env.update(extra or {})
     return env
 
@@ -359,7 +357,7 @@ def test_fault_variables_are_ignored_unless_a_test_turns_them_on(tmp_path, monke
     monkeypatch.setenv("NODEPERT_CKPT_TEST_HIDE_NEWEST", "0")
     mesh = mesh_lib.make_mesh()
     _save(tmp_path, _state(mesh, seed=1), 1)
-    assert checkpoint.committed_steps(str(tmp_path)) == [1]
+    assert checkpoint_layout.committed_steps(str(tmp_path)) == [1]
 
 
 def test_other_model_is_a_clear_error(tmp_path):

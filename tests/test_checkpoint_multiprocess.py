@@ -3,13 +3,12 @@ one process ends every process with a clear line instead of a hang."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port, subprocess_env
 
 from nodepert_dist import checkpoint_faults, checkpoint_layout
 
@@ -51,21 +50,12 @@ except checkpoint_layout.CheckpointError as e:
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(directory, saves, env_of):
-    port = _free_port()
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith("NODEPERT_") and k != "XLA_FLAGS"
-    }
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(i), str(port), str(directory), str(saves)],
-            env=dict(base, PYTHONPATH=str(REPO), **env_of(i)),
+            env=subprocess_env(**env_of(i)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -23,7 +23,7 @@ DOCS = [
 ]
 HELPER = str(REPO / "tests" / "_parse_commands.py")
 # Commands that need no check beyond existing (set-up, shell, test runner).
-IGNORED = {"source", "mkdir", "cd", "python3 -m venv", "pip", "pytest", "echo"}
+IGNORED = {"source", "mkdir", "cd", "python3 -m venv", "pip", "pytest", "echo", "ruff"}
 # Fenced blocks with one of these info strings are shell; others (```text: formulas, code) are not.
 SHELL_INFO = {"", "sh", "bash", "shell", "console"}
 

@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
+ENV = subprocess_env()
 TINY = ["--preset=tiny", "--cpu_devices=1", "--num_epochs=1"]
 
 

@@ -6,9 +6,7 @@ global batch and seed); a dead rank or an absent coordinator must end the job qu
 
 import json
 import os
-import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,10 +14,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO, free_port, run_command, subprocess_env
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = str(REPO / "launch" / "local.py")
 WORKER = str(REPO / "tests" / "_dist_worker.py")
 PY = sys.executable
@@ -27,24 +25,8 @@ PY = sys.executable
 SMALL = ["--hl_size=32", "--n_hl=1", "--batchsize=8000", "--num_epochs=1", "--eval_batchsize=2000"]
 
 
-def env(**extra):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    for k in (
-        "NODEPERT_COORDINATOR_ADDRESS",
-        "NODEPERT_NUM_PROCESSES",
-        "NODEPERT_PROCESS_ID",
-        "XLA_FLAGS",
-    ):
-        e.pop(k, None)
-    e.update(extra)
-    return e
-
-
-def run(cmd, timeout, **extra_env):
-    return subprocess.run(
-        cmd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+env = subprocess_env
+run = run_command
 
 
 def rows_by_rank(stdout):
@@ -275,14 +257,8 @@ def test_launcher_mistyped_command_is_one_error_line():
     assert "[launch] rank" not in res.stdout  # no rank was started
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_coordinator_is_a_clear_error(mnist_dir, tmp_path):
-    address = f"127.0.0.1:{_free_port()}"  # nobody listens there
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
     start = time.monotonic()
     res = run(
         [
@@ -308,7 +284,7 @@ def test_unreachable_coordinator_is_a_clear_error(mnist_dir, tmp_path):
 
 def test_missing_peer_is_a_clear_error(mnist_dir, tmp_path):
     # Process 0 of 2 starts the coordinator; process 1 never comes.
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
     res = run(
         [
