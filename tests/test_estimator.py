@@ -207,25 +207,30 @@ def test_modes_give_the_same_update():
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         assert x.dtype == jnp.float64 and jax.tree.leaves(params)[0].dtype == jnp.float64
         keys = perturbation.example_keys(0, 3, jnp.arange(BATCH))
+        options = [{}, dict(mode="regen"), dict(microbatches=4)]
         for noise in perturbation.NOISE_KINDS:
-            # Compiled: eager dispatch of the residual net's ops took minutes here.
-            run = lambda **o: jax.jit(
-                lambda p: perturbation.np_gradient(
-                    model,
-                    p,
-                    x,
-                    y,
-                    loss_fn,
-                    sigma=1e-3,
-                    keys=keys,
-                    normalizer=BATCH,
-                    noise_kind=noise,  # noqa: B023 (run is called in this iteration)
-                    **o,
-                )
+            # The three layouts in one compiled function (eager dispatch of the residual net's
+            # ops took minutes here; one compile each, most of the rest).
+            grads = jax.jit(
+                lambda p, noise=noise: [
+                    perturbation.np_gradient(
+                        model,
+                        p,
+                        x,
+                        y,
+                        loss_fn,
+                        sigma=1e-3,
+                        keys=keys,
+                        normalizer=BATCH,
+                        noise_kind=noise,
+                        **o,
+                    )
+                    for o in options
+                ]
             )(params)
-            default = jax.tree.leaves(run())
-            for option in (dict(mode="regen"), dict(microbatches=4)):
-                for u, v in zip(default, jax.tree.leaves(run(**option))):
+            default = jax.tree.leaves(grads[0])
+            for option, other in zip(options[1:], grads[1:]):
+                for u, v in zip(default, jax.tree.leaves(other)):
                     np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-12, err_msg=str(option))
 
 
