@@ -148,6 +148,7 @@ RESUMED_RULES = {
 
 
 @pytest.mark.parametrize("rule", list(RESUMED_RULES))
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     extra = RESUMED_RULES[rule]
     if rule == "np":
@@ -177,6 +178,7 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
             )
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_kill_during_save_resumes_from_previous_checkpoint(straight_np, tmp_path, mnist_dir):
     workdir = tmp_path / "killed"
     ckpts = workdir / "checkpoints"

@@ -10,6 +10,7 @@ from conftest import run_command
 from conftest import train_command as _train
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
     workdir = tmp_path / "run"
     out = _train(
@@ -70,6 +71,7 @@ def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
         ),
     ],
 )
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, args, message):
     out = _train([f"--workdir={tmp_path / 'run'}", *args], timeout=120)
     assert out.returncode != 0
@@ -78,6 +80,7 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, args, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_original_estimator_is_warned_about_and_labelled(tmp_path, mnist_dir):
     """--np_estimator=original: one warning line at start, recorded in config.json, named in the
     plot legend."""
@@ -168,6 +171,7 @@ def test_json_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert plot.run_label(str(tmp_path)) == "SGD (backprop; sgd optimizer), lr=0.5, ce loss"
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_every_module_imports_into_one_process():
     """Library users (and one test process) import many modules at once: none may define an
     absl flag that another defines too (plot's and the experiments' --out once clashed). Each

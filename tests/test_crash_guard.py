@@ -63,6 +63,7 @@ def test_guard_rolls_back_lowers_lr_and_finishes(tmp_path, mnist_dir):
     assert crash_guard.run(train.run, c)[1].startswith("already finished")
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_guard_gives_up_after_k_rollbacks_with_one_line(tmp_path, mnist_dir):
     args = {**BLOWS_UP, "crash_max_rollbacks": 2, "crash_lr_factor": 0.5}
     proc = subprocess.run(

@@ -54,6 +54,7 @@ def _setup(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_is_unbiased_for_the_weights_with_R_fixed(name):
     """The mean NP estimate through the bound model is jax.grad w.r.t. the params with R held
     fixed, and R itself gets no estimate (it is not a parameter)."""
@@ -116,6 +117,7 @@ def _rule(r, inputs, lr_d):
     return r - lr_d * (c - np.diag(np.diag(c))) @ r, xp
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_sgd_step_is_the_gradient_with_R_fixed_and_R_takes_its_rule():
     """On 8 devices: W moves by jax.grad at the step's R; each R by the rule over the GLOBAL
     batch, on its own layer's input (decor1 reads the hidden layer's ReLU)."""
@@ -154,6 +156,7 @@ MESH_CASES = {  # name: (update rule, _one_step's options)
 
 
 @pytest.mark.parametrize("case", list(MESH_CASES))
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_same_step_on_1_and_8_devices_float64(case):
     """W and R after one step agree to ~1e-12 between 1 and 8 devices, with each NP option."""
     update_rule, options = MESH_CASES[case]

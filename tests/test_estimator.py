@@ -144,6 +144,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_is_unbiased_per_layer(name):
     """Default options (Rademacher noise, keep mode)."""
     body, shape, act, loss, sigma, draws = CASES[name]
@@ -161,6 +162,7 @@ OPTIONS = {
 
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("name", ["fc-mse", "conv"])
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_is_unbiased_with_each_estimator_option(name, option):
     body, shape, act, loss, sigma, draws = CASES[name]
     model, params, x, y, loss_fn, true = _setup(body, shape, act, loss)
@@ -171,6 +173,7 @@ BF16_SIGMA = max(models.BF16_SIGMA_FLOOR.values())
 
 
 @pytest.mark.parametrize("name", ["dense", "conv", "maxpool", "residual", "layernorm"])
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_is_unbiased_in_bfloat16_at_the_documented_sigma(name):
     """bf16 matmuls/convs, float32 parameters and loss differences, against the float32
     gradient, at the largest sigma floor of models.BF16_SIGMA_FLOOR. Twice float32's draws:
@@ -198,6 +201,7 @@ def test_scale_check_rejects_a_doubled_estimate():
         _assert_unbiased(jax.tree.map(lambda g: 2 * g, mean), true)
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_modes_give_the_same_update():
     """regen redraws the same noise; microbatches run the same examples with the same keys and
     return every example's loss and logits in place. float64: layouts agree to ~1e-12."""

@@ -184,6 +184,7 @@ def _combo_id(c):
     )
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_every_option_combination_equals_the_exact_estimate():
     """Every estimate-changing combination (24), each under a layout, against the reference."""
     with jax.enable_x64(True):

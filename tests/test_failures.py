@@ -21,6 +21,7 @@ def _read(array_dir):
     return ts.open(spec).result().read().result()
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_diverging_run_stops_at_the_step_and_saves_nothing_non_finite(tmp_path, mnist_dir):
     # With this seed and net, ce at lr=1e4 gives a NaN loss at step 17 of epoch 1 (checked by
     # hand; noise keyed by tap name since the taps rewrite);
@@ -73,6 +74,7 @@ def test_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
     assert path.read_text() == "not a folder"
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_max_steps_and_finished_runs_say_so_at_the_end(tmp_path, mnist_dir):
     common = [
         *TINY,
@@ -123,6 +125,7 @@ def test_metrics_write_null_for_non_finite_values(tmp_path):
     assert strict((tmp_path / "metrics.jsonl").read_text())["test_loss"] is None
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_a_fresh_start_moves_an_earlier_history_aside_and_readers_see_one_run(
     tmp_path, mnist_dir, monkeypatch
 ):

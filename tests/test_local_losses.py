@@ -40,6 +40,7 @@ def local_gradient(model, params, x, y, loss_fn):
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_each_block_is_unbiased_for_its_local_objective(option):
     model, params, x, y = _setup()
     assert {"head0", "head1", "layer0", "layer1", "layer2"} == set(params)

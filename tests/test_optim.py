@@ -75,6 +75,7 @@ def test_weight_norm_holds_kernel_norms_and_leaves_biases():
     )
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_weight_norm_leaves_zero_norm_kernels_trainable_and_finite():
     """ResNet's last conv of each residual branch starts at zero: main held it at norm 0 (never
     trained) and turned a zero kernel with a zero update into NaN."""

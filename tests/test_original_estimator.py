@@ -72,6 +72,7 @@ def original_formula(params, x, y, loss_fn, xi, sigma):
 
 
 @pytest.mark.parametrize("noise", perturbation.NOISE_KINDS)
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_original_estimator_is_the_original_formula_on_1_and_8_devices(noise):
     """Through the train step (lr 1: params0 - params1 is the update), float64. On 8 devices the
     batch is given twice (8 examples, one per device): the batch means, hence the update, are

@@ -39,6 +39,7 @@ def test_sgd_against_itself_gives_angle_0_and_sign_symmetry_1():
     )  # exact zeros (dead units) agree
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_mean_over_many_draws_approaches_angle_0():
     model, params, x, y = tiny()
     stats = {}
@@ -71,6 +72,7 @@ def test_np_mean_over_many_draws_approaches_angle_0():
         dict(np_estimator="original", noise="gaussian"),
     ],
 )
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_probe_estimate_is_the_train_steps_gradient(options):
     """probes.np_estimate of a run's local gradient at step s is the update the train step
     makes at step s (sgd at lr 1: params - new params), estimator options included."""

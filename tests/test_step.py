@@ -85,6 +85,7 @@ def _relative_change_difference(network, update_rule, dtype, n_steps=3, **option
 
 @pytest.mark.parametrize("update_rule", ["np", "sgd"])
 @pytest.mark.parametrize("network", ["fc", "conv", "vgg", "resnet"])
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_same_update_on_1_and_8_devices_float64(network, update_rule):
     """In float64 the meshes agree to ~1e-12: the algorithm itself is mesh-invariant."""
     with jax.enable_x64(True):
@@ -110,6 +111,7 @@ NP_OPTIONS = {
 
 
 @pytest.mark.parametrize("option", list(NP_OPTIONS))
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_options_same_update_on_1_and_8_devices_float64(option):
     """Microbatches split each device's 8 examples in two: 1 device runs 2 x 32, 8 run 2 x 4.
     The variance-reduction options (perturbation.py) run on fc, the rest on conv."""
@@ -120,6 +122,7 @@ def test_np_options_same_update_on_1_and_8_devices_float64(option):
 
 @pytest.mark.parametrize("update_rule", ["np", "sgd"])
 @pytest.mark.parametrize("network", ["fc", "conv"])
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_same_update_on_1_and_8_devices_float32(network, update_rule):
     """One float32 update from the same parameters. SGD agrees to summation order. NP divides
     per-example loss differences by sigma, so the last-bit differences XLA's CPU matmuls make
@@ -186,6 +189,7 @@ def test_np_update_is_the_global_batch_estimate(at_step):
         assert not np.allclose(a - b, o, rtol=1e-2, atol=1e-6)
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_peak_memory_is_below_sgd():
     """XLA's memory analysis (deterministic, compile only) of the conv net's step at batch 128.
     Measured: NP 31.9 MB, SGD 43.6 MB; without the layer-by-layer ordering of the weight-
@@ -226,6 +230,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
         mesh_lib.check_batch(100, mesh)
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_default_eval_batch_works_on_any_device_count(tmp_path, mnist_dir):
     """main refused the default --eval_batchsize=1024 on 3, 6 or 12 devices; evaluation pads
     its last batch, so it is rounded up to the devices (1026 on 3), with the same result as

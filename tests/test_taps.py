@@ -77,6 +77,7 @@ def test_untapped_count_is_reported():
 
 
 @pytest.mark.parametrize("network", models.NETWORKS)
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_every_zoo_model_passes_the_check(network):
     model = models.build_model(network, 10, n_hl=1, hl_size=8, width=2, norm="group")
     params = model.init(jax.random.key(0), X)["params"]

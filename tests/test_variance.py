@@ -26,6 +26,7 @@ OPTIONS = {
 @pytest.mark.parametrize(
     "name, option", [("fc-mse", o) for o in OPTIONS] + [("conv", "layerwise-jvp-2-draws-regen")]
 )
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_each_option_is_unbiased(name, option):
     body, shape, act, loss, sigma, samples = CASES[name]
     options = OPTIONS[option]
@@ -69,6 +70,7 @@ def _flat(tree):
     return jnp.concatenate([v.ravel() for v in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_antithetic_has_less_bias_than_one_sided_at_a_large_sigma():
     """mse on sigmoid outputs after two ReLU layers (curvature everywhere), sigma 1.0. The bias
     is measured against the jvp estimator with the same noise (common random numbers: the
@@ -119,6 +121,7 @@ def _float64_estimate(sigma, step=3, **options):
     )()
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_jvp_delta_is_the_small_sigma_limit_of_the_finite_difference():
     """float64, same noise: the finite difference approaches the jvp update as O(sigma) (one-
     sided) and O(sigma^2) (antithetic); the per-example losses are the clean ones. (At sigma

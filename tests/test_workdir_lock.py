@@ -87,6 +87,7 @@ def _train(workdir, mnist_dir):
     )
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_second_run_on_a_live_workdir_is_refused(tmp_path, mnist_dir, live_pid, dead_pid):
     workdir = tmp_path / "run"
     _plant(workdir, pid=live_pid)
