@@ -257,25 +257,31 @@ def test_launcher_mistyped_command_is_one_error_line():
     assert "[launch] rank" not in res.stdout  # no rank was started
 
 
-def test_unreachable_coordinator_is_a_clear_error(mnist_dir, tmp_path):
-    address = f"127.0.0.1:{free_port()}"  # nobody listens there
-    start = time.monotonic()
-    res = run(
-        [
-            PY,
-            "-m",
-            "nodepert_dist.train",
-            "--init_timeout_s=4",
-            *SMALL,
-            f"--data_dir={mnist_dir}",
-            f"--workdir={tmp_path}/w",
-        ],
+def _one_of_two(process_id, address, mnist_dir, tmp_path):
+    """Process `process_id` of a 2-process job whose other process never starts."""
+    cmd = [
+        PY,
+        "-m",
+        "nodepert_dist.train",
+        "--init_timeout_s=4",
+        *SMALL,
+        f"--data_dir={mnist_dir}",
+        f"--workdir={tmp_path}/w",
+    ]
+    return run(
+        cmd,
         timeout=60,
         NODEPERT_COORDINATOR_ADDRESS=address,
         NODEPERT_NUM_PROCESSES="2",
-        NODEPERT_PROCESS_ID="1",
+        NODEPERT_PROCESS_ID=str(process_id),
         JAX_PLATFORMS="cpu",
     )
+
+
+def test_unreachable_coordinator_is_a_clear_error(mnist_dir, tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
+    start = time.monotonic()
+    res = _one_of_two(1, address, mnist_dir, tmp_path)
     assert res.returncode == 1, res.stderr[-2000:]
     assert time.monotonic() - start < 40
     last = res.stderr.strip().splitlines()[-1]
@@ -286,22 +292,7 @@ def test_missing_peer_is_a_clear_error(mnist_dir, tmp_path):
     # Process 0 of 2 starts the coordinator; process 1 never comes.
     address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
-    res = run(
-        [
-            PY,
-            "-m",
-            "nodepert_dist.train",
-            "--init_timeout_s=4",
-            *SMALL,
-            f"--data_dir={mnist_dir}",
-            f"--workdir={tmp_path}/w",
-        ],
-        timeout=60,
-        NODEPERT_COORDINATOR_ADDRESS=address,
-        NODEPERT_NUM_PROCESSES="2",
-        NODEPERT_PROCESS_ID="0",
-        JAX_PLATFORMS="cpu",
-    )
+    res = _one_of_two(0, address, mnist_dir, tmp_path)
     assert res.returncode == 3, res.stderr[-2000:]
     assert time.monotonic() - start < 40
     assert (
