@@ -120,9 +120,8 @@ def draw_layer(keys, layer: int, shape, kind: str = "rademacher"):
     """Unit-variance, zero-mean noise of one tap's nodes for every example: (b, *shape)."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown --noise={kind!r}; choose one of {', '.join(NOISE_KINDS)}")
-    draw = (
-        _rademacher if kind == "rademacher" else (lambda k, s: jax.random.normal(k, s, jnp.float32))
-    )
+    draw = _rademacher if kind == "rademacher" else (
+        lambda k, s: jax.random.normal(k, s, jnp.float32))
     # Each device draws whole examples from their own keys, so threefry need not be
     # partitionable; the non-partitionable form fused better on XLA CPU (measured: conv layer
     # shapes, B=128, Gaussian: ~2.5x faster, 64 -> 37 MB temp).
@@ -135,25 +134,10 @@ def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
     return {name: draw_layer(keys, taps.tap_id(name), s, kind) for name, s in shapes.items()}
 
 
-def np_gradient(
-    model,
-    params,
-    x,
-    labels,
-    loss_fn,
-    *,
-    sigma: float,
-    keys,
-    normalizer,
-    noise_kind: str = "rademacher",
-    mode: str = "keep",
-    microbatches: int = 1,
-    antithetic: bool = False,
-    draws: int = 1,
-    delta: str = "finite",
-    layerwise: bool = False,
-    local: bool = False,
-):
+def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normalizer,
+                noise_kind: str = "rademacher", mode: str = "keep", microbatches: int = 1,
+                antithetic: bool = False, draws: int = 1, delta: str = "finite",
+                layerwise: bool = False, local: bool = False):
     """NP estimate of the gradient of the mean loss, summed over these examples / `normalizer`.
 
     `model` is a flax module with taps (taps.py). Returns (grads, per-example clean loss, clean
@@ -168,16 +152,13 @@ def np_gradient(
     options = dict(antithetic=antithetic, draws=draws, delta=delta, layerwise=layerwise)
     if local:
         options["local"] = True
-    estimate = lambda x, labels, keys: _np_estimate(
-        model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode, **options
-    )
+    estimate = lambda x, labels, keys: _np_estimate(model, params, x, labels, loss_fn, sigma,
+                                                    keys, normalizer, noise_kind, mode, **options)
     if microbatches == 1:
         return estimate(x, labels, keys)
     if x.shape[0] % microbatches:
-        raise ValueError(
-            f"--np_microbatches={microbatches} does not divide the {x.shape[0]} "
-            f"examples per device; use a divisor of the per-device batch"
-        )
+        raise ValueError(f"--np_microbatches={microbatches} does not divide the {x.shape[0]} "
+                         f"examples per device; use a divisor of the per-device batch")
     # Unrolled, each slice (its inputs and its noise draws) starting after the previous one's
     # gradient (a zero-valued data dependency, as in _np_estimate): XLA's CPU convolutions ran
     # ~10x slower inside lax.scan.
@@ -185,9 +166,8 @@ def np_gradient(
     grads, losses, logits, after = None, [], [], jnp.zeros((), jnp.float32)
     for k in range(microbatches):
         part = slice(k * size, (k + 1) * size)
-        g, loss, lg = estimate(
-            x[part] + after.astype(x.dtype), labels[part], _keys_after(keys[part], after)
-        )
+        g, loss, lg = estimate(x[part] + after.astype(x.dtype), labels[part],
+                               _keys_after(keys[part], after))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         losses.append(loss)
         logits.append(lg)
@@ -195,45 +175,25 @@ def np_gradient(
     return grads, jnp.concatenate(losses), jnp.concatenate(logits)
 
 
-def check_options(
-    mode: str = "keep",
-    antithetic: bool = False,
-    draws: int = 1,
-    delta: str = "finite",
-    *,
-    estimator: str = "per_example",
-    layerwise: bool = False,
-    microbatches: int = 1,
-    local: bool = False,
-) -> None:
+def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
+                  delta: str = "finite", *, estimator: str = "per_example",
+                  layerwise: bool = False, microbatches: int = 1, local: bool = False) -> None:
     """One-line errors for estimator settings that are unknown or do not combine."""
     if local and (layerwise or estimator != "per_example"):
-        raise ValueError(
-            f"--np_local perturbs one block at a time already; drop "
-            f"{'--np_layerwise' if layerwise else '--np_estimator=' + estimator}"
-        )
+        raise ValueError(f"--np_local perturbs one block at a time already; drop "
+                         f"{'--np_layerwise' if layerwise else '--np_estimator=' + estimator}")
     if estimator not in NP_ESTIMATORS:
-        raise ValueError(
-            f"unknown --np_estimator={estimator!r}; choose one of {', '.join(NP_ESTIMATORS)}"
-        )
+        raise ValueError(f"unknown --np_estimator={estimator!r}; choose one of "
+                         f"{', '.join(NP_ESTIMATORS)}")
     if estimator != "per_example":
-        extra = [
-            flag
-            for flag, on in (
-                ("--np_antithetic", antithetic),
-                (f"--np_draws={draws}", draws != 1),
-                (f"--np_delta={delta}", delta != "finite"),
-                ("--np_layerwise", layerwise),
-                (f"--np_microbatches={microbatches}", microbatches != 1),
-                (f"--np_mode={mode}", mode != "keep"),
-            )
-            if on
-        ]
+        extra = [flag for flag, on in (
+            ("--np_antithetic", antithetic), (f"--np_draws={draws}", draws != 1),
+            (f"--np_delta={delta}", delta != "finite"), ("--np_layerwise", layerwise),
+            (f"--np_microbatches={microbatches}", microbatches != 1),
+            (f"--np_mode={mode}", mode != "keep")) if on]
         if extra:
-            raise ValueError(
-                f"--np_estimator={estimator} is the original code's estimator as "
-                f"it was, a reference; drop {', '.join(extra)}"
-            )
+            raise ValueError(f"--np_estimator={estimator} is the original code's estimator as "
+                             f"it was, a reference; drop {', '.join(extra)}")
     if mode not in NP_MODES:
         raise ValueError(f"unknown --np_mode={mode!r}; choose one of {', '.join(NP_MODES)}")
     if delta not in NP_DELTAS:
@@ -241,26 +201,13 @@ def check_options(
     if not (isinstance(draws, int) and draws >= 1):
         raise ValueError(f"--np_draws={draws} must be a positive integer")
     if antithetic and delta == "jvp":
-        raise ValueError(
-            "--np_antithetic does nothing with --np_delta=jvp (the directional "
-            "derivative is exact); use one of them"
-        )
+        raise ValueError("--np_antithetic does nothing with --np_delta=jvp (the directional "
+                         "derivative is exact); use one of them")
 
 
-def original_gradient(
-    model,
-    params,
-    x,
-    labels,
-    loss_fn,
-    *,
-    sigma: float,
-    key,
-    normalizer,
-    noise_kind: str = "rademacher",
-    axis_name=None,
-    per_example_delta: bool = False,
-):
+def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, normalizer,
+                      noise_kind: str = "rademacher", axis_name=None,
+                      per_example_delta: bool = False):
     """The original code's estimators, one noise draw shared by the whole batch: (grads, clean
     loss, logits). Default: its HEAD (2023), the batch-mean loss change times each example's
     terms, BIASED (module docstring). `per_example_delta`: its 2021 version, which made the
@@ -287,20 +234,8 @@ def original_gradient(
         if axis_name is not None:  # the global batch's sum, then back to this device's share
             delta_sum = jax.lax.pcast(jax.lax.psum(delta_sum, axis_name), axis_name, to="varying")
         coef = jnp.full((b,), delta_sum / normalizer / (sigma * normalizer))
-    grads, _ = _tap_gradients(
-        model,
-        params,
-        x,
-        values,
-        coef,
-        xi,
-        list(shapes),
-        shapes,
-        keys=None,
-        noise_kind=noise_kind,
-        mode="keep",
-        after=None,
-    )
+    grads, _ = _tap_gradients(model, params, x, values, coef, xi, list(shapes), shapes,
+                              keys=None, noise_kind=noise_kind, mode="keep", after=None)
     return grads, clean, clean_logits
 
 
@@ -339,30 +274,13 @@ def local_blocks(shapes: dict) -> tuple[list, list]:
             groups.append([name])
             heads.append(None)
         else:
-            raise ValueError(
-                f"--np_local: tap {name} has no auxiliary head ({head}); use a "
-                f"model built with local heads (--network=fc or linfc)"
-            )
+            raise ValueError(f"--np_local: tap {name} has no auxiliary head ({head}); use a "
+                             f"model built with local heads (--network=fc or linfc)")
     return groups, heads
 
 
-def _np_estimate(
-    model,
-    params,
-    x,
-    labels,
-    loss_fn,
-    sigma,
-    keys,
-    normalizer,
-    noise_kind,
-    mode,
-    antithetic=False,
-    draws=1,
-    delta="finite",
-    layerwise=False,
-    local=False,
-):
+def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode,
+                 antithetic=False, draws=1, delta="finite", layerwise=False, local=False):
     shapes = taps.tap_shapes(model, params, x)
     groups = [[n] for n in shapes] if layerwise else [list(shapes)]
     heads = [None] * len(groups)  # where each group's loss is read (None: the logits)
@@ -378,17 +296,15 @@ def _np_estimate(
         clean = loss_fn(clean_logits, labels)
         metrics = (clean, clean_logits)
     block_loss = lambda logits_loss, values, head: (
-        logits_loss if head is None else loss_fn(values[head], labels)
-    )
+        logits_loss if head is None else loss_fn(values[head], labels))
 
     grads, after = None, None  # after: a zero that orders each draw/group after the previous
     for d in range(draws):
         draw_k = keys if d == 0 else _keys_after(draw_keys(keys, d), after)
         xi = draw_noise(draw_k, shapes, noise_kind)
         for group, head in zip(groups, heads):
-            noise = {
-                k: xi[k] if after is None else xi[k] + after.astype(xi[k].dtype) for k in group
-            }
+            noise = {k: xi[k] if after is None else xi[k] + after.astype(xi[k].dtype)
+                     for k in group}
             if delta == "jvp":
                 # Forward-mode derivative with the noise as the argument, at zero noise: the
                 # primal is the clean pass, the tangent delta_i / sigma (only `group` perturbed;
@@ -399,56 +315,39 @@ def _np_estimate(
                     if head is None:
                         return loss, logits, values
                     return block_loss(loss, values, head), (loss, logits), values
-
                 zero = {k: jnp.zeros_like(n) for k, n in noise.items()}
                 (loss, logits, values), (diff, _, _) = jax.jvp(forward, (zero,), (noise,))
                 if head is not None:
                     loss, logits = logits
                 metrics, scale = metrics or (loss, logits), 1.0
             else:
-                plus_logits, values = taps.forward(
-                    model, params, x, {k: sigma * n for k, n in noise.items()}
-                )
+                plus_logits, values = taps.forward(model, params, x,
+                                                   {k: sigma * n for k, n in noise.items()})
                 plus = loss_fn(plus_logits, labels)
                 if antithetic:
                     minus_logits, minus_values = taps.forward(
-                        model, params, x, {k: -sigma * n for k, n in noise.items()}
-                    )
+                        model, params, x, {k: -sigma * n for k, n in noise.items()})
                     minus = loss_fn(minus_logits, labels)
                     # Replay at the pair's mean: the O(sigma) change of the layer inputs cancels
                     # (measured, fc-mse at sigma 0.3 / 1.0: bias 0.116 -> 0.102 / 0.454 -> 0.312).
                     values_plus = values
                     values = {k: (v + minus_values[k]) / 2 for k, v in values.items()}
                     metrics = metrics or ((plus + minus) / 2, (plus_logits + minus_logits) / 2)
-                    diff = (
-                        block_loss(plus, values_plus, head) - block_loss(minus, minus_values, head)
-                    ) / 2
+                    diff = (block_loss(plus, values_plus, head)
+                            - block_loss(minus, minus_values, head)) / 2
                 else:
                     # float32 or wider, one per example
                     diff = block_loss(plus, values, head) - block_loss(clean, clean_values, head)
                 scale = sigma
             coef = diff / (scale * normalizer * draws)
-            g, after = _tap_gradients(
-                model,
-                params,
-                x,
-                values,
-                coef,
-                xi,
-                group,
-                shapes,
-                keys=draw_k,
-                noise_kind=noise_kind,
-                mode=mode,
-                after=after,
-            )
+            g, after = _tap_gradients(model, params, x, values, coef, xi, group, shapes,
+                                      keys=draw_k, noise_kind=noise_kind, mode=mode, after=after)
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
     return grads, metrics[0], metrics[1]
 
 
-def _tap_gradients(
-    model, params, x, values, coef, xi, group, shapes, *, keys, noise_kind, mode, after
-):
+def _tap_gradients(model, params, x, values, coef, xi, group, shapes, *, keys, noise_kind, mode,
+                   after):
     """sum over the taps of `group` of the VJP of each tap's pre-activation (replay at `values`)
     with cotangent coef_i * xi_i; returns it and a zero that orders later work after it."""
     # One tap at a time from the last to the first, each the VJP of its own pre-activation in
@@ -459,15 +358,13 @@ def _tap_gradients(
     grads, after = None, jnp.zeros((), coef.dtype) if after is None else after.astype(coef.dtype)
     for name in reversed(group):
         # The step's input x gets no `after`: it is alive anyway, and adding would copy it.
-        replay_values = {
-            k: jax.lax.stop_gradient(v) + after.astype(v.dtype) for k, v in values.items()
-        }
+        replay_values = {k: jax.lax.stop_gradient(v) + after.astype(v.dtype)
+                         for k, v in values.items()}
         preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, replay_values)[name], params)  # noqa: B023 (vjp calls it here)
         noise = xi[name]
         if mode == "regen":  # this tap's noise again, drawn only now
-            noise = draw_layer(
-                _keys_after(keys, after), taps.tap_id(name), shapes[name], noise_kind
-            )
+            noise = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],
+                               noise_kind)
         coef_l = (coef + after).reshape((-1,) + (1,) * (noise.ndim - 1))
         (g,) = vjp_fn((coef_l * noise).astype(preact.dtype))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
