@@ -93,8 +93,9 @@ class NPSettings:
     )
     np_local: bool = setting(
         False,
-        "fc/linfc: block-local losses. Each hidden layer gets an "
-        "auxiliary linear readout (trained by NP too); each block's update "
+        "fc, linfc, conv, conv-large: block-local losses. Each hidden "
+        "layer gets an auxiliary linear readout (conv: of its spatially "
+        "averaged output; trained by NP too); each block's update "
         "uses the change of its own readout's loss, noise on its taps "
         "only.",
         group=_NP,

@@ -56,7 +56,7 @@ Variance reduction (issue 10), each still NP (one scalar loss change per example
               update uses only its own pass's delta, so it carries no other tap's noise. Cost: one
               noisy pass per tap (XLA shares the clean prefix up to the tap).
 
-Block-local losses (`--np_local`, models.MLP(local_heads=True)): each hidden layer with its
+Block-local losses (`--np_local`, models.MLP/ConvStack(local_heads=True)): each hidden layer with its
 auxiliary readout head is a block, the readout layer another (`local_blocks`). The estimate is
 layer-wise NP over blocks: one noisy pass per block with noise on that block's taps only, and
 delta_i the change of that block's own loss (read at its head's tap; the readout block's is the
@@ -275,7 +275,8 @@ def local_blocks(shapes: dict) -> tuple[list, list]:
             heads.append(None)
         else:
             raise ValueError(f"--np_local: tap {name} has no auxiliary head ({head}); use a "
-                             f"model built with local heads (--network=fc or linfc)")
+                             f"model built with local heads (--network=fc, linfc, conv or "
+                             f"conv-large)")
     return groups, heads
 
 
