@@ -12,6 +12,17 @@ import time
 
 from nodepert_dist import gpus, sweep
 
+# The SLURM templates' GPU diagnostics (launch/slurm/*.sbatch hold the same lines).
+GPU_ENV = r"""# GPU jobs that hang or fail must say why (docs/design/reliability.md, Collectives): NCCL
+# reports what failed (WARN; INFO also prints rings and transports), and XLA gives up on a
+# collective rendezvous that never completes instead of waiting for the time limit (names as
+# jax 0.10.2's XLA knows them: tests/test_gpus.py parses them). Settings already made win.
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export XLA_FLAGS="--xla_gpu_first_collective_call_terminate_timeout_seconds=900 \
+--xla_gpu_nccl_termination_timeout_seconds=900 --xla_gpu_executable_terminate_timeout=900 \
+${XLA_FLAGS:-}"
+"""
+
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_.,:/@%+=-]+")
 
 
@@ -64,6 +75,7 @@ def slurm_script(runs: list[dict], spec: dict, spec_path: str) -> str:
         "# Preemption may send SIGTERM to this shell too: it must outlive srun to requeue.",
         "trap 'echo \"sweep row ${SLURM_ARRAY_TASK_ID:-?}: got SIGTERM; waiting for the run "
         "to checkpoint\"' TERM",
+        GPU_ENV.rstrip("\n"),
         f"mkdir -p {shlex.quote(root)} || exit 1",
         'case "${SLURM_ARRAY_TASK_ID:?run this with sbatch (a job array)}" in',
     ]

@@ -116,3 +116,50 @@ def test_sweep_local_runs_use_their_slots_gpus(fake_smi, tmp_path, monkeypatch):
     assert sweep_launch.run_local(runs, 2, skip_finished=False, log=lambda _: None) == 0
     seen = [(tmp_path / f"run{i}" / "run.log").read_text().split()[0] for i in range(3)]
     assert seen[:2] == ["gpus=0,1", "gpus=2,3"] and seen[2] in seen[:2]
+
+
+@pytest.mark.slow  # subprocesses
+def test_slurm_scripts_set_the_gpu_diagnostics_by_names_xla_knows(tmp_path):
+    """Both templates and the sweep's job array export the same NCCL/XLA settings, and this
+    jaxlib's XLA (the same flag table as its CUDA plugin's) starts with them: an unknown XLA
+    flag aborts every process at start-up."""
+    runs = [{"index": 0, "argv": ["true"], "workdir": str(tmp_path / "r"), "flags": {}}]
+    for text in [
+        (REPO / "launch" / "slurm" / name).read_text()
+        for name in ("multinode.sbatch", "singlenode.sbatch")
+    ] + [sweep_launch.slurm_script(runs, {}, "spec.json")]:
+        assert sweep_launch.GPU_ENV in text
+    flags = run_command(["bash", "-c", sweep_launch.GPU_ENV + 'echo "$NCCL_DEBUG|$XLA_FLAGS"'])
+    nccl, xla = flags.stdout.strip().split("|")
+    assert nccl == "WARN" and xla.count("--xla_gpu_") == 3
+    r = run_command(
+        [sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
+        XLA_FLAGS=xla,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    bad = run_command(
+        [sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
+        XLA_FLAGS=xla.replace("terminate_timeout=", "terminate_timeout_seconds="),
+    )
+    assert bad.returncode != 0  # the check can fail: the _seconds spelling is unknown
+
+
+def test_require_gpu_is_one_line_without_a_gpu(monkeypatch):
+    import jax
+
+    from nodepert_dist import distributed
+
+    with pytest.raises(distributed.DistributedError) as e:
+        distributed.initialize(require_gpu=True, env={})
+    assert "\n" not in str(e.value) and "--require_gpu" in str(e.value)
+    assert "'.[cuda12]'" in str(e.value)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    distributed.initialize(require_gpu=True, env={})
+
+
+def test_cuda12_extra_pins_the_jax_this_project_tests():
+    import importlib.metadata
+    import re
+
+    pins = re.findall(r'"jax\[cuda12\]==([0-9.]+)"', (REPO / "setup.py").read_text())
+    assert pins == [importlib.metadata.version("jax")]
