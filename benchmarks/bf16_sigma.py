@@ -66,7 +66,7 @@ def _keys_like(tree):
 
 def worst(mean, true):
     cos = [
-        float(jnp.vdot(u, v) / (jnp.linalg.norm(u) * jnp.linalg.norm(v)))
+        float(jnp.vdot(u, v, precision="highest") / (jnp.linalg.norm(u) * jnp.linalg.norm(v)))
         for u, v in zip(jax.tree.leaves(mean), jax.tree.leaves(true))
     ]
     ratio = [

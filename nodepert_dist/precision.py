@@ -29,8 +29,8 @@ TF32_SIGMA_FLOOR = {
     "linfc": 3e-3,
     "conv": 1e-3,
     "conv-large": 1e-3,
-    "vgg": 1e-3,
-    "vgg16": 1e-3,
+    "vgg": 3e-4,
+    "vgg16": 3e-4,
     "resnet": 1e-3,
 }
 
