@@ -132,9 +132,12 @@ def test_slurm_scripts_set_the_gpu_diagnostics_by_names_xla_knows(tmp_path):
     flags = run_command(["bash", "-c", sweep_launch.GPU_ENV + 'echo "$NCCL_DEBUG|$XLA_FLAGS"'])
     nccl, xla = flags.stdout.strip().split("|")
     assert nccl == "WARN" and xla.count("--xla_gpu_") == 3
+    from nodepert_dist import mesh as mesh_lib
+
+    determinism = f"{mesh_lib.DETERMINISTIC_FLAG} {mesh_lib.AUTOTUNE_CACHE_FLAG}={tmp_path}"
     r = run_command(
         [sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
-        XLA_FLAGS=xla,
+        XLA_FLAGS=f"{xla} {determinism}",  # and --deterministic's flags
     )
     assert r.returncode == 0, r.stderr[-2000:]
     bad = run_command(
@@ -163,3 +166,29 @@ def test_cuda12_extra_pins_the_jax_this_project_tests():
 
     pins = re.findall(r'"jax\[cuda12\]==([0-9.]+)"', (REPO / "setup.py").read_text())
     assert pins == [importlib.metadata.version("jax")]
+
+
+def test_reproducible_compilation_sets_xla_flags_and_the_shared_cache(monkeypatch, tmp_path):
+    import jax
+
+    from nodepert_dist import mesh as mesh_lib
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_mine=1")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {n: getattr(jax.config, n) for n in names}
+    try:
+        for _ in range(2):  # a second call adds nothing
+            mesh_lib.reproducible_compilation(True, str(tmp_path))
+            assert os.environ["XLA_FLAGS"].split() == [
+                "--xla_mine=1",
+                mesh_lib.DETERMINISTIC_FLAG,
+                f"{mesh_lib.AUTOTUNE_CACHE_FLAG}={tmp_path / 'autotune'}",
+            ]
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    mesh_lib.reproducible_compilation(False, "")
+    assert os.environ["XLA_FLAGS"] == ""
