@@ -356,16 +356,13 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "deterministic",
     False,
-    "On GPU, XLA's deterministic ops (--xla_gpu_deterministic_ops): no atomics-based "
-    "reductions, run-to-run identical results, somewhat slower. A no-op on CPU, which is "
-    "deterministic already (docs/design/distributed.md, Reproducibility).",
+    "On GPU, XLA's deterministic ops: run-to-run identical, somewhat slower (CPU: a no-op).",
     module_name="machine",
 )
 flags.DEFINE_string(
     "compilation_cache_dir",
     "",
-    "A folder every process (and every later attempt) shares for compiled programs and, on "
-    "GPU, autotuning results, so that all run the same kernels; empty: none.",
+    "A folder all processes and attempts share for compiled programs and GPU autotuning.",
     module_name="machine",
 )
 FLAGS = flags.FLAGS

@@ -131,23 +131,26 @@ class MLP(nn.Module):
 class ConvStack(nn.Module):
     """The original code's conv nets: SAME convolutions (features, kernel, stride), each with a
     tap and a ReLU, then a dense readout with a tap. `decorrelate`: `decor{i}` decorrelates
-    layer i's input channels (1x1; the readout's too, before the flattening)."""
+    layer i's input channels (1x1; the readout's too, before the flattening). `local_heads`
+    (--np_local): after each convolution i a linear readout `head{i}` of its spatially averaged
+    output (what the next layer reads), tapped `head_tap{i}`, and a stop-gradient, as MLP's."""
 
     convs: Sequence[tuple[int, int, int]]
     num_classes: int
     dtype: jnp.dtype = jnp.float32
     precision: str = "highest"  # ModelSettings.precision
     decorrelate: bool = False
+    local_heads: bool = False
 
     @nn.compact
     @_at_precision
     def __call__(self, x):
-        h = x
         decor = (
             (lambda i, h: Decorrelate(name=f"decor{i}")(h))
             if self.decorrelate
             else (lambda i, h: h)
         )
+        h = decor(0, x)
         for i, (features, k, stride) in enumerate(self.convs):
             conv = nn.Conv(
                 features,
@@ -158,9 +161,14 @@ class ConvStack(nn.Module):
                 dtype=self.dtype,
                 name=f"layer{i}",
             )
-            h = nn.relu(Tap(name=f"tap{i}")(conv(decor(i, h))))
+            h = decor(i + 1, nn.relu(Tap(name=f"tap{i}")(conv(h))))  # the next layer's input
+            if self.local_heads:
+                head = nn.Dense(
+                    self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"head{i}"
+                )
+                Tap(name=f"head_tap{i}")(head(jnp.mean(h, axis=(1, 2))))
+                h = jax.lax.stop_gradient(h)
         n = len(self.convs)
-        h = decor(n, h)
         readout = nn.Dense(
             self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"layer{n}"
         )
@@ -321,7 +329,7 @@ def build_model(
     decorrelate: bool = False,
 ) -> nn.Module:
     """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet;
-    local_heads (fc/linfc only): an auxiliary readout per hidden layer (--np_local);
+    local_heads (fc, linfc, conv, conv-large): an auxiliary readout per hidden layer (--np_local);
     decorrelate: a Decorrelate before each layer (decorrelation.NETWORKS only)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown --network={network!r}; choose one of {', '.join(NETWORKS)}")
@@ -334,8 +342,10 @@ def build_model(
             f"unknown --precision={precision!r}; choose one of {', '.join(precision_lib.PRECISIONS)}"
         )
     dt = DTYPES[dtype]
-    if local_heads and network not in ("fc", "linfc"):
-        raise ValueError(f"--np_local is built for the MLPs (fc, linfc), not --network={network}")
+    if local_heads and network not in ("fc", "linfc", *_CONV_STACKS):
+        raise ValueError(
+            f"--np_local is built for fc, linfc, conv and conv-large, not --network={network}"
+        )
     if decorrelate:
         decorrelation.check(network)
     if network in ("fc", "linfc"):
@@ -354,6 +364,7 @@ def build_model(
             dtype=dt,
             precision=precision,
             decorrelate=decorrelate,
+            local_heads=local_heads,
         )
     if network in VGG_LAYOUTS:
         return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt, precision)

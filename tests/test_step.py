@@ -114,8 +114,9 @@ NP_OPTIONS = {
 @pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_options_same_update_on_1_and_8_devices_float64(option):
     """Microbatches split each device's 8 examples in two: 1 device runs 2 x 32, 8 run 2 x 4.
-    The variance-reduction options (perturbation.py) run on fc, the rest on conv."""
-    network = "conv" if option in ("gaussian-regen", "microbatches") else "fc"
+    The variance-reduction options (perturbation.py) run on fc, the rest (and --np_local's
+    first case) on conv."""
+    network = "conv" if option in ("gaussian-regen", "microbatches", "local") else "fc"
     with jax.enable_x64(True):
         assert _relative_change_difference(network, "np", np.float64, **NP_OPTIONS[option]) < 1e-9
 
