@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, models, optim, perturbation
+from nodepert_dist import losses, models, optim, perturbation, precision
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.estimator import NPSettings
@@ -44,7 +44,7 @@ def _run(
     state = jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
     )
-    options.setdefault("sigma", models.default_sigma(network))
+    options.setdefault("sigma", precision.default_sigma(network))
     step = step_lib.make_train_step(
         model,
         opt,
