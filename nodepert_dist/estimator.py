@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from nodepert_dist import perturbation
 from nodepert_dist import settings as settings_lib
 from nodepert_dist.settings import setting
@@ -119,7 +121,10 @@ def build(np: NPSettings, loss_fn, *, seed: int, global_batch: int, axis_name: s
     np_estimator="original" reduces its loss change over `axis_name` (inside a shard_map)."""
     if np.sigma is None:
         raise ValueError("NPSettings.sigma is None: resolve it first (Config.resolved)")
-    np.validate()
+    if isinstance(np.sigma, jax.core.Tracer):  # a --population member's: checked per member
+        dataclasses.replace(np, sigma=1.0).validate()
+    else:
+        np.validate()
     if np.np_estimator == "original":
 
         def original(model, params, x, labels, step, global_index):

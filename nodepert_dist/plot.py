@@ -6,7 +6,8 @@
 A metric of metrics.jsonl (test accuracy by default; any *_acc or *_loss key) against the epoch
 or against wall-clock training time (--x=time: the cumulative epoch_time, evaluation excluded).
 The title names the dataset and network; each legend entry names the update rule and, for NP,
-its noise scale and optimizer apart from the rule.
+its noise scale and optimizer apart from the rule; a --population run draws one line per
+member, named by its index and settings.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from absl import app, flags
 
 from nodepert_dist import cli as cli_lib
 from nodepert_dist import files
-from nodepert_dist.run_record import epoch_rows, read_metrics
+from nodepert_dist.run_record import by_member, epoch_rows, member_label, read_metrics
 
 FLAGS = flags.FLAGS
 
@@ -104,17 +105,18 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
             raise ValueError(
                 f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?"
             )
-        if x == "time":  # epoch 0 (before training) at t=0
-            xs = list(itertools.accumulate(r.get("epoch_time") or 0.0 for r in rows))
-        else:
-            xs = [r["epoch"] for r in rows]
-        ax.plot(
-            xs,
-            [scale * r[metric] for r in rows],
-            marker="o",
-            markersize=3,
-            label=run_label(workdir),
-        )
+        for member in by_member(rows).values():  # a --population's members: one line each
+            if x == "time":  # epoch 0 (before training) at t=0
+                xs = list(itertools.accumulate(r.get("epoch_time") or 0.0 for r in member))
+            else:
+                xs = [r["epoch"] for r in member]
+            ax.plot(
+                xs,
+                [scale * r[metric] for r in member],
+                marker="o",
+                markersize=3,
+                label=", ".join(filter(None, (run_label(workdir), member_label(member[0])))),
+            )
     ax.set_title(title(workdirs))
     ax.set_xlabel("epoch" if x == "epoch" else "training time (s)")
     ax.set_ylabel(metric.replace("_", " ") + (" (%)" if metric.endswith("_acc") else ""))

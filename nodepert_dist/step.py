@@ -73,6 +73,14 @@ class TrainingSettings:
     max_steps: int = setting(
         0, "Stop after this many updates in all (0: no limit); a later run resumes.", group=_T
     )
+    population: str = setting(
+        "",
+        "Train a grid of members in one compiled step, e.g. 'lr:0.01,0.02;seed:0,1' (4 "
+        "members, numbered in the grid's order: later keys vary fastest). Members may vary "
+        "lr, sigma, seed (init and noise; the data order stays --seed's) and wd; they share "
+        "every batch. metrics.jsonl rows carry each member's index and values.",
+        group=_T,
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
@@ -119,6 +127,8 @@ def make_train_step(
     global_batch: int,
     gradient: LocalGradient = None,
     decorrelate_lr: float | None = None,
+    members: dict | None = None,
+    member_rule: Callable | None = None,
     **rule,
 ) -> Callable:
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
@@ -127,10 +137,16 @@ def make_train_step(
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
     A state with decorrelation matrices (--decorrelate) needs `decorrelate_lr`: the gradient
     sees them fixed, and they then take one step of their own rule on the global batch.
-    """
-    gradient = gradient or local_gradient(global_batch=global_batch, **rule)
 
-    def local_step(state: TrainState, x, labels):
+    A population (--population; population.py): `members` {setting: array over members} and
+    `member_rule(values) -> (gradient, optimizer)` of one member's traced values. The state is
+    stacked on a leading member axis, the same update is vmapped over it (every member sees
+    the same batch) and the metrics get that axis too. Without them, the solo step.
+    """
+    if members is None:
+        gradient = gradient or local_gradient(global_batch=global_batch, **rule)
+
+    def update(state: TrainState, x, labels, gradient, optimizer):
         b = x.shape[0]
         params = jax.lax.pcast(state.params, DATA, to="varying")
         global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
@@ -162,18 +178,28 @@ def make_train_step(
             step=state.step + 1, params=params, opt_state=opt_state, decor=decor
         ), metrics
 
+    def local_step(state: TrainState, x, labels):
+        if members is None:
+            return update(state, x, labels, gradient, optimizer)
+
+        def member(state, values):  # one member's update, its settings traced
+            return update(state, x, labels, *member_rule(values))
+
+        return jax.vmap(member)(state, members)
+
     sharded = jax.shard_map(
         local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P())
     )
     return serialize_if_multiprocess_cpu(jax.jit(sharded, donate_argnums=0))
 
 
-def make_eval_step(model, mesh, *, loss: str) -> Callable:
+def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Callable:
     """Returns jitted `eval(params, x, labels, mask, decor=None) -> {loss_sum, correct, count}`
-    (global sums); `decor`: the state's decorrelation matrices, if any."""
+    (global sums); `decor`: the state's decorrelation matrices, if any. `population`: params
+    (and decor) stacked on a member axis, the sums per member."""
     loss_fn = losses.get(loss)
 
-    def local_eval(params, x, labels, mask, decor):
+    def one_eval(params, x, labels, mask, decor):
         logits = decorrelation.bind(model, decor).apply({"params": params}, x)
         return jax.lax.psum(
             {
@@ -184,6 +210,7 @@ def make_eval_step(model, mesh, *, loss: str) -> Callable:
             DATA,
         )
 
+    local_eval = jax.vmap(one_eval, in_axes=(0, None, None, None, 0)) if population else one_eval
     sharded = jax.shard_map(
         local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P()
     )

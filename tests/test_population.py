@@ -1,0 +1,122 @@
+"""--population: the grid's parsing and errors, and each member's update equal to its solo run's
+(float64, 1 and 8 devices)."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import models, population, run_setup
+from nodepert_dist.config import Config
+
+BATCH, STEPS_PER_EPOCH = 64, 10
+
+
+def _cfg(**kw) -> Config:
+    base = dict(network="fc", n_hl=1, hl_size=16, batchsize=BATCH, num_epochs=1, sigma=0.125)
+    return Config(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def test_members_in_grid_order_later_keys_fastest():
+    cfg = _cfg(population="lr:0.01,0.02;seed:0,1,2")
+    assert population.members(cfg) == [
+        {"lr": lr, "seed": s} for lr in (0.01, 0.02) for s in (0, 1, 2)
+    ]
+    assert population.members(_cfg()) == [{}]
+    assert list(population.values(cfg)["seed"]) == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("width:1,2", "width cannot vary within a population"),
+        ("network:fc,conv", "network cannot vary within a population"),
+        ("batchsize:10,20", "batchsize cannot vary within a population"),
+        ("lr_decay_factor:0.1,0.5", "lr_decay_factor cannot vary within a population"),
+        ("learning_rate:0.1", "unknown setting 'learning_rate'"),
+        ("lr:0.1,abc", "lr='abc' is not a number"),
+        ("seed:1.5", "seed='1.5' is not an integer"),
+        ("seed:-1", "seeds must be in [0, 2**32)"),
+        ("lr:0.1;lr:0.2", "lr is given twice"),
+        ("lr:0.1,0.1", "lr lists a value twice"),
+        ("lr", "expected KEY:V1,V2;KEY:V1,..."),
+        ("lr:0.1,-0.2", "--population member 1 (lr=-0.2): --lr=-0.2 must be positive"),
+        ("sigma:0.1,0", "--population member 1 (sigma=0): --sigma=0.0 must be positive"),
+        ("wd:-1", "--population member 0 (wd=-1): --wd=-1.0 must be >= 0"),
+    ],
+)
+def test_bad_population_is_one_line(spec, message):
+    with pytest.raises(ValueError) as e:
+        _cfg(population=spec).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_crash_guard_with_population_refused():
+    with pytest.raises(ValueError, match="--crash_guard does not act per member"):
+        _cfg(population="lr:0.1,0.2", crash_guard=True).validate()
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def _batches(n, shape=(8, 8, 1)):
+    rng = np.random.default_rng(0)
+    return [
+        (rng.normal(size=(BATCH, *shape)), rng.integers(0, 10, BATCH).astype(np.int32))
+        for _ in range(n)
+    ]
+
+
+def _train(cfg: Config, mesh, batches):
+    """(initial state, state after `batches`, last metrics) in float64, built as run_setup
+    builds a run."""
+    model = models.build(cfg.model, 10).clone(dtype=jnp.float64)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    state = population.init_state(cfg, model, optimizer, batches[0][0], mesh)
+    state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, state)
+    start = jax.device_get(state)
+    for x, y in batches:
+        state, m = step(state, *mesh_lib.global_batch(mesh, x, y))
+    return start, jax.device_get(state), jax.device_get(m)
+
+
+# lr, sigma, seed and wd all vary (16 members); sigma a power of 2 (a solo run forms sigma*xi
+# in the noise's float32: a power of 2 makes it exact in both). Adam: the hyperparameters reach
+# a state with moments, not just the update's scale.
+POPULATION = "lr:0.01,0.03;sigma:0.125,0.0625;seed:3,4;wd:0,0.001"
+CHECKED = (0, 5, 10, 15)  # every key at each of its values; each pair differs in every key
+
+
+@pytest.mark.parametrize("rule, n_devices", [("np", 1), ("np", 8), ("sgd", 8)])
+@pytest.mark.slow  # seconds of compiling: a population of 16 and 4 solo runs
+def test_each_member_updates_as_its_solo_run_float64(rule, n_devices):
+    """Member i's change after 2 steps equals the solo run of member i's settings, float64,
+    to 1e-9 of the change (last-bit differences: a vmapped matmul may sum in another order,
+    NP divides float32 loss changes by sigma), while any two members' changes differ by O(1):
+    a member that used another's seed, lr, sigma or wd fails."""
+    cfg = _cfg(population=POPULATION, update_rule=rule, optimizer="adam")
+    mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
+    batches = _batches(2)
+    members = population.members(cfg)
+    with jax.enable_x64(True):
+        pop_start, pop, pop_m = _train(cfg, mesh, batches)
+        solos = {
+            i: _train(population.member_config(cfg, members[i]), mesh, batches) for i in CHECKED
+        }
+    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+    member = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    for i, (start, solo, solo_m) in solos.items():
+        np.testing.assert_array_equal(flat(member(pop_start, i).params), flat(start.params))
+        change = flat(solo.params) - flat(start.params)
+        gap = np.linalg.norm(flat(member(pop, i).params) - flat(solo.params))
+        assert gap / np.linalg.norm(change) < 1e-9, (i, members[i])
+        np.testing.assert_allclose(pop_m["loss_sum"][i], solo_m["loss_sum"], rtol=1e-12)
+        for j in CHECKED:  # what the comparison tells apart: another member's update
+            if j != i:
+                other = flat(solos[j][1].params) - flat(solos[j][0].params)
+                assert np.linalg.norm(other - change) / np.linalg.norm(change) > 1e-3
