@@ -1,6 +1,8 @@
 """--population: the grid's parsing and errors, and each member's update equal to its solo run's
 (float64, 1 and 8 devices)."""
 
+import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -120,3 +122,69 @@ def test_each_member_updates_as_its_solo_run_float64(rule, n_devices):
             if j != i:
                 other = flat(solos[j][1].params) - flat(solos[j][0].params)
                 assert np.linalg.norm(other - change) / np.linalg.norm(change) > 1e-3
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def _run_cfg(tmp_path, name, **kw) -> Config:
+    base = dict(
+        n_hl=1,
+        hl_size=16,
+        batchsize=128,
+        validation_size=59000,  # 1000 training rows: 7 steps an epoch (on the 8 devices)
+        eval_train=False,
+        eval_batchsize=2000,
+        num_epochs=2,
+        population="lr:0.01,0.05;seed:0,1",
+        data_dir=tmp_path.parent / "unused",
+        workdir=str(tmp_path / name),
+        save_final_params=str(tmp_path / f"{name}.npz"),
+    )
+    return Config(**{**base, **kw})
+
+
+@pytest.mark.slow  # seconds of compiling and three short runs
+def test_population_run_rows_plot_and_exact_resume(tmp_path, mnist_dir):
+    """Rows per member (index and settings), member-wise eval, nodepert-plot's curves, and a
+    run stopped mid-epoch (--max_steps) and resumed ends with the uninterrupted run's params
+    and rows; changing the population on resume is refused."""
+    from nodepert_dist import plot, run_record, train
+
+    whole = _run_cfg(tmp_path, "whole", data_dir=mnist_dir)
+    rows, _ = train.run(whole)
+    assert [(r["epoch"], r["member"], r["lr"], r["seed"]) for r in rows] == [
+        (e, i, lr, s)
+        for e in range(3)
+        for i, (lr, s) in enumerate([(0.01, 0), (0.01, 1), (0.05, 0), (0.05, 1)])
+    ]
+    # each member evaluated with its own params: at epoch 0 the seed alone decides
+    acc0 = [r["test_acc"] for r in rows[:4]]
+    assert acc0[0] == acc0[2] and acc0[1] == acc0[3] and acc0[0] != acc0[1]
+    assert len({r["test_acc"] for r in rows[-4:]}) == 4
+    assert run_record.read_metrics(whole.workdir) == rows
+    with open(os.path.join(whole.workdir, "metrics.csv")) as f:
+        assert f.readline().startswith("epoch,member,lr,seed,step,")
+    curves = plot.curves(whole.workdir)
+    assert [c[0].split(", member ")[1] for c in curves] == [
+        "0: lr=0.01, seed=0",
+        "1: lr=0.01, seed=1",
+        "2: lr=0.05, seed=0",
+        "3: lr=0.05, seed=1",
+    ]
+    assert [c[2] for c in curves] == [[r["test_acc"] for r in rows[i::4]] for i in range(4)]
+
+    cut = _run_cfg(tmp_path, "cut", data_dir=mnist_dir, checkpoint_every_steps=0)
+    _, note = train.run(dataclasses.replace(cut, max_steps=10))  # mid-epoch 2
+    assert note.startswith("stopped at --max_steps=10")
+    with pytest.raises(ValueError, match="--population"):
+        train.run(dataclasses.replace(cut, population="lr:0.01,0.05;seed:0,2"))
+    resumed, _ = train.run(cut)
+    timing = ("epoch_time", "examples_per_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+    assert strip(resumed) == strip(rows)
+    a, b = np.load(whole.save_final_params), np.load(cut.save_final_params)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape[0] == 4
+        np.testing.assert_array_equal(a[k], b[k])
