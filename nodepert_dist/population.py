@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nodepert_dist import optim
+from nodepert_dist import crash_guard, metrics, optim
 from nodepert_dist import step as step_lib
-from nodepert_dist.run_record import MEMBER_SETTINGS
+from nodepert_dist.run_record import MEMBER_SETTINGS, by_member, epoch_rows
 
 # What may vary within a population (MEMBER_SETTINGS): the values enter the compiled step as
 # traced scalars.
@@ -90,11 +90,6 @@ def check(cfg) -> None:
     would be), and what a population cannot do yet."""
     if not cfg.population:
         return
-    if cfg.crash_guard:
-        raise ValueError(
-            "--crash_guard does not act per member of a --population yet; "
-            "drop one of them (or run the grid as separate jobs: launch/sweep.py)"
-        )
     for i, member in enumerate(members(cfg)):
         try:
             member_config(cfg, member).validate()
@@ -151,10 +146,67 @@ def init_state(cfg, model, optimizer, sample_x, mesh):
         step_lib.init_state(model, optimizer, sample_x, m.get("seed", cfg.seed), mesh)
         for m in members(cfg)
     ]
-    return jax.tree.map(lambda *a: jnp.stack(a), *states)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    return stacked.replace(alive=jax.device_put(np.ones(len(states), bool), stacked.step.sharding))
 
 
 def pick(value, i: int) -> float:
     """Member i's entry of a per-member metric (one value shared by all: that value)."""
     flat = np.asarray(value).reshape(-1)
     return float(flat[i if flat.size > 1 else 0])
+
+
+class Watch:
+    """Per-member marks of a population run, on the host: the step freezes a member whose loss
+    or state turns non-finite (`member_diverged` event row), and with --crash_guard a member
+    whose test accuracy crashes (`crash_guard.is_crash`) is frozen after that epoch
+    (`member_crashed`): no rollback, the others go on. The run stops (Diverged) only when
+    every member has diverged."""
+
+    def __init__(self, cfg, state):
+        self.cfg, self.members = cfg, members(cfg)
+        self.alive = np.array(jax.device_get(state.alive), bool)  # a writable copy
+
+    def _event(self, name: str, i: int, **detail) -> None:
+        metrics.write_event(
+            self.cfg.workdir, {"event": name, "member": i, **self.members[i], **detail}
+        )
+
+    def after_step(self, alive, loss, step: int, epoch: int) -> None:
+        alive = np.asarray(alive, bool)
+        for i in np.flatnonzero(self.alive & ~alive):
+            self._event("member_diverged", int(i), step=step, epoch=epoch, loss=float(loss[i]))
+        self.alive = self.alive & alive
+        if not self.alive.any():
+            raise crash_guard.Diverged(
+                f"every member of --population diverged (the last at step {step}, epoch "
+                f"{epoch}); use lower lrs"
+            )
+
+    def after_epoch(self, state, rows: list[dict]):
+        """`state`, with the members whose latest epoch row crashed frozen (--crash_guard)."""
+        if not self.cfg.crash_guard:
+            return state
+        crashed = []
+        for i, member_rows in by_member(epoch_rows(rows)).items():
+            *earlier, last = member_rows
+            best = max((r["test_acc"] for r in earlier if r["test_acc"] is not None), default=None)
+            acc = last["test_acc"] if last["test_acc"] is not None else float("nan")
+            if (
+                self.alive[i]
+                and best is not None
+                and crash_guard.is_crash(acc, best, self.cfg.crash_points)
+            ):
+                crashed.append(i)
+                self._event(
+                    "member_crashed",
+                    i,
+                    step=last["step"],
+                    epoch=last["epoch"],
+                    test_acc=acc,
+                    best_test_acc=best,
+                )
+        if not crashed:
+            return state
+        self.alive[crashed] = False
+        return state.replace(alive=jax.device_put(self.alive.copy(), state.alive.sharding))

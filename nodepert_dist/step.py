@@ -36,6 +36,8 @@ class TrainState:
     # --decorrelate: {Decorrelate path: {"R": matrix}} (decorrelation.py); None without it, so
     # the default step's arrays and program are those of a state without the field.
     decor: Any = None
+    # --population: per member, False once frozen (population.Watch); None for a solo run.
+    alive: Any = None
 
 
 def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
@@ -183,7 +185,22 @@ def make_train_step(
             return update(state, x, labels, gradient, optimizer)
 
         def member(state, values):  # one member's update, its settings traced
-            return update(state, x, labels, *member_rule(values))
+            new, metrics = update(state, x, labels, *member_rule(values))
+            # A member whose loss or state turns non-finite is frozen at its last finite
+            # state (alive False for good); the others go on.
+            tree = (new.params, new.opt_state, new.decor)
+            finite = jnp.isfinite(metrics["loss_sum"])
+            for leaf in jax.tree.leaves(tree):
+                if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                    finite &= jnp.all(jnp.isfinite(leaf))
+            keep = state.alive & finite
+            params, opt_state, decor = jax.tree.map(
+                lambda n, o: jnp.where(keep, n, o),
+                tree,
+                (state.params, state.opt_state, state.decor),
+            )
+            held = TrainState(new.step, params, opt_state, decor, alive=keep)
+            return held, {**metrics, "alive": keep}
 
         return jax.vmap(member)(state, members)
 

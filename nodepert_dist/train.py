@@ -81,13 +81,18 @@ def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float,
     return totals["correct"] / totals["count"], totals["loss_sum"] / totals["count"]
 
 
-def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
+def _accumulate(sums: dict, step_metrics, step: int, epoch: int, watch=None) -> None:
     """Adds one step's (global) metrics into host-side epoch sums (float64; per member of a
     population); waits for that step.
 
     A non-finite loss stops the run here, before the state it produced is saved: the loop
-    accumulates a step's metrics before any checkpoint of that step."""
+    accumulates a step's metrics before any checkpoint of that step. A population's frozen
+    members (`watch`: population.Watch) add nothing; the run stops when all have diverged."""
     m = {k: np.asarray(v, np.float64) for k, v in jax.device_get(step_metrics).items()}
+    if watch is not None:
+        watch.after_step(m["alive"] > 0, m["loss_sum"], step, epoch)
+        for k in ("loss_sum", "correct"):
+            m[k] = np.where(watch.alive, m[k], 0.0)
     bad = np.flatnonzero(~np.isfinite(m["loss_sum"]))
     if bad.size:
         who = f" of population member {bad[0]}" if m["loss_sum"].ndim else ""
@@ -217,6 +222,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                                      rollback_step=rows[-1]["step"])
              if cfg.checkpointing else None)
     step = _step_of(state)
+    watch = population.Watch(cfg, state) if cfg.population else None
     _notify(hooks, "start", types.SimpleNamespace(
         cfg=cfg, run=built, model=model, mesh=mesh, data=data, splits=splits,
         prep_mode=built.prep_mode, step=step, rows=rows, steps_per_epoch=n_steps, state=state))
@@ -236,7 +242,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
 
     def accumulate(sums, pending, epoch: int) -> None:
         try:
-            _accumulate(sums, *pending, epoch)
+            _accumulate(sums, *pending, epoch, watch)
         except ValueError:
             if saver:  # finish the save in flight (a finite state): exiting mid-write aborts
                 saver.wait()
@@ -305,6 +311,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             if saver:  # an earlier save may be in flight: finish it before anything moves it
                 saver.wait()
             raise
+        if watch is not None:  # --crash_guard: members that crashed this epoch are frozen
+            state = watch.after_epoch(state, rows)
         if saver and (save_due(step) or stop_due(step) or preempted or epoch == cfg.num_epochs
                       or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
             save(epoch + 1, 0, None, 0.0)

@@ -58,11 +58,6 @@ def test_bad_population_is_one_line(spec, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_crash_guard_with_population_refused():
-    with pytest.raises(ValueError, match="--crash_guard does not act per member"):
-        _cfg(population="lr:0.1,0.2", crash_guard=True).validate()
-
-
 # ----------------------------------------------------------------------------- exactness
 
 
@@ -200,3 +195,63 @@ def test_population_run_rows_plot_and_exact_resume(tmp_path, mnist_dir):
     for k in a:
         assert a[k].shape[0] == 4
         np.testing.assert_array_equal(a[k], b[k])
+
+
+# ----------------------------------------------------------------------------- per-member guard
+
+
+@pytest.mark.slow  # seconds of compiling and a short run
+def test_a_diverging_member_is_frozen_and_marked_while_the_others_go_on(tmp_path, mnist_dir):
+    """lr 1e6 (SGD, ce) diverges in epoch 1: that member is frozen at its last finite state
+    with a member_diverged event row; member 0 trains on and the run ends normally. When
+    every member diverges the run stops with one line."""
+    from nodepert_dist import crash_guard, run_record, train
+
+    cfg = _run_cfg(
+        tmp_path,
+        "div",
+        data_dir=mnist_dir,
+        update_rule="sgd",
+        loss="ce",
+        population="lr:0.05,1e6",
+    )
+    rows, note = train.run(cfg)
+    assert note == ""
+    events = [r for r in run_record.read_metrics(cfg.workdir) if "event" in r]
+    assert [(e["event"], e["member"], e["lr"], e["epoch"]) for e in events] == [
+        ("member_diverged", 1, 1e6, 1)
+    ]
+    last = {r["member"]: r for r in rows if r["epoch"] == 2}
+    assert last[0]["test_acc"] > 0.5 and last[0]["mean_step_loss"] > 0
+    params = np.load(cfg.save_final_params)
+    assert all(np.isfinite(v).all() for v in params.values())  # frozen, not NaN
+    with pytest.raises(crash_guard.Diverged, match="every member of --population diverged"):
+        train.run(dataclasses.replace(cfg, workdir=str(tmp_path / "all"), population="lr:1e6,2e6"))
+
+
+def test_crash_guard_freezes_a_crashed_member_only():
+    """--crash_guard in a population: the member whose latest test accuracy fell more than
+    --crash_points below its best is frozen (alive False, member_crashed event); a member
+    that never got better, or that is already frozen, is left alone."""
+    from nodepert_dist import step as step_lib
+
+    cfg = _cfg(population="lr:0.01,0.02,0.03", crash_guard=True, workdir="/nonexistent/unused")
+    state = step_lib.TrainState(step=jnp.zeros(3), params={}, opt_state=(), alive=jnp.ones(3, bool))
+    watch = population.Watch(cfg, state)
+    accs = [(0.9, 0.9, 0.1), (0.95, 0.5, 0.1)]  # member 1 drops 45 points; member 2 flat
+    rows = [
+        {"epoch": e, "step": e, "member": i, "test_acc": a}
+        for e, epoch_accs in enumerate(accs)
+        for i, a in enumerate(epoch_accs)
+    ]
+    events = []
+    watch._event = lambda name, i, **detail: events.append((name, i, detail["best_test_acc"]))
+    state = watch.after_epoch(state, rows)
+    assert list(np.asarray(state.alive)) == [True, False, True]
+    assert events == [("member_crashed", 1, 0.9)]
+    rows += [{"epoch": 2, "step": 2, "member": i, "test_acc": 0.0} for i in range(3)]
+    state = watch.after_epoch(state, rows)  # member 0 crashes now; 1 is frozen already
+    assert list(np.asarray(state.alive)) == [False, False, True]
+    assert events[1:] == [("member_crashed", 0, 0.95)]
+    off = population.Watch(dataclasses.replace(cfg, crash_guard=False), state)
+    assert off.after_epoch(state, rows) is state
