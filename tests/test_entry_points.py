@@ -55,6 +55,10 @@ CASES = {  # name: (command, what its error line must say)
         )
         for name in EXPERIMENTS
     },
+    "experiment with --population": (
+        _console("nodepert-experiment", "vary-lr", "--population=lr:0.1,0.2"),
+        "--population: vary-lr runs its own grid of runs; drop --population",
+    ),
     "experiment stray argument": (
         _console("nodepert-experiment", "vary-lr", "extra"),
         "unexpected arguments: extra",
