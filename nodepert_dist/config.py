@@ -80,7 +80,8 @@ class OutputSettings:
     save_final_params: str = setting(
         "",
         "If set, write the final parameters (and --decorrelate's "
-        "matrices, under decorrelation.) to this .npz.",
+        "matrices, under decorrelation.) to this .npz (a --population's stacked on a "
+        "leading member axis).",
         group="outputs and checkpoints",
     )
     preemption_check_steps: int = setting(

@@ -151,7 +151,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     model, optimizer, state = built.model, built.optimizer, built.state
     members = population.members(cfg)  # [{}]: a solo run
     train_step, eval_step, eval_batch = built.train_step, built.eval_step, built.eval_batch
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) // len(members)
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
     if cfg.lr_schedule == "cosine":

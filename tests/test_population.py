@@ -255,3 +255,34 @@ def test_crash_guard_freezes_a_crashed_member_only():
     assert events[1:] == [("member_crashed", 0, 0.95)]
     off = population.Watch(dataclasses.replace(cfg, crash_guard=False), state)
     assert off.after_epoch(state, rows) is state
+
+
+def test_a_solo_run_compiles_the_step_it_compiled_before_populations():
+    """No population: run_setup's step (through population.rule) lowers to the program of the
+    plain step.make_train_step with optim.optimizer_from, text for text; no vmap, no freeze."""
+    import re
+
+    from nodepert_dist import optim
+    from nodepert_dist import step as step_lib
+
+    cfg = _cfg(optimizer="adam", wd=1e-3).resolved()
+    mesh = mesh_lib.make_mesh(jax.devices()[:2])
+    model = models.build(cfg.model, 10)
+    x, y = _batches(1)[0]
+    x = x.astype(np.float32)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    plain_opt = optim.optimizer_from(cfg.optim, cfg.num_epochs, STEPS_PER_EPOCH)
+    plain = step_lib.make_train_step(
+        model,
+        plain_opt,
+        mesh,
+        update_rule="np",
+        loss=cfg.loss,
+        seed=cfg.seed,
+        global_batch=BATCH,
+        np=cfg.np,
+    )
+    state = population.init_state(cfg, model, optimizer, x, mesh)
+    assert state.alive is None
+    text = lambda f: re.sub(r"loc\(.*?\)", "", f.lower(state, x, y).as_text())
+    assert text(step) == text(plain)
