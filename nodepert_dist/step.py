@@ -80,7 +80,8 @@ class TrainingSettings:
         "Train a grid of members in one compiled step, e.g. 'lr:0.01,0.02;seed:0,1' (4 "
         "members, numbered in the grid's order: later keys vary fastest). Members may vary "
         "lr, sigma, seed (init and noise; the data order stays --seed's) and wd; they share "
-        "every batch. metrics.jsonl rows carry each member's index and values.",
+        "every batch. metrics.jsonl rows carry each member's index and values; a member that "
+        "diverges is frozen (an event row) while the others go on.",
         group=_T,
     )
 
