@@ -17,6 +17,7 @@ epoch_time, and each member's test accuracy next to its solo run's).
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -169,6 +170,7 @@ def target() -> None:
         "solo_epoch_times": sum(rows[-1]["epoch_time"] for _, rows in solos),
         "test_acc": [r["test_acc"] for r in last],
         "solo_test_acc": [rows[-1]["test_acc"] for _, rows in solos],
+        "load_avg_1min_after": os.getloadavg()[0],  # a shared machine: how busy it was
     }
     row["epoch_ratio"] = row["population_epoch_time"] / row["solo_epoch_times"]
     row["max_acc_gap"] = max(abs(a - b) for a, b in zip(row["test_acc"], row["solo_test_acc"]))
