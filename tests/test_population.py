@@ -155,7 +155,7 @@ def _run_cfg(tmp_path, name, **kw) -> Config:
 def test_population_run_rows_plot_and_exact_resume(tmp_path, mnist_dir):
     """Rows per member (index and settings), member-wise eval, nodepert-plot's curves, and a
     run stopped mid-epoch (--max_steps) and resumed ends with the uninterrupted run's params
-    and rows; changing the population on resume is refused."""
+    and rows; changing the population, or the optimizer's parts, on resume is refused."""
     from nodepert_dist import plot, run_record, train
 
     whole = _run_cfg(tmp_path, "whole", data_dir=mnist_dir)
@@ -186,6 +186,8 @@ def test_population_run_rows_plot_and_exact_resume(tmp_path, mnist_dir):
     assert note.startswith("stopped at --max_steps=10")
     with pytest.raises(ValueError, match="--population"):
         train.run(dataclasses.replace(cut, population="lr:0.01,0.05;seed:0,2"))
+    with pytest.raises(ValueError, match="resumes with the optimizer parts it was saved with"):
+        train.run(dataclasses.replace(cut, optimizer="adam"))
     resumed, _ = train.run(cut)
     timing = ("epoch_time", "examples_per_s")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
