@@ -7,7 +7,8 @@ on a leading axis and the step is vmapped over it inside the data-parallel shard
 differ only in settings that keep the shapes and the program: `MEMBER_SETTINGS`. Each member's
 values enter the step as traced scalars; the gradient and optimizer are built from the run's
 settings with them replaced (`rule`), exactly as a solo run of those settings builds them
-(a member's noise keys fold in its own seed), so member i's update is that solo run's.
+(a member's noise keys fold in its own seed), so member i's update is that solo run's on the
+same batch.
 
 Member seeds choose parameter init and NP noise; the data order stays the run's --seed (the
 shared stream). Independent data orders per member need separate runs (launch/sweep.py), one
@@ -27,8 +28,6 @@ from nodepert_dist import crash_guard, metrics, optim
 from nodepert_dist import step as step_lib
 from nodepert_dist.run_record import MEMBER_SETTINGS, by_member, epoch_rows
 
-# What may vary within a population (MEMBER_SETTINGS): the values enter the compiled step as
-# traced scalars.
 _SEED_LIMIT = 2**32  # member seeds are uint32 inside the step (jax.random.key takes them as is)
 
 
@@ -86,8 +85,8 @@ def members(cfg) -> list[dict]:
 
 
 def check(cfg) -> None:
-    """One-line errors: the spec, each member's settings (validated as a solo run of them
-    would be), and what a population cannot do yet."""
+    """One-line errors: the spec, and each member's settings (validated as a solo run of them
+    would be)."""
     if not cfg.population:
         return
     for i, member in enumerate(members(cfg)):
