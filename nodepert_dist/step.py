@@ -54,6 +54,22 @@ def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
     return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
 
 
+def over_members(fn, mesh) -> Callable:
+    """`fn` over the leading member axis of its arguments (a --population). On accelerators
+    vectorised (jax.vmap: the members' work batched fills the device); on CPU one member after
+    another (jax.lax.map): there vmap's batched matmuls and the transposes it adds to fold
+    members into shared-input matmuls measured ~2x slower per member than lax.map, whose
+    members compute with a solo run's shapes (docs: benchmarks/population.py)."""
+    if vectorise_members(mesh):
+        return jax.vmap(fn)
+    return lambda *args: jax.lax.map(lambda a: fn(*a), args)
+
+
+def vectorise_members(mesh) -> bool:
+    """Whether a population's members are vectorised (jax.vmap) on this mesh: off CPU."""
+    return mesh.devices.flat[0].platform != "cpu"
+
+
 # A local gradient: (model, params, x, labels, step, global_index) ->
 # (this device's share of the global-batch gradient, per-example loss, logits).
 LocalGradient = Callable[..., tuple]
@@ -203,7 +219,7 @@ def make_train_step(
             held = TrainState(new.step, params, opt_state, decor, alive=keep)
             return held, {**metrics, "alive": keep}
 
-        return jax.vmap(member)(state, members)
+        return over_members(member, mesh)(state, members)
 
     sharded = jax.shard_map(
         local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P())
@@ -228,7 +244,11 @@ def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Calla
             DATA,
         )
 
-    local_eval = jax.vmap(one_eval, in_axes=(0, None, None, None, 0)) if population else one_eval
+    def local_eval(params, x, labels, mask, decor):
+        if not population:
+            return one_eval(params, x, labels, mask, decor)
+        return over_members(lambda p, d: one_eval(p, x, labels, mask, d), mesh)(params, decor)
+
     sharded = jax.shard_map(
         local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P()
     )
