@@ -2,8 +2,8 @@
 
 `--population='lr:0.01,0.02;seed:0,1'` is the grid lr x seed (4 members, in the grid's order:
 later keys vary fastest, so member 1 is lr=0.01, seed=1). The members' train states are stacked
-on a leading axis and the step is vmapped over it inside the data-parallel shard_map
-(step.make_train_step), so every member sees the same batches: a paired comparison. Members may
+on a leading axis and the step maps one member's update over it inside the data-parallel
+shard_map (step.make_train_step, step.over_members), so every member sees the same batches: a paired comparison. Members may
 differ only in settings that keep the shapes and the program: `MEMBER_SETTINGS`. Each member's
 values enter the step as traced scalars; the gradient and optimizer are built from the run's
 settings with them replaced (`rule`), exactly as a solo run of those settings builds them

@@ -81,7 +81,7 @@ def check_mesh(cfg: Config, mesh) -> None:
 
 def make_train_step(cfg: Config, model, mesh, steps_per_epoch: int):
     """(optimizer, jitted train step) of cfg's update rule: the run's own, or a population's
-    (its members' settings traced in one vmapped step; the optimizer is the structure their
+    (its members' settings traced in one step; the optimizer is the structure their
     stacked states share)."""
     member_rule = population.rule(cfg, steps_per_epoch)
     optimizer = member_rule({})[1]

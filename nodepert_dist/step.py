@@ -59,7 +59,7 @@ def over_members(fn, mesh) -> Callable:
     vectorised (jax.vmap: the members' work batched fills the device); on CPU one member after
     another (jax.lax.map): there vmap's batched matmuls and the transposes it adds to fold
     members into shared-input matmuls measured ~2x slower per member than lax.map, whose
-    members compute with a solo run's shapes (docs: benchmarks/population.py)."""
+    members compute with a solo run's shapes (docs/results/population.md)."""
     if vectorise_members(mesh):
         return jax.vmap(fn)
     return lambda *args: jax.lax.map(lambda a: fn(*a), args)
@@ -159,8 +159,8 @@ def make_train_step(
 
     A population (--population; population.py): `members` {setting: array over members} and
     `member_rule(values) -> (gradient, optimizer)` of one member's traced values. The state is
-    stacked on a leading member axis, the same update is vmapped over it (every member sees
-    the same batch) and the metrics get that axis too. Without them, the solo step.
+    stacked on a leading member axis, the same update is mapped over it (`over_members`;
+    every member sees the same batch) and the metrics get that axis too. Without them, the solo step.
     """
     if members is None:
         gradient = gradient or local_gradient(global_batch=global_batch, **rule)
