@@ -95,11 +95,10 @@ CHECKED = (0, 5, 10, 15)  # every key at each of its values; each pair differs i
 # float32's the same at float32's last bit (~1e-7 / sigma; measured ~2e-6).
 # vectorised: members under jax.vmap (accelerators) or one after another (lax.map, CPU).
 CASES = [
-    ("np", 1, "float64", 1e-9, False),
+    ("np", 1, "float64", 1e-9, True),
     ("np", 8, "float64", 1e-9, False),
-    ("np", 8, "float64", 1e-9, True),
-    ("sgd", 8, "float64", 1e-9, True),
-    ("np", 8, "float32", 1e-5, True),
+    ("sgd", 8, "float64", 1e-9, False),
+    ("np", 8, "float32", 1e-5, False),
 ]
 
 
