@@ -26,7 +26,13 @@ setup(
     # locks and signals a lot (one process kept the load near 1.5): 18.5 vs 25+ min measured
     # ruff: the project's linter and formatter (ruff.toml); tests/test_lint.py keeps the code
     # within its rules, so CI needs it. One static binary, no dependencies.
-    extras_require={"test": ["pytest", "pytest-xdist", "ruff>=0.15"]},
+    # cuda12: the NVIDIA GPU build of the jax this project is tested with (jax's own extra pulls
+    # jax-cuda12-plugin[with-cuda] of the same version, CUDA and cuDNN wheels included); a plain
+    # install on a GPU node is CPU-only. `nodepert-train --require_gpu` says so in one line.
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "ruff>=0.15"],
+        "cuda12": ["jax[cuda12]==0.10.2"],
+    },
     entry_points={
         "console_scripts": [
             "nodepert-train=nodepert_dist.train:cli",

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from nodepert_dist import cli, models
+from nodepert_dist import cli, models, precision
 
 
 def main():
@@ -52,7 +52,7 @@ def main():
         loss="mse",
         seed=0,
         global_batch=args.batchsize,
-        np=NPSettings(sigma=models.default_sigma(args.network)),
+        np=NPSettings(sigma=precision.default_sigma(args.network)),
     )
     batch = mesh_lib.global_batch(mesh, x, y)
     t = time.perf_counter()

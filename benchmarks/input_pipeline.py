@@ -140,7 +140,7 @@ def measure_step(network, shape, classes, mesh):
     import numpy as np
 
     from nodepert_dist import mesh as mesh_lib
-    from nodepert_dist import models, optim
+    from nodepert_dist import models, optim, precision
     from nodepert_dist import step as step_lib
     from nodepert_dist.estimator import NPSettings
 
@@ -157,7 +157,7 @@ def measure_step(network, shape, classes, mesh):
         loss="mse",
         seed=0,
         global_batch=FLAGS.batchsize,
-        np=NPSettings(sigma=models.default_sigma(network)),
+        np=NPSettings(sigma=precision.default_sigma(network)),
     )
     batch = mesh_lib.global_batch(mesh, x, y)
     state, m = step(state, *batch)

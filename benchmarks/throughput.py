@@ -164,7 +164,7 @@ def worker(n_dev: int) -> None:
     import jax
     import numpy as np
 
-    from nodepert_dist import decorrelation, models, optim
+    from nodepert_dist import decorrelation, models, optim, precision
     from nodepert_dist import mesh as mesh_lib
     from nodepert_dist import step as step_lib
 
@@ -193,7 +193,7 @@ def worker(n_dev: int) -> None:
                     continue
                 vmodel = models.build_model(network, 10, width=FLAGS.width, dtype=dtype,
                                             decorrelate=True)
-            fn = _build(variant, vmodel, opt, mesh, b, models.default_sigma(network, dtype))
+            fn = _build(variant, vmodel, opt, mesh, b, precision.default_sigma(network, dtype))
             state = step_lib.init_state(vmodel, opt, x, 0, mesh)
             t0 = time.perf_counter()
             compiled = fn.lower(state, *batch).compile()

@@ -4,15 +4,18 @@
     python launch/local.py --num_processes=2 --devices_per_process=4 -- nodepert-train --lr=0.01
 
 Each process gets NODEPERT_COORDINATOR_ADDRESS (127.0.0.1 and a free port), NODEPERT_NUM_PROCESSES
-and NODEPERT_PROCESS_ID (read by nodepert_dist.distributed.initialize when the flags are absent)
-and, with --devices_per_process=K, K simulated CPU devices via
+and NODEPERT_PROCESS_ID (read by nodepert_dist.distributed.initialize when the flags are absent).
+Devices (--platform): on GPUs (auto, when nvidia-smi or CUDA_VISIBLE_DEVICES shows any and
+JAX_PLATFORMS does not exclude them) each rank gets its own --devices_per_process GPUs (0: an
+equal share) via CUDA_VISIBLE_DEVICES, round-robin, and a share of the memory when ranks must
+share a GPU (nodepert_dist/gpus.py); on CPU, --devices_per_process=K simulated CPU devices via
 XLA_FLAGS=--xla_force_host_platform_device_count=K. Every output line is prefixed with its rank.
 If any process exits non-zero, or the job outlives --timeout_s, every process group is killed
 and the launcher exits non-zero with one line naming the rank (status 1; 124 for the timeout).
 Preemption: SIGTERM or SIGUSR1 to the launcher is forwarded to every rank; a rank that exits
 with PREEMPTED (75: checkpoint saved, nodepert_dist/preempt.py) is not a failure, the others
 get --grace_s to do the same, and the launcher then exits 75 too.
-Standard library only: it does not import jax.
+Standard library and nodepert_dist/gpus.py only: it does not import jax.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nodepert_dist import gpus  # noqa: E402 (the checkout's, also when not installed)
+
 ENV_COORDINATOR = "NODEPERT_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "NODEPERT_NUM_PROCESSES"
 ENV_PROCESS_ID = "NODEPERT_PROCESS_ID"
@@ -42,13 +48,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def child_env(
-    base: dict, rank: int, num_processes: int, address: str, devices_per_process: int
+    base: dict,
+    rank: int,
+    num_processes: int,
+    address: str,
+    devices_per_process: int,
+    gpu_list: list[str] = (),
 ) -> dict:
+    """Rank `rank`'s environment: the job's layout, and its GPUs from `gpu_list` (none: CPU)."""
     env = dict(base)
     env[ENV_COORDINATOR] = address
     env[ENV_NUM_PROCESSES] = str(num_processes)
     env[ENV_PROCESS_ID] = str(rank)
     env["PYTHONUNBUFFERED"] = "1"
+    if gpu_list:
+        return gpus.with_child_env(
+            env, gpus.child_env(rank, num_processes, list(gpu_list), devices_per_process)
+        )
     if devices_per_process > 0:
         kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
         env["XLA_FLAGS"] = " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices_per_process}"])
@@ -72,14 +88,16 @@ class StartError(RuntimeError):
 class Job:
     """The running processes, their output pumps and an exit queue (first failure first)."""
 
-    def __init__(self, command, num_processes, devices_per_process, address, out=sys.stdout):
+    def __init__(
+        self, command, num_processes, devices_per_process, address, gpu_list=(), out=sys.stdout
+    ):
         self.out, self.lock = out, threading.Lock()
         self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
         width = len(str(num_processes - 1))
         for rank in range(num_processes):
-            env = child_env(os.environ, rank, num_processes, address, devices_per_process)
+            env = child_env(os.environ, rank, num_processes, address, devices_per_process, gpu_list)
             try:
                 p = subprocess.Popen(
                     command,
@@ -95,7 +113,8 @@ class Job:
                     f"rank {rank} could not start {command[0]!r}: {e.strerror}"
                 ) from None
             self.procs.append(p)
-            self.say(f"[launch] rank {rank} pid {p.pid}")
+            on = f" on GPU(s) {env[gpus.VISIBLE]}" if gpu_list else ""
+            self.say(f"[launch] rank {rank} pid {p.pid}{on}")
             pump = threading.Thread(target=self._pump, args=(p, f"[{rank:>{width}}] "), daemon=True)
             pump.start()
             self.pumps.append(pump)
@@ -173,7 +192,14 @@ def main(argv=None) -> int:
         "--devices_per_process",
         type=int,
         default=0,
-        help="simulated CPU devices per process (0: leave the platform alone)",
+        help="GPUs per process (0: an equal share), or on CPU simulated devices per process "
+        "(0: leave the platform alone)",
+    )
+    parser.add_argument(
+        "--platform",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="auto: the GPUs when this machine shows any, else CPU; gpu: fail without GPUs",
     )
     parser.add_argument(
         "--timeout_s",
@@ -210,6 +236,14 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    gpu_list = gpus.machine_gpus() if args.platform != "cpu" else []
+    if args.platform == "gpu" and not gpu_list:
+        print(
+            "error: --platform=gpu but no GPU is visible here (nvidia-smi -L lists none, or "
+            "CUDA_VISIBLE_DEVICES/JAX_PLATFORMS exclude them); use --platform=cpu",
+            file=sys.stderr,
+        )
+        return 2
     address = f"127.0.0.1:{args.port or free_port()}"
 
     # Preemption signals are caught before any rank starts (one arriving while they start is
@@ -227,13 +261,16 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGUSR1, forward)
     try:
-        job = started["job"] = Job(command, args.num_processes, args.devices_per_process, address)
+        job = started["job"] = Job(
+            command, args.num_processes, args.devices_per_process, address, gpu_list
+        )
     except StartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    kind = "GPU" if gpu_list else "CPU"
     job.say(
         f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
-        f"device(s), coordinator {address}: {' '.join(command)}"
+        f"{kind} device(s), coordinator {address}: {' '.join(command)}"
     )
     if started["pending"] is not None:
         forward(started["pending"], None)

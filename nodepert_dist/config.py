@@ -22,7 +22,7 @@ import typing
 
 from absl import flags
 
-from nodepert_dist import cli, models, population
+from nodepert_dist import cli, population, precision
 from nodepert_dist import presets as presets_lib
 from nodepert_dist.crash_guard import CrashGuardSettings
 from nodepert_dist.data.pipeline import DataSettings
@@ -80,8 +80,7 @@ class OutputSettings:
     save_final_params: str = setting(
         "",
         "If set, write the final parameters (and --decorrelate's "
-        "matrices, under decorrelation.) to this .npz (a --population's stacked on a "
-        "leading member axis).",
+        "matrices, under decorrelation.) to this .npz (a --population's: stacked).",
         group="outputs and checkpoints",
     )
     preemption_check_steps: int = setting(
@@ -166,9 +165,9 @@ class Config(
         return project(self, OutputSettings)
 
     def resolved(self) -> Config:
-        sigma = (
-            self.sigma if self.sigma is not None else models.default_sigma(self.network, self.dtype)
-        )
+        sigma = self.sigma
+        if sigma is None:
+            sigma = precision.default_sigma(self.network, self.dtype, self.precision)
         return dataclasses.replace(self, sigma=float(sigma))
 
     def validate(self) -> None:
@@ -187,13 +186,13 @@ class Config(
         self.optim.validate(self.num_epochs)
         self.decorrelation.validate(self.network)
         population.check(self)  # each member's settings, as its solo run would check them
-        floor = models.sigma_floor(self.network, self.dtype)
-        if self.update_rule == "np" and self.sigma is not None and self.sigma < floor:
-            raise ValueError(
-                f"--sigma={self.sigma:g} is below {floor:g}, the smallest sigma at "
-                f"which NP on {self.network} in {self.dtype} measured unbiased "
-                f"(bf16 rounds smaller noise away); raise --sigma or use "
-                f"--dtype=float32"
+        if self.update_rule == "np":  # on a GPU, TF32's floor too: the one backend read
+            precision.check_sigma(
+                network=self.network,
+                dtype=self.dtype,
+                precision=self.precision,
+                sigma=self.sigma,
+                np_delta=self.np_delta,
             )
 
 
@@ -233,6 +232,7 @@ RESUME_RULES = {
     "warn": (
         "preprocess",
         "dtype",
+        "precision",
         "update_rule",
         "lr",
         "wd",
@@ -353,6 +353,18 @@ flags.DEFINE_bool(
     True,
     "On CPU, add the measured XLA flag for faster "
     "convolutions unless XLA_FLAGS already sets that option.",
+    module_name="machine",
+)
+flags.DEFINE_bool(
+    "deterministic",
+    False,
+    "On GPU, XLA's deterministic ops: run-to-run identical, somewhat slower (CPU: a no-op).",
+    module_name="machine",
+)
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    "",
+    "A folder all processes and attempts share for compiled programs and GPU autotuning.",
     module_name="machine",
 )
 FLAGS = flags.FLAGS

@@ -63,6 +63,12 @@ flags.DEFINE_integer(
     0,
     "Fail at start-up unless the job sees exactly this many devices (0: no check).",
 )
+flags.DEFINE_bool(
+    "require_gpu",
+    False,
+    "Fail at start-up unless jax runs on GPUs (a CPU-only jax or a missing driver would "
+    "otherwise train on the CPU).",
+)
 flags.DEFINE_integer("init_timeout_s", 300, "Seconds to wait for all processes to join.")
 
 
@@ -301,6 +307,7 @@ def initialize(
     slurm_tasks: str = "per_gpu",
     init_timeout_s: float = 300,
     expected_devices: int = 0,
+    require_gpu: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> Layout:
     """Detects the layout, starts jax.distributed if there is more than one process, logs what it
@@ -351,6 +358,12 @@ def initialize(
         n_global,
         ", ".join(str(d) for d in jax.local_devices()),
     )
+    if require_gpu and jax.default_backend() != "gpu":
+        raise DistributedError(
+            f"--require_gpu, but jax runs on {jax.default_backend()} ({jax.devices()[0]}): "
+            f"install the GPU build (pip install -e '.[cuda12]') on a node with NVIDIA GPUs "
+            f"and a driver, or drop --require_gpu"
+        )
     if expected_devices and n_global != expected_devices:
         raise DistributedError(
             f"expected {expected_devices} devices (--expected_devices) but the job sees {n_global} "
@@ -370,5 +383,6 @@ def initialize_from_flags(env: Mapping[str, str] | None = None) -> Layout:
         slurm_tasks=f.slurm_tasks,
         init_timeout_s=f.init_timeout_s,
         expected_devices=f.expected_devices,
+        require_gpu=f.require_gpu,
         env=env,
     )

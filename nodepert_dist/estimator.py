@@ -85,14 +85,19 @@ class NPSettings:
         "per_example: each example's own noise and loss "
         "change (unbiased). original: the original research code's "
         "estimator, for comparison only: one noise draw shared by the "
-        "batch and the batch-mean loss change; BIASED (docs/design).",
+        "batch and the batch-mean loss change; BIASED (docs/design). "
+        "shared_noise: the original code's 2021 estimator, behind its "
+        "published figures: one noise draw shared by the batch, each "
+        "example's own loss change; unbiased, but its variance does not "
+        "fall with the batch size.",
         group=_NP,
         choices=perturbation.NP_ESTIMATORS,
     )
     np_local: bool = setting(
         False,
-        "fc/linfc: block-local losses. Each hidden layer gets an "
-        "auxiliary linear readout (trained by NP too); each block's update "
+        "fc, linfc, conv, conv-large: block-local losses. Each hidden "
+        "layer gets an auxiliary linear readout (conv: of its spatially "
+        "averaged output; trained by NP too); each block's update "
         "uses the change of its own readout's loss, noise on its taps "
         "only.",
         group=_NP,
@@ -118,14 +123,15 @@ class NPSettings:
 def build(np: NPSettings, loss_fn, *, seed: int, global_batch: int, axis_name: str):
     """The local gradient of these settings: `f(model, params, x, labels, step, global_index)
     -> (this device's share of the global-batch estimate, per-example loss, logits)`.
-    np_estimator="original" reduces its loss change over `axis_name` (inside a shard_map)."""
+    np_estimator="original" reduces its loss change over `axis_name` (inside a shard_map);
+    "shared_noise" is the same draw with each example's own loss change."""
     if np.sigma is None:
         raise ValueError("NPSettings.sigma is None: resolve it first (Config.resolved)")
     if isinstance(np.sigma, jax.core.Tracer):  # a --population member's: checked per member
         dataclasses.replace(np, sigma=1.0).validate()
     else:
         np.validate()
-    if np.np_estimator == "original":
+    if np.np_estimator in ("original", "shared_noise"):
 
         def original(model, params, x, labels, step, global_index):
             del global_index  # one noise draw for the whole batch
@@ -140,6 +146,7 @@ def build(np: NPSettings, loss_fn, *, seed: int, global_batch: int, axis_name: s
                 normalizer=global_batch,
                 noise_kind=np.noise,
                 axis_name=axis_name,
+                per_example_delta=np.np_estimator == "shared_noise",
             )
 
         return original

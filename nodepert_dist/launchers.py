@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 
 import hostlist
 
+from nodepert_dist.gpus import visible_gpus
+
 PORT_BASE = 65536 - 4096  # jax's rule: jobs spread over the top 4096 ports
 
 
@@ -269,15 +271,6 @@ def choose(launches: list[Launch]) -> Launch | None:
 
 
 # ----------------------------------------------------------------------------- GPUs
-
-
-def visible_gpus(env: Mapping[str, str]) -> list[str] | None:
-    """The GPUs this process can see (indices or UUIDs), or None when nothing restricts them."""
-    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
-        value = env.get(name)
-        if value is not None and value.strip() != "NoDevFiles":
-            return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "-1"]
-    return None
 
 
 def gpu_binding(launch: Launch, env: Mapping[str, str], per_node: bool) -> tuple[int, ...] | None:

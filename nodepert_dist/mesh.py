@@ -49,6 +49,29 @@ def tune_cpu_convolutions() -> bool:
     return True
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+AUTOTUNE_CACHE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
+
+
+def reproducible_compilation(deterministic: bool, cache_dir: str) -> None:
+    """--deterministic (XLA's deterministic GPU ops) and --compilation_cache_dir (jax's
+    persistent cache of compiled programs, and XLA's of GPU autotuning results, in one folder
+    every process shares: GPU autotuning is timed, so processes compiling on their own may pick
+    different kernels). Call before jax starts; options already in XLA_FLAGS are kept."""
+    added = []
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if deterministic and "xla_gpu_deterministic_ops" not in flags_now:
+        added.append(DETERMINISTIC_FLAG)
+    if cache_dir:
+        cache_dir = os.path.abspath(cache_dir)
+        if AUTOTUNE_CACHE_FLAG not in flags_now:
+            added.append(f"{AUTOTUNE_CACHE_FLAG}={os.path.join(cache_dir, 'autotune')}")
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([flags_now, *added]).strip()
+
+
 def make_mesh(devices=None) -> Mesh:
     """All devices by default; tests pass a subset to compare mesh shapes in one process."""
     devices = jax.devices() if devices is None else list(devices)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from nodepert_dist import decorrelation
+from nodepert_dist import precision as precision_lib
 from nodepert_dist import settings as settings_lib
 from nodepert_dist.decorrelation import Decorrelate
 from nodepert_dist.settings import setting
@@ -54,11 +55,32 @@ class ModelSettings:
         group="model",
         choices=tuple(DTYPES),
     )
+    precision: str = setting(
+        "highest",
+        "Precision of float32 matmuls and convs, NP and SGD alike (jax.lax.Precision): "
+        "highest is float32 everywhere; default/high are TF32 on Ampere/Hopper GPUs, faster "
+        "but with a sigma floor there (docs/results/tf32_sigma.md). CPUs ignore it.",
+        group="model",
+        choices=precision_lib.PRECISIONS,
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
         settings_lib.check_positive(self, "hl_size", "width")
         settings_lib.check_non_negative(self, "n_hl")
+
+
+def _at_precision(call):
+    """A network's __call__ traced under jax.default_matmul_precision(self.precision): every
+    matmul and conv inside (layers, Decorrelate's einsums) and those autodiff derives from them
+    (SGD's backward pass, NP's replay VJP) carry it."""
+
+    @functools.wraps(call)
+    def traced(self, *args, **kwargs):
+        with jax.default_matmul_precision(self.precision):
+            return call(self, *args, **kwargs)
+
+    return traced
 
 
 _xavier = nn.initializers.xavier_normal()
@@ -78,10 +100,12 @@ class MLP(nn.Module):
     widths: Sequence[int]
     activation: str = "relu"  # "relu" or "linear" (linfc)
     dtype: jnp.dtype = jnp.float32
+    precision: str = "highest"  # ModelSettings.precision
     local_heads: bool = False
     decorrelate: bool = False
 
     @nn.compact
+    @_at_precision
     def __call__(self, x):
         h = x.reshape(x.shape[0], -1)
         if self.decorrelate:
@@ -107,21 +131,26 @@ class MLP(nn.Module):
 class ConvStack(nn.Module):
     """The original code's conv nets: SAME convolutions (features, kernel, stride), each with a
     tap and a ReLU, then a dense readout with a tap. `decorrelate`: `decor{i}` decorrelates
-    layer i's input channels (1x1; the readout's too, before the flattening)."""
+    layer i's input channels (1x1; the readout's too, before the flattening). `local_heads`
+    (--np_local): after each convolution i a linear readout `head{i}` of its spatially averaged
+    output (what the next layer reads), tapped `head_tap{i}`, and a stop-gradient, as MLP's."""
 
     convs: Sequence[tuple[int, int, int]]
     num_classes: int
     dtype: jnp.dtype = jnp.float32
+    precision: str = "highest"  # ModelSettings.precision
     decorrelate: bool = False
+    local_heads: bool = False
 
     @nn.compact
+    @_at_precision
     def __call__(self, x):
-        h = x
         decor = (
             (lambda i, h: Decorrelate(name=f"decor{i}")(h))
             if self.decorrelate
             else (lambda i, h: h)
         )
+        h = decor(0, x)
         for i, (features, k, stride) in enumerate(self.convs):
             conv = nn.Conv(
                 features,
@@ -132,9 +161,14 @@ class ConvStack(nn.Module):
                 dtype=self.dtype,
                 name=f"layer{i}",
             )
-            h = nn.relu(Tap(name=f"tap{i}")(conv(decor(i, h))))
+            h = decor(i + 1, nn.relu(Tap(name=f"tap{i}")(conv(h))))  # the next layer's input
+            if self.local_heads:
+                head = nn.Dense(
+                    self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"head{i}"
+                )
+                Tap(name=f"head_tap{i}")(head(jnp.mean(h, axis=(1, 2))))
+                h = jax.lax.stop_gradient(h)
         n = len(self.convs)
-        h = decor(n, h)
         readout = nn.Dense(
             self.num_classes, kernel_init=_xavier, dtype=self.dtype, name=f"layer{n}"
         )
@@ -197,8 +231,10 @@ class VGG(nn.Module):
     width: int = 64
     norm: str = "none"
     dtype: jnp.dtype = jnp.float32
+    precision: str = "highest"  # ModelSettings.precision
 
     @nn.compact
+    @_at_precision
     def __call__(self, x):
         h, i = x, 0
         for item in self.layout:
@@ -244,8 +280,10 @@ class ResNet(nn.Module):
     norm: str = "none"
     blocks: Sequence[int] = (2, 2, 2, 2)
     dtype: jnp.dtype = jnp.float32
+    precision: str = "highest"  # ModelSettings.precision
 
     @nn.compact
+    @_at_precision
     def __call__(self, x):
         h = nn.relu(ConvUnit(self.width, norm=self.norm, dtype=self.dtype, name="stem")(x))
         for stage, n in enumerate(self.blocks):
@@ -286,11 +324,12 @@ def build_model(
     width: int = 64,
     norm: str = "none",
     dtype: str = "float32",
+    precision: str = "highest",
     local_heads: bool = False,
     decorrelate: bool = False,
 ) -> nn.Module:
     """The named network. n_hl and hl_size shape fc/linfc; width and norm shape vgg/resnet;
-    local_heads (fc/linfc only): an auxiliary readout per hidden layer (--np_local);
+    local_heads (fc, linfc, conv, conv-large): an auxiliary readout per hidden layer (--np_local);
     decorrelate: a Decorrelate before each layer (decorrelation.NETWORKS only)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown --network={network!r}; choose one of {', '.join(NETWORKS)}")
@@ -298,9 +337,15 @@ def build_model(
         raise ValueError(f"unknown --norm={norm!r}; choose one of {', '.join(NORMS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown --dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+    if precision not in precision_lib.PRECISIONS:
+        raise ValueError(
+            f"unknown --precision={precision!r}; choose one of {', '.join(precision_lib.PRECISIONS)}"
+        )
     dt = DTYPES[dtype]
-    if local_heads and network not in ("fc", "linfc"):
-        raise ValueError(f"--np_local is built for the MLPs (fc, linfc), not --network={network}")
+    if local_heads and network not in ("fc", "linfc", *_CONV_STACKS):
+        raise ValueError(
+            f"--np_local is built for fc, linfc, conv and conv-large, not --network={network}"
+        )
     if decorrelate:
         decorrelation.check(network)
     if network in ("fc", "linfc"):
@@ -308,14 +353,22 @@ def build_model(
             (hl_size,) * n_hl + (num_classes,),
             activation="linear" if network == "linfc" else "relu",
             dtype=dt,
+            precision=precision,
             local_heads=local_heads,
             decorrelate=decorrelate,
         )
     if network in _CONV_STACKS:
-        return ConvStack(_CONV_STACKS[network], num_classes, dtype=dt, decorrelate=decorrelate)
+        return ConvStack(
+            _CONV_STACKS[network],
+            num_classes,
+            dtype=dt,
+            precision=precision,
+            decorrelate=decorrelate,
+            local_heads=local_heads,
+        )
     if network in VGG_LAYOUTS:
-        return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt)
-    return ResNet(num_classes, width, norm, dtype=dt)
+        return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt, precision)
+    return ResNet(num_classes, width, norm, dtype=dt, precision=precision)
 
 
 def build(
@@ -330,36 +383,7 @@ def build(
         width=model.width,
         norm=model.norm,
         dtype=model.dtype,
+        precision=model.precision,
         local_heads=local_heads,
         decorrelate=decorrelate,
     )
-
-
-# The smallest sigma on the grid 3e-3, 1e-2, 3e-2, 1e-1 at which NP's mean estimate in bfloat16
-# matched float32's with the same noise (cosine >= 0.99, norm within 15%), measured by
-# benchmarks/bf16_sigma.py (docs/results/bf16_sigma.md). bf16 keeps 8 significant bits: smaller
-# noise is rounded away at the taps and in the loss change. conv-large and vgg16 take conv's and
-# vgg's values (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18).
-BF16_SIGMA_FLOOR = {
-    "fc": 3e-2,
-    "linfc": 3e-2,
-    "conv": 1e-2,
-    "conv-large": 1e-2,
-    "vgg": 3e-3,
-    "vgg16": 3e-3,
-    "resnet": 3e-2,
-}
-
-
-def sigma_floor(network: str, dtype: str) -> float:
-    """The smallest sigma NP accepts for this network and dtype (0 in float32)."""
-    return BF16_SIGMA_FLOOR.get(network, 0.0) if dtype == "bfloat16" else 0.0
-
-
-def default_sigma(network: str, dtype: str = "float32") -> float:
-    """1e-4 for dense nets and 1e-5 for the original conv nets (the original code's values);
-    1e-4 for vgg/resnet, which the original code never ran (float32 delta precision:
-    perturbation.py); in bfloat16, the measured floor."""
-    if dtype == "bfloat16":
-        return sigma_floor(network, dtype)
-    return 1e-5 if network.startswith("conv") else 1e-4

@@ -56,7 +56,7 @@ Variance reduction (issue 10), each still NP (one scalar loss change per example
               update uses only its own pass's delta, so it carries no other tap's noise. Cost: one
               noisy pass per tap (XLA shares the clean prefix up to the tap).
 
-Block-local losses (`--np_local`, models.MLP(local_heads=True)): each hidden layer with its
+Block-local losses (`--np_local`, models.MLP/ConvStack(local_heads=True)): each hidden layer with its
 auxiliary readout head is a block, the readout layer another (`local_blocks`). The estimate is
 layer-wise NP over blocks: one noisy pass per block with noise on that block's taps only, and
 delta_i the change of that block's own loss (read at its head's tap; the readout block's is the
@@ -86,7 +86,7 @@ from nodepert_dist import taps
 NOISE_KINDS = ("rademacher", "gaussian")
 NP_MODES = ("keep", "regen")
 NP_DELTAS = ("finite", "jvp")
-NP_ESTIMATORS = ("per_example", "original")
+NP_ESTIMATORS = ("per_example", "original", "shared_noise")
 HEAD_PREFIX = "head_"  # --np_local: the tap of tap t's auxiliary readout head is head_t
 _STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
 
@@ -185,15 +185,15 @@ def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
     if estimator not in NP_ESTIMATORS:
         raise ValueError(f"unknown --np_estimator={estimator!r}; choose one of "
                          f"{', '.join(NP_ESTIMATORS)}")
-    if estimator == "original":
+    if estimator != "per_example":
         extra = [flag for flag, on in (
             ("--np_antithetic", antithetic), (f"--np_draws={draws}", draws != 1),
             (f"--np_delta={delta}", delta != "finite"), ("--np_layerwise", layerwise),
             (f"--np_microbatches={microbatches}", microbatches != 1),
             (f"--np_mode={mode}", mode != "keep")) if on]
         if extra:
-            raise ValueError(f"--np_estimator=original is the original code's estimator as it "
-                             f"was, a reference; drop {', '.join(extra)}")
+            raise ValueError(f"--np_estimator={estimator} is the original code's estimator as "
+                             f"it was, a reference; drop {', '.join(extra)}")
     if mode not in NP_MODES:
         raise ValueError(f"unknown --np_mode={mode!r}; choose one of {', '.join(NP_MODES)}")
     if delta not in NP_DELTAS:
@@ -206,8 +206,14 @@ def check_options(mode: str = "keep", antithetic: bool = False, draws: int = 1,
 
 
 def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, normalizer,
-                      noise_kind: str = "rademacher", axis_name=None):
-    """The original code's biased estimator (module docstring): (grads, clean loss, logits).
+                      noise_kind: str = "rademacher", axis_name=None,
+                      per_example_delta: bool = False):
+    """The original code's estimators, one noise draw shared by the whole batch: (grads, clean
+    loss, logits). Default: its HEAD (2023), the batch-mean loss change times each example's
+    terms, BIASED (module docstring). `per_example_delta`: its 2021 version, which made the
+    published figures (`--np_estimator=shared_noise`): each example's own loss change, so
+    unbiased, but the noise is common to the batch, so its variance does not fall with the
+    batch size as the per-example estimator's does.
 
     `key`: the step's noise key (`step_key`), the same on every device; `axis_name`: the mesh
     axis the batch is split over (inside shard_map), so that the loss change is the mean over
@@ -220,10 +226,14 @@ def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, n
     clean_logits = model.apply({"params": params}, x)
     clean = loss_fn(clean_logits, labels)
     noisy_logits, values = taps.forward(model, params, x, {k: sigma * n for k, n in xi.items()})
-    delta_sum = jnp.sum(loss_fn(noisy_logits, labels) - clean)
-    if axis_name is not None:  # the global batch's sum, then back to this device's share
-        delta_sum = jax.lax.pcast(jax.lax.psum(delta_sum, axis_name), axis_name, to="varying")
-    coef = jnp.full((b,), delta_sum / normalizer / (sigma * normalizer))
+    delta = loss_fn(noisy_logits, labels) - clean
+    if per_example_delta:  # each example's own change: this device's examples suffice
+        coef = delta / (sigma * normalizer)
+    else:
+        delta_sum = jnp.sum(delta)
+        if axis_name is not None:  # the global batch's sum, then back to this device's share
+            delta_sum = jax.lax.pcast(jax.lax.psum(delta_sum, axis_name), axis_name, to="varying")
+        coef = jnp.full((b,), delta_sum / normalizer / (sigma * normalizer))
     grads, _ = _tap_gradients(model, params, x, values, coef, xi, list(shapes), shapes,
                               keys=None, noise_kind=noise_kind, mode="keep", after=None)
     return grads, clean, clean_logits
@@ -265,7 +275,8 @@ def local_blocks(shapes: dict) -> tuple[list, list]:
             heads.append(None)
         else:
             raise ValueError(f"--np_local: tap {name} has no auxiliary head ({head}); use a "
-                             f"model built with local heads (--network=fc or linfc)")
+                             f"model built with local heads (--network=fc, linfc, conv or "
+                             f"conv-large)")
     return groups, heads
 
 

@@ -72,6 +72,7 @@ def run_label(workdir: str) -> str:
                 ("jvp", c.get("np_delta") == "jvp"),
                 ("layerwise", c.get("np_layerwise")),
                 ("original estimator, biased", c.get("np_estimator") == "original"),
+                ("noise shared by the batch", c.get("np_estimator") == "shared_noise"),
                 ("local losses", c.get("np_local")),
                 ("weight norm", c.get("weight_norm")),
             )

@@ -10,7 +10,18 @@ import shutil
 import subprocess
 import time
 
-from nodepert_dist import sweep
+from nodepert_dist import gpus, sweep
+
+# The SLURM templates' GPU diagnostics (launch/slurm/*.sbatch hold the same lines).
+GPU_ENV = r"""# GPU jobs that hang or fail must say why (docs/design/reliability.md, Collectives): NCCL
+# reports what failed (WARN; INFO also prints rings and transports), and XLA gives up on a
+# collective rendezvous that never completes instead of waiting for the time limit (names as
+# jax 0.10.2's XLA knows them: tests/test_gpus.py parses them). Settings already made win.
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export XLA_FLAGS="--xla_gpu_first_collective_call_terminate_timeout_seconds=900 \
+--xla_gpu_nccl_termination_timeout_seconds=900 --xla_gpu_executable_terminate_timeout=900 \
+${XLA_FLAGS:-}"
+"""
 
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_.,:/@%+=-]+")
 
@@ -64,6 +75,7 @@ def slurm_script(runs: list[dict], spec: dict, spec_path: str) -> str:
         "# Preemption may send SIGTERM to this shell too: it must outlive srun to requeue.",
         "trap 'echo \"sweep row ${SLURM_ARRAY_TASK_ID:-?}: got SIGTERM; waiting for the run "
         "to checkpoint\"' TERM",
+        GPU_ENV.rstrip("\n"),
         f"mkdir -p {shlex.quote(root)} || exit 1",
         'case "${SLURM_ARRAY_TASK_ID:?run this with sbatch (a job array)}" in',
     ]
@@ -90,19 +102,31 @@ def slurm_script(runs: list[dict], spec: dict, spec_path: str) -> str:
 def run_local(runs: list[dict], parallel: int, skip_finished: bool, log=print) -> int:
     """Runs each row here, `parallel` at a time, output to <workdir>/run.log; returns failures.
     A row that cannot start (its command is missing) is a failure written to its run.log; the
-    rows after it still run."""
+    rows after it still run. On a machine with GPUs each of the `parallel` slots has its own
+    (gpus.child_env: round-robin, a memory share when slots outnumber GPUs); a row runs on its
+    slot's."""
     todo = [r for r in runs if not (skip_finished and sweep.final_row(r) is not None)]
     if len(todo) < len(runs):
         log(f"[sweep] skipping {len(runs) - len(todo)} finished run(s)")
+    slots = max(1, parallel)
+    gpu_list = gpus.machine_gpus()
+    free = list(range(slots))
     running, failures = [], 0
     while todo or running:
-        while todo and len(running) < max(1, parallel):
-            run = todo.pop(0)
+        while todo and free:
+            run, slot = todo.pop(0), free.pop(0)
             os.makedirs(run["workdir"], exist_ok=True)
             logf = open(os.path.join(run["workdir"], "run.log"), "w")
-            log(f"[sweep] start {run['index']}: {shlex.join(run['argv'])}")
+            extra = gpus.child_env(slot, slots, gpu_list)
+            on = f" (GPU(s) {extra[gpus.VISIBLE]})" if extra else ""
+            log(f"[sweep] start {run['index']}{on}: {shlex.join(run['argv'])}")
             try:
-                proc = subprocess.Popen(run["argv"], stdout=logf, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    run["argv"],
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=gpus.with_child_env(os.environ, extra),
+                )
             except OSError as e:
                 logf.write(f"error: could not start {run['argv'][0]!r}: {e.strerror}\n")
                 logf.close()
@@ -111,14 +135,16 @@ def run_local(runs: list[dict], parallel: int, skip_finished: bool, log=print) -
                     f"[sweep] FAILED {run['index']} (could not start {run['argv'][0]!r}: "
                     f"{e.strerror}): {run['workdir']}"
                 )
+                free.insert(0, slot)
                 continue
-            running.append((run, proc, logf))
+            running.append((run, proc, logf, slot))
         time.sleep(0.2)
         for item in list(running):
-            run, proc, logf = item
+            run, proc, logf, slot = item
             if proc.poll() is not None:
                 logf.close()
                 running.remove(item)
+                free.append(slot)
                 ok = proc.returncode == 0
                 failures += not ok
                 log(

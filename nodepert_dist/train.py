@@ -361,6 +361,7 @@ def main(argv):
     pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.ERROR)
     if flags_.xla_cpu_conv_flag:  # before the CPU backend starts
         mesh_lib.tune_cpu_convolutions()
+    mesh_lib.reproducible_compilation(flags_.deterministic, flags_.compilation_cache_dir)
     if flags_.cpu_devices > 0:  # before jax.distributed and before any device use
         mesh_lib.simulate_cpu_devices(flags_.cpu_devices)
     try:

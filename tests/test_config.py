@@ -40,6 +40,11 @@ def test_flags_override_a_preset_which_overrides_the_defaults(parse):
     assert cfg.update_rule == "np" and expected.lr == 0.02
 
 
+@pytest.mark.parametrize("name", list(config.PRESETS))
+def test_every_preset_is_a_valid_run(name):
+    config.Config(**config.overrides(name)).validate()  # a broken preset never reaches a user
+
+
 def test_json_config_file(parse, tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"network": "conv", "sigma": 1e-3, "eval_train": False}))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, models, optim, perturbation
+from nodepert_dist import losses, models, optim, perturbation, precision
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.taps import Tap
@@ -169,14 +169,14 @@ def test_np_is_unbiased_with_each_estimator_option(name, option):
     _assert_unbiased(_np_mean(model, params, x, y, loss_fn, sigma, draws, **OPTIONS[option]), true)
 
 
-BF16_SIGMA = max(models.BF16_SIGMA_FLOOR.values())
+BF16_SIGMA = max(precision.BF16_SIGMA_FLOOR.values())
 
 
 @pytest.mark.parametrize("name", ["dense", "conv", "maxpool", "residual", "layernorm"])
 @pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_is_unbiased_in_bfloat16_at_the_documented_sigma(name):
     """bf16 matmuls/convs, float32 parameters and loss differences, against the float32
-    gradient, at the largest sigma floor of models.BF16_SIGMA_FLOOR. Twice float32's draws:
+    gradient, at the largest sigma floor of precision.BF16_SIGMA_FLOOR. Twice float32's draws:
     bf16 rounding adds variance (conv at 20000 draws: kernel cosine 0.988; at 40000: 0.994)."""
     body, shape, act, loss, _, draws = CASES[name]
     model, params, x, y, loss_fn, true = _setup(body, shape, act, loss, jnp.bfloat16)

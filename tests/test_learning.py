@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, models, optim, train
+from nodepert_dist import losses, models, optim, precision, train
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.data import store
@@ -69,7 +69,7 @@ def _train_steps(mnist_dir, network, update_rule, *, lr, steps, batch=64):
         loss="ce",
         seed=0,
         global_batch=batch,
-        np=NPSettings(sigma=models.default_sigma(network)),
+        np=NPSettings(sigma=precision.default_sigma(network)),
     )
     params0 = jax.device_get(state.params)  # the step donates its state
     for i in range(steps):

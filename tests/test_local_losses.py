@@ -1,5 +1,5 @@
-"""--np_local: block-local losses for the MLP. Each hidden layer and its auxiliary readout head
-form a block; NP perturbs one block's taps at a time and uses the change of that block's own
+"""--np_local: block-local losses for the MLP and the conv stacks. Each hidden layer and its
+auxiliary readout head (conv: of its spatially averaged output) form a block; NP perturbs one block's taps at a time and uses the change of that block's own
 loss. Unbiased for each block's local objective (the block's input held fixed), per option;
 the same update on 1 and 8 devices is in tests/test_step.py."""
 
@@ -19,9 +19,13 @@ OPTIONS = {
 }
 
 
-def _setup():
-    model = models.build_model("fc", 10, n_hl=2, hl_size=16, local_heads=True)
-    x = jax.random.normal(jax.random.key(1), (BATCH, 12))
+def _setup(network="fc"):
+    if network == "fc":
+        model = models.build_model("fc", 10, n_hl=2, hl_size=16, local_heads=True)
+        x = jax.random.normal(jax.random.key(1), (BATCH, 12))
+    else:  # the conv stacks' module, narrow: (features, kernel, stride) as conv's, 3/2/4 wide
+        model = models.ConvStack(((3, 3, 1), (2, 3, 2), (4, 3, 1)), 10, local_heads=True)
+        x = jax.random.normal(jax.random.key(1), (BATCH, 6, 6, 1))
     y = jnp.arange(BATCH) % 10
     params = model.init(jax.random.key(0), x)["params"]
     return model, params, x, y
@@ -64,11 +68,22 @@ def test_each_block_is_unbiased_for_its_local_objective(option):
         _assert_unbiased({"layer0": mean["layer0"]}, {"layer0": global_grad["layer0"]})
 
 
+@pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
+def test_conv_blocks_are_unbiased_for_their_local_objective():
+    model, params, x, y = _setup("conv")
+    assert {"head0", "head1", "head2", "layer0", "layer1", "layer2", "layer3"} == set(params)
+    true = local_gradient(model, params, x, y, losses.mse)
+    _assert_unbiased(_np_mean(model, params, x, y, losses.mse, 1e-4, 20000, local=True), true)
+
+
 def test_blocks_are_the_layers_and_their_heads():
     model, params, x, _ = _setup()
     groups, heads = perturbation.local_blocks(taps.tap_shapes(model, params, x))
     assert groups == [["tap0", "head_tap0"], ["tap1", "head_tap1"], ["tap2"]]
     assert heads == ["head_tap0", "head_tap1", None]
+    model, params, x, _ = _setup("conv")
+    groups, heads = perturbation.local_blocks(taps.tap_shapes(model, params, x))
+    assert groups == [[f"tap{i}", f"head_tap{i}"] for i in range(3)] + [["tap3"]]
 
 
 @pytest.mark.parametrize(
@@ -79,8 +94,8 @@ def test_blocks_are_the_layers_and_their_heads():
             "--np_local perturbs one block at a time already; drop --np_layerwise",
         ),
         (
-            lambda: models.build_model("conv", 10, local_heads=True),
-            "--np_local is built for the MLPs \\(fc, linfc\\), not --network=conv",
+            lambda: models.build_model("vgg", 10, local_heads=True),
+            "--np_local is built for fc, linfc, conv and conv-large, not --network=vgg",
         ),
         (
             lambda: step_lib.local_gradient(

@@ -71,17 +71,41 @@ def original_formula(params, x, y, loss_fn, xi, sigma):
     }
 
 
-@pytest.mark.parametrize("noise", perturbation.NOISE_KINDS)
+def shared_noise_formula(params, x, y, loss_fn, xi, sigma):
+    """The original code's 2021 update (its models/optim.py and fc.py of that year, behind the
+    published figures): the same xi for every example (the key not vmapped), each example's
+    own d_i = L_i(sigma xi) - L_i(0), and dW_l = (1/B) sum_i (d_i / sigma) outer(h~_{l-1,i},
+    xi_l), db_l = (1/B) sum_i (d_i / sigma) xi_l."""
+    noisy = {t: sigma * jnp.broadcast_to(xi[t], (len(x), len(xi[t]))) for t in TAPS}
+    logits, pre = _forward(params, x, noisy, jax.nn.relu)
+    d = loss_fn(logits, y) - loss_fn(_forward(params, x, {}, jax.nn.relu)[0], y)
+    inputs = {"tap0": x, "tap1": jax.nn.relu(pre["tap0"])}
+    return {
+        f"layer{l}": {
+            "kernel": jnp.outer(jnp.mean(d[:, None] * inputs[t], 0), xi[t]) / sigma,
+            "bias": jnp.mean(d) / sigma * jnp.asarray(xi[t]),
+        }
+        for l, t in enumerate(TAPS)
+    }
+
+
+FORMULAS = {"original": original_formula, "shared_noise": shared_noise_formula}
+
+
+@pytest.mark.parametrize(
+    "estimator, noise",
+    [("original", kind) for kind in perturbation.NOISE_KINDS] + [("shared_noise", "gaussian")],
+)
 @pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
-def test_original_estimator_is_the_original_formula_on_1_and_8_devices(noise):
+def test_original_estimator_is_the_original_formula_on_1_and_8_devices(estimator, noise):
     """Through the train step (lr 1: params0 - params1 is the update), float64. On 8 devices the
     batch is given twice (8 examples, one per device): the batch means, hence the update, are
     those of the 4 examples, which holds only if the noise is one draw for the whole global
-    batch and the loss change is averaged over it, not per device."""
+    batch and (original) the loss change is averaged over it, not per device."""
     with jax.enable_x64(True):
         model, params, x, y = _tiny()
         params0 = jax.device_get(params)
-        expected = original_formula(
+        expected = FORMULAS[estimator](
             params0, x, y, losses.mse, _shared_noise(SEED, STEP, noise), SIGMA
         )
         opt = optim.make_optimizer("sgd", 1.0, 0.0)
@@ -105,7 +129,7 @@ def test_original_estimator_is_the_original_formula_on_1_and_8_devices(noise):
                 loss="mse",
                 seed=SEED,
                 global_batch=len(xs),
-                np=NPSettings(sigma=SIGMA, noise=noise, np_estimator="original"),
+                np=NPSettings(sigma=SIGMA, noise=noise, np_estimator=estimator),
             )
             new, metrics = step(state, *mesh_lib.global_batch(mesh, np.asarray(xs), np.asarray(ys)))
             update = jax.tree.map(lambda a, b: a - b, params0, jax.device_get(new.params))
@@ -163,6 +187,27 @@ def test_original_estimator_is_biased_and_per_example_is_not():
         assert min(kernels) > 0.2, error
 
 
+def test_shared_noise_estimator_is_unbiased():
+    """The 2021 estimator's exact expectation over all 2^5 sign patterns of the shared noise
+    (sigma 1e-6, float64) is the gradient: sharing the draw across the batch costs variance,
+    not bias, because each example keeps its own loss change. (The HEAD estimator's is not:
+    the test above.)"""
+    with jax.enable_x64(True):
+        model, params, x, y = _tiny()
+        sigma = 1e-6
+        patterns = [
+            {"tap0": np.asarray(p[:HIDDEN]), "tap1": np.asarray(p[HIDDEN:])}
+            for p in itertools.product([-1.0, 1.0], repeat=HIDDEN + CLASSES)
+        ]
+        mean = jax.tree.map(
+            lambda *g: sum(g) / len(g),
+            *[shared_noise_formula(params, x, y, losses.mse, p, sigma) for p in patterns],
+        )
+        true = jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x), y)))(params)
+        _assert_equal(mean, true, rtol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["original", "shared_noise"])
 @pytest.mark.parametrize(
     "flags, bad",
     [
@@ -174,10 +219,10 @@ def test_original_estimator_is_biased_and_per_example_is_not():
         (dict(np_mode="regen"), "--np_mode=regen"),
     ],
 )
-def test_original_estimator_refuses_the_per_example_options(flags, bad):
+def test_original_estimator_refuses_the_per_example_options(estimator, flags, bad):
     with pytest.raises(
         ValueError,
-        match=f"--np_estimator=original is the original code's "
+        match=f"--np_estimator={estimator} is the original code's "
         f"estimator as it was, a reference; drop {bad}$",
     ):
-        Config(np_estimator="original", **flags).validate()
+        Config(np_estimator=estimator, **flags).validate()

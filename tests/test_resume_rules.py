@@ -110,6 +110,7 @@ CHANGES = {
     "preemption_check_steps": dict(preemption_check_steps=2),
     "preprocess": dict(preprocess="unit"),
     "dtype": dict(dtype="bfloat16"),
+    "precision": dict(precision="default"),
     "update_rule": dict(update_rule="sgd"),
     "lr": dict(lr=0.1),
     "wd": dict(wd=1e-3),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, models, optim, perturbation
+from nodepert_dist import losses, models, optim, perturbation, precision
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.estimator import NPSettings
@@ -44,7 +44,7 @@ def _run(
     state = jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
     )
-    options.setdefault("sigma", models.default_sigma(network))
+    options.setdefault("sigma", precision.default_sigma(network))
     step = step_lib.make_train_step(
         model,
         opt,
@@ -114,8 +114,9 @@ NP_OPTIONS = {
 @pytest.mark.slow  # seconds of compiling, sampling or subprocesses: not the inner loop
 def test_np_options_same_update_on_1_and_8_devices_float64(option):
     """Microbatches split each device's 8 examples in two: 1 device runs 2 x 32, 8 run 2 x 4.
-    The variance-reduction options (perturbation.py) run on fc, the rest on conv."""
-    network = "conv" if option in ("gaussian-regen", "microbatches") else "fc"
+    The variance-reduction options (perturbation.py) run on fc, the rest (and --np_local's
+    first case) on conv."""
+    network = "conv" if option in ("gaussian-regen", "microbatches", "local") else "fc"
     with jax.enable_x64(True):
         assert _relative_change_difference(network, "np", np.float64, **NP_OPTIONS[option]) < 1e-9
 

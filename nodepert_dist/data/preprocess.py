@@ -110,5 +110,10 @@ def device_fn(mode: str, stats: dict, mesh):
         k: jax.device_put(np.asarray(v, np.float32), mesh_lib.replicated(mesh))
         for k, v in stats.items()
     }
-    fn = jax.jit(lambda x, c: apply(x, mode, c), out_shardings=mesh_lib.batch_sharding(mesh))
+
+    def exact(x, c):  # zca's matmul in float32 on every backend (a GPU's default is TF32)
+        with jax.default_matmul_precision("highest"):
+            return apply(x, mode, c)
+
+    fn = jax.jit(exact, out_shardings=mesh_lib.batch_sharding(mesh))
     return lambda x: fn(x, consts)

@@ -72,6 +72,7 @@ def setup_devices() -> None:
     """What `nodepert-train` does before touching a device (CPU flags, processes)."""
     if FLAGS.xla_cpu_conv_flag:
         mesh_lib.tune_cpu_convolutions()
+    mesh_lib.reproducible_compilation(FLAGS.deterministic, FLAGS.compilation_cache_dir)
     if FLAGS.cpu_devices > 0:
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     distributed.initialize_from_flags()
@@ -207,7 +208,13 @@ def run_grid(
     each with its `cfg` and `outcome`. Finished, crashed and diverged runs are not rerun."""
     spec = {
         "command": [sys.executable, "-m", "nodepert_dist.train"]
-        + ([f"--cpu_devices={FLAGS.cpu_devices}"] if _flag("cpu_devices") else []),
+        + ([f"--cpu_devices={FLAGS.cpu_devices}"] if _flag("cpu_devices") else [])
+        + (["--deterministic"] if FLAGS.deterministic else [])
+        + (
+            [f"--compilation_cache_dir={FLAGS.compilation_cache_dir}"]
+            if FLAGS.compilation_cache_dir
+            else []
+        ),
         "root": root,
         "base": {k: v for k, v in overrides(base).items() if k != "workdir"},
         "grid": grid,

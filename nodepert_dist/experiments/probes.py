@@ -71,7 +71,8 @@ def flat(tree):
 
 
 def angle_deg(a, b):
-    cos = jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
+    # float32 on every backend: a GPU's default precision (TF32) would blur angles near 0.
+    cos = jnp.dot(a, b, precision="highest") / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
     return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
 
 
