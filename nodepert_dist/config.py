@@ -22,7 +22,7 @@ import typing
 
 from absl import flags
 
-from nodepert_dist import cli, precision
+from nodepert_dist import cli, population, precision
 from nodepert_dist import presets as presets_lib
 from nodepert_dist.crash_guard import CrashGuardSettings
 from nodepert_dist.data.pipeline import DataSettings
@@ -80,7 +80,7 @@ class OutputSettings:
     save_final_params: str = setting(
         "",
         "If set, write the final parameters (and --decorrelate's "
-        "matrices, under decorrelation.) to this .npz.",
+        "matrices, under decorrelation.) to this .npz (a --population's: stacked).",
         group="outputs and checkpoints",
     )
     preemption_check_steps: int = setting(
@@ -185,6 +185,7 @@ class Config(
             group.validate()
         self.optim.validate(self.num_epochs)
         self.decorrelation.validate(self.network)
+        population.check(self)  # each member's settings, as its solo run would check them
         if self.update_rule == "np":  # on a GPU, TF32's floor too: the one backend read
             precision.check_sigma(
                 network=self.network,
@@ -255,8 +256,8 @@ RESUME_RULES = {
     # Allowed (logged) at an epoch boundary; refused mid-epoch: they choose the epoch's batches
     # (order, crops and flips), so the rest of the epoch would repeat and skip examples.
     "epoch": ("seed", "augment"),
-    # Refused: the train state's arrays (np_local's heads, decorrelate's matrices) or the
-    # position in the data depend on them.
+    # Refused: the train state's arrays (np_local's heads, decorrelate's matrices, the
+    # population's member axis) or the position in the data depend on them.
     "refuse": (
         "dataset",
         "validation_size",
@@ -269,6 +270,7 @@ RESUME_RULES = {
         "norm",
         "np_local",
         "decorrelate",
+        "population",
     ),
     # Not given (0): the checkpoint's value is kept, so --num_epochs never moves the cosine
     # schedule; given: as "warn".

@@ -49,7 +49,8 @@ class CrashGuardSettings:
         "On a non-finite loss or a crash (test accuracy "
         "--crash_points below the best so far), roll back to the last "
         "good checkpoint and multiply the lr by --crash_lr_factor; "
-        "events go to metrics.jsonl.",
+        "events go to metrics.jsonl. In a --population a crashed member is frozen instead "
+        "(no rollback) while the others go on.",
         group="training",
     )
     crash_points: float = setting(
@@ -181,6 +182,8 @@ def run(train_run, cfg, hooks=()) -> tuple[list[dict], str]:
     start in the workdir while checkpoints are moved, and a signal during a rollback stops
     the run (exit 75) with the rollback done."""
     cfg.validate()  # bad input is one line before the workdir is touched
+    if cfg.population:  # each member is guarded in the loop (population.Watch): no rollbacks
+        return train_run(dataclasses.replace(cfg, crash_guard=True), hooks)
     if not cfg.checkpointing and cfg.crash_max_rollbacks > 0:
         raise ValueError(
             "--crash_guard rolls back to checkpoints: set --checkpoint_every_epochs "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from nodepert_dist import perturbation
 from nodepert_dist import settings as settings_lib
 from nodepert_dist.settings import setting
@@ -125,7 +127,10 @@ def build(np: NPSettings, loss_fn, *, seed: int, global_batch: int, axis_name: s
     "shared_noise" is the same draw with each example's own loss change."""
     if np.sigma is None:
         raise ValueError("NPSettings.sigma is None: resolve it first (Config.resolved)")
-    np.validate()
+    if isinstance(np.sigma, jax.core.Tracer):  # a --population member's: checked per member
+        dataclasses.replace(np, sigma=1.0).validate()
+    else:
+        np.validate()
     if np.np_estimator in ("original", "shared_noise"):
 
         def original(model, params, x, labels, step, global_index):

@@ -14,7 +14,7 @@ import jax
 from absl import logging
 
 from nodepert_dist import files
-from nodepert_dist.run_record import HISTORY, epoch_rows, read_metrics
+from nodepert_dist.run_record import HISTORY, csv_columns, epoch_rows, member_label, read_metrics
 
 CSV_COLUMNS = (
     "epoch",
@@ -61,10 +61,13 @@ class MetricsWriter:
         if not is_writer():
             return row
         files.append_jsonl(os.path.join(self.workdir, "metrics.jsonl"), [row])
-        files.append_csv(os.path.join(self.workdir, "metrics.csv"), [row], CSV_COLUMNS)
+        files.append_csv(
+            os.path.join(self.workdir, "metrics.csv"), [row], csv_columns(CSV_COLUMNS, row)
+        )
         logging.info(
-            "epoch %d: %s",
+            "epoch %d%s: %s",
             row["epoch"],
+            f" ({member_label(row)})" if "member" in row else "",
             "  ".join(f"{k}={_fmt(row.get(k))}" for k in CSV_COLUMNS[1:] if row.get(k) is not None),
         )
         return row
@@ -103,7 +106,9 @@ def truncate_after(workdir: str, epoch: int) -> None:
         return
     rows = [r for r in read_metrics(workdir) if "event" in r or r["epoch"] <= epoch]
     files.write_jsonl(os.path.join(workdir, "metrics.jsonl"), rows)
-    files.write_csv(os.path.join(workdir, "metrics.csv"), epoch_rows(rows), CSV_COLUMNS)
+    kept = epoch_rows(rows)
+    columns = csv_columns(CSV_COLUMNS, kept[0]) if kept else CSV_COLUMNS
+    files.write_csv(os.path.join(workdir, "metrics.csv"), kept, columns)
 
 
 def write_event(workdir: str, event: dict) -> None:

@@ -220,8 +220,10 @@ def optimizer_parts(
     decay_factor: float = 0.1,
     clip_norm: float = 0.0,
     weight_norm: bool = False,
+    decay: bool | None = None,
 ) -> list[tuple[str, optax.GradientTransformation]]:
-    """The named parts `make_optimizer` chains, in order: "clip", the optimizer ("sgd" or
+    """`decay`: whether the "decay" part is there (None: when wd is nonzero; True for a
+    --population whose wd is a traced scalar of each member). The named parts `make_optimizer` chains, in order: "clip", the optimizer ("sgd" or
     "adam"), "decay", "weight_norm" (each aid only when asked for). A resumed run carries each
     part's state over by its name (resume.py)."""
     if name not in OPTIMIZERS:
@@ -239,7 +241,7 @@ def optimizer_parts(
     scale = optax.identity() if name == "sgd" else optax.scale_by_adam()
     parts = [("clip", optax.clip_by_global_norm(clip_norm))] if clip_norm else []
     parts += [(name, optax.chain(scale, scale_by_lr(rate)))]
-    parts += [("decay", optax.add_decayed_weights(-wd))] if wd else []
+    parts += [("decay", optax.add_decayed_weights(-wd))] if (wd if decay is None else decay) else []
     parts += [("weight_norm", keep_kernel_norms())] if weight_norm else []
     return parts
 
@@ -288,16 +290,17 @@ def parts_from(optim: OptimSettings) -> list:
 
 
 def optimizer_from(
-    optim: OptimSettings, num_epochs: int, steps_per_epoch: int
+    optim: OptimSettings, num_epochs: int, steps_per_epoch: int, decay: bool | None = None
 ) -> optax.GradientTransformation:
     """`make_optimizer` of these settings (a cosine without --lr_schedule_epochs spans
-    `num_epochs`)."""
+    `num_epochs`; `decay`: optimizer_parts')."""
     return make_optimizer(
         optim.optimizer,
         optim.lr,
         optim.wd,
         clip_norm=optim.clip_norm,
         weight_norm=optim.weight_norm,
+        decay=decay,
         **_schedule_args(optim, num_epochs, steps_per_epoch),
     )
 

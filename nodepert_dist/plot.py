@@ -6,7 +6,8 @@
 A metric of metrics.jsonl (test accuracy by default; any *_acc or *_loss key) against the epoch
 or against wall-clock training time (--x=time: the cumulative epoch_time, evaluation excluded).
 The title names the dataset and network; each legend entry names the update rule and, for NP,
-its noise scale and optimizer apart from the rule.
+its noise scale and optimizer apart from the rule; a --population run draws one line per
+member, named by its index and settings.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from absl import app, flags
 
 from nodepert_dist import cli as cli_lib
 from nodepert_dist import files
-from nodepert_dist.run_record import epoch_rows, read_metrics
+from nodepert_dist.run_record import by_member, epoch_rows, member_label, read_metrics
 
 FLAGS = flags.FLAGS
 
@@ -56,11 +57,13 @@ def run_label(workdir: str) -> str:
     if "update_rule" not in c:
         return os.path.basename(os.path.normpath(workdir))
     rule = c["update_rule"]
+    # a --population's varying settings are named per member (member_label), not here
+    varying = {part.split(":")[0].strip() for part in c.get("population", "").split(";")}
     optimizer = c["optimizer"] + (
         f", {c['lr_schedule']} lr" if c.get("lr_schedule", "constant") != "constant" else ""
     )
     if rule == "np":
-        sigma = f", sigma={c['sigma']:g}" if c.get("sigma") else ""
+        sigma = f", sigma={c['sigma']:g}" if c.get("sigma") and "sigma" not in varying else ""
         options = "".join(
             f", {name}"
             for name, on in (  # the estimator options set
@@ -78,7 +81,8 @@ def run_label(workdir: str) -> str:
         what = f"NP (node perturbation{sigma}{options}; {optimizer} optimizer)"
     else:
         what = f"{rule.upper()} (backprop; {optimizer} optimizer)"
-    return f"{what}, lr={c['lr']:g}, {c['loss']} loss"
+    lr = "" if "lr" in varying else f", lr={c['lr']:g}"
+    return f"{what}{lr}, {c['loss']} loss"
 
 
 def title(workdirs: list[str]) -> str:
@@ -86,6 +90,23 @@ def title(workdirs: list[str]) -> str:
     datasets = sorted({c.get("dataset", "?") for c in configs})
     networks = sorted({c.get("network", "?") for c in configs})
     return f"{', '.join(datasets)}: {', '.join(networks)}"
+
+
+def curves(workdir: str, metric: str = "test_acc", x: str = "epoch") -> list[tuple]:
+    """[(label, xs, ys)]: the run's curve, or one per member of a --population run (labelled
+    with its index and settings)."""
+    rows = [r for r in epoch_rows(read_metrics(workdir)) if r.get(metric) is not None]
+    if not rows:
+        raise ValueError(f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?")
+    out = []
+    for member in by_member(rows).values():
+        if x == "time":  # epoch 0 (before training) at t=0
+            xs = list(itertools.accumulate(r.get("epoch_time") or 0.0 for r in member))
+        else:
+            xs = [r["epoch"] for r in member]
+        label = ", ".join(filter(None, (run_label(workdir), member_label(member[0]))))
+        out.append((label, xs, [r[metric] for r in member]))
+    return out
 
 
 def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoch") -> str:
@@ -100,22 +121,8 @@ def plot(workdirs: list[str], out: str, metric: str = "test_acc", x: str = "epoc
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     scale = 100.0 if metric.endswith("_acc") else 1.0
     for workdir in workdirs:
-        rows = [r for r in epoch_rows(read_metrics(workdir)) if r.get(metric) is not None]
-        if not rows:
-            raise ValueError(
-                f"{workdir}: no '{metric}' values in metrics.jsonl; has the run started?"
-            )
-        if x == "time":  # epoch 0 (before training) at t=0
-            xs = list(itertools.accumulate(r.get("epoch_time") or 0.0 for r in rows))
-        else:
-            xs = [r["epoch"] for r in rows]
-        ax.plot(
-            xs,
-            [scale * r[metric] for r in rows],
-            marker="o",
-            markersize=3,
-            label=run_label(workdir),
-        )
+        for label, xs, ys in curves(workdir, metric, x):
+            ax.plot(xs, [scale * y for y in ys], marker="o", markersize=3, label=label)
     ax.set_title(title(workdirs))
     ax.set_xlabel("epoch" if x == "epoch" else "training time (s)")
     ax.set_ylabel(metric.replace("_", " ") + (" (%)" if metric.endswith("_acc") else ""))

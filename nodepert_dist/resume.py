@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from absl import logging
 
@@ -139,6 +140,14 @@ def restore(
 
     def target(manifest: dict):  # the state as it was saved, for checkpoint_restore.load
         settle_resume(cfg, manifest["config"], _mid_epoch(manifest))  # refusals
+        if cfg.population:  # the same population (refused otherwise): its stacked state as is
+            if _part_names(saved_config(manifest["config"])) != _part_names(cfg):
+                raise ValueError(
+                    "a --population run resumes with the optimizer parts it was saved with "
+                    "(--optimizer, --clip_norm, --wd, --weight_norm); use the saved values "
+                    "or another --workdir"
+                )
+            return fresh
         parts, legacy[:] = _saved_parts(manifest, fresh.params)
         transform = optax.chain(*[t for _, t in parts]) if len(parts) > 1 else parts[0][1]
         opt_state = jax.tree.map(
@@ -165,7 +174,7 @@ def restore(
     _, changed = settle_resume(cfg, manifest["config"], _mid_epoch(manifest))
     if changed:
         logging.warning("resuming with changed settings: %s", ", ".join(changed))
-    step = int(jax.device_get(state.step))
+    step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # a population's: one
     if any(getattr(saved, k) != getattr(cfg, k) for k in LR_SETTINGS):
         logging.warning(
             "the lr at step %d changes from %g to %g (the lr settings changed)",
@@ -173,6 +182,8 @@ def restore(
             _lr_at(saved, step, steps_per_epoch),
             _lr_at(cfg, step, steps_per_epoch),
         )
+    if cfg.population:
+        return state, manifest
     before, now = _part_names(saved), _part_names(cfg)
     kept = optim.part_states(before, state.opt_state)
     if legacy:  # the counter equals the step, which the schedule now reads instead

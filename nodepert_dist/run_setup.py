@@ -14,10 +14,18 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 
-from nodepert_dist import checkpoint_layout, checkpoint_restore, decorrelation, models, optim, taps
+from nodepert_dist import (
+    checkpoint_layout,
+    checkpoint_restore,
+    decorrelation,
+    models,
+    population,
+    taps,
+)
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.config import Config
@@ -71,6 +79,27 @@ def check_mesh(cfg: Config, mesh) -> None:
         )
 
 
+def make_train_step(cfg: Config, model, mesh, steps_per_epoch: int):
+    """(optimizer, jitted train step) of cfg's update rule: the run's own, or a population's
+    (its members' settings traced in one step; the optimizer is the structure their
+    stacked states share)."""
+    member_rule = population.rule(cfg, steps_per_epoch)
+    optimizer = member_rule({})[1]
+    train_step = step_lib.make_train_step(
+        model,
+        optimizer,
+        mesh,
+        update_rule=cfg.update_rule,
+        loss=cfg.loss,
+        seed=cfg.seed,
+        global_batch=cfg.batchsize,
+        np=cfg.np,
+        decorrelate_lr=cfg.decorrelate_lr,
+        **(dict(members=population.values(cfg), member_rule=member_rule) if cfg.population else {}),
+    )
+    return optimizer, train_step
+
+
 def build(cfg: Config, mesh) -> Run:
     """The run `cfg` describes, on `mesh` (cfg validated; sigma resolved here)."""
     cfg = cfg.resolved()
@@ -85,26 +114,16 @@ def build(cfg: Config, mesh) -> Run:
     model = models.build(
         cfg.model, data.num_classes, local_heads=cfg.np_local, decorrelate=cfg.decorrelate
     )
-    optimizer = optim.optimizer_from(cfg.optim, cfg.num_epochs, steps_per_epoch)
-    state = step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
+    optimizer, train_step = make_train_step(cfg, model, mesh, steps_per_epoch)
+    state = population.init_state(cfg, model, optimizer, sample_x, mesh)
+    first = jax.tree.map(lambda a: a[0], state) if cfg.population else state  # one member
     taps.check(
-        decorrelation.bind(model, state.decor),
-        state.params,
+        decorrelation.bind(model, first.decor),
+        first.params,
         sample_x,
         needs_taps=cfg.update_rule == "np",
     )
-    train_step = step_lib.make_train_step(
-        model,
-        optimizer,
-        mesh,
-        update_rule=cfg.update_rule,
-        loss=cfg.loss,
-        seed=cfg.seed,
-        global_batch=cfg.batchsize,
-        np=cfg.np,
-        decorrelate_lr=cfg.decorrelate_lr,
-    )
-    eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss)
+    eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss, population=bool(cfg.population))
     return Run(
         cfg=cfg,
         mesh=mesh,

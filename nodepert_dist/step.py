@@ -36,6 +36,8 @@ class TrainState:
     # --decorrelate: {Decorrelate path: {"R": matrix}} (decorrelation.py); None without it, so
     # the default step's arrays and program are those of a state without the field.
     decor: Any = None
+    # --population: per member, False once frozen (population.Watch); None for a solo run.
+    alive: Any = None
 
 
 def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
@@ -50,6 +52,22 @@ def init_state(model, optimizer, sample_x, seed: int, mesh) -> TrainState:
         decor=variables.get(decorrelation.DECOR),
     )
     return jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+
+
+def over_members(fn, mesh) -> Callable:
+    """`fn` over the leading member axis of its arguments (a --population). On accelerators
+    vectorised (jax.vmap: the members' work batched fills the device); on CPU one member after
+    another (jax.lax.map): there vmap's batched matmuls and the transposes it adds to fold
+    members into shared-input matmuls measured ~2x slower per member than lax.map, whose
+    members compute with a solo run's shapes (docs/results/population.md)."""
+    if vectorise_members(mesh):
+        return jax.vmap(fn)
+    return lambda *args: jax.lax.map(lambda a: fn(*a), args)
+
+
+def vectorise_members(mesh) -> bool:
+    """Whether a population's members are vectorised (jax.vmap) on this mesh: off CPU."""
+    return mesh.devices.flat[0].platform != "cpu"
 
 
 # A local gradient: (model, params, x, labels, step, global_index) ->
@@ -72,6 +90,15 @@ class TrainingSettings:
     loss: str = setting("mse", "mse (sigmoid outputs) or ce.", group=_T, choices=losses.LOSSES)
     max_steps: int = setting(
         0, "Stop after this many updates in all (0: no limit); a later run resumes.", group=_T
+    )
+    population: str = setting(
+        "",
+        "Train a grid of members in one compiled step, e.g. 'lr:0.01,0.02;seed:0,1' (4 "
+        "members, numbered in the grid's order: later keys vary fastest). Members may vary "
+        "lr, sigma, seed (init and noise; the data order stays --seed's) and wd; they share "
+        "every batch. metrics.jsonl rows carry each member's index and values; a member that "
+        "diverges is frozen (an event row) while the others go on.",
+        group=_T,
     )
 
     def validate(self) -> None:
@@ -119,6 +146,8 @@ def make_train_step(
     global_batch: int,
     gradient: LocalGradient = None,
     decorrelate_lr: float | None = None,
+    members: dict | None = None,
+    member_rule: Callable | None = None,
     **rule,
 ) -> Callable:
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
@@ -127,10 +156,16 @@ def make_train_step(
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
     A state with decorrelation matrices (--decorrelate) needs `decorrelate_lr`: the gradient
     sees them fixed, and they then take one step of their own rule on the global batch.
-    """
-    gradient = gradient or local_gradient(global_batch=global_batch, **rule)
 
-    def local_step(state: TrainState, x, labels):
+    A population (--population; population.py): `members` {setting: array over members} and
+    `member_rule(values) -> (gradient, optimizer)` of one member's traced values. The state is
+    stacked on a leading member axis, the same update is mapped over it (`over_members`;
+    every member sees the same batch) and the metrics get that axis too. Without them, the solo step.
+    """
+    if members is None:
+        gradient = gradient or local_gradient(global_batch=global_batch, **rule)
+
+    def update(state: TrainState, x, labels, gradient, optimizer):
         b = x.shape[0]
         params = jax.lax.pcast(state.params, DATA, to="varying")
         global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
@@ -162,18 +197,43 @@ def make_train_step(
             step=state.step + 1, params=params, opt_state=opt_state, decor=decor
         ), metrics
 
+    def local_step(state: TrainState, x, labels):
+        if members is None:
+            return update(state, x, labels, gradient, optimizer)
+
+        def member(state, values):  # one member's update, its settings traced
+            new, metrics = update(state, x, labels, *member_rule(values))
+            # A member whose loss or state turns non-finite is frozen at its last finite
+            # state (alive False for good); the others go on.
+            tree = (new.params, new.opt_state, new.decor)
+            finite = jnp.isfinite(metrics["loss_sum"])
+            for leaf in jax.tree.leaves(tree):
+                if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                    finite &= jnp.all(jnp.isfinite(leaf))
+            keep = state.alive & finite
+            params, opt_state, decor = jax.tree.map(
+                lambda n, o: jnp.where(keep, n, o),
+                tree,
+                (state.params, state.opt_state, state.decor),
+            )
+            held = TrainState(new.step, params, opt_state, decor, alive=keep)
+            return held, {**metrics, "alive": keep}
+
+        return over_members(member, mesh)(state, members)
+
     sharded = jax.shard_map(
         local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P())
     )
     return serialize_if_multiprocess_cpu(jax.jit(sharded, donate_argnums=0))
 
 
-def make_eval_step(model, mesh, *, loss: str) -> Callable:
+def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Callable:
     """Returns jitted `eval(params, x, labels, mask, decor=None) -> {loss_sum, correct, count}`
-    (global sums); `decor`: the state's decorrelation matrices, if any."""
+    (global sums); `decor`: the state's decorrelation matrices, if any. `population`: params
+    (and decor) stacked on a member axis, the sums per member."""
     loss_fn = losses.get(loss)
 
-    def local_eval(params, x, labels, mask, decor):
+    def one_eval(params, x, labels, mask, decor):
         logits = decorrelation.bind(model, decor).apply({"params": params}, x)
         return jax.lax.psum(
             {
@@ -183,6 +243,11 @@ def make_eval_step(model, mesh, *, loss: str) -> Callable:
             },
             DATA,
         )
+
+    def local_eval(params, x, labels, mask, decor):
+        if not population:
+            return one_eval(params, x, labels, mask, decor)
+        return over_members(lambda p, d: one_eval(p, x, labels, mask, d), mesh)(params, decor)
 
     sharded = jax.shard_map(
         local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P()

@@ -33,6 +33,7 @@ from nodepert_dist import (
     distributed,
     metrics,
     params_io,
+    population,
     preempt,
     resume,
     run_setup,
@@ -61,12 +62,13 @@ def _notify(hooks, event: str, *args) -> None:
 
 
 def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float, float]:
-    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch."""
+    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch;
+    float64 arrays, one entry per member of a population (0-d for a solo run)."""
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
 
     def add(out):  # host-side sums; waits for that batch (one in flight, as in the train loop)
         for k, v in jax.device_get(out).items():
-            totals[k] += float(v)
+            totals[k] = totals[k] + np.asarray(v, np.float64)
 
     pending = None
     for batch in pipeline.iterate(batches):
@@ -79,19 +81,32 @@ def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float,
     return totals["correct"] / totals["count"], totals["loss_sum"] / totals["count"]
 
 
-def _accumulate(sums: dict, step_metrics, step: int, epoch: int) -> None:
-    """Adds one step's (global) metrics into host-side epoch sums; waits for that step.
+def _accumulate(sums: dict, step_metrics, step: int, epoch: int, watch=None) -> None:
+    """Adds one step's (global) metrics into host-side epoch sums (float64; per member of a
+    population); waits for that step.
 
     A non-finite loss stops the run here, before the state it produced is saved: the loop
-    accumulates a step's metrics before any checkpoint of that step."""
-    m = jax.device_get(step_metrics)
-    if not np.isfinite(m["loss_sum"]):
-        raise crash_guard.Diverged(f"the training loss is {float(m['loss_sum'])} at step {step} "
-                                   f"(epoch {epoch}): training diverged; use a lower --lr "
+    accumulates a step's metrics before any checkpoint of that step. A population's frozen
+    members (`watch`: population.Watch) add nothing; the run stops when all have diverged."""
+    m = {k: np.asarray(v, np.float64) for k, v in jax.device_get(step_metrics).items()}
+    if watch is not None:
+        watch.after_step(m["alive"] > 0, m["loss_sum"], step, epoch)
+        for k in ("loss_sum", "correct"):
+            m[k] = np.where(watch.alive, m[k], 0.0)
+    bad = np.flatnonzero(~np.isfinite(m["loss_sum"]))
+    if bad.size:
+        who = f" of population member {bad[0]}" if m["loss_sum"].ndim else ""
+        raise crash_guard.Diverged(f"the training loss{who} is {m['loss_sum'].flat[bad[0]]} at step "
+                                   f"{step} (epoch {epoch}): training diverged; use a lower --lr "
                                    f"(with --decorrelate, or --decorrelate_lr)")
-    sums["loss_sum"] += float(m["loss_sum"])
-    sums["correct"] += float(m["correct"])
-    sums["last_loss"] = float(m["loss_sum"]) / float(m["count"])
+    sums["loss_sum"] = sums["loss_sum"] + m["loss_sum"]
+    sums["correct"] = sums["correct"] + m["correct"]
+    sums["last_loss"] = m["loss_sum"] / m["count"]
+
+
+def _step_of(state) -> int:
+    """The state's update count (a population's members share it)."""
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -134,8 +149,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     built = run_setup.build(cfg, mesh)
     data, splits, n_steps, prep = built.data, built.splits, built.steps_per_epoch, built.prep
     model, optimizer, state = built.model, built.optimizer, built.state
+    members = population.members(cfg)  # [{}]: a solo run
     train_step, eval_step, eval_batch = built.train_step, built.eval_step, built.eval_batch
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) // len(members)
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
     if cfg.lr_schedule == "cosine":
@@ -151,17 +167,20 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             images, labels, global_batch=eval_batch, process_index=jax.process_index(),
             process_count=jax.process_count(), rows=rows), prep, mesh, state.decor)
 
-    def epoch_row(epoch: int, extra: dict) -> dict:
-        test_acc, test_loss = eval_split(data.test_x, data.test_y)
-        row = {"epoch": epoch, "step": int(jax.device_get(state.step)),
-               "test_acc": test_acc, "test_loss": test_loss}
+    def epoch_row(epoch: int, extra: dict) -> list[dict]:
+        """The epoch's rows: one, or one per population member (its index and settings)."""
+        values = dict(zip(("test_acc", "test_loss"), eval_split(data.test_x, data.test_y)))
         if cfg.validation_size:
-            row["val_acc"], row["val_loss"] = eval_split(data.train_x, data.train_y, splits["val"])
+            values["val_acc"], values["val_loss"] = eval_split(data.train_x, data.train_y,
+                                                               splits["val"])
         if cfg.eval_train:
-            row["train_acc"], row["train_loss"] = eval_split(data.train_x, data.train_y,
-                                                             splits["train"])
-        row.update(extra)
-        return writer.write(row)  # NaN/Inf (e.g. an overflowing eval loss) written as null
+            values["train_acc"], values["train_loss"] = eval_split(data.train_x, data.train_y,
+                                                                   splits["train"])
+        values.update(extra)
+        return [writer.write({"epoch": epoch, "step": _step_of(state),
+                              **({"member": i, **member} if cfg.population else {}),
+                              **{k: population.pick(v, i) for k, v in values.items()}})
+                for i, member in enumerate(members)]  # NaN/Inf (an overflowing loss) as null
 
     # Resume from the newest valid checkpoint, or start with epoch 0 (the untrained network).
     restored = (resume.restore(ckpt_dir, cfg, state, optimizer, mesh, n_steps) if cfg.resume
@@ -195,14 +214,15 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         logging.info("resumed from %s at epoch %d, step %d of the epoch (step %d in all)",
                      ckpt_dir, epoch_start, step_start, manifest["step"])
     else:
-        rows, epoch_start, step_start = [epoch_row(0, {})], 1, 0
+        rows, epoch_start, step_start = epoch_row(0, {}), 1, 0
         resumed_sums, resumed_elapsed = None, 0.0
     # Pruning keeps the crash guard's rollback target: the checkpoint of the last epoch row.
     saver = (checkpoint.Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints,
                                      keep_every_steps=cfg.keep_checkpoint_every_steps,
                                      rollback_step=rows[-1]["step"])
              if cfg.checkpointing else None)
-    step = int(jax.device_get(state.step))
+    step = _step_of(state)
+    watch = population.Watch(cfg, state) if cfg.population else None
     _notify(hooks, "start", types.SimpleNamespace(
         cfg=cfg, run=built, model=model, mesh=mesh, data=data, splits=splits,
         prep_mode=built.prep_mode, step=step, rows=rows, steps_per_epoch=n_steps, state=state))
@@ -216,12 +236,13 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             "rng": {"seed": cfg.seed,
                     "noise_keys": "fold_in(fold_in(seed, noise tag), step, example index)",
                     "data_order": pipeline.DATA_ORDER},
-            "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums,
+            "loop": {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums and {
+                         k: np.asarray(v).tolist() for k, v in sums.items()},  # floats, or lists
                      "elapsed": elapsed, "rows": list(rows)}})
 
     def accumulate(sums, pending, epoch: int) -> None:
         try:
-            _accumulate(sums, *pending, epoch)
+            _accumulate(sums, *pending, epoch, watch)
         except ValueError:
             if saver:  # finish the save in flight (a finite state): exiting mid-write aborts
                 saver.wait()
@@ -244,7 +265,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             rows=splits["train"], augment=cfg.augment)
         progress = metrics.Progress(epoch, n_steps, cfg.batchsize)
         first = step_start if epoch == epoch_start else 0
-        sums = dict(resumed_sums) if first else {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN}
+        sums = ({k: np.asarray(v, np.float64) for k, v in resumed_sums.items()} if first else
+                {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN})
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
         done, pending = first, None  # pending: (metrics, step) of the step in flight
         stream = cleanup.enter_context(contextlib.closing(
@@ -261,7 +283,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             if pending is not None:
                 accumulate(sums, pending, epoch)
             pending = (m, step)
-            progress.update(done, lambda: sums["last_loss"])  # noqa: B023 (read now)
+            progress.update(done, lambda: np.mean(sums["last_loss"]))  # noqa: B023 (read now)
             preempted = watcher.stop_now(step)  # agreed by every process
             stopping = stop_due(step) or preempted
             if done < n_steps and (save_due(step) or (saver and stopping)):
@@ -276,17 +298,21 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
             break
         epoch_time = time.perf_counter() - start
-        mean_loss = float(sums["loss_sum"]) / (n_steps * cfg.batchsize)
-        rows.append(epoch_row(epoch, {
+        mean_loss = sums["loss_sum"] / (n_steps * cfg.batchsize)
+        new_rows = epoch_row(epoch, {
             "epoch_time": epoch_time, "mean_step_loss": mean_loss,
-            "step_train_acc": float(sums["correct"]) / (n_steps * cfg.batchsize),
-            "examples_per_s": n_steps * cfg.batchsize / epoch_time}))
+            "step_train_acc": sums["correct"] / (n_steps * cfg.batchsize),
+            "examples_per_s": n_steps * cfg.batchsize / epoch_time})
+        rows.extend(new_rows)
         try:  # before this epoch's checkpoint: the crash guard may stop the run here
-            _notify(hooks, "after_row", rows[-1], rows)
+            for i in range(len(new_rows)):
+                _notify(hooks, "after_row", new_rows[i], rows[:len(rows) - len(new_rows) + i + 1])
         except Exception:
             if saver:  # an earlier save may be in flight: finish it before anything moves it
                 saver.wait()
             raise
+        if watch is not None:  # --crash_guard: members that crashed this epoch are frozen
+            state = watch.after_epoch(state, rows)
         if saver and (save_due(step) or stop_due(step) or preempted or epoch == cfg.num_epochs
                       or (cfg.checkpoint_every_epochs and epoch % cfg.checkpoint_every_epochs == 0)):
             save(epoch + 1, 0, None, 0.0)
@@ -350,7 +376,8 @@ def main(argv):
     except (ValueError, OSError, raw.DataError, distributed.DistributedError) as e:
         raise SystemExit(f"error: {e}") from None
     if metrics.is_writer():
-        print(json.dumps(rows[-1]))
+        for row in rows[-len(population.members(cfg)):]:  # the last epoch's (each member's)
+            print(json.dumps(row))
         if note:
             print(note)
 

@@ -84,3 +84,34 @@ def test_naive_reference_is_the_same_unbiased_np():
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-3 * float(jnp.abs(a).max()))
+
+
+def test_population_quick_run(tmp_path):
+    """benchmarks/population.py --quick: a row per population size with consistent ratios and
+    the memory per member from XLA's analysis."""
+    out = tmp_path / "p.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "population.py"),
+            "--quick",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["network"], r["rule"], r["members"]) for r in rows] == [
+        ("fc", "np", 1),
+        ("fc", "np", 2),
+    ]
+    for r in rows:
+        n = r["members"]
+        assert r["speedup_vs_sequential"] == pytest.approx(n * r["solo_step_ms"] / r["step_ms"])
+        assert r["examples_per_s_per_member"] * r["step_ms"] / 1e3 == pytest.approx(100)
+        assert 0 < r["mb_per_member"] and 0 < r["solo_mb"]
+    # two members' state and temporaries cost less than twice one member's whole step
+    assert rows[1]["mb_per_member"] < rows[1]["solo_mb"]

@@ -119,7 +119,8 @@ def assert_same_run(a, b):
     for name in xs:
         np.testing.assert_array_equal(xs[name], ys[name], err_msg=name, strict=True)
     rows = rows_without_timing(a)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    members = len({r.get("member") for r in rows})  # a population: a row per member and epoch
+    assert [r["epoch"] for r in rows] == [e for e in (0, 1, 2) for _ in range(members)]
     assert rows == rows_without_timing(b)
 
 
@@ -144,6 +145,8 @@ RESUMED_RULES = {
         "--decorrelate",
         "--decorrelate_lr=1e-3",
     ],
+    # a population: the stacked state, the members' alive marks and per-member sums and rows
+    "np-population": ["--population=lr:0.01,0.05;seed:0,1"],
 }
 
 
@@ -159,7 +162,8 @@ def test_resume_in_new_process_is_exact(rule, straight_np, tmp_path, mnist_dir):
     split = tmp_path / "split"
     train_run(split, mnist_dir, "--max_steps=45", *extra)
     assert os.path.basename(newest(split)) == "step_00000045"
-    assert [r["epoch"] for r in run_record.read_metrics(split)] == [0, 1]
+    members = 4 if any(a.startswith("--population") for a in extra) else 1  # rows per epoch
+    assert [r["epoch"] for r in run_record.read_metrics(split)] == [0] * members + [1] * members
     final = tmp_path / "final.npz"
     log = train_run(split, mnist_dir, *extra, f"--save_final_params={final}")
     assert "resumed from" in log and "epoch 2, step 15 of the epoch (step 45 in all)" in log

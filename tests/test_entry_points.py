@@ -35,6 +35,10 @@ def _bench(name, *args):
 NO_VALUE = "a --no<flag> takes no value; write --no"
 CASES = {  # name: (command, what its error line must say)
     "train --noX=value": (_console("nodepert-train", "--noeval_train=true"), NO_VALUE),
+    "train population of a shape setting": (
+        _console("nodepert-train", "--population=width:16,32"),
+        "--population: width cannot vary within a population",
+    ),
     "plot --noX=value": (_console("nodepert-plot", "--nologtostderr=true"), NO_VALUE),
     "plot missing workdir": (
         _console("nodepert-plot", "--workdirs=/nonexistent/run"),
@@ -51,6 +55,10 @@ CASES = {  # name: (command, what its error line must say)
         )
         for name in EXPERIMENTS
     },
+    "experiment with --population": (
+        _console("nodepert-experiment", "vary-lr", "--population=lr:0.1,0.2"),
+        "--population: vary-lr runs its own grid of runs; drop --population",
+    ),
     "experiment stray argument": (
         _console("nodepert-experiment", "vary-lr", "extra"),
         "unexpected arguments: extra",
@@ -77,6 +85,14 @@ CASES = {  # name: (command, what its error line must say)
         _bench("epoch_time", "--data_dir=/nonexistent/data"),
         "missing dataset /nonexistent/data/mnist/arrays",
     ),
+    "population bad member count": (
+        _bench("population", "--members=4,x"),
+        "'x' is not a positive integer",
+    ),
+    "population missing data": (
+        _bench("population", "--target", "--data_dir=/nonexistent/data"),
+        "missing dataset /nonexistent/data/mnist/arrays",
+    ),
     "bf16_sigma unknown network": (
         _bench("bf16_sigma", "--networks=fc,bogus"),
         "'bogus' is not one of",
@@ -94,7 +110,7 @@ def test_every_entry_point_has_a_case():
     for name in CONSOLE_SCRIPTS:
         assert any(f"sys.argv[0] = {name!r}" in c for c in commands), name
     scripts = [p for p in (REPO / "benchmarks").glob("*.py") if "__main__" in p.read_text()]
-    assert len(scripts) == 6
+    assert len(scripts) == 7
     for script in scripts:
         assert any(f" {script} " in c + " " for c in commands), script
 

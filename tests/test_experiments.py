@@ -114,6 +114,41 @@ def test_crash_timing_finds_and_replays_a_crash(tmp_path, mnist_dir):
     assert_png(out / "crash_replay.png")
 
 
+def test_crash_timing_as_one_population_finds_the_same_crash(tmp_path, mnist_dir):
+    """The grid above as one --population (lr x 2 seeds, 4 members): lr 3 crashes at epoch 3
+    (seed 0, as its solo run above), lr 0.01 finishes; a frozen member's rows stop counting
+    at its crash. Replay needs per-run checkpoints: refused in one line."""
+    out = tmp_path / "crash"
+    args = [
+        f"--data_dir={mnist_dir}",
+        "--num_epochs=3",
+        "--update_rule=sgd",
+        "--loss=ce",
+        "--lrs=0.01,3",
+        "--crash_points=5",
+        "--as_population",
+    ]
+    experiment("crash-timing", out, *args, "--replay_runs=0", "--seeds=2")
+    rows = {(float(r["lr"]), int(r["seed"])): r for r in table(out / "crash_timing.csv")}
+    assert sorted(rows) == [(0.01, 0), (0.01, 1), (3.0, 0), (3.0, 1)]
+    for seed in (0, 1):
+        assert rows[0.01, seed]["status"] == "finished" and rows[0.01, seed]["crash_epoch"] == ""
+    assert rows[3.0, 0]["status"] == "crashed" and rows[3.0, 0]["crash_epoch"] == "3"
+    assert rows[3.0, 0]["epochs_trained"] == "3"
+    assert not (out / "crash_replay.csv").exists()
+    cmd = [
+        sys.executable,
+        "-m",
+        "nodepert_dist.experiments",
+        "crash-timing",
+        *TINY,
+        f"--out={tmp_path / 'refused'}",
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    assert proc.returncode != 0 and "add --replay_runs=0" in proc.stderr.splitlines()[-1]
+
+
 def test_linesearch(tmp_path, mnist_dir):
     out = tmp_path / "ls"
     experiment(

@@ -143,6 +143,7 @@ CHANGES = {
     "hl_size": dict(hl_size=16),
     "width": dict(width=32),
     "norm": dict(norm="group"),
+    "population": dict(population="lr:0.01,0.02"),
     "lr_schedule_epochs": dict(lr_schedule="cosine", lr_schedule_epochs=4),
 }
 # Settings the resumed state depends on (optimizer parts, lr, batches): their cases train a step.

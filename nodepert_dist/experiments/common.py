@@ -90,6 +90,10 @@ def base_config(experiment: str, **forced) -> train.Config:
     values.update(forced)
     cfg = train.Config(**values)
     cfg.validate()
+    if cfg.population:  # the experiments run their own grids (crash-timing: --as_population)
+        raise ExperimentError(
+            f"--population: {experiment} runs its own grid of runs; drop --population"
+        )
     return cfg
 
 

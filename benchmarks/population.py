@@ -1,0 +1,196 @@
+"""A population in one compiled step vs the same members run one after another.
+
+    python benchmarks/population.py                          # fc and conv, NP and SGD, N=1..64
+    python benchmarks/population.py --quick                  # smoke run (seconds)
+    python benchmarks/population.py --target --data_dir=data # the issue's 8-member epoch target
+
+Steps: for each network x rule x N, the train step of an N-member lr population
+(`run_setup.make_train_step`, as nodepert-train builds it) against N sequential steps of one solo
+run's step (each of N solo runs would also compile its own): examples/s per member, the
+speed-up, and memory per member from XLA's memory analysis of the compiled step
+((arguments + temporaries) / N). Inputs are MNIST-shaped random batches on one device.
+
+--target: real MNIST, fc 784-500-500-10 NP, batch 100, one epoch: an 8-member lr population
+through nodepert-train's loop against 8 solo runs of it (wall time of each whole run, its
+epoch_time, and each member's test accuracy next to its solo run's).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+from nodepert_dist import cli, files
+
+# nodepert_dist.train defines --data_dir, --batchsize, --cpu_devices (and the rest of its CLI).
+from nodepert_dist import train as train_lib
+from nodepert_dist.data import DataError
+
+flags.DEFINE_list("networks", ["fc", "conv"], "Networks.")
+flags.DEFINE_list("rules", ["np", "sgd"], "Update rules.")
+flags.DEFINE_list("members", ["1", "4", "16", "64"], "Population sizes N.")
+flags.DEFINE_integer("rounds", 5, "Alternating rounds; the median is reported.")
+flags.DEFINE_float("round_s", 0.5, "Least seconds of steps per variant per round.")
+flags.DEFINE_bool("quick", False, "Smoke run: fc (1 hidden layer of 32), NP, N=1,2, 1 round.")
+flags.DEFINE_bool("target", False, "The 8-member NP lr population epoch vs 8 solo epochs.")
+flags.DEFINE_string("out", "benchmarks/results/population.jsonl", "JSON lines (appended).")
+FLAGS = flags.FLAGS
+cli.check_list("members", pattern=cli.POSITIVE_INT, what="a positive integer")
+cli.check_list("networks", choices=("fc", "linfc", "conv", "conv-large"))
+cli.check_list("rules", choices=("np", "sgd"))
+
+TARGET_LRS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05)
+
+
+def _lrs(n: int) -> str:
+    return "lr:" + ",".join(f"{0.01 * (1 + i / 8):g}" for i in range(n))
+
+
+def _timed(fn, state, batch, n):
+    import jax
+
+    start = time.perf_counter()
+    for _ in range(n):
+        state, m = fn(state, *batch)
+    jax.block_until_ready((state, m))
+    return state, (time.perf_counter() - start) / n
+
+
+def _compiled(cfg, model, mesh, x, batch):
+    """(step, state, MB of arguments + temporaries, compile s) of cfg's run."""
+    from nodepert_dist import population, run_setup
+
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, steps_per_epoch=600)
+    state = population.init_state(cfg, model, optimizer, x, mesh)
+    t0 = time.perf_counter()
+    mem = step.lower(state, *batch).compile().memory_analysis()
+    compile_s = time.perf_counter() - t0
+    mb = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else float("nan")
+    return step, state, mb, compile_s
+
+
+def steps() -> None:
+    import jax
+    import numpy as np
+
+    from nodepert_dist import mesh as mesh_lib
+    from nodepert_dist import models
+    from nodepert_dist.config import Config
+
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    networks, rules = FLAGS.networks, FLAGS.rules
+    sizes = [int(n) for n in FLAGS.members]
+    rounds, shape = FLAGS.rounds, dict(n_hl=2, hl_size=500)
+    if FLAGS.quick:
+        networks, rules, sizes, rounds, shape = ["fc"], ["np"], [1, 2], 1, dict(n_hl=1, hl_size=32)
+    b = FLAGS.batchsize
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(b, 28, 28, 1)).astype(np.float32)
+    batch = mesh_lib.global_batch(mesh, x, rng.integers(0, 10, b).astype(np.int32))
+    for network in networks:
+        for rule in rules:
+            base = Config(network=network, update_rule=rule, batchsize=b, **shape).resolved()
+            model = models.build(base.model, 10)
+            runs = {"solo": _compiled(base, model, mesh, x, batch)}
+            for n in sizes:
+                pop = Config(**{**vars(base), "population": _lrs(n)})
+                runs[n] = _compiled(pop, model, mesh, x, batch)
+            timing = {}
+            for key, (step, state, _, _) in runs.items():
+                state, t = _timed(step, state, batch, 2)  # warm-up; sizes the rounds
+                timing[key] = {"state": state, "n": max(1, int(FLAGS.round_s / t)), "t": []}
+            for _ in range(rounds):
+                for key, r in timing.items():
+                    r["state"], t = _timed(runs[key][0], r["state"], batch, r["n"])
+                    r["t"].append(t)
+            solo_s = statistics.median(timing["solo"]["t"])
+            for n in sizes:
+                step_s = statistics.median(timing[n]["t"])
+                row = {
+                    "network": network,
+                    "rule": rule,
+                    "batchsize": b,
+                    "members": n,
+                    "device_kind": jax.devices()[0].device_kind,
+                    "step_ms": 1e3 * step_s,
+                    "solo_step_ms": 1e3 * solo_s,
+                    "examples_per_s_per_member": b / step_s,
+                    "solo_examples_per_s": b / solo_s,
+                    "speedup_vs_sequential": n * solo_s / step_s,
+                    "mb_per_member": runs[n][2] / n,
+                    "solo_mb": runs["solo"][2],
+                    "compile_s": runs[n][3],
+                    "solo_compile_s": runs["solo"][3],
+                }
+                files.append_jsonl(FLAGS.out, [row])
+                print(
+                    f"{network:5s} {rule:3s} N={n:3d}  {b / step_s:9.0f} ex/s per member "
+                    f"(solo {b / solo_s:.0f})  x{row['speedup_vs_sequential']:.2f} vs "
+                    f"sequential  {row['mb_per_member']:.2f} MB/member (solo "
+                    f"{row['solo_mb']:.2f})",
+                    flush=True,
+                )
+
+
+def target() -> None:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    settings = dict(
+        train_lib.config_lib.PRESETS["mnist_fc_np"],
+        num_epochs=1,
+        eval_train=False,
+        checkpoint_every_epochs=0,
+        data_dir=FLAGS.data_dir,
+    )
+
+    def one(**kw):  # the whole run's wall time (compiling, evaluation) and its rows
+        with tempfile.TemporaryDirectory() as workdir:
+            t0 = time.perf_counter()
+            rows = train_lib.train(train_lib.Config(**{**settings, **kw}, workdir=workdir))
+            return time.perf_counter() - t0, rows
+
+    # the population between the two halves of the solo runs: a drifting load hits both alike
+    half = len(TARGET_LRS) // 2
+    solos = [one(lr=lr) for lr in TARGET_LRS[:half]]
+    pop_s, pop_rows = one(population="lr:" + ",".join(map(str, TARGET_LRS)))
+    solos += [one(lr=lr) for lr in TARGET_LRS[half:]]
+    solo_s = sum(s for s, _ in solos)
+    last = [r for r in pop_rows if r["epoch"] == 1]
+    row = {
+        "target": "8-member NP lr population, fc 784-500-500-10, batch 100, 1 epoch",
+        "population_s": pop_s,
+        "solo_runs_s": solo_s,
+        "ratio": pop_s / solo_s,
+        "population_epoch_time": last[0]["epoch_time"],
+        "solo_epoch_times": sum(rows[-1]["epoch_time"] for _, rows in solos),
+        "test_acc": [r["test_acc"] for r in last],
+        "solo_test_acc": [rows[-1]["test_acc"] for _, rows in solos],
+        "load_avg_1min_after": os.getloadavg()[0],  # a shared machine: how busy it was
+    }
+    row["epoch_ratio"] = row["population_epoch_time"] / row["solo_epoch_times"]
+    row["max_acc_gap"] = max(abs(a - b) for a, b in zip(row["test_acc"], row["solo_test_acc"]))
+    files.append_jsonl(FLAGS.out, [row])
+    print(files.json_text(row, indent=2))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.cpu_devices:
+        from nodepert_dist import mesh as mesh_lib
+
+        mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
+    try:
+        target() if FLAGS.target else steps()
+    except (ValueError, DataError) as e:  # a missing dataset, a batch the devices do not divide
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    FLAGS.set_default("batchsize", 100)
+    app.run(main, flags_parser=cli.flags_parser("population.py"))

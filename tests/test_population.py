@@ -1,0 +1,296 @@
+"""--population: the grid's parsing and errors, and each member's update equal to its solo run's
+(float64, 1 and 8 devices)."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist import models, population, run_setup
+from nodepert_dist.config import Config
+
+BATCH, STEPS_PER_EPOCH = 64, 10
+
+
+def _cfg(**kw) -> Config:
+    base = dict(network="fc", n_hl=1, hl_size=16, batchsize=BATCH, num_epochs=1, sigma=0.125)
+    return Config(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def test_members_in_grid_order_later_keys_fastest():
+    cfg = _cfg(population="lr:0.01,0.02;seed:0,1,2")
+    assert population.members(cfg) == [
+        {"lr": lr, "seed": s} for lr in (0.01, 0.02) for s in (0, 1, 2)
+    ]
+    assert population.members(_cfg()) == [{}]
+    assert list(population.values(cfg)["seed"]) == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("width:1,2", "width cannot vary within a population"),
+        ("network:fc,conv", "network cannot vary within a population"),
+        ("batchsize:10,20", "batchsize cannot vary within a population"),
+        ("lr_decay_factor:0.1,0.5", "lr_decay_factor cannot vary within a population"),
+        ("learning_rate:0.1", "unknown setting 'learning_rate'"),
+        ("lr:0.1,abc", "lr='abc' is not a number"),
+        ("seed:1.5", "seed='1.5' is not an integer"),
+        ("seed:-1", "seeds must be in [0, 2**32)"),
+        ("lr:0.1;lr:0.2", "lr is given twice"),
+        ("lr:0.1,0.1", "lr lists a value twice"),
+        ("lr", "expected KEY:V1,V2;KEY:V1,..."),
+        ("lr:0.1,-0.2", "--population member 1 (lr=-0.2): --lr=-0.2 must be positive"),
+        ("sigma:0.1,0", "--population member 1 (sigma=0): --sigma=0.0 must be positive"),
+        ("wd:-1", "--population member 0 (wd=-1): --wd=-1.0 must be >= 0"),
+    ],
+)
+def test_bad_population_is_one_line(spec, message):
+    with pytest.raises(ValueError) as e:
+        _cfg(population=spec).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def _batches(n, shape=(8, 8, 1)):
+    rng = np.random.default_rng(0)
+    return [
+        (rng.normal(size=(BATCH, *shape)), rng.integers(0, 10, BATCH).astype(np.int32))
+        for _ in range(n)
+    ]
+
+
+def _train(cfg: Config, mesh, batches, dtype=jnp.float64):
+    """(initial state, state after `batches`, last metrics) in `dtype`, built as run_setup
+    builds a run."""
+    model = models.build(cfg.model, 10).clone(dtype=dtype)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    batches = [(x.astype(dtype), y) for x, y in batches]
+    state = population.init_state(cfg, model, optimizer, batches[0][0], mesh)
+    state = jax.tree.map(lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, state)
+    start = jax.device_get(state)
+    for x, y in batches:
+        state, m = step(state, *mesh_lib.global_batch(mesh, x, y))
+    return start, jax.device_get(state), jax.device_get(m)
+
+
+# lr, sigma, seed and wd all vary (16 members); sigma a power of 2 (a solo run forms sigma*xi
+# in the noise's float32: a power of 2 makes it exact in both). Adam: the hyperparameters reach
+# a state with moments, not just the update's scale.
+POPULATION = "lr:0.01,0.03;sigma:0.125,0.0625;seed:3,4;wd:0,0.001"
+CHECKED = (0, 5, 10, 15)  # every key at each of its values; each pair differs in every key
+
+
+# (rule, devices, dtype, the largest gap / change): float64's is last-bit differences (a
+# vmapped matmul may sum in another order, NP divides float32 loss changes by sigma);
+# float32's the same at float32's last bit (~1e-7 / sigma; measured ~2e-6).
+# vectorised: members under jax.vmap (accelerators) or one after another (lax.map, CPU).
+CASES = [
+    ("np", 1, "float64", 1e-9, True),
+    ("np", 8, "float64", 1e-9, False),
+    ("sgd", 8, "float64", 1e-9, False),
+    ("np", 8, "float32", 1e-5, False),
+]
+
+
+@pytest.mark.parametrize("rule, n_devices, dtype, tolerance, vectorised", CASES)
+@pytest.mark.slow  # seconds of compiling: a population of 16 and 4 solo runs
+def test_each_member_updates_as_its_solo_run(
+    rule, n_devices, dtype, tolerance, vectorised, monkeypatch
+):
+    """Member i's change after 2 steps equals the solo run of member i's settings (float64:
+    exactly up to last bits; float32: statistically, within float32's rounding), while any two
+    members' changes differ by O(1): a member that used another's seed, lr, sigma or wd fails."""
+    from nodepert_dist import step as step_lib
+
+    monkeypatch.setattr(step_lib, "vectorise_members", lambda mesh: vectorised)
+    cfg = _cfg(population=POPULATION, update_rule=rule, optimizer="adam")
+    mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
+    batches = _batches(2)
+    members = population.members(cfg)
+    with jax.enable_x64(dtype == "float64"):
+        dt = jnp.dtype(dtype)
+        pop_start, pop, pop_m = _train(cfg, mesh, batches, dt)
+        solos = {
+            i: _train(population.member_config(cfg, members[i]), mesh, batches, dt) for i in CHECKED
+        }
+    flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+    member = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    for i, (start, solo, solo_m) in solos.items():
+        np.testing.assert_array_equal(flat(member(pop_start, i).params), flat(start.params))
+        change = flat(solo.params) - flat(start.params)
+        gap = np.linalg.norm(flat(member(pop, i).params) - flat(solo.params))
+        assert gap / np.linalg.norm(change) < tolerance, (i, members[i], gap)
+        np.testing.assert_allclose(pop_m["loss_sum"][i], solo_m["loss_sum"], rtol=tolerance)
+        for j in CHECKED:  # what the comparison tells apart: another member's update
+            if j != i:
+                other = flat(solos[j][1].params) - flat(solos[j][0].params)
+                assert np.linalg.norm(other - change) / np.linalg.norm(change) > 1e-3
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def _run_cfg(tmp_path, name, **kw) -> Config:
+    base = dict(
+        n_hl=1,
+        hl_size=16,
+        batchsize=128,
+        validation_size=59000,  # 1000 training rows: 7 steps an epoch (on the 8 devices)
+        eval_train=False,
+        eval_batchsize=2000,
+        num_epochs=2,
+        population="lr:0.01,0.05;seed:0,1",
+        data_dir=tmp_path.parent / "unused",
+        workdir=str(tmp_path / name),
+        save_final_params=str(tmp_path / f"{name}.npz"),
+    )
+    return Config(**{**base, **kw})
+
+
+@pytest.mark.slow  # seconds of compiling and three short runs
+def test_population_run_rows_plot_and_exact_resume(tmp_path, mnist_dir):
+    """Rows per member (index and settings), member-wise eval, nodepert-plot's curves, and a
+    run stopped mid-epoch (--max_steps) and resumed ends with the uninterrupted run's params
+    and rows; changing the population, or the optimizer's parts, on resume is refused."""
+    from nodepert_dist import plot, run_record, train
+
+    whole = _run_cfg(tmp_path, "whole", data_dir=mnist_dir)
+    rows, _ = train.run(whole)
+    assert [(r["epoch"], r["member"], r["lr"], r["seed"]) for r in rows] == [
+        (e, i, lr, s)
+        for e in range(3)
+        for i, (lr, s) in enumerate([(0.01, 0), (0.01, 1), (0.05, 0), (0.05, 1)])
+    ]
+    # each member evaluated with its own params: at epoch 0 the seed alone decides
+    acc0 = [r["test_acc"] for r in rows[:4]]
+    assert acc0[0] == acc0[2] and acc0[1] == acc0[3] and acc0[0] != acc0[1]
+    assert len({r["test_acc"] for r in rows[-4:]}) == 4
+    assert run_record.read_metrics(whole.workdir) == rows
+    with open(os.path.join(whole.workdir, "metrics.csv")) as f:
+        assert f.readline().startswith("epoch,member,lr,seed,step,")
+    curves = plot.curves(whole.workdir)
+    assert [c[0].split(", member ")[1] for c in curves] == [
+        "0: lr=0.01, seed=0",
+        "1: lr=0.01, seed=1",
+        "2: lr=0.05, seed=0",
+        "3: lr=0.05, seed=1",
+    ]
+    assert [c[2] for c in curves] == [[r["test_acc"] for r in rows[i::4]] for i in range(4)]
+
+    cut = _run_cfg(tmp_path, "cut", data_dir=mnist_dir, checkpoint_every_steps=0)
+    _, note = train.run(dataclasses.replace(cut, max_steps=10))  # mid-epoch 2
+    assert note.startswith("stopped at --max_steps=10")
+    with pytest.raises(ValueError, match="--population"):
+        train.run(dataclasses.replace(cut, population="lr:0.01,0.05;seed:0,2"))
+    with pytest.raises(ValueError, match="resumes with the optimizer parts it was saved with"):
+        train.run(dataclasses.replace(cut, optimizer="adam"))
+    resumed, _ = train.run(cut)
+    timing = ("epoch_time", "examples_per_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+    assert strip(resumed) == strip(rows)
+    a, b = np.load(whole.save_final_params), np.load(cut.save_final_params)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape[0] == 4
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+# ----------------------------------------------------------------------------- per-member guard
+
+
+@pytest.mark.slow  # seconds of compiling and a short run
+def test_a_diverging_member_is_frozen_and_marked_while_the_others_go_on(tmp_path, mnist_dir):
+    """lr 1e6 (SGD, ce) diverges in epoch 1: that member is frozen at its last finite state
+    with a member_diverged event row; member 0 trains on and the run ends normally. When
+    every member diverges the run stops with one line."""
+    from nodepert_dist import crash_guard, run_record, train
+
+    cfg = _run_cfg(
+        tmp_path,
+        "div",
+        data_dir=mnist_dir,
+        update_rule="sgd",
+        loss="ce",
+        population="lr:0.05,1e6",
+    )
+    rows, note = train.run(cfg)
+    assert note == ""
+    events = [r for r in run_record.read_metrics(cfg.workdir) if "event" in r]
+    assert [(e["event"], e["member"], e["lr"], e["epoch"]) for e in events] == [
+        ("member_diverged", 1, 1e6, 1)
+    ]
+    last = {r["member"]: r for r in rows if r["epoch"] == 2}
+    assert last[0]["test_acc"] > 0.5 and last[0]["mean_step_loss"] > 0
+    params = np.load(cfg.save_final_params)
+    assert all(np.isfinite(v).all() for v in params.values())  # frozen, not NaN
+    with pytest.raises(crash_guard.Diverged, match="every member of --population diverged"):
+        train.run(dataclasses.replace(cfg, workdir=str(tmp_path / "all"), population="lr:1e6,2e6"))
+
+
+def test_crash_guard_freezes_a_crashed_member_only():
+    """--crash_guard in a population: the member whose latest test accuracy fell more than
+    --crash_points below its best is frozen (alive False, member_crashed event); a member
+    that never got better, or that is already frozen, is left alone."""
+    from nodepert_dist import step as step_lib
+
+    cfg = _cfg(population="lr:0.01,0.02,0.03", crash_guard=True, workdir="/nonexistent/unused")
+    state = step_lib.TrainState(step=jnp.zeros(3), params={}, opt_state=(), alive=jnp.ones(3, bool))
+    watch = population.Watch(cfg, state)
+    accs = [(0.9, 0.9, 0.1), (0.95, 0.5, 0.1)]  # member 1 drops 45 points; member 2 flat
+    rows = [
+        {"epoch": e, "step": e, "member": i, "test_acc": a}
+        for e, epoch_accs in enumerate(accs)
+        for i, a in enumerate(epoch_accs)
+    ]
+    events = []
+    watch._event = lambda name, i, **detail: events.append((name, i, detail["best_test_acc"]))
+    state = watch.after_epoch(state, rows)
+    assert list(np.asarray(state.alive)) == [True, False, True]
+    assert events == [("member_crashed", 1, 0.9)]
+    rows += [{"epoch": 2, "step": 2, "member": i, "test_acc": 0.0} for i in range(3)]
+    state = watch.after_epoch(state, rows)  # member 0 crashes now; 1 is frozen already
+    assert list(np.asarray(state.alive)) == [False, False, True]
+    assert events[1:] == [("member_crashed", 0, 0.95)]
+    off = population.Watch(dataclasses.replace(cfg, crash_guard=False), state)
+    assert off.after_epoch(state, rows) is state
+
+
+def test_a_solo_run_compiles_the_step_it_compiled_before_populations():
+    """No population: run_setup's step (through population.rule) lowers to the program of the
+    plain step.make_train_step with optim.optimizer_from, text for text; no vmap, no freeze."""
+    import re
+
+    from nodepert_dist import optim
+    from nodepert_dist import step as step_lib
+
+    cfg = _cfg(optimizer="adam", wd=1e-3).resolved()
+    mesh = mesh_lib.make_mesh(jax.devices()[:2])
+    model = models.build(cfg.model, 10)
+    x, y = _batches(1)[0]
+    x = x.astype(np.float32)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    plain_opt = optim.optimizer_from(cfg.optim, cfg.num_epochs, STEPS_PER_EPOCH)
+    plain = step_lib.make_train_step(
+        model,
+        plain_opt,
+        mesh,
+        update_rule="np",
+        loss=cfg.loss,
+        seed=cfg.seed,
+        global_batch=BATCH,
+        np=cfg.np,
+    )
+    state = population.init_state(cfg, model, optimizer, x, mesh)
+    assert state.alive is None
+    text = lambda f: re.sub(r"loc\(.*?\)", "", f.lower(state, x, y).as_text())
+    assert text(step) == text(plain)
