@@ -181,6 +181,8 @@ def target() -> None:
 def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    # the results folder up front: a fresh clone has none, and the rows come after minutes of work
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     if FLAGS.cpu_devices:
         from nodepert_dist import mesh as mesh_lib
 

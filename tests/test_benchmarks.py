@@ -88,8 +88,9 @@ def test_naive_reference_is_the_same_unbiased_np():
 
 def test_population_quick_run(tmp_path):
     """benchmarks/population.py --quick: a row per population size with consistent ratios and
-    the memory per member from XLA's analysis."""
-    out = tmp_path / "p.jsonl"
+    the memory per member from XLA's analysis, into a results folder that does not exist yet
+    (a fresh clone has no benchmarks/results/)."""
+    out = tmp_path / "results" / "p.jsonl"
     proc = subprocess.run(
         [
             sys.executable,
