@@ -52,8 +52,13 @@ CIFAR = (32, 32, 3)
 
 
 def _positive(kind):
+    """argparse type: a positive `kind` (a bad value: one line naming the flag)."""
+
     def parse(text):
-        v = kind(text)
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if v <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return v
