@@ -10,10 +10,10 @@ skipped, never silently dropped):
    Ampere/Hopper GPU) against `highest`, same noise (benchmarks/bf16_sigma.py's paired
    comparison, small nets), at each network's TF32 sigma floor and below it: does the floor in
    nodepert_dist/precision.py hold on this device? On a CPU both precisions are float32.
-2. `peak`: the matmul peak of this device (a large jnp.dot), float32 at `highest` and bfloat16:
-   the MFU reference of the next sections.
-3. `loop`: fc steps fed from host numpy each step (as the trainer feeds them) against the same
-   steps on a batch already on the device: the host overhead per step.
+2. `loop`: fc NP steps fed from host numpy each step (as the trainer feeds them) against the
+   same steps on a batch already on the device: the host overhead per step.
+3. `peak`: the matmul peak of this device (a large jnp.dot), float32 at `highest` and bfloat16:
+   the MFU reference of the next sections (the steps run at `highest`, the project's default).
 4. `steps`: NP (Rademacher) vs SGD step time, peak temp memory, FLOPs and MFU for fc, conv,
    conv-large, vgg and resnet at full width (CIFAR-shaped input), float32 and bfloat16,
    batch 128 and 1024 (cheapest first).
@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import statistics
+import sys
 import time
 
 import bf16_sigma
@@ -123,9 +125,13 @@ def deadlines(start, budget_s):
     return out
 
 
+def _input(quick):
+    return (8, 8, 3) if quick else CIFAR
+
+
 def _batch(mesh, b, quick):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(b, *((8, 8, 3) if quick else CIFAR))).astype(np.float32)
+    x = rng.normal(size=(b, *_input(quick))).astype(np.float32)
     return x, rng.integers(0, 10, b).astype(np.int32)
 
 
@@ -241,11 +247,12 @@ def loop_section(mesh, args, budget, emit):
 
 def steps_section(mesh, args, budget, emit, peaks, networks, variants, dtypes, batches, section):
     cost = {}  # network -> seconds its last combination took: the estimate for the next
+    # (a network not yet measured: the dearest so far, so one combination rarely overruns)
     for b in batches:
         for dtype in dtypes:
             for network in networks:
-                where = dict(network=network, dtype=dtype, batchsize=b)
-                if not budget.fits(cost.get(network, 0.0)):
+                where = dict(network=network, dtype=dtype, batchsize=b, input=_input(args.quick))
+                if not budget.fits(cost.get(network, max(cost.values(), default=0.0))):
                     emit(section, dict(where, skipped="over the section's budget"))
                     continue
                 start = time.perf_counter()
@@ -280,7 +287,6 @@ def run(args):
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
     kind = jax.devices()[0].device_kind
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    start = len(files.read_jsonl(args.out))
     rows = []
 
     t0 = time.perf_counter()
@@ -291,6 +297,7 @@ def run(args):
             section=section,
             device_kind=kind,
             date=date,
+            quick=args.quick,
             **row,
             t_s=round(time.perf_counter() - t0, 1),
         )
@@ -298,7 +305,8 @@ def run(args):
         files.append_jsonl(args.out, [row])
         print(files.json_text(row, indent=None), flush=True)
 
-    precision_section(args, budgets["precision"], emit)
+    precision_section(args, budgets["precision"], emit)  # issue 22: these two checks first
+    loop_section(mesh, args, budgets["loop"], emit)
     n = 256 if args.quick else 8192
     peaks = {
         "float32": throughput.matmul_peak(mesh, "float32", "highest", n),
@@ -306,7 +314,6 @@ def run(args):
     }
     for dtype, gflop_s in peaks.items():
         emit("peak", dict(dtype=dtype, matmul_n=n, gflop_s=gflop_s))
-    loop_section(mesh, args, budgets["loop"], emit)
     steps_section(
         mesh,
         args,
@@ -331,7 +338,6 @@ def run(args):
         args.batchsizes[-1:],
         "noise",
     )
-    assert len(files.read_jsonl(args.out)) - start == len(rows)
     return rows
 
 
@@ -342,7 +348,9 @@ def main(argv=None):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as e:
             raise SystemExit(f"error: cannot create the folder of {path}: {e.strerror}") from None
-    command = "python benchmarks/gpu_suite.py" + (" --quick" if args.quick else "")
+    command = shlex.join(
+        ["python", "benchmarks/gpu_suite.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     rows = run(args)
     text = table(rows, command)
     files.write_text(args.table, text)

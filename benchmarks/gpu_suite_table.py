@@ -49,19 +49,24 @@ def table(rows, command):
                 f"| {r['batchsize']} | {r['on_device_ms']:.3f} | {r['from_host_ms']:.3f} | "
                 f"{r['host_over_device']:.2f} |"
             )
+    pairs = _pairs(rows, "steps")
+    shape = "x".join(map(str, next(iter(pairs.values()))["sgd"]["input"])) if pairs else "-"
     md += [
         "",
-        "NP (Rademacher) vs SGD, one device, CIFAR-shaped input, full width:",
+        f"NP (Rademacher) vs SGD, one device, {shape} input, "
+        + ("tiny nets (a --quick smoke run)" if rows[0]["quick"] else "full width")
+        + ". MB: XLA's peak temp memory; MFU: achieved FLOP/s (XLA's cost analysis) over the "
+        "measured matmul peak of the same dtype (float32 at `highest`, the steps' precision).",
         "",
         "| network | dtype | batch | SGD ms | NP ms | NP/SGD | SGD MB | NP MB | NP MB/SGD | "
         "SGD MFU | NP MFU | NP compile s |",
         "|---" * 12 + "|",
     ]
-    for (network, dtype, b), v in _pairs(rows, "steps").items():
+    for (network, dtype, b), v in pairs.items():
         s, n = v["sgd"], v["np-rademacher"]
         md.append(
             f"| {network} | {dtype} | {b} | {s['step_ms']:.2f} | {n['step_ms']:.2f} | "
-            f"{n['time_vs_first']:.2f} | {s['temp_mb']:.0f} | {n['temp_mb']:.0f} | "
+            f"{n['time_vs_first']:.2f} | {s['temp_mb']:.1f} | {n['temp_mb']:.1f} | "
             f"{n['temp_vs_first']:.2f} | {100 * s['mfu']:.1f}% | {100 * n['mfu']:.1f}% | "
             f"{n['compile_s']:.1f} |"
         )
