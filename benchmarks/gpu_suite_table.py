@@ -34,7 +34,7 @@ def table(rows, command):
     md += [
         "",
         "Matmul peak (MFU's reference): "
-        + ", ".join(f"{d} {g / 1e3:.1f} TFLOP/s" for d, g in peaks.items()),
+        + ", ".join(f"{d} {g / 1e3:.3g} TFLOP/s" for d, g in peaks.items()),
         "",
     ]
     md += [
