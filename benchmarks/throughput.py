@@ -158,7 +158,7 @@ def build_step(variant, model, opt, mesh, batch, sigma):
                                     global_batch=batch)
 
 
-def spread(times):
+def _spread(times):
     """Interquartile range over the median (nan for a single round)."""
     if len(times) < 2:
         return float("nan")
@@ -221,7 +221,7 @@ def worker(n_dev: int) -> None:
                 r["state"], t = run_steps(r["fn"], r["state"], batch, r["n"])
                 r["times"].append(t)
         step_s = {v: statistics.median(r["times"]) for v, r in runs.items()}
-        spread = {v: spread(r["times"]) for v, r in runs.items()}
+        spread = {v: _spread(r["times"]) for v, r in runs.items()}
         for variant, r in runs.items():
             t = step_s[variant]
             row = {"network": network, "shape": shape, "batchsize": b, "devices": n_dev,
