@@ -79,9 +79,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--networks",
         default="fc,conv,conv-large,vgg,resnet",
-        type=bf16_sigma._comma_list(bf16_sigma._network),
+        type=bf16_sigma.comma_list(bf16_sigma.network_name),
     )
-    parser.add_argument("--batchsizes", default="128,1024", type=bf16_sigma._comma_list(int))
+    parser.add_argument("--batchsizes", default="128,1024", type=bf16_sigma.comma_list(int))
     parser.add_argument("--rounds", type=_positive(int), default=5)
     parser.add_argument("--round_s", type=float, default=0.2, help="least seconds per round")
     parser.add_argument("--draws", type=_positive(int), default=1000, help="precision section")
