@@ -76,8 +76,9 @@ def worst(mean, true):
     return min(cos), min(ratio), max(ratio)
 
 
-def _comma_list(kind):
-    """argparse type of a comma list whose items `kind` checks (a bad item: one-line error)."""
+def comma_list(kind):
+    """argparse type of a comma list whose items `kind` checks (a bad item: one-line error);
+    also benchmarks/gpu_suite.py's."""
 
     def parse(text):
         try:
@@ -88,7 +89,7 @@ def _comma_list(kind):
     return parse
 
 
-def _network(name):
+def network_name(name):
     if name not in models.NETWORKS:
         raise ValueError(f"{name!r} is not one of {', '.join(models.NETWORKS)}")
     return name
@@ -96,11 +97,11 @@ def _network(name):
 
 def main():
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", default="fc,conv,vgg,resnet", type=_comma_list(_network))
-    parser.add_argument("--sigmas", default="1e-3,3e-3,1e-2,3e-2,1e-1", type=_comma_list(float))
+    parser.add_argument("--networks", default="fc,conv,vgg,resnet", type=comma_list(network_name))
+    parser.add_argument("--sigmas", default="1e-3,3e-3,1e-2,3e-2,1e-1", type=comma_list(float))
     parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--compute", default="bf16", choices=("bf16", "tf32"))
-    parser.add_argument("--input", default="8,8,3", type=_comma_list(int), help="H,W,C")
+    parser.add_argument("--input", default="8,8,3", type=comma_list(int), help="H,W,C")
     parser.add_argument("--hl_size", type=int, default=32, help="fc/linfc units per layer")
     parser.add_argument("--width", type=int, default=2, help="vgg/resnet first-stage channels")
     parser.add_argument(

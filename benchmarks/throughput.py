@@ -94,20 +94,23 @@ def _configs():
                     yield network, shape, b, dtype
 
 
-def _matmul_peak(mesh):
-    """GFLOP/s of float32 matmuls, the best of one device alone and every mesh device at once,
-    measured now: the peak of this mesh's hardware (simulated CPU devices share its cores)."""
+def matmul_peak(mesh, dtype="float32", precision=None, n=2048):
+    """GFLOP/s of `dtype` matmuls (at `precision`: None is jax's default), the best of one
+    device alone and every mesh device at once, measured now: the peak of this mesh's hardware
+    (simulated CPU devices share its cores). Also benchmarks/gpu_suite.py's MFU reference."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from nodepert_dist.mesh import DATA, make_mesh
-    n, reps = 2048, 4
+    reps = 4
     best = 0.0
+    repeat = lambda a: jax.lax.fori_loop(
+        0, reps, lambda i, b: (jnp.dot(b, a, precision=precision) / n).astype(dtype), a)
     for m in (make_mesh(mesh.devices.flat[:1]), mesh):
-        a = jax.device_put(jnp.ones((m.devices.size * n, n), jnp.float32), NamedSharding(m, P(DATA)))
-        f = jax.jit(jax.shard_map(lambda a: jax.lax.fori_loop(0, reps, lambda i, b: (b @ a) / n, a),
+        a = jax.device_put(jnp.ones((m.devices.size * n, n), dtype), NamedSharding(m, P(DATA)))
+        f = jax.jit(jax.shard_map(repeat,
                                   mesh=m, in_specs=P(DATA), out_specs=P(DATA)))
         f(a).block_until_ready()
         for _ in range(5):
@@ -119,7 +122,20 @@ def _matmul_peak(mesh):
     return best
 
 
-def _build(variant, model, opt, mesh, batch, sigma):
+def compiled_costs(fn, state, batch):
+    """Compiles `fn` for these arguments: (compile seconds, FLOPs per step per device from XLA's
+    cost analysis, peak temp MB from its memory analysis)."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, *batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    temp_mb = mem.temp_size_in_bytes / 2 ** 20 if mem else float("nan")
+    return compile_s, float(cost.get("flops", 0.0)), temp_mb
+
+
+def build_step(variant, model, opt, mesh, batch, sigma):
     import references
 
     from nodepert_dist import step as step_lib
@@ -150,7 +166,7 @@ def _spread(times):
     return (q3 - q1) / statistics.median(times)
 
 
-def _run(fn, state, batch, n):
+def run_steps(fn, state, batch, n):
     import jax
     start = time.perf_counter()
     for _ in range(n):
@@ -172,7 +188,7 @@ def worker(n_dev: int) -> None:
         raise SystemExit(f"error: --devices asks for {n_dev} devices, this machine has "
                          f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
     mesh = mesh_lib.make_mesh(jax.devices()[:n_dev])
-    peak = _matmul_peak(mesh)
+    peak = matmul_peak(mesh)
     kind = jax.devices()[0].device_kind
     for network, shape, b, dtype in _configs():
         if b % n_dev:
@@ -193,22 +209,16 @@ def worker(n_dev: int) -> None:
                     continue
                 vmodel = models.build_model(network, 10, width=FLAGS.width, dtype=dtype,
                                             decorrelate=True)
-            fn = _build(variant, vmodel, opt, mesh, b, precision.default_sigma(network, dtype))
+            fn = build_step(variant, vmodel, opt, mesh, b, precision.default_sigma(network, dtype))
             state = step_lib.init_state(vmodel, opt, x, 0, mesh)
-            t0 = time.perf_counter()
-            compiled = fn.lower(state, *batch).compile()
-            compile_s = time.perf_counter() - t0
-            cost = compiled.cost_analysis() or {}
-            cost = cost[0] if isinstance(cost, list) else cost
-            mem = compiled.memory_analysis()
-            state, t = _run(fn, state, batch, 2)  # warm-up; also sizes the rounds
+            compile_s, flops, temp_mb = compiled_costs(fn, state, batch)
+            state, t = run_steps(fn, state, batch, 2)  # warm-up; also sizes the rounds
             runs[variant] = {"fn": fn, "state": state, "times": [], "compile_s": compile_s,
-                             "n": max(1, math.ceil(FLAGS.round_s / t)),
-                             "flops": float(cost.get("flops", 0.0)),
-                             "temp_mb": mem.temp_size_in_bytes / 2 ** 20 if mem else float("nan")}
+                             "n": max(1, math.ceil(FLAGS.round_s / t)), "flops": flops,
+                             "temp_mb": temp_mb}
         for _ in range(FLAGS.rounds):
             for r in runs.values():
-                r["state"], t = _run(r["fn"], r["state"], batch, r["n"])
+                r["state"], t = run_steps(r["fn"], r["state"], batch, r["n"])
                 r["times"].append(t)
         step_s = {v: statistics.median(r["times"]) for v, r in runs.items()}
         spread = {v: _spread(r["times"]) for v, r in runs.items()}

@@ -116,3 +116,56 @@ def test_population_quick_run(tmp_path):
         assert 0 < r["mb_per_member"] and 0 < r["solo_mb"]
     # two members' state and temporaries cost less than twice one member's whole step
     assert rows[1]["mb_per_member"] < rows[1]["solo_mb"]
+
+
+def _gpu_suite(tmp_path, *args):
+    out, table = tmp_path / "s.jsonl", tmp_path / "s.md"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--quick", *args]
+        + [f"--out={out}", f"--table={table}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()], table.read_text()
+
+
+def test_gpu_suite_quick_run_measures_every_section(tmp_path):
+    rows, table = _gpu_suite(tmp_path)
+    assert [r["section"] for r in rows if "skipped" in r] == []
+    assert {r["section"] for r in rows} == {"precision", "peak", "loop", "steps", "noise"}
+    steps = {(r["network"], r["dtype"], r["variant"]): r for r in rows if r["section"] == "steps"}
+    assert set(steps) == {
+        (n, d, v)
+        for n in ("fc", "conv")
+        for d in ("float32", "bfloat16")
+        for v in ("sgd", "np-rademacher")
+    }
+    peaks = {r["dtype"]: r["gflop_s"] for r in rows if r["section"] == "peak"}
+    for r in steps.values():
+        assert r["temp_mb"] > 0 and r["gflop_per_step"] > 0 and r["batchsize"] == 8
+        assert r["mfu"] == pytest.approx(
+            r["gflop_per_step"] / (r["step_ms"] / 1e3) / peaks[r["dtype"]]
+        )
+    assert {r["variant"] for r in rows if r["section"] == "noise"} == {
+        "np-rademacher",
+        "np-gaussian",
+    }
+    # On a CPU default precision is float32: the TF32 check compares two equal estimates.
+    (prec,) = [r for r in rows if r["section"] == "precision"]
+    assert prec["ok"] and prec["min_cosine"] > 0.9999
+    # The table is labelled with this device and date, one row per measured combination.
+    kind, date = rows[0]["device_kind"], rows[0]["date"]
+    assert kind == "cpu" and table.startswith(f"### GPU suite: {kind}, {date}")
+    assert "| conv | bfloat16 | 8 |" in table and "| fc | 8 |" in table
+    assert "Population speed-up: not yet" in table
+
+
+def test_gpu_suite_records_what_its_budget_drops(tmp_path):
+    rows, table = _gpu_suite(tmp_path, "--budget_s=0.001")
+    skipped = {r["section"] for r in rows if "skipped" in r}
+    assert skipped == {"precision", "loop", "steps", "noise"}
+    assert {r["section"] for r in rows if "skipped" not in r} == {"peak"}
+    assert "Not measured: precision fc 0.003 (over the section's budget)" in table
