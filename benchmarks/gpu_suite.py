@@ -19,8 +19,11 @@ skipped, never silently dropped):
    batch 128 and 1024 (cheapest first).
 5. `noise`: NP with Rademacher vs Gaussian noise (fc, conv; batch 1024, float32).
 
-The population speed-up (issue 20) is not yet included: benchmarks/population.py does not exist
-in this tree. Timing, FLOP and memory analysis are benchmarks/throughput.py's (`run_steps`,
+6. `population`: an N-member fc NP lr population's step against N solo steps (N = 1, 4, 16,
+   64 while the budget lasts; benchmarks/population.py's `population_rows`): the speed-up of
+   running a sweep as one program on this device, and the memory per member.
+
+Timing, FLOP and memory analysis are benchmarks/throughput.py's (`run_steps`,
 `compiled_costs`, `matmul_peak`, `build_step`). Output: JSON lines (--out, one row per
 measurement, each with its section, device and date) and a README-ready markdown table (--table)
 titled with jax.devices()[0].device_kind and the date.
@@ -33,6 +36,7 @@ import datetime
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,7 +53,7 @@ from nodepert_dist import step as step_lib
 
 # Each section's share of --budget_s; a section ends at the sum of the shares so far, so time
 # an earlier one left unused goes to the next (5% is kept for the table and slack).
-SHARES = {"precision": 0.10, "loop": 0.05, "steps": 0.65, "noise": 0.15}
+SHARES = {"precision": 0.10, "loop": 0.05, "steps": 0.55, "noise": 0.10, "population": 0.15}
 CIFAR = (32, 32, 3)
 
 
@@ -339,7 +343,29 @@ def run(args):
         args.batchsizes[-1:],
         "noise",
     )
+    population_section(args, budgets["population"], emit)
     return rows
+
+
+def population_section(args, budget, emit):
+    """fc NP lr populations of growing N while the budget lasts, each measured by
+    benchmarks/population.py in its own process (its flags are nodepert-train's, which share
+    names with throughput.py's); an N's estimate is 3x the last one's time."""
+    est, out = 1.0, f"{args.out}.population"
+    script = os.path.join(os.path.dirname(__file__), "population.py")
+    for sizes in [(1, 2)] if args.quick else [(1,), (4,), (16,), (64,)]:
+        size = ["--quick", "--batchsize=8"] if args.quick else [f"--members={sizes[0]}"]
+        t, why = time.perf_counter(), "over the section's budget"
+        if budget.fits(est):
+            cmd = [sys.executable, script, *size, "--networks=fc", "--rules=np", f"--out={out}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
+        for row in files.read_jsonl(out) if not why else [dict(members=n) for n in sizes]:
+            row.pop("device_kind", None)  # emit's
+            emit("population", dict(row, network="fc", **({"skipped": why} if why else {})))
+        if os.path.exists(out):
+            os.remove(out)
+        est = 3 * (time.perf_counter() - t)
 
 
 def main(argv=None):

@@ -89,11 +89,29 @@ def table(rows, command):
             "Not measured: "
             + "; ".join(
                 f"{r['section']} "
-                + " ".join(str(r[k]) for k in ("network", "dtype", "batchsize", "sigma") if k in r)
+                + " ".join(
+                    str(r[k])
+                    for k in ("network", "dtype", "batchsize", "sigma", "members")
+                    if k in r
+                )
                 + f" ({r['skipped']})"
                 for r in skipped
             )
             + ".",
         ]
-    md += ["", "Population speed-up: not yet in this suite.", ""]
+    md += [
+        "",
+        "Population (fc NP, lr members, one device): one step of N members against N solo steps.",
+        "",
+        "| members | batch | step ms | solo step ms | speed-up vs sequential | MB per member |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["section"] == "population" and "skipped" not in r:
+            md.append(
+                f"| {r['members']} | {r['batchsize']} | {r['step_ms']:.2f} | "
+                f"{r['solo_step_ms']:.2f} | {r['speedup_vs_sequential']:.2f} | "
+                f"{r['mb_per_member']:.2f} |"
+            )
+    md.append("")
     return "\n".join(md)

@@ -73,7 +73,9 @@ def _compiled(cfg, model, mesh, x, batch):
     return step, state, mb, compile_s
 
 
-def steps() -> None:
+def population_rows(networks, rules, sizes, *, rounds, round_s, batchsize, shape):
+    """Yields a row per (network, rule, N): a population step against N solo steps on one
+    device, timed alternately over `rounds` (each >= `round_s` seconds of steps)."""
     import jax
     import numpy as np
 
@@ -82,12 +84,7 @@ def steps() -> None:
     from nodepert_dist.config import Config
 
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    networks, rules = FLAGS.networks, FLAGS.rules
-    sizes = [int(n) for n in FLAGS.members]
-    rounds, shape = FLAGS.rounds, dict(n_hl=2, hl_size=500)
-    if FLAGS.quick:
-        networks, rules, sizes, rounds, shape = ["fc"], ["np"], [1, 2], 1, dict(n_hl=1, hl_size=32)
-    b = FLAGS.batchsize
+    b = batchsize
     rng = np.random.default_rng(0)
     x = rng.normal(size=(b, 28, 28, 1)).astype(np.float32)
     batch = mesh_lib.global_batch(mesh, x, rng.integers(0, 10, b).astype(np.int32))
@@ -102,7 +99,7 @@ def steps() -> None:
             timing = {}
             for key, (step, state, _, _) in runs.items():
                 state, t = _timed(step, state, batch, 2)  # warm-up; sizes the rounds
-                timing[key] = {"state": state, "n": max(1, int(FLAGS.round_s / t)), "t": []}
+                timing[key] = {"state": state, "n": max(1, int(round_s / t)), "t": []}
             for _ in range(rounds):
                 for key, r in timing.items():
                     r["state"], t = _timed(runs[key][0], r["state"], batch, r["n"])
@@ -110,7 +107,7 @@ def steps() -> None:
             solo_s = statistics.median(timing["solo"]["t"])
             for n in sizes:
                 step_s = statistics.median(timing[n]["t"])
-                row = {
+                yield {
                     "network": network,
                     "rule": rule,
                     "batchsize": b,
@@ -126,14 +123,31 @@ def steps() -> None:
                     "compile_s": runs[n][3],
                     "solo_compile_s": runs["solo"][3],
                 }
-                files.append_jsonl(FLAGS.out, [row])
-                print(
-                    f"{network:5s} {rule:3s} N={n:3d}  {b / step_s:9.0f} ex/s per member "
-                    f"(solo {b / solo_s:.0f})  x{row['speedup_vs_sequential']:.2f} vs "
-                    f"sequential  {row['mb_per_member']:.2f} MB/member (solo "
-                    f"{row['solo_mb']:.2f})",
-                    flush=True,
-                )
+
+
+def steps() -> None:
+    networks, rules = FLAGS.networks, FLAGS.rules
+    sizes = [int(n) for n in FLAGS.members]
+    rounds, shape = FLAGS.rounds, dict(n_hl=2, hl_size=500)
+    if FLAGS.quick:
+        networks, rules, sizes, rounds, shape = ["fc"], ["np"], [1, 2], 1, dict(n_hl=1, hl_size=32)
+    for row in population_rows(
+        networks,
+        rules,
+        sizes,
+        rounds=rounds,
+        round_s=FLAGS.round_s,
+        batchsize=FLAGS.batchsize,
+        shape=shape,
+    ):
+        files.append_jsonl(FLAGS.out, [row])
+        print(
+            f"{row['network']:5s} {row['rule']:3s} N={row['members']:3d}  "
+            f"{row['examples_per_s_per_member']:9.0f} ex/s per member "
+            f"(solo {row['solo_examples_per_s']:.0f})  x{row['speedup_vs_sequential']:.2f} vs "
+            f"sequential  {row['mb_per_member']:.2f} MB/member (solo {row['solo_mb']:.2f})",
+            flush=True,
+        )
 
 
 def target() -> None:

@@ -135,7 +135,14 @@ def _gpu_suite(tmp_path, *args):
 def test_gpu_suite_quick_run_measures_every_section(tmp_path):
     rows, table = _gpu_suite(tmp_path)
     assert [r["section"] for r in rows if "skipped" in r] == []
-    assert {r["section"] for r in rows} == {"precision", "peak", "loop", "steps", "noise"}
+    assert {r["section"] for r in rows} == {
+        "precision",
+        "peak",
+        "loop",
+        "steps",
+        "noise",
+        "population",
+    }
     steps = {(r["network"], r["dtype"], r["variant"]): r for r in rows if r["section"] == "steps"}
     assert set(steps) == {
         (n, d, v)
@@ -160,12 +167,19 @@ def test_gpu_suite_quick_run_measures_every_section(tmp_path):
     kind, date = rows[0]["device_kind"], rows[0]["date"]
     assert kind == "cpu" and table.startswith(f"### GPU suite: {kind}, {date}")
     assert "| conv | bfloat16 | 8 |" in table and "| fc | 8 |" in table
-    assert "Population speed-up: not yet" in table
+    population = [r for r in rows if r["section"] == "population"]
+    assert [r["members"] for r in population] == [1, 2]
+    for r in population:
+        assert r["speedup_vs_sequential"] == pytest.approx(
+            r["members"] * r["solo_step_ms"] / r["step_ms"]
+        )
+        assert r["mb_per_member"] > 0
+    assert "| 2 | 8 |" in table
 
 
 def test_gpu_suite_records_what_its_budget_drops(tmp_path):
     rows, table = _gpu_suite(tmp_path, "--budget_s=0.001")
     skipped = {r["section"] for r in rows if "skipped" in r}
-    assert skipped == {"precision", "loop", "steps", "noise"}
+    assert skipped == {"precision", "loop", "steps", "noise", "population"}
     assert {r["section"] for r in rows if "skipped" not in r} == {"peak"}
     assert "Not measured: precision fc 0.003 (over the section's budget)" in table
