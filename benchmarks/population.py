@@ -125,6 +125,13 @@ def population_rows(networks, rules, sizes, *, rounds, round_s, batchsize, shape
                 }
 
 
+def _append(row) -> None:
+    """One row to --out, its folder made when the first row is ready (a fresh clone has no
+    benchmarks/results/; bad input, refused before any row, leaves nothing behind)."""
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    files.append_jsonl(FLAGS.out, [row])
+
+
 def steps() -> None:
     networks, rules = FLAGS.networks, FLAGS.rules
     sizes = [int(n) for n in FLAGS.members]
@@ -140,7 +147,7 @@ def steps() -> None:
         batchsize=FLAGS.batchsize,
         shape=shape,
     ):
-        files.append_jsonl(FLAGS.out, [row])
+        _append(row)
         print(
             f"{row['network']:5s} {row['rule']:3s} N={row['members']:3d}  "
             f"{row['examples_per_s_per_member']:9.0f} ex/s per member "
@@ -188,15 +195,13 @@ def target() -> None:
     }
     row["epoch_ratio"] = row["population_epoch_time"] / row["solo_epoch_times"]
     row["max_acc_gap"] = max(abs(a - b) for a, b in zip(row["test_acc"], row["solo_test_acc"]))
-    files.append_jsonl(FLAGS.out, [row])
+    _append(row)
     print(files.json_text(row, indent=2))
 
 
 def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
-    # the results folder up front: a fresh clone has none, and the rows come after minutes of work
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     if FLAGS.cpu_devices:
         from nodepert_dist import mesh as mesh_lib
 
