@@ -12,16 +12,15 @@ pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_throughput_quick_run(tmp_path):
-    out, png = tmp_path / "t.jsonl", tmp_path / "t.png"
+def _quick_rows(script, out, *args):
+    """(the JSON rows a benchmark's --quick run wrote to `out`, its stdout); it must exit 0."""
     proc = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "benchmarks", "throughput.py"),
+            os.path.join(ROOT, "benchmarks", script),
             "--quick",
-            "--devices=2",
             f"--out={out}",
-            f"--png={png}",
+            *args,
         ],
         capture_output=True,
         text=True,
@@ -29,7 +28,12 @@ def test_throughput_quick_run(tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
+
+
+def test_throughput_quick_run(tmp_path):
+    out, png = tmp_path / "t.jsonl", tmp_path / "t.png"
+    rows, stdout = _quick_rows("throughput.py", out, "--devices=2", f"--png={png}")
     assert {(r["variant"], r["devices"]) for r in rows} == {
         (v, 2) for v in ("sgd", "np-rademacher", "naive", "original")
     }
@@ -45,7 +49,7 @@ def test_throughput_quick_run(tmp_path):
             by["np-rademacher"]["gflop_per_step_per_device"]
             < 1.03 * by["sgd"]["gflop_per_step_per_device"]
         )
-    assert "np-rademacher" in proc.stdout and png.stat().st_size > 10_000
+    assert "np-rademacher" in stdout and png.stat().st_size > 10_000
 
 
 def test_naive_reference_is_the_same_unbiased_np():
@@ -90,21 +94,7 @@ def test_population_quick_run(tmp_path):
     """benchmarks/population.py --quick: a row per population size with consistent ratios and
     the memory per member from XLA's analysis, into a results folder that does not exist yet
     (a fresh clone has no benchmarks/results/)."""
-    out = tmp_path / "results" / "p.jsonl"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "population.py"),
-            "--quick",
-            f"--out={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows, _ = _quick_rows("population.py", tmp_path / "results" / "p.jsonl")
     assert [(r["network"], r["rule"], r["members"]) for r in rows] == [
         ("fc", "np", 1),
         ("fc", "np", 2),
@@ -119,17 +109,9 @@ def test_population_quick_run(tmp_path):
 
 
 def _gpu_suite(tmp_path, *args):
-    out, table = tmp_path / "s.jsonl", tmp_path / "s.md"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"), "--quick", *args]
-        + [f"--out={out}", f"--table={table}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()], table.read_text()
+    table = tmp_path / "s.md"
+    rows, _ = _quick_rows("gpu_suite.py", tmp_path / "s.jsonl", *args, f"--table={table}")
+    return rows, table.read_text()
 
 
 def test_gpu_suite_quick_run_measures_every_section(tmp_path):

@@ -138,23 +138,28 @@ def test_original_estimator_is_the_original_formula_on_1_and_8_devices(estimator
             np.testing.assert_allclose(metrics["loss_sum"], jnp.sum(clean), rtol=1e-12)
 
 
+def _exact_expectation(formula, sigma=1e-6):
+    """(params, x, y, the formula's mean over all 2^5 sign patterns of the shared noise, the
+    mse gradient) on the tiny net, in the caller's float64."""
+    model, params, x, y = _tiny()
+    patterns = [
+        {"tap0": np.asarray(p[:HIDDEN]), "tap1": np.asarray(p[HIDDEN:])}
+        for p in itertools.product([-1.0, 1.0], repeat=HIDDEN + CLASSES)
+    ]
+    mean = jax.tree.map(
+        lambda *g: sum(g) / len(g), *[formula(params, x, y, losses.mse, p, sigma) for p in patterns]
+    )
+    true = jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x), y)))(params)
+    return params, x, y, mean, true
+
+
 def test_original_estimator_is_biased_and_per_example_is_not():
     """Exact expectations over all 2^5 sign patterns of the shared noise, sigma 1e-6 (float64):
     the original estimator's is, to first order in sigma, (mean_i h_i) outer (mean_i dL_i/da_i)
     per layer, far from the gradient (the batch mean of the outer products), while the
     per-example estimator's exact expectation is the gradient (test_estimator_exact.py)."""
     with jax.enable_x64(True):
-        model, params, x, y = _tiny()
-        sigma = 1e-6
-        patterns = [
-            {"tap0": np.asarray(p[:HIDDEN]), "tap1": np.asarray(p[HIDDEN:])}
-            for p in itertools.product([-1.0, 1.0], repeat=HIDDEN + CLASSES)
-        ]
-        mean = jax.tree.map(
-            lambda *g: sum(g) / len(g),
-            *[original_formula(params, x, y, losses.mse, p, sigma) for p in patterns],
-        )
-        true = jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x), y)))(params)
+        params, x, y, mean, true = _exact_expectation(original_formula)
         # the first-order prediction: per-example slopes dL_i/da at the taps, batch means
         slopes = jax.grad(lambda e: jnp.sum(losses.mse(_forward(params, x, e, jax.nn.relu)[0], y)))(
             {t: jnp.zeros((B, n)) for t, n in zip(TAPS, (HIDDEN, CLASSES))}
@@ -193,17 +198,7 @@ def test_shared_noise_estimator_is_unbiased():
     not bias, because each example keeps its own loss change. (The HEAD estimator's is not:
     the test above.)"""
     with jax.enable_x64(True):
-        model, params, x, y = _tiny()
-        sigma = 1e-6
-        patterns = [
-            {"tap0": np.asarray(p[:HIDDEN]), "tap1": np.asarray(p[HIDDEN:])}
-            for p in itertools.product([-1.0, 1.0], repeat=HIDDEN + CLASSES)
-        ]
-        mean = jax.tree.map(
-            lambda *g: sum(g) / len(g),
-            *[shared_noise_formula(params, x, y, losses.mse, p, sigma) for p in patterns],
-        )
-        true = jax.grad(lambda p: jnp.mean(losses.mse(model.apply({"params": p}, x), y)))(params)
+        _, _, _, mean, true = _exact_expectation(shared_noise_formula)
         _assert_equal(mean, true, rtol=1e-4)
 
 
