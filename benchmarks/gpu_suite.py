@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 import bf16_sigma
 import jax
@@ -287,6 +288,17 @@ def steps_section(mesh, args, budget, emit, peaks, networks, variants, dtypes, b
                     )
 
 
+def run_section(emit, section, fn, *a):
+    """Runs one section; an error becomes one `skipped` row and the next section still runs
+    (a short GPU loan must not lose the whole suite to one failure)."""
+    try:
+        return fn(*a)
+    except Exception as e:
+        traceback.print_exc()  # the whole story on stderr, one line in the rows and the table
+        first = (str(e).splitlines() or [""])[0]
+        emit(section, dict(skipped=f"error: {type(e).__name__}: {first}"))
+
+
 def run(args):
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
     kind = jax.devices()[0].device_kind
@@ -309,8 +321,11 @@ def run(args):
         files.append_jsonl(args.out, [row])
         print(files.json_text(row, indent=None), flush=True)
 
-    precision_section(args, budgets["precision"], emit)  # issue 22: these two checks first
-    loop_section(mesh, args, budgets["loop"], emit)
+    def guarded(section, fn, *a):
+        return run_section(emit, section, fn, *a)
+
+    guarded("precision", precision_section, args, budgets["precision"], emit)  # issue 22 first
+    guarded("loop", loop_section, mesh, args, budgets["loop"], emit)
     # Large enough to saturate a GPU (8192: ~4 TFLOP per call); a CPU's peak shows at 2048.
     n = 256 if args.quick else 8192 if jax.default_backend() != "cpu" else 2048
     peaks = {
@@ -319,31 +334,32 @@ def run(args):
     }
     for dtype, gflop_s in peaks.items():
         emit("peak", dict(dtype=dtype, matmul_n=n, gflop_s=gflop_s))
-    steps_section(
-        mesh,
-        args,
-        budgets["steps"],
-        emit,
-        peaks,
-        args.networks,
+    step_args = (mesh, args, budgets["steps"], emit, peaks, args.networks)
+    guarded(
+        "steps",
+        steps_section,
+        *step_args,
         ["sgd", "np-rademacher"],
         ["float32", "bfloat16"],
         args.batchsizes,
         "steps",
     )
-    steps_section(
+    noise_nets = [n for n in ("fc", "conv") if n in args.networks][: 1 if args.quick else 2]
+    guarded(
+        "noise",
+        steps_section,
         mesh,
         args,
         budgets["noise"],
         emit,
         peaks,
-        [n for n in ("fc", "conv") if n in args.networks][: 1 if args.quick else 2],
+        noise_nets,
         ["np-rademacher", "np-gaussian"],
         ["float32"],
         args.batchsizes[-1:],
         "noise",
     )
-    population_section(args, budgets["population"], emit)
+    guarded("population", population_section, args, budgets["population"], emit)
     return rows
 
 
@@ -358,7 +374,10 @@ def population_section(args, budget, emit):
         t, why = time.perf_counter(), "over the section's budget"
         if budget.fits(est):
             cmd = [sys.executable, script, *size, "--networks=fc", "--rules=np", f"--out={out}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            # This process already holds XLA's default 75% of the GPU: the child allocates
+            # what it uses instead of trying to reserve 75% of the card again.
+            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
         for row in files.read_jsonl(out) if not why else [dict(members=n) for n in sizes]:
             row.pop("device_kind", None)  # emit's

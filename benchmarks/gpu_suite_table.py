@@ -88,11 +88,13 @@ def table(rows, command):
             "",
             "Not measured: "
             + "; ".join(
-                f"{r['section']} "
-                + " ".join(
-                    str(r[k])
-                    for k in ("network", "dtype", "batchsize", "sigma", "members")
-                    if k in r
+                " ".join(
+                    [r["section"]]
+                    + [
+                        str(r[k])
+                        for k in ("network", "dtype", "batchsize", "sigma", "members")
+                        if k in r
+                    ]
                 )
                 + f" ({r['skipped']})"
                 for r in skipped

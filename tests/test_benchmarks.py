@@ -165,3 +165,32 @@ def test_gpu_suite_records_what_its_budget_drops(tmp_path):
     assert skipped == {"precision", "loop", "steps", "noise", "population"}
     assert {r["section"] for r in rows if "skipped" not in r} == {"peak"}
     assert "Not measured: precision fc 0.003 (over the section's budget)" in table
+
+
+def test_gpu_suite_section_error_is_a_row_and_the_next_section_runs(monkeypatch):
+    """On a short GPU loan one failing section (an API the device's jax lacks, out of memory)
+    must not lose the rest: it becomes a `skipped` row naming the error, the table lists it."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import gpu_suite
+    from gpu_suite_table import table
+
+    rows = []
+
+    def emit(section, row):
+        rows.append(dict(section=section, device_kind="cpu", date="d", quick=True, **row))
+
+    def broken():
+        raise ValueError("no such API\nsecond line")
+
+    assert gpu_suite.run_section(emit, "precision", broken) is None
+    assert gpu_suite.run_section(emit, "loop", lambda: 7) == 7
+    assert rows == [
+        dict(
+            section="precision",
+            device_kind="cpu",
+            date="d",
+            quick=True,
+            skipped="error: ValueError: no such API",
+        )
+    ]
+    assert "Not measured: precision (error: ValueError: no such API)." in table(rows, "cmd")
