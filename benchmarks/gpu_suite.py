@@ -366,13 +366,15 @@ def run(args):
 def population_section(args, budget, emit):
     """fc NP lr populations of growing N while the budget lasts, each measured by
     benchmarks/population.py in its own process (its flags are nodepert-train's, which share
-    names with throughput.py's); an N's estimate is 3x the last one's time."""
+    names with throughput.py's); an N's estimate is 3x the last measured one's time, and once
+    one N does not fit no larger N is tried (it would cost more)."""
     est, out = 1.0, f"{args.out}.population"
     script = os.path.join(os.path.dirname(__file__), "population.py")
     for sizes in [(1, 2)] if args.quick else [(1,), (4,), (16,), (64,)]:
         size = ["--quick", "--batchsize=8"] if args.quick else [f"--members={sizes[0]}"]
         t, why = time.perf_counter(), "over the section's budget"
-        if budget.fits(est):
+        fits = est is not None and budget.fits(est)
+        if fits:
             cmd = [sys.executable, script, *size, "--networks=fc", "--rules=np", f"--out={out}"]
             # This process already holds XLA's default 75% of the GPU: the child allocates
             # what it uses instead of trying to reserve 75% of the card again.
@@ -384,7 +386,7 @@ def population_section(args, budget, emit):
             emit("population", dict(row, network="fc", **({"skipped": why} if why else {})))
         if os.path.exists(out):
             os.remove(out)
-        est = 3 * (time.perf_counter() - t)
+        est = 3 * (time.perf_counter() - t) if fits else None  # None: no larger N is tried
 
 
 def main(argv=None):

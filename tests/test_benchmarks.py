@@ -194,3 +194,43 @@ def test_gpu_suite_section_error_is_a_row_and_the_next_section_runs(monkeypatch)
         )
     ]
     assert "Not measured: precision (error: ValueError: no such API)." in table(rows, "cmd")
+
+
+def test_gpu_suite_population_stops_at_the_first_size_over_budget(monkeypatch, tmp_path):
+    """Seen on an H200: N=4 did not fit, yet N=16 ran because a skipped size reset the
+    estimate. Sizes grow, so the first that does not fit ends the section."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import gpu_suite
+
+    ran, rows = [], []
+
+    def fake_run(cmd, **kw):
+        members = int(next(a for a in cmd if a.startswith("--members=")).split("=")[1])
+        ran.append(members)
+        out = next(a for a in cmd if a.startswith("--out=")).split("=", 1)[1]
+        with open(out, "a") as f:
+            f.write(json.dumps(dict(members=members, step_ms=1.0)) + "\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    clock = [0.0]  # each run takes 1 s; 2 s are left: N=1 (estimated 1 s) fits, N=4 (3 s) not
+    monkeypatch.setattr(gpu_suite.time, "perf_counter", lambda: clock[0])
+    real_run = fake_run
+
+    def fake_run(cmd, **kw):  # noqa: F811 (the same run, taking 1 s of the fake clock)
+        clock[0] += 1.0
+        return real_run(cmd, **kw)
+
+    class Budget:
+        def fits(self, est):
+            return est <= 2.0
+
+    monkeypatch.setattr(gpu_suite.subprocess, "run", fake_run)
+    args = gpu_suite.parse_args([f"--out={tmp_path / 'p.jsonl'}"])
+    gpu_suite.population_section(args, Budget(), lambda s, r: rows.append(r))
+    assert ran == [1]
+    assert [(r["members"], r.get("skipped")) for r in rows] == [
+        (1, None),
+        (4, "over the section's budget"),
+        (16, "over the section's budget"),
+        (64, "over the section's budget"),
+    ]
