@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_suite.py                  # on a GPU: --budget_s=420 by default
     python benchmarks/gpu_suite.py --quick          # CPU smoke run of every section (tests)
+    python benchmarks/gpu_suite.py --sections=precision --networks=vgg,resnet --budget_s=60
 
 Sections, in this order (each gets a share of --budget_s; what does not fit is recorded as
 skipped, never silently dropped):
@@ -73,6 +74,12 @@ def _positive(kind):
     return parse
 
 
+def _section(name):
+    if name not in SHARES:
+        raise argparse.ArgumentTypeError(f"unknown section {name!r}; sections: {', '.join(SHARES)}")
+    return name
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -87,6 +94,13 @@ def parse_args(argv=None):
         type=bf16_sigma.comma_list(bf16_sigma.network_name),
     )
     parser.add_argument("--batchsizes", default="128,1024", type=bf16_sigma.comma_list(int))
+    parser.add_argument(
+        "--sections",
+        default=",".join(SHARES),
+        type=bf16_sigma.comma_list(_section),
+        help="the sections to run, in the suite's order whatever the order given; the budget "
+        "is shared among them (the matmul peak is measured when steps or noise run)",
+    )
     parser.add_argument("--rounds", type=_positive(int), default=5)
     parser.add_argument("--round_s", type=float, default=0.2, help="least seconds per round")
     parser.add_argument("--draws", type=_positive(int), default=1000, help="precision section")
@@ -121,11 +135,13 @@ class Budget:
         return time.perf_counter() + est <= self.end
 
 
-def deadlines(start, budget_s):
-    """section -> its Budget: it ends at the sum of the shares up to it."""
+def deadlines(start, budget_s, sections=tuple(SHARES)):
+    """section -> its Budget: it ends at the sum of the shares up to it (the chosen sections'
+    shares, scaled to keep the 5% slack)."""
     out, total = {}, 0.0
-    for section, share in SHARES.items():
-        total += share
+    scale = sum(SHARES.values()) / sum(SHARES[s] for s in sections)
+    for section in sections:
+        total += SHARES[section] * scale
         out[section] = Budget(start + total * budget_s)
     return out
 
@@ -306,7 +322,8 @@ def run(args):
     rows = []
 
     t0 = time.perf_counter()
-    budgets = deadlines(t0, args.budget_s)
+    chosen = [s for s in SHARES if s in args.sections]
+    budgets = deadlines(t0, args.budget_s, chosen)
 
     def emit(section, row):  # t_s: seconds into the suite, to size --budget_s by
         row = dict(
@@ -322,16 +339,19 @@ def run(args):
         print(files.json_text(row, indent=None), flush=True)
 
     def guarded(section, fn, *a):
-        return run_section(emit, section, fn, *a)
+        if section in chosen:
+            return run_section(emit, section, fn, *a)
 
     guarded("precision", precision_section, args, budgets["precision"], emit)  # issue 22 first
     guarded("loop", loop_section, mesh, args, budgets["loop"], emit)
     # Large enough to saturate a GPU (8192: ~4 TFLOP per call); a CPU's peak shows at 2048.
     n = 256 if args.quick else 8192 if jax.default_backend() != "cpu" else 2048
-    peaks = {
-        "float32": throughput.matmul_peak(mesh, "float32", "highest", n),
-        "bfloat16": throughput.matmul_peak(mesh, "bfloat16", None, n),
-    }
+    peaks = {}
+    if {"steps", "noise"} & set(chosen):
+        peaks = {
+            "float32": throughput.matmul_peak(mesh, "float32", "highest", n),
+            "bfloat16": throughput.matmul_peak(mesh, "bfloat16", None, n),
+        }
     for dtype, gflop_s in peaks.items():
         emit("peak", dict(dtype=dtype, matmul_n=n, gflop_s=gflop_s))
     step_args = (mesh, args, budgets["steps"], emit, peaks, args.networks)

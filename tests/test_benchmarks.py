@@ -234,3 +234,21 @@ def test_gpu_suite_population_stops_at_the_first_size_over_budget(monkeypatch, t
         (16, "over the section's budget"),
         (64, "over the section's budget"),
     ]
+
+
+def test_gpu_suite_sections_share_the_whole_budget(monkeypatch):
+    """--sections=precision,population: the two take the budget in the suite's order, with the
+    shares of the whole suite scaled up (5% slack kept)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import gpu_suite
+
+    whole = gpu_suite.deadlines(0.0, 100.0)
+    assert whole["population"].end == pytest.approx(95.0)
+    two = gpu_suite.deadlines(0.0, 100.0, ["precision", "population"])
+    assert list(two) == ["precision", "population"]
+    assert two["precision"].end == pytest.approx(95.0 * 0.10 / 0.25)
+    assert two["population"].end == pytest.approx(95.0)
+    assert gpu_suite.parse_args(["--sections=population,precision"]).sections == [
+        "population",
+        "precision",
+    ]

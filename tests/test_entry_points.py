@@ -98,6 +98,10 @@ CASES = {  # name: (command, what its error line must say)
         "'bogus' is not one of",
     ),
     "gpu_suite bad budget": (_bench("gpu_suite", "--budget_s=0"), "must be positive, got 0"),
+    "gpu_suite unknown section": (
+        _bench("gpu_suite", "--sections=precision,peaks"),
+        "unknown section 'peaks'; sections: precision, loop, steps, noise, population",
+    ),
     "bf16_sigma unknown network": (
         _bench("bf16_sigma", "--networks=fc,bogus"),
         "'bogus' is not one of",
