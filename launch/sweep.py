@@ -6,6 +6,8 @@
     python launch/sweep.py --spec=... --mode=slurm > sweep.sbatch    # a SLURM job array
     python launch/sweep.py --spec=... --mode=summary                 # CSV of finished runs
     python launch/sweep.py --spec=... --mode=table                   # markdown, seeds pooled
+    python launch/sweep.py --spec=... --as_population --mode=local  # lr/sigma/seed/wd rows as
+                                                    # one --population job per other setting
 
 The spec's format and the rows it gives: nodepert_dist/sweep.py. Imports no jax.
 """
@@ -32,24 +34,32 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="local mode: runs at a time")
     parser.add_argument("--skip_finished", action="store_true", help="local mode")
     parser.add_argument("--out", default=None, help="summary CSV (default <root>/summary.csv)")
+    parser.add_argument(
+        "--as_population",
+        action="store_true",
+        help="train the rows that differ only in lr, sigma, seed or wd as one --population job "
+        "(one compiled program, one workdir); give it to every mode of the same sweep",
+    )
     args = parser.parse_args(argv)
 
     spec = sweep.load_spec(args.spec)
     runs = sweep.expand(spec)
+    # what runs: a row each, or with --as_population one job per population (rows -> members)
+    jobs = sweep.populations(runs, spec) if args.as_population else runs
     if args.index is not None:
-        if not 0 <= args.index < len(runs):
-            sweep.fail(f"--index={args.index} is outside 0..{len(runs) - 1}")
-        runs = [runs[args.index]]
+        if not 0 <= args.index < len(jobs):
+            sweep.fail(f"--index={args.index} is outside 0..{len(jobs) - 1}")
+        jobs = [jobs[args.index]]
     if args.mode == "print":
-        for r in runs:
+        for r in jobs:
             print(shlex.join(r["argv"]))
     elif args.mode == "slurm":
-        sys.stdout.write(sweep_launch.slurm_script(runs, spec, args.spec))
+        sys.stdout.write(sweep_launch.slurm_script(jobs, spec, args.spec))
     elif args.mode == "local":
-        sweep_launch.check_command(runs)
-        failures = sweep_launch.run_local(runs, args.parallel, args.skip_finished)
+        sweep_launch.check_command(jobs)
+        failures = sweep_launch.run_local(jobs, args.parallel, args.skip_finished)
         if failures:
-            print(f"[sweep] error: {failures} of {len(runs)} run(s) failed", file=sys.stderr)
+            print(f"[sweep] error: {failures} of {len(jobs)} job(s) failed", file=sys.stderr)
             return 1
     elif args.mode == "table":
         sys.stdout.write(sweep_report.table(runs))

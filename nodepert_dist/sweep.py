@@ -193,10 +193,81 @@ def num_epochs_of(run: dict) -> int | None:
     return None if value is None else int(value)
 
 
-def final_row(run: dict) -> dict | None:
-    """The last metrics row if the run finished, else None."""
+def run_rows(run: dict) -> list[dict]:
+    """The run's metrics.jsonl rows; a population member's (`populations`): its own rows and
+    events out of its population's file."""
     rows = run_record.read_metrics(run["workdir"])
+    if "member" in run:
+        rows = [r for r in rows if r.get("member") == run["member"]]
+    return rows
+
+
+def final_row(run: dict) -> dict | None:
+    """The last metrics row if the run finished, else None (a member frozen for a divergence or
+    a crash did not finish, as its solo run under the crash guard would not have)."""
+    rows = run_rows(run)
+    if "member" in run:
+        if any(r.get("event", "").startswith("member_") for r in rows):
+            return None
+        rows = [r for r in rows if "event" not in r]
     target = num_epochs_of(run)
     if not rows or target is None or rows[-1].get("epoch") != target:
         return None
     return rows[-1]
+
+
+# ----------------------------------------------------------------------------- populations
+
+TRAINER_MODULE = "nodepert_dist.train"
+
+
+def populations(runs: list[dict], spec: dict) -> list[dict]:
+    """--as_population: the jobs that train `runs` (expand's rows). Rows that differ only in
+    run_record.MEMBER_SETTINGS (lr, sigma, seed, wd) become one `--population` job each, in
+    a workdir named after the other settings plus ",population"; a row alone in its group stays
+    a solo job. Each member row gets `member` (its index in the job's grid) and the job's
+    workdir, so final_row and the reports read its rows there. Jobs: expand's keys, plus
+    `members` for a population job."""
+    command = list(spec.get("command", DEFAULT_COMMAND))
+    if command != DEFAULT_COMMAND and TRAINER_MODULE not in command:
+        fail(
+            f"--as_population trains with the trainer's --population; the spec's command "
+            f"{command} is not nodepert-train (drop --as_population for other commands)"
+        )
+    root = spec.get("root", "runs/sweep")
+    groups: dict = {}
+    for run in runs:
+        key = tuple((k, fmt(v)) for k, v in run["settings"].items() if k not in _MEMBER)
+        groups.setdefault(key, []).append(run)
+    jobs = []
+    for group in groups.values():
+        if len(group) == 1:
+            jobs.append(dict(group[0], index=len(jobs)))
+            continue
+        settings = {k: v for k, v in group[0]["settings"].items() if k not in _MEMBER}
+        swept = [k for k in group[0]["settings"] if k in _MEMBER]  # grid order, seed last
+        values = {k: list(dict.fromkeys(r["settings"][k] for r in group)) for k in swept}
+        # expand's rows are the grid's product with later keys varying fastest, as
+        # population.members lists a --population's members: row i of the group is member i
+        population = ";".join(f"{k}:{fmt(v)}" for k, v in values.items())
+        name = ",".join(filter(None, [run_name(settings), "population"]))
+        workdir = os.path.join(root, name)
+        flags = {k: v for k, v in group[0]["flags"].items() if k not in (*swept, "workdir")}
+        flags.update(population=population, workdir=workdir)
+        for i, run in enumerate(group):
+            run.update(member=i, workdir=workdir)
+        argv = command + [flag_arg(k, v) for k, v in flags.items()]
+        jobs.append(
+            dict(
+                index=len(jobs),
+                settings=settings,
+                flags=flags,
+                workdir=workdir,
+                argv=argv,
+                members=group,
+            )
+        )
+    return jobs
+
+
+_MEMBER = run_record.MEMBER_SETTINGS

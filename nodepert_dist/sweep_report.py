@@ -49,9 +49,7 @@ def table(runs: list[dict], thresholds=(0.90, 0.93, 0.95)) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, members in groups.items():
         metric_rows = [
-            run_record.epoch_rows(run_record.read_metrics(r["workdir"]))
-            for r in members
-            if sweep.final_row(r)
+            run_record.epoch_rows(sweep.run_rows(r)) for r in members if sweep.final_row(r)
         ]
         if not metric_rows:
             continue

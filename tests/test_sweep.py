@@ -490,3 +490,78 @@ def test_a_bad_spec_is_a_sweep_error_in_the_library(tmp_path):
     path.write_text('{"grid": {"lr": []}}')
     with pytest.raises(sweep.SweepError, match="grid entry 'lr' must be a non-empty list"):
         sweep.load_spec(str(path))
+
+
+def test_as_population_makes_one_trainer_job_per_non_member_setting(tmp_path):
+    """update_rule x lr x 2 seeds (8 rows) -> 2 jobs, each an lr x seed --population in the
+    order population.members lists its members, so member i is that row."""
+    from nodepert_dist import population, train
+
+    spec = sweep.load_spec(make_spec(tmp_path))
+    runs = sweep.expand(spec)
+    jobs = sweep.populations(runs, spec)
+    assert [j["index"] for j in jobs] == [0, 1]
+    assert [j["settings"] for j in jobs] == [{"update_rule": "np"}, {"update_rule": "sgd"}]
+    np_job = jobs[0]
+    assert os.path.basename(np_job["workdir"]) == "update_rule=np,population"
+    assert np_job["argv"] == [
+        "nodepert-train",
+        "--num_epochs=3",
+        "--hl_size=32",
+        "--update_rule=np",
+        "--population=lr:0.01,0.001;seed:0,1",
+        f"--workdir={np_job['workdir']}",
+    ]
+    cfg = train.Config(update_rule="np", population="lr:0.01,0.001;seed:0,1")
+    for job in jobs:
+        assert [r["member"] for r in job["members"]] == [0, 1, 2, 3]
+        for run, member in zip(job["members"], population.members(cfg)):
+            assert run["workdir"] == job["workdir"]
+            assert {k: run["settings"][k] for k in member} == member
+    # a row alone in its group stays a solo job; a command other than the trainer is refused
+    one = dict(spec, grid={"update_rule": ["np", "sgd"]}, seeds=1)
+    assert sweep.populations(sweep.expand(one), one) == [
+        dict(r, index=i) for i, r in enumerate(sweep.expand(one))
+    ]
+    other = dict(spec, command=["python", "my_train.py"])
+    with pytest.raises(sweep.SweepError, match="is not nodepert-train"):
+        sweep.populations(sweep.expand(other), other)
+
+
+def test_summary_reads_each_member_out_of_its_population(tmp_path):
+    """One population workdir holds every member's rows; the summary gives a finished member its
+    own last row and leaves out a member frozen by a crash, as a crashed solo run is left out."""
+    spec_path = make_spec(tmp_path, grid={"lr": [0.01, 0.1]})
+    spec = sweep.load_spec(spec_path)
+    runs = sweep.expand(spec)
+    (job,) = sweep.populations(runs, spec)
+    os.makedirs(job["workdir"])
+    lines = []
+    for epoch in range(4):
+        for m in range(4):
+            lines.append(dict(epoch=epoch, member=m, test_acc=0.5 + m / 10 + epoch / 100))
+        if epoch == 2:
+            lines.append(dict(event="member_crashed", member=2, epoch=2, step=20))
+    with open(os.path.join(job["workdir"], "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "summary.csv"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "sweep.py"),
+            f"--spec={spec_path}",
+            "--as_population",
+            "--mode=summary",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "3 finished run(s), 1 unfinished skipped" in res.stdout
+    rows = {int(r["index"]): r for r in csv.DictReader(open(out))}
+    assert sorted(rows) == [0, 1, 3]
+    for i in (0, 1, 3):  # row i is member i: its own accuracy, not the last member's
+        assert float(rows[i]["test_acc"]) == pytest.approx(0.5 + i / 10 + 0.03)
+        assert rows[i]["workdir"] == job["workdir"]

@@ -17,7 +17,7 @@ DEFAULT_LRS = common.log_grid(1e-5, 1.0, 11)
 _LABELS = {"sgd": "NP", "adam": "NP + Adam"}
 
 
-def run(base, out, lrs, seeds, launch="inprocess", parallel=1) -> list[str]:
+def run(base, out, lrs, seeds, launch="inprocess", parallel=1, as_population=False) -> list[str]:
     base = dataclasses.replace(base, update_rule="np")
     return vary_lr.lr_sweep(
         base,
@@ -30,6 +30,7 @@ def run(base, out, lrs, seeds, launch="inprocess", parallel=1) -> list[str]:
         launch,
         parallel,
         label=_LABELS.get,
+        as_population=as_population,
     )[1]
 
 
@@ -41,6 +42,7 @@ def _main():
         common.FLAGS.seeds,
         common.FLAGS.launch,
         common.FLAGS.parallel,
+        common.FLAGS.as_population,
     )
 
 

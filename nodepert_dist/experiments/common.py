@@ -54,6 +54,13 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("parallel", 1, "--launch=local: runs at a time.")
 flags.DEFINE_list("lrs", None, "Learning rates (default: the experiment's log-spaced grid).")
 flags.DEFINE_integer("seeds", 1, "Seeds per grid point (0..N-1).")
+flags.DEFINE_bool(
+    "as_population",
+    False,
+    "Grid experiments: train the grid points that differ only in lr, sigma, seed or wd as one "
+    "--population job each (one compiled step and workdir; members share the data order, "
+    "--seed's; a member that diverges or crashes is frozen while the others go on).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -164,11 +171,25 @@ def train_once(cfg: train.Config, hooks=()) -> dict:
     return outcome(cfg.workdir, cfg.num_epochs)
 
 
-def outcome(workdir: str, num_epochs: int) -> dict:
-    """{'status': finished | crashed | diverged | unfinished, 'rows': epoch rows, ...}."""
+def outcome(workdir: str, num_epochs: int, member: int | None = None) -> dict:
+    """{'status': finished | crashed | diverged | unfinished, 'rows': epoch rows, ...}; of one
+    member of a population run when `member` is given (its rows, its freeze event)."""
     logged = run_record.read_metrics(workdir)
+    if member is not None:
+        logged = [r for r in logged if r.get("member") == member]
     rows, events = run_record.epoch_rows(logged), [r for r in logged if "event" in r]
     result = {"rows": rows, "events": events}
+    frozen = [e for e in events if e["event"] in ("member_crashed", "member_diverged")]
+    if member is not None and frozen:  # as its solo run under the crash guard would end: at
+        e = frozen[0]  # the crash epoch's row, or before the epoch it diverged in (a frozen
+        crashed = e["event"] == "member_crashed"  # member's later rows repeat its state)
+        last = e["epoch"] - (not crashed)
+        return dict(
+            result,
+            rows=[r for r in rows if r["epoch"] <= last],
+            status="crashed" if crashed else "diverged",
+            event_epoch=e["epoch"],
+        )
     gave_up = [e for e in events if e["event"] == "gave_up"]
     path = os.path.join(workdir, "outcome.json")
     log = os.path.join(workdir, "run.log")  # subprocess runs (sweep_launch.run_local)
@@ -203,9 +224,12 @@ def run_grid(
     root: str,
     launch: str = "inprocess",
     parallel: int = 1,
+    as_population: bool = False,
 ) -> list[dict]:
     """Every (grid point x seed) run of `base` via nodepert_dist.sweep; returns its run dicts,
-    each with its `cfg` and `outcome`. Finished, crashed and diverged runs are not rerun."""
+    each with its `cfg` and `outcome`. Finished, crashed and diverged runs are not rerun.
+    as_population: the runs that differ only in member settings train as one --population job
+    (sweep.populations); each run is then a member, its outcome read from the job's workdir."""
     spec = {
         "command": [sys.executable, "-m", "nodepert_dist.train"]
         + ([f"--cpu_devices={FLAGS.cpu_devices}"] if _flag("cpu_devices") else [])
@@ -222,10 +246,11 @@ def run_grid(
     }
     files.write_json(os.path.join(root, "sweep_spec.json"), spec)
     runs = sweep.expand(spec)
-    for run in runs:
+    jobs = sweep.populations(runs, spec) if as_population else runs
+    for run in runs + jobs:
         run["cfg"] = dataclasses.replace(base, **run["flags"])
     done = lambda r: outcome(r["workdir"], r["cfg"].num_epochs)["status"] != "unfinished"
-    todo = [r for r in runs if not done(r)]
+    todo = [r for r in jobs if not done(r)]
     if launch == "inprocess":
         for run in todo:
             train_once(run["cfg"])
@@ -242,7 +267,7 @@ def run_grid(
             f"this command again with --launch=none to aggregate"
         )
     for run in runs:
-        run["outcome"] = outcome(run["workdir"], run["cfg"].num_epochs)
+        run["outcome"] = outcome(run["workdir"], run["cfg"].num_epochs, run.get("member"))
     return runs
 
 

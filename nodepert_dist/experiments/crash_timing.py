@@ -23,7 +23,7 @@ import shutil
 
 from absl import flags
 
-from nodepert_dist import checkpoint_layout, files, metrics, run_record
+from nodepert_dist import checkpoint_layout, files, metrics
 from nodepert_dist.experiments import common, probes
 
 flags.DEFINE_integer("replay_runs", 1, "Replay this many crashed runs (lowest lrs first; 0: none).")
@@ -35,59 +35,25 @@ flags.DEFINE_integer(
     "the run's own estimator, --np_* settings included).",
 )
 flags.DEFINE_integer("probe_size", 256, "Training examples in the replay's probe batch.")
-flags.DEFINE_bool(
-    "as_population",
-    False,
-    "Train the lr x seed grid as one --population (one compiled step; a member is frozen at "
-    "its first crash while the others go on; seeds vary init and noise, the data order is "
-    "--seed's). Keeps no per-run checkpoint to replay: needs --replay_runs=0.",
-)
 FLAGS = flags.FLAGS
 
 DEFAULT_LRS = common.log_grid(0.002, 0.05, 6)
 
 
-def population_timing(base, out, lrs, seeds) -> list[dict]:
-    """The timing rows of the lr x seed grid trained as one population (members in the grid's
-    order): a member's first crash or divergence is its member_crashed / member_diverged event."""
-    cfg = dataclasses.replace(
-        base,
-        crash_guard=True,
-        population=f"lr:{','.join(map(str, lrs))};seed:{','.join(map(str, range(seeds)))}",
-        workdir=os.path.join(out, "population"),
-    )
-    result = common.train_once(cfg)
-    events = {e["member"]: e for e in result["events"] if e["event"].startswith("member_")}
-    rows = []
-    for i, member_rows in run_record.by_member(result["rows"]).items():
-        e = events.get(i)
-        status = {
-            None: "finished" if member_rows[-1]["epoch"] >= cfg.num_epochs else "unfinished",
-            "member_crashed": "crashed",
-            "member_diverged": "diverged",
-        }[e and e["event"]]
-        # as a solo run under the guard: it stops at the crash row, or before a diverged epoch
-        last = e["epoch"] - (status == "diverged") if e else member_rows[-1]["epoch"]
-        epochs = [r for r in member_rows if r["epoch"] <= last]
-        rows.append(
-            {
-                "lr": member_rows[0]["lr"],
-                "seed": member_rows[0]["seed"],
-                "status": status,
-                "crash_epoch": e["epoch"] if e else None,
-                "epochs_trained": last,
-                "best_acc": max((r["test_acc"] for r in epochs), default=None),
-                "acc_after_crash": epochs[-1]["test_acc"] if status == "crashed" else None,
-                "workdir": cfg.workdir,
-            }
-        )
-    return rows
-
-
-def timing(base, out, lrs, seeds, launch="inprocess", parallel=1) -> tuple[list[dict], list[dict]]:
+def timing(
+    base, out, lrs, seeds, launch="inprocess", parallel=1, as_population=False
+) -> tuple[list[dict], list[dict]]:
+    """The timing rows of the lr x seed grid, run by run or (as_population) as one population,
+    where a member's first crash or divergence freezes it (its member_crashed/_diverged event)."""
     guarded = dataclasses.replace(base, crash_guard=True, crash_max_rollbacks=0)
     runs = common.run_grid(
-        guarded, {"lr": list(lrs)}, seeds, os.path.join(out, "runs"), launch, parallel
+        guarded,
+        {"lr": list(lrs)},
+        seeds,
+        os.path.join(out, "runs"),
+        launch,
+        parallel,
+        as_population,
     )
     rows = []
     for run in runs:
@@ -273,10 +239,7 @@ def run(
     parallel=1,
     as_population=False,
 ) -> list[str]:
-    if as_population:
-        runs, rows = [], population_timing(base, out, lrs, seeds)
-    else:
-        runs, rows = timing(base, out, lrs, seeds, launch, parallel)
+    runs, rows = timing(base, out, lrs, seeds, launch, parallel, as_population)
     paths = [
         common.write_csv(os.path.join(out, "crash_timing.csv"), rows),
         plot_timing(rows, os.path.join(out, "crash_timing.png"), base),
@@ -302,7 +265,7 @@ def run(
 def _main():
     if FLAGS.replay_runs < 0 or FLAGS.replay_every <= 0 or FLAGS.replay_draws < 2:
         raise common.ExperimentError("--replay_runs >= 0, --replay_every > 0, --replay_draws >= 2")
-    if FLAGS.as_population and FLAGS.replay_runs:
+    if common.FLAGS.as_population and FLAGS.replay_runs:
         raise common.ExperimentError(
             "--as_population keeps no per-run checkpoint to replay a crash from: add "
             "--replay_runs=0, or drop --as_population"
@@ -318,7 +281,7 @@ def _main():
         FLAGS.probe_size,
         FLAGS.launch,
         FLAGS.parallel,
-        FLAGS.as_population,
+        common.FLAGS.as_population,
     )
 
 

@@ -33,6 +33,7 @@ def lr_sweep(
     launch: str = "inprocess",
     parallel: int = 1,
     label=str,
+    as_population: bool = False,
 ) -> tuple[list[dict], list[str]]:
     """Runs `series` x lr x seed; writes <out>/<name>.csv and .png (accuracy vs lr per series)."""
     runs = common.run_grid(
@@ -42,6 +43,7 @@ def lr_sweep(
         os.path.join(out, "runs"),
         launch,
         parallel,
+        as_population,
     )
     rows = [common.run_summary(r, base.crash_points) for r in runs]
     csv_path = common.write_csv(os.path.join(out, f"{name}.csv"), rows)
@@ -82,9 +84,21 @@ def lr_sweep(
     return rows, [csv_path, png]
 
 
-def run(base, out: str, rules, lrs, seeds: int, launch="inprocess", parallel=1) -> list[str]:
+def run(
+    base, out: str, rules, lrs, seeds: int, launch="inprocess", parallel=1, as_population=False
+) -> list[str]:
     return lr_sweep(
-        base, out, "vary_lr", "update_rule", rules, lrs, seeds, launch, parallel, label=str.upper
+        base,
+        out,
+        "vary_lr",
+        "update_rule",
+        rules,
+        lrs,
+        seeds,
+        launch,
+        parallel,
+        label=str.upper,
+        as_population=as_population,
     )[1]
 
 
@@ -101,6 +115,7 @@ def _main():
         FLAGS.seeds,
         FLAGS.launch,
         FLAGS.parallel,
+        common.FLAGS.as_population,
     )
 
 

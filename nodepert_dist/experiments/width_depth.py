@@ -95,7 +95,9 @@ def plot(summary, path, base) -> str:
     return common.save_figure(fig, path)
 
 
-def run(base, out, widths, depths, lrs, seeds, launch="inprocess", parallel=1) -> list[str]:
+def run(
+    base, out, widths, depths, lrs, seeds, launch="inprocess", parallel=1, as_population=False
+) -> list[str]:
     rows, summary = [], []
     for key, values, folder in (("hl_size", widths, "runs_width"), ("n_hl", depths, "runs_depth")):
         runs = common.run_grid(
@@ -105,6 +107,7 @@ def run(base, out, widths, depths, lrs, seeds, launch="inprocess", parallel=1) -
             os.path.join(out, folder),
             launch,
             parallel,
+            as_population,  # one population per width (depth): its lrs x seeds
         )
         mine = [common.run_summary(r, base.crash_points) for r in runs]
         rows += [
@@ -134,6 +137,7 @@ def _main():
         FLAGS.seeds,
         FLAGS.launch,
         FLAGS.parallel,
+        FLAGS.as_population,
     )
 
 
