@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from nodepert_dist import decorrelation, estimator, losses, perturbation
+from nodepert_dist import allreduce, decorrelation, estimator, losses, perturbation
 from nodepert_dist import settings as settings_lib
 from nodepert_dist.estimator import NPSettings
 from nodepert_dist.mesh import DATA, serialize_if_multiprocess_cpu
@@ -148,6 +148,7 @@ def make_train_step(
     decorrelate_lr: float | None = None,
     members: dict | None = None,
     member_rule: Callable | None = None,
+    flat_sums: bool | None = None,
     **rule,
 ) -> Callable:
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
@@ -161,9 +162,13 @@ def make_train_step(
     `member_rule(values) -> (gradient, optimizer)` of one member's traced values. The state is
     stacked on a leading member axis, the same update is mapped over it (`over_members`;
     every member sees the same batch) and the metrics get that axis too. Without them, the solo step.
+
+    `flat_sums`: psum the step's sums as one flat buffer per dtype (allreduce.psum); default
+    where that pays, CPU devices in several processes (allreduce.flat_sums).
     """
     if members is None:
         gradient = gradient or local_gradient(global_batch=global_batch, **rule)
+    flat = allreduce.flat_sums(mesh) if flat_sums is None else flat_sums
 
     def update(state: TrainState, x, labels, gradient, optimizer):
         b = x.shape[0]
@@ -171,24 +176,25 @@ def make_train_step(
         global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
         net = decorrelation.bind(model, state.decor)
         grads, example_loss, logits = gradient(net, params, x, labels, state.step, global_index)
-        grads = jax.lax.psum(grads, DATA)
         decor = state.decor
-        if decor is not None:
-            if decorrelate_lr is None:
-                raise ValueError(
-                    "the train state has decorrelation matrices: give "
-                    "make_train_step decorrelate_lr"
-                )
-            sums = decorrelation.local_sums(model, params, decor, x)
-            decor = decorrelation.update(decor, jax.lax.psum(sums, DATA), decorrelate_lr)
-        metrics = jax.lax.psum(
-            {
+        if decor is not None and decorrelate_lr is None:
+            raise ValueError(
+                "the train state has decorrelation matrices: give make_train_step decorrelate_lr"
+            )
+        local = {
+            "grads": grads,
+            "decor": None if decor is None else decorrelation.local_sums(model, params, decor, x),
+            "metrics": {
                 "loss_sum": jnp.sum(example_loss),
                 "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
                 "count": jnp.float32(b),
             },
-            DATA,
-        )
+        }
+        # Every sum of the step in one psum (allreduce.py: flat buffers across CPU processes).
+        sums = allreduce.psum(local, DATA, flat=flat)
+        grads, metrics = sums["grads"], sums["metrics"]
+        if decor is not None:
+            decor = decorrelation.update(decor, sums["decor"], decorrelate_lr)
         updates, opt_state = optax.with_extra_args_support(optimizer).update(
             grads, state.opt_state, state.params, step=state.step
         )
