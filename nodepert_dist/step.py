@@ -148,7 +148,6 @@ def make_train_step(
     decorrelate_lr: float | None = None,
     members: dict | None = None,
     member_rule: Callable | None = None,
-    flat_sums: bool | None = None,
     **rule,
 ) -> Callable:
     """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
@@ -162,13 +161,10 @@ def make_train_step(
     `member_rule(values) -> (gradient, optimizer)` of one member's traced values. The state is
     stacked on a leading member axis, the same update is mapped over it (`over_members`;
     every member sees the same batch) and the metrics get that axis too. Without them, the solo step.
-
-    `flat_sums`: psum the step's sums as one flat buffer per dtype (allreduce.psum); default
-    where that pays, CPU devices in several processes (allreduce.flat_sums).
     """
     if members is None:
         gradient = gradient or local_gradient(global_batch=global_batch, **rule)
-    flat = allreduce.flat_sums(mesh) if flat_sums is None else flat_sums
+    flat = allreduce.flat_sums(mesh)  # one buffer per dtype where that pays (allreduce.py)
 
     def update(state: TrainState, x, labels, gradient, optimizer):
         b = x.shape[0]
@@ -190,8 +186,7 @@ def make_train_step(
                 "count": jnp.float32(b),
             },
         }
-        # Every sum of the step in one psum (allreduce.py: flat buffers across CPU processes).
-        sums = allreduce.psum(local, DATA, flat=flat)
+        sums = allreduce.psum(local, DATA, flat=flat)  # every sum of the step at once
         grads, metrics = sums["grads"], sums["metrics"]
         if decor is not None:
             decor = decorrelation.update(decor, sums["decor"], decorrelate_lr)
@@ -238,16 +233,18 @@ def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Calla
     (global sums); `decor`: the state's decorrelation matrices, if any. `population`: params
     (and decor) stacked on a member axis, the sums per member."""
     loss_fn = losses.get(loss)
+    flat = allreduce.flat_sums(mesh)
 
     def one_eval(params, x, labels, mask, decor):
         logits = decorrelation.bind(model, decor).apply({"params": params}, x)
-        return jax.lax.psum(
+        return allreduce.psum(
             {
                 "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
                 "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
                 "count": jnp.sum(mask),
             },
             DATA,
+            flat=flat,
         )
 
     def local_eval(params, x, labels, mask, decor):
