@@ -5,9 +5,10 @@ gradient and metric sums become one all-reduce of a tuple of arrays). Across pro
 that op runs through gloo one tuple element at a time, each a full collective with its own
 latency (~6 ms per array on the 2-core development machine: 9 arrays cost 92-114 ms of a
 148 ms fc step). Concatenating the leaves of each dtype into one buffer before the psum and
-cutting it back after makes it one gloo collective per dtype; each element is still the sum of
-the same 8 values in the same order, so the result is the same to the bit
-(tests/test_allreduce.py).
+cutting it back after makes it one gloo collective per dtype (XLA keeps different dtypes'
+all-reduces apart). Each element is still the sum of the same device values; XLA may fuse the
+local work feeding a concatenation differently, so the update agrees to float64 rounding, not
+always to the bit (tests/test_allreduce.py).
 
 Where: CPU with several processes (`flat_sums`). With one process XLA's in-process all-reduce
 costs the same either way (measured: docs/results/device_scaling.md); on GPUs NCCL runs a
