@@ -44,7 +44,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("batchsize", 128, "Global batch of strong scaling and of the layouts.")
 flags.DEFINE_integer("per_device_batch", 128, "Per-device batch of weak scaling.")
-flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Device counts.")
+flags.DEFINE_list(
+    "devices", ["1", "2", "4", "8"], "Device counts ('' = none: the process layouts only)."
+)
 flags.DEFINE_list("layouts", ["1x8", "2x4", "4x2"], "Processes x devices per process.")
 flags.DEFINE_list(
     "extra", [], "More nodepert-train flags for every run, e.g. --extra=--hl_size=64."
@@ -141,9 +143,9 @@ def measure() -> list[dict]:
         p, d = map(int, layout.split("x"))
         rows.append(dict(point(p, d, FLAGS.batchsize), mode="layout"))
     for mode in ("strong", "weak"):
-        base = next(r for r in rows if r["mode"] == mode and r["devices"] == 1)
+        base = next((r for r in rows if r["mode"] == mode and r["devices"] == 1), None)
         for r in rows:
-            if r["mode"] == mode:
+            if r["mode"] == mode and base:
                 r["efficiency"] = r["examples_per_s"] / (r["devices"] * base["examples_per_s"])
     base = (
         next(r for r in rows if r["mode"] == "layout" and r["processes"] == 1)
@@ -177,7 +179,7 @@ def report(rows: list[dict]) -> None:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for mode in ("strong", "weak"):
-        sel = [r for r in rows if r["mode"] == mode]
+        sel = [r for r in rows if r["mode"] == mode and "efficiency" in r]
         ax.plot(
             [r["devices"] for r in sel],
             [r["efficiency"] for r in sel],

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from nodepert_dist import decorrelation, estimator, losses, perturbation
+from nodepert_dist import allreduce, decorrelation, estimator, losses, perturbation
 from nodepert_dist import settings as settings_lib
 from nodepert_dist.estimator import NPSettings
 from nodepert_dist.mesh import DATA, serialize_if_multiprocess_cpu
@@ -164,6 +164,7 @@ def make_train_step(
     """
     if members is None:
         gradient = gradient or local_gradient(global_batch=global_batch, **rule)
+    flat = allreduce.flat_sums(mesh)  # one buffer per dtype where that pays (allreduce.py)
 
     def update(state: TrainState, x, labels, gradient, optimizer):
         b = x.shape[0]
@@ -171,24 +172,24 @@ def make_train_step(
         global_index = jax.lax.axis_index(DATA) * b + jnp.arange(b)
         net = decorrelation.bind(model, state.decor)
         grads, example_loss, logits = gradient(net, params, x, labels, state.step, global_index)
-        grads = jax.lax.psum(grads, DATA)
         decor = state.decor
-        if decor is not None:
-            if decorrelate_lr is None:
-                raise ValueError(
-                    "the train state has decorrelation matrices: give "
-                    "make_train_step decorrelate_lr"
-                )
-            sums = decorrelation.local_sums(model, params, decor, x)
-            decor = decorrelation.update(decor, jax.lax.psum(sums, DATA), decorrelate_lr)
-        metrics = jax.lax.psum(
-            {
+        if decor is not None and decorrelate_lr is None:
+            raise ValueError(
+                "the train state has decorrelation matrices: give make_train_step decorrelate_lr"
+            )
+        local = {
+            "grads": grads,
+            "decor": None if decor is None else decorrelation.local_sums(model, params, decor, x),
+            "metrics": {
                 "loss_sum": jnp.sum(example_loss),
                 "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
                 "count": jnp.float32(b),
             },
-            DATA,
-        )
+        }
+        sums = allreduce.psum(local, DATA, flat=flat)  # every sum of the step at once
+        grads, metrics = sums["grads"], sums["metrics"]
+        if decor is not None:
+            decor = decorrelation.update(decor, sums["decor"], decorrelate_lr)
         updates, opt_state = optax.with_extra_args_support(optimizer).update(
             grads, state.opt_state, state.params, step=state.step
         )
@@ -232,16 +233,18 @@ def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Calla
     (global sums); `decor`: the state's decorrelation matrices, if any. `population`: params
     (and decor) stacked on a member axis, the sums per member."""
     loss_fn = losses.get(loss)
+    flat = allreduce.flat_sums(mesh)
 
     def one_eval(params, x, labels, mask, decor):
         logits = decorrelation.bind(model, decor).apply({"params": params}, x)
-        return jax.lax.psum(
+        return allreduce.psum(
             {
                 "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
                 "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
                 "count": jnp.sum(mask),
             },
             DATA,
+            flat=flat,
         )
 
     def local_eval(params, x, labels, mask, decor):

@@ -29,11 +29,11 @@ env = subprocess_env
 run = run_command
 
 
-def rows_by_rank(stdout):
+def rows_by_rank(stdout, tag="ROWS"):
     rows = {}
     for line in stdout.splitlines():
-        if "ROWS " in line:
-            rank, payload = line.split("ROWS ", 1)[1].split(" ", 1)
+        if f"{tag} " in line:
+            rank, payload = line.split(f"{tag} ", 1)[1].split(" ", 1)
             rows[int(rank)] = json.loads(payload)
     return rows
 
@@ -83,6 +83,11 @@ def test_two_processes_train_like_one(mnist_dir, tmp_path, rule, atol, loss_rel,
     untimed = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     ranks = rows_by_rank(multi.stdout)
     assert sorted(ranks) == [0, 1]
+    # Across processes the step's sums go as one flat float32 buffer (allreduce.py): the
+    # gradients (784*32 + 32 + 32*10 + 10) and the 3 metrics; one process keeps XLA's tuple.
+    flat = [["f32[25453]"]]
+    assert rows_by_rank(multi.stdout, "ALLREDUCE") == {0: flat, 1: flat}
+    assert len(rows_by_rank(single.stdout, "ALLREDUCE")[0][0]) == 7
     assert untimed(ranks[0]) == untimed(ranks[1]), "the two processes disagree on a metric"
     # Only process 0 wrote the metrics file: one row per epoch, not two.
     written = [json.loads(l) for l in open(tmp_path / "m" / "metrics.jsonl")]
