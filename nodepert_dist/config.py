@@ -208,6 +208,8 @@ RESUME_RULES = {
         "data_workers",
         "num_epochs",
         "max_steps",
+        "metrics_every",
+        "steps_per_call",
         "crash_guard",
         "crash_points",
         "crash_lr_factor",

@@ -101,7 +101,20 @@ def apply(x, mode: str, stats: dict):
 
 
 def device_fn(mode: str, stats: dict, mesh):
-    """Jitted `f(uint8 global batch) -> float32 global batch`, sharded like its input."""
+    """Jitted `f(uint8 global batch) -> float32 global batch`, sharded like its input (eval and
+    probes; the train loop traces `device_parts` inside its step instead)."""
+    import jax
+
+    from nodepert_dist import mesh as mesh_lib
+
+    fn, consts = device_parts(mode, stats, mesh)
+    jitted = jax.jit(fn, out_shardings=mesh_lib.batch_sharding(mesh))
+    return lambda x: jitted(x, consts)
+
+
+def device_parts(mode: str, stats: dict, mesh):
+    """(`fn(x, consts)`, consts): the device preprocessing as a traceable function and its
+    statistics, replicated on the mesh (arguments, not constants folded into the program)."""
     import jax
 
     from nodepert_dist import mesh as mesh_lib
@@ -115,5 +128,4 @@ def device_fn(mode: str, stats: dict, mesh):
         with jax.default_matmul_precision("highest"):
             return apply(x, mode, c)
 
-    fn = jax.jit(exact, out_shardings=mesh_lib.batch_sharding(mesh))
-    return lambda x: fn(x, consts)
+    return exact, consts

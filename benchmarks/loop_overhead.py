@@ -1,0 +1,173 @@
+"""A trainer step split into device time and host overhead: the train loop's epoch time against
+the same compiled steps on a device-resident batch.
+
+    PYTHONPATH=. python benchmarks/loop_overhead.py --data_dir=data        # MNIST, fc NP
+    PYTHONPATH=. python benchmarks/loop_overhead.py --quick                # CPU smoke run
+
+For each batch size and each loop setting (`before`: --metrics_every=1 --steps_per_call=1, a
+metrics read per step as the loop did before issue 22; `after`: the defaults; `k4`:
+--steps_per_call=4), the real train loop (`train.run`: data pipeline, host batches, metric
+reads) runs --epochs epochs of fc NP; its epoch time (`epoch_time` of the rows, epoch 1 left
+out: it compiles) is set against the pure compiled steps: the loop's own program
+(`Run.loop.call`, already compiled by then) called back to back on one batch already on the
+device, from a hook at the run's start. overhead = trainer / pure - 1: what the host adds.
+Target on CPU: within 5% (issue 22). Without --data_dir (or without MNIST there) the data are
+synthetic MNIST-shaped uint8 images. Output: JSON lines (--out) and a markdown table on stdout;
+benchmarks/gpu_suite.py's `loop` section calls `measure`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nodepert_dist import cli, files, train
+from nodepert_dist import mesh as mesh_lib
+from nodepert_dist.data import store
+from nodepert_dist.data.raw import Raw
+
+LOOPS = {
+    "before": dict(metrics_every=1, steps_per_call=1),
+    "after": {},  # the defaults
+    "k4": dict(steps_per_call=4),
+}
+
+
+def synthetic_mnist(root: str, n_train: int) -> str:
+    """MNIST-shaped random uint8 data under `root` (the data_dir); returns root."""
+    rng = np.random.default_rng(0)
+    img = lambda n: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)  # noqa: E731
+    lab = lambda n: rng.integers(0, 10, n).astype(np.int32)  # noqa: E731
+    store.write(
+        Raw(img(n_train), lab(n_train), img(1000), lab(1000), 10),
+        store.store_dir(root, "mnist"),
+        {"dataset": "mnist", "verified": False, "checksum_problem": "synthetic benchmark data"},
+    )
+    return root
+
+
+class _PureSteps:
+    """Hook: at the run's start, times the loop's compiled call back to back on one resident
+    batch (a copy of the state: the call donates it), `calls` times after 2 warm-up calls."""
+
+    def __init__(self, rounds: int, min_s: float):
+        self.rounds, self.min_s, self.step_s = rounds, min_s, []
+
+    def start(self, ctx) -> None:
+        loop, b, self.steps = ctx.run.loop, ctx.cfg.batchsize, ctx.steps_per_epoch
+        k = loop.steps_per_call
+        x = np.asarray(ctx.data.train_x[: k * b])
+        y = np.asarray(ctx.data.train_y[: k * b])
+        if k > 1:
+            batch = mesh_lib.global_batch(
+                ctx.mesh, x.reshape(k, b, *x.shape[1:]), y.reshape(k, b), stacked=True
+            )
+        else:
+            batch = mesh_lib.global_batch(ctx.mesh, x, y)
+        state, log = jax.tree.map(jnp.copy, ctx.state), loop.new_log()
+        for _ in range(2):  # compiles the program the trainer then reuses
+            state, log, m = loop.call(state, log, *batch)
+        jax.block_until_ready((state, log))
+        calls = 1
+        for _ in range(self.rounds):
+            while True:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    state, log, m = loop.call(state, log, *batch)
+                jax.block_until_ready((state, log, m))
+                took = time.perf_counter() - start
+                if took >= self.min_s:
+                    break
+                calls *= 2
+            self.step_s.append(took / (calls * k))
+
+
+def measure(data_dir: str, workdir: str, batchsize: int, loop: str, epochs: int, **extra) -> dict:
+    """One trainer run (fc NP; epochs >= 2) and its pure steps: a row of seconds and ratios."""
+    hook = _PureSteps(rounds=5, min_s=0.2 if epochs > 2 else 0.0)
+    cfg = train.Config(
+        **{
+            "data_dir": data_dir,
+            "workdir": workdir,
+            "network": "fc",
+            "update_rule": "np",
+            "batchsize": batchsize,
+            "num_epochs": epochs,
+            "eval_train": False,
+            "validation_size": 0,
+            "checkpoint_every_epochs": 0,
+            **LOOPS[loop],
+            **extra,
+        }
+    )
+    rows, _ = train.run(cfg, hooks=[hook])
+    # Least times: on a shared machine other work only ever adds to a measurement.
+    epoch_s = min(r["epoch_time"] for r in rows if r["epoch"] >= 2)
+    steps = hook.steps
+    pure_step = min(hook.step_s)
+    return dict(
+        network="fc",
+        update_rule="np",
+        batchsize=batchsize,
+        loop=loop,
+        **{k: v for k, v in LOOPS[loop].items()},
+        steps_per_epoch=steps,
+        trainer_epoch_s=epoch_s,
+        pure_epoch_s=pure_step * steps,
+        pure_step_ms=1e3 * pure_step,
+        host_us_per_step=1e6 * (epoch_s - pure_step * steps) / steps,
+        overhead=epoch_s / (pure_step * steps) - 1,
+    )
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | loop | trainer epoch (s) | pure steps (s) | host µs/step | overhead |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batchsize']} | {r['loop']} | {r['trainer_epoch_s']:.3f} | "
+            f"{r['pure_epoch_s']:.3f} | {r['host_us_per_step']:.0f} | {100 * r['overhead']:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data_dir", default="", help="holding MNIST; empty: synthetic data")
+    ap.add_argument("--batchsizes", default="128,1024")
+    ap.add_argument("--loops", default="before,after,k4")
+    ap.add_argument("--epochs", type=int, default=4, help="epoch 1 (compiling) is left out")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2000 synthetic examples")
+    ap.add_argument("--out", default="benchmarks/results/loop_overhead.jsonl")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batchsizes.split(",")]
+    loops = args.loops.split(",")
+    if any(b <= 0 for b in batches) or not set(loops) <= set(LOOPS) or args.epochs < 2:
+        ap.error(f"--batchsizes: positive integers; --loops: of {','.join(LOOPS)}; --epochs >= 2")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir
+        if args.quick or not data_dir or not os.path.isdir(os.path.join(data_dir, "mnist")):
+            data_dir = synthetic_mnist(os.path.join(tmp, "data"), 2000 if args.quick else 60000)
+        rows = []
+        for b in [8] if args.quick else batches:
+            for loop in loops:
+                extra = dict(n_hl=1, hl_size=16) if args.quick else {}
+                epochs = 2 if args.quick else args.epochs
+                row = measure(data_dir, os.path.join(tmp, f"{b}-{loop}"), b, loop, epochs, **extra)
+                row.update(device_kind=jax.devices()[0].device_kind, quick=args.quick)
+                rows.append(row)
+                files.append_jsonl(args.out, [row])
+                print(files.json_text(row, indent=None), flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
