@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bf16_sigma import comma_list
 
 from nodepert_dist import cli, files, train
 from nodepert_dist import mesh as mesh_lib
@@ -37,6 +38,18 @@ LOOPS = {
     "after": {},  # the defaults
     "k4": dict(steps_per_call=4),
 }
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _loop_name(name: str) -> str:
+    if name not in LOOPS:
+        raise ValueError(f"{name!r} is not one of {', '.join(LOOPS)}")
+    return name
 
 
 def synthetic_mnist(root: str, n_train: int) -> str:
@@ -142,16 +155,15 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_dir", default="", help="holding MNIST; empty: synthetic data")
-    ap.add_argument("--batchsizes", default="128,1024")
-    ap.add_argument("--loops", default="before,after,k4")
+    ap.add_argument("--batchsizes", default="128,1024", type=comma_list(_positive_int))
+    ap.add_argument("--loops", default="before,after,k4", type=comma_list(_loop_name))
     ap.add_argument("--epochs", type=int, default=4, help="epoch 1 (compiling) is left out")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2000 synthetic examples")
     ap.add_argument("--out", default="benchmarks/results/loop_overhead.jsonl")
     args = ap.parse_args(argv)
-    batches = [int(b) for b in args.batchsizes.split(",")]
-    loops = args.loops.split(",")
-    if any(b <= 0 for b in batches) or not set(loops) <= set(LOOPS) or args.epochs < 2:
-        ap.error(f"--batchsizes: positive integers; --loops: of {','.join(LOOPS)}; --epochs >= 2")
+    batches, loops = args.batchsizes, args.loops
+    if args.epochs < 2:
+        ap.error(f"--epochs={args.epochs}: at least 2 (the first compiles and is left out)")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if args.quick or not data_dir or not os.path.isdir(os.path.join(data_dir, "mnist")):

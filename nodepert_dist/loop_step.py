@@ -63,21 +63,22 @@ def make(
         lambda: {k: jnp.zeros(shape, jnp.float32) for k in keys}, out_shardings=replicated
     )
 
-    def one(carry, batch, c):
+    def one(carry, batch):
         state, log = carry
         x, labels = batch
         at = state.step.reshape(-1)[0] % rows  # the update's index (a population's: shared)
-        state, metrics = sharded_step(state, prep_fn(x, c), labels)
+        state, metrics = sharded_step(state, x, labels)
         return (state, _write(log, at, metrics)), metrics
 
     def single(state, log, c, x, labels):
-        (state, log), metrics = one((state, log), (x, labels), c)
+        (state, log), metrics = one((state, log), (prep_fn(x, c), labels))
         return state, log, metrics
 
     def chunk(state, log, c, xs, labels):
-        (state, log), metrics = jax.lax.scan(
-            lambda cr, b: one(cr, b, c), (state, log), (xs, labels)
-        )
+        # The K batches preprocessed together before the scan, as one elementwise op (and one
+        # zca matmul): inside the scan's body, or batch by batch, XLA rewrote the division by
+        # the constants differently (x * 1/255) and the state differed in the last bits.
+        (state, log), metrics = jax.lax.scan(one, (state, log), (prep_fn(xs, c), labels))
         return state, log, metrics
 
     programs = {

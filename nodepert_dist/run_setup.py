@@ -47,7 +47,7 @@ class Run:
     state: step_lib.TrainState  # the initial state (seed's parameters), replicated
     train_step: Callable  # the step on its own (probes, benchmarks)
     loop: loop_step.LoopStep  # the train loop's call: preprocessing, step(s), metric log
-    eval_step: Callable
+    eval_step: Callable  # on the uint8 batch: the preprocessing inside
     eval_batch: int  # --eval_batchsize rounded up to a multiple of the devices
 
     def gradient(self, global_batch: int, update_rule: str | None = None):
@@ -116,10 +116,11 @@ def build(cfg: Config, mesh) -> Run:
     model = models.build(
         cfg.model, data.num_classes, local_heads=cfg.np_local, decorrelate=cfg.decorrelate
     )
+    prep_parts = preprocess.device_parts(prep_mode, stats, mesh)
     optimizer, sharded_step = make_train_step(cfg, model, mesh, steps_per_epoch, jit=False)
     loop = loop_step.make(
         sharded_step,
-        preprocess.device_parts(prep_mode, stats, mesh),
+        prep_parts,
         mesh,
         rows=loop_step.log_rows(cfg.metrics_every, cfg.steps_per_call),
         members=len(population.members(cfg)) if cfg.population else 0,
@@ -133,7 +134,9 @@ def build(cfg: Config, mesh) -> Run:
         sample_x,
         needs_taps=cfg.update_rule == "np",
     )
-    eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss, population=bool(cfg.population))
+    eval_step = step_lib.make_eval_step(
+        model, mesh, loss=cfg.loss, population=bool(cfg.population), prep=prep_parts
+    )
     return Run(
         cfg=cfg,
         mesh=mesh,

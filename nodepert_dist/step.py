@@ -253,10 +253,13 @@ def sharded_train_step(
     )
 
 
-def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Callable:
+def make_eval_step(
+    model, mesh, *, loss: str, population: bool = False, prep: tuple | None = None
+) -> Callable:
     """Returns jitted `eval(params, x, labels, mask, decor=None) -> {loss_sum, correct, count}`
     (global sums); `decor`: the state's decorrelation matrices, if any. `population`: params
-    (and decor) stacked on a member axis, the sums per member."""
+    (and decor) stacked on a member axis, the sums per member. `prep`: (fn, consts) of
+    preprocess.device_parts, applied to x inside the same program (x: the uint8 batch)."""
     loss_fn = losses.get(loss)
 
     def one_eval(params, x, labels, mask, decor):
@@ -280,7 +283,10 @@ def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Calla
     )
 
     @jax.jit
-    def evaluate(params, x, labels, mask, decor=None):
-        return sharded(params, x, labels, mask, decor)
+    def evaluate(params, x, labels, mask, decor=None, consts=None):
+        return sharded(params, x if prep is None else prep[0](x, consts), labels, mask, decor)
 
-    return serialize_if_multiprocess_cpu(evaluate)
+    consts = None if prep is None else prep[1]
+    return serialize_if_multiprocess_cpu(
+        lambda params, x, labels, mask, decor=None: evaluate(params, x, labels, mask, decor, consts)
+    )

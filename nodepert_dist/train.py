@@ -64,9 +64,10 @@ def _notify(hooks, event: str, *args) -> None:
             fn(*args)
 
 
-def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float, float]:
-    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch;
-    float64 arrays, one entry per member of a population (0-d for a solo run)."""
+def evaluate(eval_step, params, batches, mesh, decor=None) -> tuple[float, float]:
+    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch
+    (uint8: `eval_step` preprocesses); float64 arrays, one entry per member of a population (0-d
+    for a solo run)."""
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
 
     def add(out):  # host-side sums; waits for that batch (one in flight, as in the train loop)
@@ -76,7 +77,7 @@ def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float,
     pending = None
     for batch in pipeline.iterate(batches):
         x, y, mask = mesh_lib.global_batch(mesh, *batch)
-        out = eval_step(params, prep(x), y, mask, decor)
+        out = eval_step(params, x, y, mask, decor)
         if pending is not None:
             add(pending)
         pending = out
@@ -127,7 +128,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     # The run: data (memory-mapped uint8 arrays, store.py; each process gathers only its
     # share, preprocessed per batch on the device), model, optimizer, state, steps.
     built = run_setup.build(cfg, mesh)
-    data, splits, n_steps, prep = built.data, built.splits, built.steps_per_epoch, built.prep
+    data, splits, n_steps = built.data, built.splits, built.steps_per_epoch
     model, optimizer, state = built.model, built.optimizer, built.state
     members = population.members(cfg)  # [{}]: a solo run
     loop, eval_step, eval_batch = built.loop, built.eval_step, built.eval_batch
@@ -148,7 +149,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
             images, labels, global_batch=eval_batch, process_index=jax.process_index(),
-            process_count=jax.process_count(), rows=rows), prep, mesh, state.decor)
+            process_count=jax.process_count(), rows=rows), mesh, state.decor)
 
     def epoch_row(epoch: int, extra: dict) -> list[dict]:
         """The epoch's rows: one, or one per population member (its index and settings)."""

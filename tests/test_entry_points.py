@@ -98,6 +98,10 @@ CASES = {  # name: (command, what its error line must say)
         "'bogus' is not one of",
     ),
     "gpu_suite bad budget": (_bench("gpu_suite", "--budget_s=0"), "must be positive, got 0"),
+    "loop_overhead unknown loop": (
+        _bench("loop_overhead", "--loops=after,bogus"),
+        "'bogus' is not one of before, after, k4",
+    ),
     "bf16_sigma unknown network": (
         _bench("bf16_sigma", "--networks=fc,bogus"),
         "'bogus' is not one of",
@@ -115,7 +119,7 @@ def test_every_entry_point_has_a_case():
     for name in CONSOLE_SCRIPTS:
         assert any(f"sys.argv[0] = {name!r}" in c for c in commands), name
     scripts = [p for p in (REPO / "benchmarks").glob("*.py") if "__main__" in p.read_text()]
-    assert len(scripts) == 8
+    assert len(scripts) == 9
     for script in scripts:
         assert any(f" {script} " in c + " " for c in commands), script
 

@@ -72,8 +72,9 @@ def test_preprocessing_inside_the_step_is_bitwise_the_separate_call(mnist_dir, p
 
 def test_k_steps_per_call_are_bitwise_k_calls(mnist_dir):
     """--steps_per_call=4: 8 steps as 2 scanned calls give the state, per-step metrics and log of
-    8 single calls (a population's too: its member map runs inside the scan)."""
-    for kw in ({}, {"population": "lr:0.01,0.02"}):
+    8 single calls, with zca's matmul in the preprocessing and for a population (its member
+    map runs inside the scan)."""
+    for kw in ({"preprocess": "zca"}, {"population": "lr:0.01,0.02"}):
         built = _build(mnist_dir, steps_per_call=4, metrics_every=8, **kw)
         one, log_one = _copy(built.state), built.loop.new_log()
         ms = []
@@ -98,10 +99,21 @@ def _rows(workdir):
 
 
 @pytest.mark.slow  # four short trainings
-def test_metrics_every_and_steps_per_call_change_no_row_nor_checkpoint(tmp_path, mnist_dir):
-    """Epochs of 10 steps, --max_steps=17 and a checkpoint every 3 steps, none of them a
-    multiple of K=4 or N=4: the rows and every checkpoint's metadata are those of reading every
-    step one step per call (the runs' settings aside)."""
+def test_metrics_every_and_steps_per_call_change_no_row_nor_checkpoint(
+    tmp_path, mnist_dir, monkeypatch
+):
+    """Epochs of 10 steps, --max_steps=17 and a checkpoint every 6 steps, none of them a
+    multiple of K=4 or N=4 (K=4 runs steps 1-4, 5, 6, 7-10, 11, 12, 13-16, 17): the rows, every
+    checkpoint's loop record and the final parameters are those of one step per call, read
+    every step."""
+    stacked_calls = []
+    global_batch = mesh_lib.global_batch
+
+    def spy(*args, stacked=False):
+        stacked_calls.append(stacked)
+        return global_batch(*args, stacked=stacked)
+
+    monkeypatch.setattr(mesh_lib, "global_batch", spy)
     runs = {}
     for name, kw in {
         "every_step": dict(metrics_every=1, steps_per_call=1),
@@ -117,12 +129,15 @@ def test_metrics_every_and_steps_per_call_change_no_row_nor_checkpoint(tmp_path,
                 "workdir": workdir,
                 "num_epochs": 3,
                 "max_steps": 17,
-                "checkpoint_every_steps": 3,
+                "checkpoint_every_steps": 6,
                 "keep_checkpoints": 0,
+                "save_final_params": workdir + "/final.npz",
                 **kw,
             }
         )
+        stacked_calls.clear()
         train.run(cfg)
+        assert sum(stacked_calls) == (3 if "k4" in name else 0)
         ckpts = os.path.join(workdir, "checkpoints")
         saved = {}
         for s in checkpoint_layout.committed_steps(ckpts):
@@ -131,9 +146,11 @@ def test_metrics_every_and_steps_per_call_change_no_row_nor_checkpoint(tmp_path,
             saved[s]["rows"] = [
                 {k: v for k, v in r.items() if k not in TIMING} for r in loop["rows"]
             ]
-        runs[name] = (_rows(workdir), saved)
+        with np.load(workdir + "/final.npz") as final:
+            params = {k: final[k].tobytes() for k in final.files}
+        runs[name] = (_rows(workdir), saved, params)
     reference = runs.pop("every_step")
-    assert sorted(reference[1]) == [3, 6, 9, 10, 12, 15, 17]
+    assert sorted(reference[1]) == [6, 10, 12, 17]
     for name, got in runs.items():
         assert got == reference, name
 
