@@ -12,8 +12,8 @@ out: it compiles) is set against the pure compiled steps: the loop's own program
 (`Run.loop.call`, already compiled by then) called back to back on one batch already on the
 device, from a hook at the run's start. overhead = trainer / pure - 1: what the host adds.
 Target on CPU: within 5% (issue 22). Without --data_dir (or without MNIST there) the data are
-synthetic MNIST-shaped uint8 images. Output: JSON lines (--out) and a markdown table on stdout;
-benchmarks/gpu_suite.py's `loop` section calls `measure`.
+synthetic MNIST-shaped uint8 images (--examples of them). Output: JSON lines (--out) and a
+markdown table on stdout; benchmarks/gpu_suite.py's `loop` section runs this script.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from bf16_sigma import comma_list
+from gpu_suite_table import loop_table
 
 from nodepert_dist import cli, files, train
 from nodepert_dist import mesh as mesh_lib
@@ -139,26 +140,14 @@ def measure(data_dir: str, workdir: str, batchsize: int, loop: str, epochs: int,
     )
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| batch | loop | trainer epoch (s) | pure steps (s) | host µs/step | overhead |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['batchsize']} | {r['loop']} | {r['trainer_epoch_s']:.3f} | "
-            f"{r['pure_epoch_s']:.3f} | {r['host_us_per_step']:.0f} | {100 * r['overhead']:+.1f}% |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_dir", default="", help="holding MNIST; empty: synthetic data")
     ap.add_argument("--batchsizes", default="128,1024", type=comma_list(_positive_int))
     ap.add_argument("--loops", default="before,after,k4", type=comma_list(_loop_name))
     ap.add_argument("--epochs", type=int, default=4, help="epoch 1 (compiling) is left out")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2000 synthetic examples")
+    ap.add_argument("--examples", type=_positive_int, default=60000, help="synthetic data's size")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 800 synthetic examples")
     ap.add_argument("--out", default="benchmarks/results/loop_overhead.jsonl")
     args = ap.parse_args(argv)
     batches, loops = args.batchsizes, args.loops
@@ -167,7 +156,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if args.quick or not data_dir or not os.path.isdir(os.path.join(data_dir, "mnist")):
-            data_dir = synthetic_mnist(os.path.join(tmp, "data"), 2000 if args.quick else 60000)
+            data_dir = synthetic_mnist(
+                os.path.join(tmp, "data"), 800 if args.quick else args.examples
+            )
         rows = []
         for b in [8] if args.quick else batches:
             for loop in loops:
@@ -178,7 +169,7 @@ def main(argv=None) -> None:
                 rows.append(row)
                 files.append_jsonl(args.out, [row])
                 print(files.json_text(row, indent=None), flush=True)
-    print(table(rows))
+    print(loop_table(rows))
 
 
 if __name__ == "__main__":
