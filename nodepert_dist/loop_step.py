@@ -3,8 +3,9 @@
 Per call the host hands the device a uint8 global batch (or `--steps_per_call` K of them,
 stacked) and nothing comes back that it waits for: each step writes its metrics (loss sum,
 correct count, example count; a population's `alive` marks) into row `step % rows` of a small
-log on the device, carried (donated) from call to call, and the loop fetches the log every
-`--metrics_every` steps (loop_metrics.py). The log keeps every step's own numbers, not a
+log on the device, carried from call to call, and the loop reads it every `--metrics_every`
+steps (loop_metrics.py). The log is not donated: the loop reads the previous call's log after
+dispatching the next call, so a read waits for the previous call only, never the running one. The log keeps every step's own numbers, not a
 running float32 sum, so the host adds them in float64 in step order exactly as when it fetched
 every step: the epoch rows do not depend on --metrics_every or --steps_per_call, and the first
 non-finite step is known exactly however late it is read.
@@ -27,9 +28,9 @@ KEYS = ("loss_sum", "correct", "count")  # a population's log adds "alive"
 
 
 def log_rows(metrics_every: int, steps_per_call: int) -> int:
-    """Rows the log needs: the loop fetches once `metrics_every` steps are unread, checked after
-    each call of up to `steps_per_call` steps."""
-    return metrics_every + steps_per_call - 1
+    """Rows the log needs: after dispatching a call the loop reads the previous call's log once
+    `metrics_every` steps are unread, so up to metrics_every - 1 + 2 calls' steps are."""
+    return metrics_every + 2 * steps_per_call - 1
 
 
 def _write(log: dict, at, metrics: dict) -> dict:
@@ -39,7 +40,7 @@ def _write(log: dict, at, metrics: dict) -> dict:
 @dataclasses.dataclass
 class LoopStep:
     """`call(state, log, x, labels) -> (state, log, metrics)`: one step on a (B, ...) batch, or
-    `steps_per_call` steps on a (K, B, ...) stack (metrics then stacked too); state and log are
+    `steps_per_call` steps on a (K, B, ...) stack (metrics then stacked too); the state is
     donated. `new_log()`: an empty log on the mesh."""
 
     call: Callable
@@ -82,8 +83,8 @@ def make(
         return state, log, metrics
 
     programs = {
-        False: mesh_lib.serialize_if_multiprocess_cpu(jax.jit(single, donate_argnums=(0, 1))),
-        True: mesh_lib.serialize_if_multiprocess_cpu(jax.jit(chunk, donate_argnums=(0, 1))),
+        False: mesh_lib.serialize_if_multiprocess_cpu(jax.jit(single, donate_argnums=0)),
+        True: mesh_lib.serialize_if_multiprocess_cpu(jax.jit(chunk, donate_argnums=0)),
     }
 
     def call(state, log, x, labels):

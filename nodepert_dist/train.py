@@ -224,9 +224,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                          k: np.asarray(v).tolist() for k, v in sums.items()},  # floats, or lists
                      "elapsed": elapsed, "rows": list(rows)}})
 
-    def read(sums, epoch: int) -> None:  # the device's metric log, through `step`
+    def read(sums, epoch: int, through: int, log) -> None:  # the device's metric log
         try:
-            reader.read(sums, log, step, epoch)
+            reader.read(sums, log, through, epoch)
         except ValueError:
             if saver:  # finish the save in flight (a finite state): exiting mid-write aborts
                 saver.wait()
@@ -270,27 +270,31 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             x, y = (mesh_lib.global_batch(mesh, *next(stream)) if k == 1 else
                     mesh_lib.global_batch(mesh, *map(np.stack, zip(*itertools.islice(stream, k))),
                                           stacked=True))
+            previous = log  # not donated: read after this call is dispatched
             state, log, m = loop.call(state, log, x, y)
             since, step, done = step, step + k, done + k
             _notify(hooks, "after_step", step, state, x, y, m)
             # At most one call in flight: dispatch call i, then wait for call i-1 (a tiny
-            # output; nothing is copied). A deeper queue buys nothing here and, with simulated
-            # CPU devices, can deadlock XLA's host thread pool in a collective rendezvous.
-            if in_flight is not None:
+            # output; nothing is copied), or read its log. A deeper queue buys nothing here and,
+            # with simulated CPU devices, can deadlock XLA's host thread pool in a collective
+            # rendezvous.
+            if reader.due(since):
+                read(sums, epoch, since, previous)
+            elif in_flight is not None:
                 jax.block_until_ready(in_flight)
             in_flight = m["count"]
-            if reader.due(step) or done == n_steps:  # the epoch's end: the progress line's loss
-                read(sums, epoch)
+            if done == n_steps:  # the epoch's end (and the progress line's loss)
+                read(sums, epoch, step, log)
             progress.update(done, lambda: np.mean(sums["last_loss"]))  # noqa: B023 (read now)
             preempted = watcher.stop_now(step, since)  # agreed by every process
             stopping = stop_due(step) or preempted
             if done < n_steps and (save_due(step) or (saver and stopping)):
-                read(sums, epoch)
+                read(sums, epoch, step, log)
                 save(epoch, done, sums, time.perf_counter() - start)
             if stopping:
                 break
         stream.close()  # stops the prefetch (and the workers) now, not at exit
-        read(sums, epoch)
+        read(sums, epoch, step, log)
         if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
             break
         epoch_time = time.perf_counter() - start
