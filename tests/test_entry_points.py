@@ -100,7 +100,7 @@ CASES = {  # name: (command, what its error line must say)
     "gpu_suite bad budget": (_bench("gpu_suite", "--budget_s=0"), "must be positive, got 0"),
     "loop_overhead unknown loop": (
         _bench("loop_overhead", "--loops=after,bogus"),
-        "'bogus' is not one of before, after, k4",
+        "'bogus' is not one of before, after, k4, k16",
     ),
     "bf16_sigma unknown network": (
         _bench("bf16_sigma", "--networks=fc,bogus"),
