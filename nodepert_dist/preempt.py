@@ -77,11 +77,16 @@ class Watcher:
                 signal.Signals(signum).name,
             )
 
-    def stop_now(self, step: int) -> bool:
-        """Called by every process after every step; True on all of them, or on none."""
-        if step == self._test_step and self._test_process in (None, jax.process_index()):
+    def stop_now(self, step: int, since: int | None = None) -> bool:
+        """Called by every process after every call of the step (which ran steps since+1..step;
+        since: step - 1 if not given); True on all of them, or on none."""
+        since = step - 1 if since is None else since
+        if since < (self._test_step or 0) <= step and self._test_process in (
+            None,
+            jax.process_index(),
+        ):
             os.kill(os.getpid(), signal.SIGTERM)
-        if step % self.check_every:
+        if step // self.check_every == since // self.check_every:  # no multiple of N passed
             return False
         # A collective (with several processes): every process calls it at the same steps.
         return agree.anywhere(self.signal is not None)

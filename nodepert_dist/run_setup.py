@@ -22,6 +22,7 @@ from nodepert_dist import (
     checkpoint_layout,
     checkpoint_restore,
     decorrelation,
+    loop_step,
     models,
     population,
     taps,
@@ -44,8 +45,9 @@ class Run:
     model: Any
     optimizer: optax.GradientTransformation
     state: step_lib.TrainState  # the initial state (seed's parameters), replicated
-    train_step: Callable
-    eval_step: Callable
+    train_step: Callable  # the step on its own (probes, benchmarks)
+    loop: loop_step.LoopStep  # the train loop's call: preprocessing, step(s), metric log
+    eval_step: Callable  # on the uint8 batch: the preprocessing inside
     eval_batch: int  # --eval_batchsize rounded up to a multiple of the devices
 
     def gradient(self, global_batch: int, update_rule: str | None = None):
@@ -79,13 +81,14 @@ def check_mesh(cfg: Config, mesh) -> None:
         )
 
 
-def make_train_step(cfg: Config, model, mesh, steps_per_epoch: int):
+def make_train_step(cfg: Config, model, mesh, steps_per_epoch: int, jit: bool = True):
     """(optimizer, jitted train step) of cfg's update rule: the run's own, or a population's
     (its members' settings traced in one step; the optimizer is the structure their
-    stacked states share)."""
+    stacked states share). `jit=False`: the step not yet jitted (step.sharded_train_step)."""
     member_rule = population.rule(cfg, steps_per_epoch)
     optimizer = member_rule({})[1]
-    train_step = step_lib.make_train_step(
+    make = step_lib.make_train_step if jit else step_lib.sharded_train_step
+    train_step = make(
         model,
         optimizer,
         mesh,
@@ -107,14 +110,22 @@ def build(cfg: Config, mesh) -> Run:
     data, splits, steps_per_epoch = pipeline.open_splits(cfg.data, cfg.batchsize)
     # the preprocessing runs per batch on the device, from training-split statistics
     prep_mode = preprocess.resolve(cfg.preprocess, cfg.dataset)
-    prep = preprocess.device_fn(
-        prep_mode, preprocess.statistics(data.root, data.train_x, prep_mode, *splits["train"]), mesh
-    )
+    stats = preprocess.statistics(data.root, data.train_x, prep_mode, *splits["train"])
+    prep = preprocess.device_fn(prep_mode, stats, mesh)
     sample_x = np.zeros((1, *data.train_x.shape[1:]), np.float32)
     model = models.build(
         cfg.model, data.num_classes, local_heads=cfg.np_local, decorrelate=cfg.decorrelate
     )
-    optimizer, train_step = make_train_step(cfg, model, mesh, steps_per_epoch)
+    prep_parts = preprocess.device_parts(prep_mode, stats, mesh)
+    optimizer, sharded_step = make_train_step(cfg, model, mesh, steps_per_epoch, jit=False)
+    loop = loop_step.make(
+        sharded_step,
+        prep_parts,
+        mesh,
+        rows=loop_step.log_rows(cfg.metrics_every, cfg.steps_per_call),
+        members=len(population.members(cfg)) if cfg.population else 0,
+        steps_per_call=cfg.steps_per_call,
+    )
     state = population.init_state(cfg, model, optimizer, sample_x, mesh)
     first = jax.tree.map(lambda a: a[0], state) if cfg.population else state  # one member
     taps.check(
@@ -123,7 +134,9 @@ def build(cfg: Config, mesh) -> Run:
         sample_x,
         needs_taps=cfg.update_rule == "np",
     )
-    eval_step = step_lib.make_eval_step(model, mesh, loss=cfg.loss, population=bool(cfg.population))
+    eval_step = step_lib.make_eval_step(
+        model, mesh, loss=cfg.loss, population=bool(cfg.population), prep=prep_parts
+    )
     return Run(
         cfg=cfg,
         mesh=mesh,
@@ -135,7 +148,8 @@ def build(cfg: Config, mesh) -> Run:
         model=model,
         optimizer=optimizer,
         state=state,
-        train_step=train_step,
+        train_step=step_lib.jit_train_step(sharded_step),
+        loop=loop,
         eval_step=eval_step,
         eval_batch=mesh_lib.round_up_batch(cfg.eval_batchsize, mesh),
     )

@@ -91,6 +91,21 @@ class TrainingSettings:
     max_steps: int = setting(
         0, "Stop after this many updates in all (0: no limit); a later run resumes.", group=_T
     )
+    metrics_every: int = setting(
+        50,
+        "Read the training metrics from the device every N steps (and at every checkpoint, "
+        "stop and epoch end); the steps in between never wait for the host. A non-finite "
+        "loss stops the run at the next read (naming its step; nothing after it is saved). "
+        "The epoch rows are the same for any N.",
+        group=_T,
+    )
+    steps_per_call: int = setting(
+        1,
+        "Run K steps per compiled call (a scan over K stacked batches): less host work per "
+        "step; same updates and metrics. Epoch ends, --max_steps and step checkpoints that "
+        "fall inside K steps run their last steps one by one.",
+        group=_T,
+    )
     population: str = setting(
         "",
         "Train a grid of members in one compiled step, e.g. 'lr:0.01,0.02;seed:0,1' (4 "
@@ -103,7 +118,7 @@ class TrainingSettings:
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
-        settings_lib.check_positive(self, "batchsize")
+        settings_lib.check_positive(self, "batchsize", "metrics_every", "steps_per_call")
         settings_lib.check_non_negative(self, "num_epochs", "max_steps")
 
 
@@ -138,7 +153,19 @@ def local_gradient(
     return sgd_grad
 
 
-def make_train_step(
+def make_train_step(model, optimizer, mesh, **kwargs) -> Callable:
+    """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch
+    (`sharded_train_step`'s, the state donated). The trainer's loop compiles the same function
+    with its preprocessing and metric log around it (loop_step.py)."""
+    return jit_train_step(sharded_train_step(model, optimizer, mesh, **kwargs))
+
+
+def jit_train_step(sharded: Callable) -> Callable:
+    """`sharded_train_step`'s function compiled on its own, the state donated."""
+    return serialize_if_multiprocess_cpu(jax.jit(sharded, donate_argnums=0))
+
+
+def sharded_train_step(
     model,
     optimizer,
     mesh,
@@ -150,7 +177,7 @@ def make_train_step(
     member_rule: Callable | None = None,
     **rule,
 ) -> Callable:
-    """Returns jitted `step(state, x, labels) -> (state, metrics)` over the global batch.
+    """`step(state, x, labels) -> (state, metrics)` over the global batch, not yet jitted.
 
     `rule` holds `local_gradient`'s settings (update_rule, loss, seed and `np`, the NPSettings);
     benchmarks pass their own `gradient` instead, to time other estimators in the same step.
@@ -222,16 +249,18 @@ def make_train_step(
 
         return over_members(member, mesh)(state, members)
 
-    sharded = jax.shard_map(
+    return jax.shard_map(
         local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P())
     )
-    return serialize_if_multiprocess_cpu(jax.jit(sharded, donate_argnums=0))
 
 
-def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Callable:
+def make_eval_step(
+    model, mesh, *, loss: str, population: bool = False, prep: tuple | None = None
+) -> Callable:
     """Returns jitted `eval(params, x, labels, mask, decor=None) -> {loss_sum, correct, count}`
     (global sums); `decor`: the state's decorrelation matrices, if any. `population`: params
-    (and decor) stacked on a member axis, the sums per member."""
+    (and decor) stacked on a member axis, the sums per member. `prep`: (fn, consts) of
+    preprocess.device_parts, applied to x inside the same program (x: the uint8 batch)."""
     loss_fn = losses.get(loss)
     flat = allreduce.flat_sums(mesh)
 
@@ -257,7 +286,10 @@ def make_eval_step(model, mesh, *, loss: str, population: bool = False) -> Calla
     )
 
     @jax.jit
-    def evaluate(params, x, labels, mask, decor=None):
-        return sharded(params, x, labels, mask, decor)
+    def evaluate(params, x, labels, mask, decor=None, consts=None):
+        return sharded(params, x if prep is None else prep[0](x, consts), labels, mask, decor)
 
-    return serialize_if_multiprocess_cpu(evaluate)
+    consts = None if prep is None else prep[1]
+    return serialize_if_multiprocess_cpu(
+        lambda params, x, labels, mask, decor=None: evaluate(params, x, labels, mask, decor, consts)
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging as pylogging
 import os
@@ -31,6 +32,7 @@ from nodepert_dist import (
     crash_guard,
     decorrelation,
     distributed,
+    loop_metrics,
     metrics,
     params_io,
     population,
@@ -54,16 +56,18 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 
 def _notify(hooks, event: str, *args) -> None:
     """Calls `hook.<event>(*args)` on the hooks that define it (experiments, crash guard):
-    start(ctx), after_step(step, state, x, labels, step_metrics), after_row(row, rows)."""
+    start(ctx), after_step(step, state, x, labels, step_metrics), after_row(row, rows).
+    after_step's x is the uint8 global batch (ctx.run.prep(x): the float32 one the step saw)."""
     for hook in hooks:
         fn = getattr(hook, event, None)
         if fn is not None:
             fn(*args)
 
 
-def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float, float]:
-    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch;
-    float64 arrays, one entry per member of a population (0-d for a solo run)."""
+def evaluate(eval_step, params, batches, mesh, decor=None) -> tuple[float, float]:
+    """(accuracy, mean loss) over a whole split (`pipeline.eval_batches`), on the global batch
+    (uint8: `eval_step` preprocesses); float64 arrays, one entry per member of a population (0-d
+    for a solo run)."""
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
 
     def add(out):  # host-side sums; waits for that batch (one in flight, as in the train loop)
@@ -73,35 +77,12 @@ def evaluate(eval_step, params, batches, prep, mesh, decor=None) -> tuple[float,
     pending = None
     for batch in pipeline.iterate(batches):
         x, y, mask = mesh_lib.global_batch(mesh, *batch)
-        out = eval_step(params, prep(x), y, mask, decor)
+        out = eval_step(params, x, y, mask, decor)
         if pending is not None:
             add(pending)
         pending = out
     add(pending)
     return totals["correct"] / totals["count"], totals["loss_sum"] / totals["count"]
-
-
-def _accumulate(sums: dict, step_metrics, step: int, epoch: int, watch=None) -> None:
-    """Adds one step's (global) metrics into host-side epoch sums (float64; per member of a
-    population); waits for that step.
-
-    A non-finite loss stops the run here, before the state it produced is saved: the loop
-    accumulates a step's metrics before any checkpoint of that step. A population's frozen
-    members (`watch`: population.Watch) add nothing; the run stops when all have diverged."""
-    m = {k: np.asarray(v, np.float64) for k, v in jax.device_get(step_metrics).items()}
-    if watch is not None:
-        watch.after_step(m["alive"] > 0, m["loss_sum"], step, epoch)
-        for k in ("loss_sum", "correct"):
-            m[k] = np.where(watch.alive, m[k], 0.0)
-    bad = np.flatnonzero(~np.isfinite(m["loss_sum"]))
-    if bad.size:
-        who = f" of population member {bad[0]}" if m["loss_sum"].ndim else ""
-        raise crash_guard.Diverged(f"the training loss{who} is {m['loss_sum'].flat[bad[0]]} at step "
-                                   f"{step} (epoch {epoch}): training diverged; use a lower --lr "
-                                   f"(with --decorrelate, or --decorrelate_lr)")
-    sums["loss_sum"] = sums["loss_sum"] + m["loss_sum"]
-    sums["correct"] = sums["correct"] + m["correct"]
-    sums["last_loss"] = m["loss_sum"] / m["count"]
 
 
 def _step_of(state) -> int:
@@ -147,10 +128,13 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     # The run: data (memory-mapped uint8 arrays, store.py; each process gathers only its
     # share, preprocessed per batch on the device), model, optimizer, state, steps.
     built = run_setup.build(cfg, mesh)
-    data, splits, n_steps, prep = built.data, built.splits, built.steps_per_epoch, built.prep
+    data, splits, n_steps = built.data, built.splits, built.steps_per_epoch
     model, optimizer, state = built.model, built.optimizer, built.state
     members = population.members(cfg)  # [{}]: a solo run
-    train_step, eval_step, eval_batch = built.train_step, built.eval_step, built.eval_batch
+    loop, eval_step, eval_batch = built.loop, built.eval_step, built.eval_batch
+    if loop.steps_per_call > 1 and any(hasattr(h, "after_step") for h in hooks):
+        raise ValueError(f"--steps_per_call={loop.steps_per_call}: this measurement looks at "
+                         f"every step; use --steps_per_call=1")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) // len(members)
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
@@ -165,7 +149,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(
             images, labels, global_batch=eval_batch, process_index=jax.process_index(),
-            process_count=jax.process_count(), rows=rows), prep, mesh, state.decor)
+            process_count=jax.process_count(), rows=rows), mesh, state.decor)
 
     def epoch_row(epoch: int, extra: dict) -> list[dict]:
         """The epoch's rows: one, or one per population member (its index and settings)."""
@@ -192,9 +176,9 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                          f"remove them or use another --workdir")
     if restored is not None:
         state, manifest = restored
-        loop = manifest["loop"]
+        position = manifest["loop"]
         saved_order = manifest.get("rng", {}).get("data_order")
-        if loop["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
+        if position["step_in_epoch"] and saved_order != pipeline.DATA_ORDER:
             raise ValueError(
                 f"the checkpoint in {ckpt_dir} stopped mid-epoch under another data order "
                 f"({saved_order!r}); resuming would repeat or skip examples. Resume it with the "
@@ -206,10 +190,10 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}),
         fresh=restored is None)
     if restored is not None:
-        rows, epoch_start, step_start = loop["rows"], loop["epoch"], loop["step_in_epoch"]
+        rows, epoch_start, step_start = position["rows"], position["epoch"], position["step_in_epoch"]
         # The running sums of the interrupted epoch (host floats: JSON keeps them exactly).
-        resumed_sums = loop["sums"]
-        resumed_elapsed = loop["elapsed"]
+        resumed_sums = position["sums"]
+        resumed_elapsed = position["elapsed"]
         writer.truncate_after(epoch_start - 1)
         logging.info("resumed from %s at epoch %d, step %d of the epoch (step %d in all)",
                      ckpt_dir, epoch_start, step_start, manifest["step"])
@@ -240,13 +224,22 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                          k: np.asarray(v).tolist() for k, v in sums.items()},  # floats, or lists
                      "elapsed": elapsed, "rows": list(rows)}})
 
-    def accumulate(sums, pending, epoch: int) -> None:
+    def read(sums, epoch: int, through: int, log) -> None:  # the device's metric log
         try:
-            _accumulate(sums, *pending, epoch, watch)
+            reader.read(sums, log, through, epoch)
         except ValueError:
             if saver:  # finish the save in flight (a finite state): exiting mid-write aborts
                 saver.wait()
             raise
+
+    def call_size(done: int) -> int:
+        """K steps in one call if no epoch end, --max_steps or step checkpoint falls inside."""
+        room = [loop.steps_per_call, n_steps - done]
+        if cfg.max_steps:
+            room.append(cfg.max_steps - step)
+        if saver and cfg.checkpoint_every_steps:
+            room.append(cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
+        return loop.steps_per_call if min(room) == loop.steps_per_call else 1
 
     def save_due(step: int) -> bool:
         return bool(saver and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)
@@ -268,33 +261,40 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         sums = ({k: np.asarray(v, np.float64) for k, v in resumed_sums.items()} if first else
                 {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN})
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
-        done, pending = first, None  # pending: (metrics, step) of the step in flight
+        done, in_flight, log = first, None, loop.new_log()
+        reader = loop_metrics.Reader(cfg.metrics_every, step, watch)
         stream = cleanup.enter_context(contextlib.closing(
             pipeline.iterate(batches, start=first, workers=cfg.data_workers)))
-        for i, (x, y) in enumerate(stream, start=first):
-            x, y = mesh_lib.global_batch(mesh, x, y)
-            x = prep(x)
-            state, m = train_step(state, x, y)
-            step, done = step + 1, i + 1
+        while done < n_steps:
+            k = call_size(done)
+            x, y = (mesh_lib.global_batch(mesh, *next(stream)) if k == 1 else
+                    mesh_lib.global_batch(mesh, *map(np.stack, zip(*itertools.islice(stream, k))),
+                                          stacked=True))
+            previous = log  # not donated: read after this call is dispatched
+            state, log, m = loop.call(state, log, x, y)
+            since, step, done = step, step + k, done + k
             _notify(hooks, "after_step", step, state, x, y, m)
-            # At most one step in flight: dispatch step i, then wait for step i-1's metrics.
-            # A deeper queue buys nothing here and, with simulated CPU devices, can deadlock
-            # XLA's host thread pool in a collective rendezvous.
-            if pending is not None:
-                accumulate(sums, pending, epoch)
-            pending = (m, step)
+            # At most one call in flight: dispatch call i, then wait for call i-1 (a tiny
+            # output; nothing is copied), or read its log. A deeper queue buys nothing here and,
+            # with simulated CPU devices, can deadlock XLA's host thread pool in a collective
+            # rendezvous.
+            if reader.due(since):
+                read(sums, epoch, since, previous)
+            elif in_flight is not None:
+                jax.block_until_ready(in_flight)
+            in_flight = m["count"]
+            if done == n_steps:  # the epoch's end (and the progress line's loss)
+                read(sums, epoch, step, log)
             progress.update(done, lambda: np.mean(sums["last_loss"]))  # noqa: B023 (read now)
-            preempted = watcher.stop_now(step)  # agreed by every process
+            preempted = watcher.stop_now(step, since)  # agreed by every process
             stopping = stop_due(step) or preempted
             if done < n_steps and (save_due(step) or (saver and stopping)):
-                accumulate(sums, pending, epoch)
-                pending = None
+                read(sums, epoch, step, log)
                 save(epoch, done, sums, time.perf_counter() - start)
             if stopping:
                 break
         stream.close()  # stops the prefetch (and the workers) now, not at exit
-        if pending is not None:
-            accumulate(sums, pending, epoch)
+        read(sums, epoch, step, log)
         if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
             break
         epoch_time = time.perf_counter() - start

@@ -149,6 +149,12 @@ def test_gpu_suite_quick_run_measures_every_section(tmp_path):
     kind, date = rows[0]["device_kind"], rows[0]["date"]
     assert kind == "cpu" and table.startswith(f"### GPU suite: {kind}, {date}")
     assert "| conv | bfloat16 | 8 |" in table and "| fc | 8 |" in table
+    loops = [r for r in rows if r["section"] == "loop"]  # benchmarks/loop_overhead.py's split
+    assert [r["loop"] for r in loops] == ["before", "after", "k4"]
+    for r in loops:
+        assert r["trainer_epoch_s"] > 0 and r["pure_epoch_s"] > 0 and r["steps_per_epoch"] == 100
+        assert r["overhead"] == pytest.approx(r["trainer_epoch_s"] / r["pure_epoch_s"] - 1)
+    assert "| 8 | after |" in table and "| 8 | k4 |" in table
     population = [r for r in rows if r["section"] == "population"]
     assert [r["members"] for r in population] == [1, 2]
     for r in population:
@@ -165,6 +171,7 @@ def test_gpu_suite_records_what_its_budget_drops(tmp_path):
     assert skipped == {"precision", "loop", "steps", "noise", "population"}
     assert {r["section"] for r in rows if "skipped" not in r} == {"peak"}
     assert "Not measured: precision fc 0.003 (over the section's budget)" in table
+    assert "loop fc 8 before (over the section's budget)" in table
 
 
 def test_gpu_suite_section_error_is_a_row_and_the_next_section_runs(monkeypatch):

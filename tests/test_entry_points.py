@@ -102,6 +102,10 @@ CASES = {  # name: (command, what its error line must say)
         _bench("gpu_suite", "--sections=precision,peaks"),
         "unknown section 'peaks'; sections: precision, loop, steps, noise, population",
     ),
+    "loop_overhead unknown loop": (
+        _bench("loop_overhead", "--loops=after,bogus"),
+        "'bogus' is not one of before, after, k4, k16",
+    ),
     "bf16_sigma unknown network": (
         _bench("bf16_sigma", "--networks=fc,bogus"),
         "'bogus' is not one of",
@@ -119,7 +123,7 @@ def test_every_entry_point_has_a_case():
     for name in CONSOLE_SCRIPTS:
         assert any(f"sys.argv[0] = {name!r}" in c for c in commands), name
     scripts = [p for p in (REPO / "benchmarks").glob("*.py") if "__main__" in p.read_text()]
-    assert len(scripts) == 8
+    assert len(scripts) == 9
     for script in scripts:
         assert any(f" {script} " in c + " " for c in commands), script
 

@@ -89,19 +89,36 @@ def statistics(store_root: str, images: np.ndarray, mode: str, lo: int, hi: int)
     return stats
 
 
-def apply(x, mode: str, stats: dict):
-    """uint8 images (B, H, W, C) -> float32; numpy or jax arrays alike (ops are methods/operators)."""
+def apply(x, mode: str, stats: dict, matmul=None):
+    """uint8 images (..., H, W, C) -> float32; numpy or jax arrays alike (ops are
+    methods/operators). `matmul(a, w)`: zca's product (default a @ w)."""
     x = x.astype("float32") / 255.0
     if mode == "unit":
         return x
     if mode in ("standardize", "per_channel"):
         return (x - stats["mean"]) / stats["std"]
-    shape = x.shape
-    return ((x.reshape(shape[0], -1) - stats["mean"]) @ stats["w"]).reshape(shape)
+    shape = x.shape  # (..., H, W, C): a batch, or K batches stacked (the train loop's)
+    centred = x.reshape(*shape[:-3], -1) - stats["mean"]
+    return (centred @ stats["w"] if matmul is None else matmul(centred, stats["w"])).reshape(shape)
 
 
 def device_fn(mode: str, stats: dict, mesh):
-    """Jitted `f(uint8 global batch) -> float32 global batch`, sharded like its input."""
+    """Jitted `f(uint8 global batch) -> float32 global batch`, sharded like its input (eval and
+    probes; the train loop traces `device_parts` inside its step instead)."""
+    import jax
+
+    from nodepert_dist import mesh as mesh_lib
+
+    fn, consts = device_parts(mode, stats, mesh)
+    jitted = jax.jit(fn, out_shardings=mesh_lib.batch_sharding(mesh))
+    return lambda x: jitted(x, consts)
+
+
+def device_parts(mode: str, stats: dict, mesh):
+    """(`fn(x, consts)`, consts): the device preprocessing as a traceable function and its
+    statistics, replicated on the mesh (arguments, not constants folded into the program).
+    x: a batch (B, H, W, C) or K of them stacked (K, B, H, W, C), each preprocessed bitwise as
+    alone."""
     import jax
 
     from nodepert_dist import mesh as mesh_lib
@@ -111,9 +128,11 @@ def device_fn(mode: str, stats: dict, mesh):
         for k, v in stats.items()
     }
 
+    def matmul(a, w):  # K stacked batches: one product each, as a lone batch's (bitwise)
+        return jax.numpy.stack([b @ w for b in a]) if a.ndim == 3 else a @ w
+
     def exact(x, c):  # zca's matmul in float32 on every backend (a GPU's default is TF32)
         with jax.default_matmul_precision("highest"):
-            return apply(x, mode, c)
+            return apply(x, mode, c, matmul)
 
-    fn = jax.jit(exact, out_shardings=mesh_lib.batch_sharding(mesh))
-    return lambda x: fn(x, consts)
+    return exact, consts

@@ -44,7 +44,7 @@ class Hook:
             for p in range(offset, min(offset + self.window, n)):
                 self.points.setdefault(p, k)
         loss_fn = losses.get(ctx.cfg.loss)
-        model = ctx.model
+        model, self.prep = ctx.model, ctx.run.prep  # after_step's x: the uint8 batch
         self.loss = jax.jit(lambda p, x, y: jnp.mean(loss_fn(model.apply({"params": p}, x), y)))
         if metrics.is_writer():
             files.write_jsonl(
@@ -55,7 +55,7 @@ class Hook:
         position = (step - 1) % self.n  # step counts updates: update `step` is at this position
         if position not in self.points:
             return
-        after = float(self.loss(state.params, x, labels))
+        after = float(self.loss(state.params, self.prep(x), labels))
         m = jax.device_get(step_metrics)
         before = float(m["loss_sum"]) / float(m["count"])
         row = {

@@ -1,0 +1,94 @@
+"""The train loop's compiled call: preprocessing, the train step and the metric log in one program.
+
+Per call the host hands the device a uint8 global batch (or `--steps_per_call` K of them,
+stacked) and nothing comes back that it waits for: each step writes its metrics (loss sum,
+correct count, example count; a population's `alive` marks) into row `step % rows` of a small
+log on the device, carried from call to call, and the loop reads it every `--metrics_every`
+steps (loop_metrics.py). The log is not donated: the loop reads the previous call's log after
+dispatching the next call, so a read waits for the previous call only, never the running one. The log keeps every step's own numbers, not a
+running float32 sum, so the host adds them in float64 in step order exactly as when it fetched
+every step: the epoch rows do not depend on --metrics_every or --steps_per_call, and the first
+non-finite step is known exactly however late it is read.
+
+K steps per call run as `jax.lax.scan` over the stacked batches: the scan's body is the
+single-step program, so K steps give the bit-identical state and metrics of K calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from nodepert_dist import mesh as mesh_lib
+
+KEYS = ("loss_sum", "correct", "count")  # a population's log adds "alive"
+
+
+def log_rows(metrics_every: int, steps_per_call: int) -> int:
+    """Rows the log needs: after dispatching a call the loop reads the previous call's log once
+    `metrics_every` steps are unread, so up to metrics_every - 1 + 2 calls' steps are."""
+    return metrics_every + 2 * steps_per_call - 1
+
+
+def _write(log: dict, at, metrics: dict) -> dict:
+    return {k: log[k].at[at].set(metrics[k].astype(jnp.float32)) for k in log}
+
+
+@dataclasses.dataclass
+class LoopStep:
+    """`call(state, log, x, labels) -> (state, log, metrics)`: one step on a (B, ...) batch, or
+    `steps_per_call` steps on a (K, B, ...) stack (metrics then stacked too); the state is
+    donated. `new_log()`: an empty log on the mesh."""
+
+    call: Callable
+    new_log: Callable
+    rows: int
+    steps_per_call: int
+
+
+def make(
+    sharded_step: Callable, prep: tuple, mesh, *, rows: int, members: int = 0, steps_per_call=1
+) -> LoopStep:
+    """The loop's call around `sharded_step` (step.sharded_train_step), with the preprocessing
+    `prep` = preprocess.device_parts(...) traced into the same program. `members`: a
+    population's size (0: a solo run), the log's second axis."""
+    prep_fn, consts = prep
+    keys = KEYS + (("alive",) if members else ())
+    shape = (rows, members) if members else (rows,)
+    replicated = mesh_lib.replicated(mesh)
+
+    empty = jax.jit(
+        lambda: {k: jnp.zeros(shape, jnp.float32) for k in keys}, out_shardings=replicated
+    )
+
+    def one(carry, batch):
+        state, log = carry
+        x, labels = batch
+        at = state.step.reshape(-1)[0] % rows  # the update's index (a population's: shared)
+        state, metrics = sharded_step(state, x, labels)
+        return (state, _write(log, at, metrics)), metrics
+
+    def single(state, log, c, x, labels):
+        (state, log), metrics = one((state, log), (prep_fn(x, c), labels))
+        return state, log, metrics
+
+    def chunk(state, log, c, xs, labels):
+        # The K batches preprocessed together before the scan, as one elementwise op (and one
+        # zca matmul): inside the scan's body, or batch by batch, XLA rewrote the division by
+        # the constants differently (x * 1/255) and the state differed in the last bits.
+        (state, log), metrics = jax.lax.scan(one, (state, log), (prep_fn(xs, c), labels))
+        return state, log, metrics
+
+    programs = {
+        False: mesh_lib.serialize_if_multiprocess_cpu(jax.jit(single, donate_argnums=0)),
+        True: mesh_lib.serialize_if_multiprocess_cpu(jax.jit(chunk, donate_argnums=0)),
+    }
+
+    def call(state, log, x, labels):
+        stacked = labels.ndim == 2  # labels: (B,) for one step, (K, B) for K
+        return programs[stacked](state, log, consts, x, labels)
+
+    return LoopStep(call=call, new_log=empty, rows=rows, steps_per_call=steps_per_call)
