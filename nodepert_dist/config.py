@@ -7,7 +7,6 @@ estimator.py, DecorrelationSettings in decorrelation.py, CrashGuardSettings in c
 evaluation and outputs here). `Config` joins them into one flat dataclass; the absl flag of the
 same name, its help text, its enum choices and its `--help` group are generated from each field
 (`define_flags`). Adding a setting is one field in its group plus its row in RESUME_RULES.
-
 Where a run's settings come from, last wins: the field defaults, then `--config=NAME` (a preset
 in presets.py) or `--config=PATH.json` (a JSON object of settings), then the flags given on the
 command line. The resolved settings are what the run records in `<workdir>/config.json`.
@@ -204,6 +203,7 @@ RESUME_RULES = {
     "free": (
         "data_dir",
         "data_workers",
+        "data_on_device",
         "num_epochs",
         "max_steps",
         "metrics_every",

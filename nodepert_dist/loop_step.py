@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from nodepert_dist import device_data
 from nodepert_dist import mesh as mesh_lib
 
 KEYS = ("loss_sum", "correct", "count")  # a population's log adds "alive"
@@ -41,9 +42,12 @@ def _write(log: dict, at, metrics: dict) -> dict:
 class LoopStep:
     """`call(state, log, x, labels) -> (state, log, metrics)`: one step on a (B, ...) batch, or
     `steps_per_call` steps on a (K, B, ...) stack (metrics then stacked too); the state is
-    donated. `new_log()`: an empty log on the mesh."""
+    donated. `new_log()`: an empty log on the mesh. `call_on_device(state, log, data, order,
+    i, k) -> (state, log, metrics, x, labels)`: the same program on batches i..i+k-1 of a
+    device_data.DeviceData's epoch order, gathered inside the call (--data_on_device)."""
 
     call: Callable
+    call_on_device: Callable
     new_log: Callable
     rows: int
     steps_per_call: int
@@ -91,4 +95,21 @@ def make(
         stacked = labels.ndim == 2  # labels: (B,) for one step, (K, B) for K
         return programs[stacked](state, log, consts, x, labels)
 
-    return LoopStep(call=call, new_log=empty, rows=rows, steps_per_call=steps_per_call)
+    def on_device(state, log, c, images, labels, order, i, k):
+        x, y = device_data.gather(mesh, images, labels, order, i, k)
+        return *(chunk if k > 1 else single)(state, log, c, x, y), x, y
+
+    gathered = mesh_lib.serialize_if_multiprocess_cpu(
+        jax.jit(on_device, donate_argnums=0, static_argnames="k")
+    )
+
+    def call_on_device(state, log, data, order, i, k):
+        return gathered(state, log, consts, data.images, data.labels, order, i, k=k)
+
+    return LoopStep(
+        call=call,
+        call_on_device=call_on_device,
+        new_log=empty,
+        rows=rows,
+        steps_per_call=steps_per_call,
+    )

@@ -31,6 +31,7 @@ from nodepert_dist import (
     checkpoint_layout,
     crash_guard,
     decorrelation,
+    device_data,
     distributed,
     loop_metrics,
     metrics,
@@ -132,6 +133,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     model, optimizer, state = built.model, built.optimizer, built.state
     members = population.members(cfg)  # [{}]: a solo run
     loop, eval_step, eval_batch = built.loop, built.eval_step, built.eval_batch
+    on_device = cfg.data_on_device and device_data.DeviceData(mesh, data.train_x, data.train_y)
     if loop.steps_per_call > 1 and any(hasattr(h, "after_step") for h in hooks):
         raise ValueError(f"--steps_per_call={loop.steps_per_call}: this measurement looks at "
                          f"every step; use --steps_per_call=1")
@@ -256,6 +258,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             data.train_x, data.train_y, global_batch=cfg.batchsize, seed=cfg.seed, epoch=epoch,
             process_index=jax.process_index(), process_count=jax.process_count(),
             rows=splits["train"], augment=cfg.augment)
+        order = on_device and on_device.epoch_order(
+            seed=cfg.seed, epoch=epoch, rows=splits["train"], global_batch=cfg.batchsize)
         progress = metrics.Progress(epoch, n_steps, cfg.batchsize)
         first = step_start if epoch == epoch_start else 0
         sums = ({k: np.asarray(v, np.float64) for k, v in resumed_sums.items()} if first else
@@ -263,15 +267,18 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
         done, in_flight, log = first, None, loop.new_log()
         reader = loop_metrics.Reader(cfg.metrics_every, step, watch)
-        stream = cleanup.enter_context(contextlib.closing(
+        stream = on_device or cleanup.enter_context(contextlib.closing(
             pipeline.iterate(batches, start=first, workers=cfg.data_workers)))
         while done < n_steps:
             k = call_size(done)
-            x, y = (mesh_lib.global_batch(mesh, *next(stream)) if k == 1 else
-                    mesh_lib.global_batch(mesh, *map(np.stack, zip(*itertools.islice(stream, k))),
-                                          stacked=True))
             previous = log  # not donated: read after this call is dispatched
-            state, log, m = loop.call(state, log, x, y)
+            if on_device:  # the batches gathered inside the call (device_data.py)
+                state, log, m, x, y = loop.call_on_device(state, log, on_device, order, done, k)
+            else:
+                x, y = (mesh_lib.global_batch(mesh, *next(stream)) if k == 1 else
+                        mesh_lib.global_batch(mesh, *map(np.stack, zip(*itertools.islice(
+                            stream, k))), stacked=True))
+                state, log, m = loop.call(state, log, x, y)
             since, step, done = step, step + k, done + k
             _notify(hooks, "after_step", step, state, x, y, m)
             # At most one call in flight: dispatch call i, then wait for call i-1 (a tiny
@@ -293,7 +300,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                 save(epoch, done, sums, time.perf_counter() - start)
             if stopping:
                 break
-        stream.close()  # stops the prefetch (and the workers) now, not at exit
+        if not on_device:
+            stream.close()  # stops the prefetch (and the workers) now, not at exit
         read(sums, epoch, step, log)
         if done < n_steps:  # stopped inside the epoch (--max_steps, a signal): no row for it
             break

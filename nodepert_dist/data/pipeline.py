@@ -72,10 +72,23 @@ class DataSettings:
         "Input prefetch: 0 = threads in each process, N > 0 = N Grain worker processes.",
         group="data",
     )
+    data_on_device: bool = setting(
+        False,
+        "Keep the training split (uint8) on every device and gather each batch inside the "
+        "compiled step: the host does one call per step, no batch assembly or transfer (the "
+        "same batches and updates as the host pipeline). Costs the split's size per device; "
+        "not with --augment. For small datasets on GPUs, where the host is the bottleneck.",
+        group="data",
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
         settings_lib.check_non_negative(self, "validation_size", "data_workers")
+        if self.data_on_device and self.augment:
+            raise ValueError(
+                "--data_on_device gathers stored images on the device and --augment crops and "
+                "flips them on the host: drop one of them"
+            )
 
 
 def open_splits(data: DataSettings, batchsize: int):
