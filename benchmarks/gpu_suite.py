@@ -234,16 +234,18 @@ def precision_section(args, budget, emit):
 def loop_section(args, budget, emit):
     """benchmarks/loop_overhead.py (fc NP, synthetic MNIST-shaped data: a loaned machine has no
     MNIST), one batch size per process (its flags are nodepert-train's, which share names with
-    throughput.py's) while the budget lasts; a batch's estimate is the last one's time."""
+    throughput.py's) while the budget lasts (its loops too: --budget_s, the share's time left);
+    a batch's estimate is the last one's time."""
     est, out = 1.0, f"{args.out}.loop"
     script = os.path.join(os.path.dirname(__file__), "loop_overhead.py")
     for b in args.batchsizes:
         size = (
-            ["--quick"] if args.quick else [f"--batchsizes={b}", "--examples=32768", "--epochs=3"]
+            ["--quick"] if args.quick else [f"--batchsizes={b}", "--examples=16384", "--epochs=3"]
         )
         t, why = time.perf_counter(), "over the section's budget"
         if budget.fits(est):
-            cmd = [sys.executable, script, *size, f"--out={out}"]
+            left = f"--budget_s={max(budget.end - t, 1.0):.0f}"  # its loops stop at the share's end
+            cmd = [sys.executable, script, *size, left, f"--out={out}"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
         for row in (

@@ -5,13 +5,15 @@ stacked) and nothing comes back that it waits for: each step writes its metrics 
 correct count, example count; a population's `alive` marks) into row `step % rows` of a small
 log on the device, carried from call to call, and the loop reads it every `--metrics_every`
 steps (loop_metrics.py). The log is not donated: the loop reads the previous call's log after
-dispatching the next call, so a read waits for the previous call only, never the running one. The log keeps every step's own numbers, not a
-running float32 sum, so the host adds them in float64 in step order exactly as when it fetched
-every step: the epoch rows do not depend on --metrics_every or --steps_per_call, and the first
-non-finite step is known exactly however late it is read.
+dispatching the next call, so a read waits for the previous call only, never the running one.
+The log keeps every step's own numbers, not a running float32 sum, so the host adds them in
+float64 in step order exactly as when it read every step: the epoch rows do not depend on
+--metrics_every or --steps_per_call, and the first non-finite step is known exactly however
+late it is read.
 
-K steps per call run as `jax.lax.scan` over the stacked batches: the scan's body is the
-single-step program, so K steps give the bit-identical state and metrics of K calls.
+K steps per call run as `jax.lax.scan` over the stacked batches, preprocessed together before
+the scan; its body is the single-step program, so K steps give the bit-identical state and
+metrics of K calls (tests/test_loop.py).
 """
 
 from __future__ import annotations
@@ -80,9 +82,10 @@ def make(
         return state, log, metrics
 
     def chunk(state, log, c, xs, labels):
-        # The K batches preprocessed together before the scan, as one elementwise op (and one
-        # zca matmul): inside the scan's body, or batch by batch, XLA rewrote the division by
-        # the constants differently (x * 1/255) and the state differed in the last bits.
+        # The K batches preprocessed together before the scan, as one elementwise op (zca: one
+        # product per batch, preprocess.device_parts): inside the scan's body, or batch by
+        # batch, XLA rewrote the division by the constants differently (x * 1/255) and the
+        # state differed in the last bits (measured).
         (state, log), metrics = jax.lax.scan(one, (state, log), (prep_fn(xs, c), labels))
         return state, log, metrics
 

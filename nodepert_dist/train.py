@@ -104,6 +104,9 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
     `hooks`: objects told about the run (see `_notify`); none costs nothing per step."""
     cfg.validate()
     cfg = cfg.resolved()
+    if cfg.steps_per_call > 1 and any(hasattr(h, "after_step") for h in hooks):
+        raise ValueError(f"--steps_per_call={cfg.steps_per_call}: this measurement looks at "
+                         f"every step; use --steps_per_call=1")
     if cfg.update_rule == "np" and cfg.np_estimator == "original":
         logging.warning("--np_estimator=original: the original code's BIASED estimator (one "
                         "noise draw per batch, batch-mean loss change), a reference to compare "
@@ -134,9 +137,6 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     members = population.members(cfg)  # [{}]: a solo run
     loop, eval_step, eval_batch = built.loop, built.eval_step, built.eval_batch
     on_device = cfg.data_on_device and device_data.DeviceData(mesh, data.train_x, data.train_y)
-    if loop.steps_per_call > 1 and any(hasattr(h, "after_step") for h in hooks):
-        raise ValueError(f"--steps_per_call={loop.steps_per_call}: this measurement looks at "
-                         f"every step; use --steps_per_call=1")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) // len(members)
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)

@@ -230,3 +230,16 @@ def test_the_preemption_check_sees_a_multiple_of_n_passed_inside_a_call():
     assert watcher.stop_now(10) and not watcher.stop_now(9)
     assert watcher.stop_now(12, since=8)  # steps 9..12 include 10
     assert not watcher.stop_now(14, since=10)  # 11..14: no multiple of 5
+
+
+def test_k_steps_per_call_refuse_a_hook_that_looks_at_every_step(tmp_path, mnist_dir):
+    class EveryStep:
+        def after_step(self, *args):
+            pass
+
+    cfg = train.Config(**TINY, data_dir=mnist_dir, workdir=str(tmp_path), steps_per_call=2)
+    with pytest.raises(
+        ValueError, match="--steps_per_call=2: this measurement looks at every step"
+    ):
+        train.run(cfg, hooks=[EveryStep()])
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # refused before any work
