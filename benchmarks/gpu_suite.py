@@ -58,7 +58,12 @@ from nodepert_dist import step as step_lib
 # an earlier one left unused goes to the next (5% is kept for the table and slack).
 SHARES = {"precision": 0.10, "loop": 0.10, "steps": 0.50, "noise": 0.10, "population": 0.15}
 CIFAR = (32, 32, 3)
-LOOPS = ("before", "after", "k4")  # benchmarks/loop_overhead.py's loop settings
+LOOPS = ("before", "after", "k4", "device")
+# The suite's own process already holds XLA's default 75% of a GPU: a child process allocates
+# what it uses instead of trying to reserve 75% of the card again.
+_CHILD_ENV = dict(
+    os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"
+)  # benchmarks/loop_overhead.py's loop settings
 
 
 def _positive(kind):
@@ -245,8 +250,9 @@ def loop_section(args, budget, emit):
         t, why = time.perf_counter(), "over the section's budget"
         if budget.fits(est):
             left = f"--budget_s={max(budget.end - t, 1.0):.0f}"  # its loops stop at the share's end
-            cmd = [sys.executable, script, *size, left, f"--out={out}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            loops = [] if args.quick else [f"--loops={','.join(LOOPS)}"]
+            cmd = [sys.executable, script, *size, *loops, left, f"--out={out}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_CHILD_ENV)
             why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
         for row in (
             files.read_jsonl(out) if not why else [dict(batchsize=b, loop=loop) for loop in LOOPS]
@@ -389,10 +395,7 @@ def population_section(args, budget, emit):
         fits = est is not None and budget.fits(est)
         if fits:
             cmd = [sys.executable, script, *size, "--networks=fc", "--rules=np", f"--out={out}"]
-            # This process already holds XLA's default 75% of the GPU: the child allocates
-            # what it uses instead of trying to reserve 75% of the card again.
-            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_CHILD_ENV)
             why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
         for row in files.read_jsonl(out) if not why else [dict(members=n) for n in sizes]:
             row.pop("device_kind", None)  # emit's

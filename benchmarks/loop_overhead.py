@@ -5,8 +5,8 @@ the same compiled steps on a device-resident batch.
     PYTHONPATH=. python benchmarks/loop_overhead.py --quick                # CPU smoke run
 
 For each batch size and each loop setting (`before`: --metrics_every=1 --steps_per_call=1, a
-metrics read per step as the loop did before issue 22; `after`: the defaults; `k4`:
---steps_per_call=4), the real train loop (`train.run`: data pipeline, host batches, metric
+metrics read per step as the loop did before issue 22; `after`: the defaults; `k4`, `k16`:
+--steps_per_call=4/16; `device`, `device_k16`: --data_on_device, 1 or 16 steps a call), the real train loop (`train.run`: data pipeline, host batches, metric
 reads) runs --epochs epochs of fc NP; its epoch time (`epoch_time` of the rows, epoch 1 left
 out: it compiles) is set against the pure compiled steps: the loop's own program
 (`Run.loop.call`) called back to back on one batch already on the device, timed by a hook right
@@ -40,6 +40,8 @@ LOOPS = {
     "after": {},  # the defaults
     "k4": dict(steps_per_call=4),
     "k16": dict(steps_per_call=16),
+    "device": dict(data_on_device=True),  # no host batches: gathered inside the call
+    "device_k16": dict(data_on_device=True, steps_per_call=16),
 }
 
 

@@ -104,7 +104,7 @@ CASES = {  # name: (command, what its error line must say)
     ),
     "loop_overhead unknown loop": (
         _bench("loop_overhead", "--loops=after,bogus"),
-        "'bogus' is not one of before, after, k4, k16",
+        "'bogus' is not one of before, after, k4, k16, device, device_k16",
     ),
     "bf16_sigma unknown network": (
         _bench("bf16_sigma", "--networks=fc,bogus"),
