@@ -26,8 +26,9 @@ from nodepert_dist import crash_guard
 class Reader:
     """When to read the log (`due`) and the reading (`read`), from step `through` on."""
 
-    def __init__(self, every: int, step: int, watch=None):
-        self.every, self.through, self.watch = every, step, watch
+    def __init__(self, every: int, step: int, watch=None, dog=None):
+        # dog: hang_watchdog.StepWatchdog, told of each step the host sees finished
+        self.every, self.through, self.watch, self.dog = every, step, watch, dog
 
     def due(self, step: int) -> bool:
         return step - self.through >= self.every
@@ -41,6 +42,8 @@ class Reader:
         rows = {k: np.asarray(v, np.float64)[at] for k, v in values.items()}
         add(sums, rows, self.through + 1, epoch, self.watch)
         self.through = step
+        if self.dog is not None:
+            self.dog.beat(step)
 
 
 def add(sums: dict, rows: dict, first_step: int, epoch: int, watch=None) -> None:

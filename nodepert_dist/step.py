@@ -106,6 +106,12 @@ class TrainingSettings:
         "fall inside K steps run their last steps one by one.",
         group=_T,
     )
+    hang_timeout_s: float = setting(
+        1800.0,
+        "Exit (code 4, one line) when no training step finishes for this many seconds after "
+        "the first: a collective waiting forever for a stopped process or GPU (0: never).",
+        group=_T,
+    )
     population: str = setting(
         "",
         "Train a grid of members in one compiled step, e.g. 'lr:0.01,0.02;seed:0,1' (4 "
@@ -119,7 +125,7 @@ class TrainingSettings:
     def validate(self) -> None:
         settings_lib.check_choices(self)
         settings_lib.check_positive(self, "batchsize", "metrics_every", "steps_per_call")
-        settings_lib.check_non_negative(self, "num_epochs", "max_steps")
+        settings_lib.check_non_negative(self, "num_epochs", "max_steps", "hang_timeout_s")
 
 
 def local_gradient(

@@ -1,7 +1,6 @@
 """`nodepert-train`: node perturbation (or SGD) on a device mesh, epoch by epoch.
 
-Sections: mesh -> the run (run_setup.build: data, model, state, steps) -> resume or epoch 0 ->
-train loop.
+Sections: mesh -> the run (run_setup.build: data, model, state, steps) -> resume -> the loop.
 Every process runs this same program; process 0 alone writes files and prints progress.
 The settings (`Config`, one declaration each, and the flags made from them) are in config.py.
 Checkpoints (nodepert_dist/checkpoint.py) go to <workdir>/checkpoints; a run resumes from the
@@ -33,6 +32,7 @@ from nodepert_dist import (
     decorrelation,
     device_data,
     distributed,
+    hang_watchdog,
     loop_metrics,
     metrics,
     params_io,
@@ -137,6 +137,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     members = population.members(cfg)  # [{}]: a solo run
     loop, eval_step, eval_batch = built.loop, built.eval_step, built.eval_batch
     on_device = cfg.data_on_device and device_data.DeviceData(mesh, data.train_x, data.train_y)
+    dog = cleanup.enter_context(hang_watchdog.StepWatchdog(  # armed by the first read (below)
+        cfg.hang_timeout_s, f"process {jax.process_index()}/{jax.process_count()}"))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)) // len(members)
     logging.info("%s: %d parameters, sigma=%g, %d steps/epoch of %d examples",
                  cfg.network, n_params, cfg.sigma, n_steps, cfg.batchsize)
@@ -268,7 +270,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                 {"loss_sum": 0.0, "correct": 0.0, "last_loss": NAN})
         start = time.perf_counter() - (resumed_elapsed if first else 0.0)
         done, in_flight, log = first, None, loop.new_log()
-        reader = loop_metrics.Reader(cfg.metrics_every, step, watch)
+        reader = loop_metrics.Reader(cfg.metrics_every, step, watch, dog)
         stream = on_device or cleanup.enter_context(contextlib.closing(
             pipeline.iterate(batches, start=first, workers=cfg.data_workers)))
         while done < n_steps:
@@ -340,8 +342,7 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     if cfg.save_final_params:
         params_io.save_npz(cfg.save_final_params, state.params if state.decor is None else
                            {**state.params, decorrelation.DECOR: state.decor})  # R too
-    # Said at the end: otherwise the last line printed is an earlier epoch's row.
-    note = ""
+    note = ""  # said at the end: otherwise the last line printed is an earlier epoch's row
     if restored is not None and epoch_start > cfg.num_epochs:
         more = "raise --num_epochs to train on"
         if cfg.lr_schedule == "cosine":  # its length is recorded; --num_epochs never moves it
@@ -366,8 +367,7 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     flags_ = config_lib.FLAGS
-    # jax logs every backend it probes and cannot start ("Unable to initialize backend 'tpu'")
-    # on each start; the devices actually used are logged by distributed.initialize.
+    # jax logs each backend it cannot start ('tpu'...); distributed.initialize logs those used
     pylogging.getLogger("jax._src.xla_bridge").setLevel(pylogging.ERROR)
     if flags_.xla_cpu_conv_flag:  # before the CPU backend starts
         mesh_lib.tune_cpu_convolutions()
@@ -382,8 +382,8 @@ def main(argv):
     except preempt.Preempted as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(preempt.EXIT_CODE) from None
-    # checkpoint_layout.CheckpointError is a ValueError; OSError: e.g. a read-only or full workdir
-    except (ValueError, OSError, raw.DataError, distributed.DistributedError) as e:
+    except (ValueError, OSError, raw.DataError, distributed.DistributedError) as e:  # OSError:
+        # e.g. a read-only or full workdir; checkpoint_layout.CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
     if metrics.is_writer():
         for row in rows[-len(population.members(cfg)):]:  # the last epoch's (each member's)

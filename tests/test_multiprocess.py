@@ -214,6 +214,64 @@ def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
     assert not any(_alive(p) for p in pids), "a rank outlived the launcher"
 
 
+def test_a_collective_that_never_completes_ends_the_job_in_one_line(mnist_dir, tmp_path):
+    """Rank 1 stopped (SIGSTOP: alive, so no heartbeat or launcher notices) mid-training: rank
+    0 waits in a collective forever. Its step watchdog (--hang_timeout_s) ends it with one line
+    and exit 4, and the launcher then takes the job down."""
+    cmd = [
+        PY,
+        LAUNCH,
+        "--num_processes=2",
+        "--devices_per_process=4",
+        "--timeout_s=150",
+        "--",
+        PY,
+        "-m",
+        "nodepert_dist.train",
+        "--hl_size=32",
+        "--n_hl=1",
+        "--batchsize=64",
+        "--num_epochs=20",
+        "--validation_size=55000",
+        "--eval_train=false",
+        "--metrics_every=1",
+        "--hang_timeout_s=8",
+        f"--data_dir={mnist_dir}",
+        f"--workdir={tmp_path}/w",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    out = Output(proc)
+    try:
+        pids = [int(out.wait_for(f"[launch] rank {r} pid", 30).split()[-1]) for r in (0, 1)]
+        out.wait_for("epoch 1 [", 90)  # training: the watchdogs are armed
+        assert not any("no training step finished" in line for line in out.lines)
+        os.kill(pids[1], signal.SIGSTOP)
+        start = time.monotonic()
+        rc = proc.wait(timeout=90)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert rc != 0
+    line = out.wait_for("no training step finished", 5)
+    assert line.startswith("[0] error: process 0/2: no training step finished in 8 s after step")
+    assert "rank 0 exited with status 4" in out.wait_for("[launch] error:", 5)
+    assert 8 <= elapsed < 60
+
+
 def test_launcher_names_the_failing_rank_and_prefixes_output():
     script = (
         "import os, sys; r = int(os.environ['NODEPERT_PROCESS_ID']);"
