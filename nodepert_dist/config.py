@@ -84,9 +84,10 @@ class OutputSettings:
         group="outputs and checkpoints",
     )
     preemption_check_steps: int = setting(
-        1,
+        0,
         "On SIGTERM/SIGUSR1, all processes agree to stop at the next multiple of N steps "
-        "(multi-process: one small collective per N steps), checkpoint and exit 75.",
+        "(several processes: one small collective per N steps, which waits for the device), "
+        "checkpoint and exit 75. 0: every step with one process, every 20 with several.",
         group="outputs and checkpoints",
     )
 
@@ -95,9 +96,9 @@ class OutputSettings:
         return self.checkpoint_every_steps > 0 or self.checkpoint_every_epochs > 0
 
     def validate(self) -> None:
-        check_positive(self, "preemption_check_steps")
         check_non_negative(
             self,
+            "preemption_check_steps",
             "checkpoint_every_steps",
             "checkpoint_every_epochs",
             "keep_checkpoints",

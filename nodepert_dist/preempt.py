@@ -26,6 +26,7 @@ from absl import logging
 
 from nodepert_dist import agree
 
+MULTIPROCESS_CHECK_STEPS = 20
 EXIT_CODE = 75  # EX_TEMPFAIL ("try again later"): preempted, checkpoint saved, rerun to resume
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TEST_SIGNAL_ENV = "NODEPERT_TEST_SIGNAL_AT_STEP"
@@ -43,8 +44,13 @@ class Watcher:
 
     _active: Watcher | None = None
 
-    def __init__(self, check_every: int = 1):
-        self.check_every = check_every
+    def __init__(self, check_every: int = 0):
+        # 0: every step with one process (no collective: free); with several, the agreement is
+        # a collective the host waits for, so only every MULTIPROCESS_CHECK_STEPS steps
+        # (checking each step kept a GPU's queue empty; SLURM warns 120 s ahead).
+        self.check_every = check_every or (
+            1 if jax.process_count() == 1 else MULTIPROCESS_CHECK_STEPS
+        )
         self.signal: int | None = None
         self._previous: dict = {}
         self._outer: Watcher | None = None

@@ -23,6 +23,7 @@ SMALL = [
     "--num_epochs=2",
     "--eval_batchsize=2000",
     "--checkpoint_every_epochs=1",
+    "--preemption_check_steps=5",  # the signal at step 10 stops there, on 1 or 2 processes
 ]
 TIMING = ("epoch_time", "examples_per_s")
 
@@ -138,6 +139,15 @@ def test_watcher_records_sigusr1_and_restores_the_handlers():
         assert not watcher.stop_now(4)  # only at multiples of check_every
         assert watcher.stop_now(6) and watcher.describe() == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_the_default_check_is_every_step_alone_and_every_20_with_several_processes(monkeypatch):
+    """With several processes the agreement is a collective the host waits for: checking it
+    every step would keep an accelerator's queue empty."""
+    assert preempt.Watcher().check_every == 1
+    monkeypatch.setattr(preempt.jax, "process_count", lambda: 2)
+    assert preempt.Watcher().check_every == preempt.MULTIPROCESS_CHECK_STEPS == 20
+    assert preempt.Watcher(check_every=3).check_every == 3
 
 
 def test_launcher_forwards_sigterm_and_exits_75_when_every_rank_was_preempted():
