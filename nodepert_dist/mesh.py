@@ -49,6 +49,23 @@ def tune_cpu_convolutions() -> bool:
     return True
 
 
+def machine(mesh) -> dict:
+    """What the run ran on and how it was compiled, for config.json: the reproducibility claims
+    (docs/design/distributed.md) depend on the platform, --deterministic and XLA's flags."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    return {
+        "platform": mesh.devices.flat[0].platform,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "jax": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
+        "deterministic": DETERMINISTIC_FLAG in xla_flags,
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir or "",
+        "xla_flags": xla_flags,
+    }
+
+
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 AUTOTUNE_CACHE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
 

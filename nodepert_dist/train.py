@@ -191,8 +191,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
     # earlier run's metrics: they are moved aside (kept).
     writer = metrics.MetricsWriter(cfg.workdir, dict(
         dataclasses.asdict(cfg), preprocess_resolved=built.prep_mode,
-        data={k: data.meta.get(k) for k in ("source", "verified", "checksum_problem")}),
-        fresh=restored is None)
+        machine=mesh_lib.machine(mesh), data={k: data.meta.get(k) for k in (
+            "source", "verified", "checksum_problem")}), fresh=restored is None)
     if restored is not None:
         rows, epoch_start, step_start = position["rows"], position["epoch"], position["step_in_epoch"]
         # The running sums of the interrupted epoch (host floats: JSON keeps them exactly).

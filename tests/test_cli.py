@@ -5,6 +5,7 @@ import csv
 import json
 import sys
 
+import jax
 import pytest
 from conftest import run_command
 from conftest import train_command as _train
@@ -27,6 +28,9 @@ def test_train_writes_config_metrics_jsonl_and_csv(tmp_path, mnist_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
     assert config["update_rule"] == "np" and config["sigma"] == 1e-4 and config["batchsize"] == 256
+    machine = config["machine"]  # what it ran on and how it was compiled (reproducibility)
+    assert machine["platform"] == "cpu" and machine["processes"] == 1 and machine["devices"] >= 1
+    assert machine["deterministic"] is False and machine["jax"] == jax.__version__
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert rows[1]["step"] == 60000 // 256
