@@ -38,7 +38,6 @@ import datetime
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -48,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import throughput
+from gpu_suite_children import loop_section, population_section
 from gpu_suite_table import table
 
 from nodepert_dist import cli, files, models, optim, precision
@@ -58,12 +58,6 @@ from nodepert_dist import step as step_lib
 # an earlier one left unused goes to the next (5% is kept for the table and slack).
 SHARES = {"precision": 0.10, "loop": 0.10, "steps": 0.50, "noise": 0.10, "population": 0.15}
 CIFAR = (32, 32, 3)
-LOOPS = ("before", "after", "k4", "device")
-# The suite's own process already holds XLA's default 75% of a GPU: a child process allocates
-# what it uses instead of trying to reserve 75% of the card again.
-_CHILD_ENV = dict(
-    os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"
-)  # benchmarks/loop_overhead.py's loop settings
 
 
 def _positive(kind):
@@ -236,35 +230,6 @@ def precision_section(args, budget, emit):
             )
 
 
-def loop_section(args, budget, emit):
-    """benchmarks/loop_overhead.py (fc NP, synthetic MNIST-shaped data: a loaned machine has no
-    MNIST), one batch size per process (its flags are nodepert-train's, which share names with
-    throughput.py's) while the budget lasts (its loops too: --budget_s, the share's time left);
-    a batch's estimate is the last one's time."""
-    est, out = 1.0, f"{args.out}.loop"
-    script = os.path.join(os.path.dirname(__file__), "loop_overhead.py")
-    for b in args.batchsizes:
-        size = (
-            ["--quick"] if args.quick else [f"--batchsizes={b}", "--examples=16384", "--epochs=3"]
-        )
-        t, why = time.perf_counter(), "over the section's budget"
-        if budget.fits(est):
-            left = f"--budget_s={max(budget.end - t, 1.0):.0f}"  # its loops stop at the share's end
-            loops = [] if args.quick else [f"--loops={','.join(LOOPS)}"]
-            cmd = [sys.executable, script, *size, *loops, left, f"--out={out}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_CHILD_ENV)
-            why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
-        for row in (
-            files.read_jsonl(out) if not why else [dict(batchsize=b, loop=loop) for loop in LOOPS]
-        ):
-            for key in ("device_kind", "quick"):  # emit's
-                row.pop(key, None)
-            emit("loop", dict(row, network="fc", **({"skipped": why} if why else {})))
-        if os.path.exists(out):
-            os.remove(out)
-        est = time.perf_counter() - t
-
-
 def steps_section(mesh, args, budget, emit, peaks, networks, variants, dtypes, batches, section):
     cost = {}  # network -> seconds its last combination took: the estimate for the next
     # (a network not yet measured: the dearest so far, so one combination rarely overruns)
@@ -380,29 +345,6 @@ def run(args):
     )
     guarded("population", population_section, args, budgets["population"], emit)
     return rows
-
-
-def population_section(args, budget, emit):
-    """fc NP lr populations of growing N while the budget lasts, each measured by
-    benchmarks/population.py in its own process (its flags are nodepert-train's, which share
-    names with throughput.py's); an N's estimate is 3x the last measured one's time, and once
-    one N does not fit no larger N is tried (it would cost more)."""
-    est, out = 1.0, f"{args.out}.population"
-    script = os.path.join(os.path.dirname(__file__), "population.py")
-    for sizes in [(1, 2)] if args.quick else [(1,), (4,), (16,), (64,)]:
-        size = ["--quick", "--batchsize=8"] if args.quick else [f"--members={sizes[0]}"]
-        t, why = time.perf_counter(), "over the section's budget"
-        fits = est is not None and budget.fits(est)
-        if fits:
-            cmd = [sys.executable, script, *size, "--networks=fc", "--rules=np", f"--out={out}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_CHILD_ENV)
-            why = (proc.stderr.strip().splitlines() or ["failed"])[-1] if proc.returncode else ""
-        for row in files.read_jsonl(out) if not why else [dict(members=n) for n in sizes]:
-            row.pop("device_kind", None)  # emit's
-            emit("population", dict(row, network="fc", **({"skipped": why} if why else {})))
-        if os.path.exists(out):
-            os.remove(out)
-        est = 3 * (time.perf_counter() - t) if fits else None  # None: no larger N is tried
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 
 import gpu_suite
+import gpu_suite_children
 import pytest
 from gpu_suite_table import table
 
@@ -53,7 +54,7 @@ def population_stops_at_the_first_size_over_budget():
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     clock = [0.0]  # each run takes 1 s; 2 s are left: N=1 (estimated 1 s) fits, N=4 (3 s) not
-    gpu_suite.time.perf_counter = lambda: clock[0]
+    gpu_suite_children.time.perf_counter = lambda: clock[0]
     real_run = fake_run
 
     def fake_run(cmd, **kw):  # noqa: F811 (the same run, taking 1 s of the fake clock)
@@ -64,10 +65,10 @@ def population_stops_at_the_first_size_over_budget():
         def fits(self, est):
             return est <= 2.0
 
-    gpu_suite.subprocess.run = fake_run
+    gpu_suite_children.subprocess.run = fake_run
     tmp_path = pathlib.Path(tempfile.mkdtemp())
     args = gpu_suite.parse_args([f"--out={tmp_path / 'p.jsonl'}"])
-    gpu_suite.population_section(args, Budget(), lambda s, r: rows.append(r))
+    gpu_suite_children.population_section(args, Budget(), lambda s, r: rows.append(r))
     assert ran == [1]
     assert [(r["members"], r.get("skipped")) for r in rows] == [
         (1, None),
