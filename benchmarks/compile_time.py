@@ -48,8 +48,12 @@ flags.DEFINE_list("variants", ["sgd", "np"], "sgd and VARIANTS' names, or 'all'.
 flags.DEFINE_enum("shape", "cifar", list(SHAPES), "Input shape.")
 flags.DEFINE_integer("batchsize", 128, "Batch size (one device).")
 flags.DEFINE_integer("width", 16, "vgg/vgg16/resnet*: channels of the first stage.")
-flags.DEFINE_integer("repeats", 2, "Rounds of every variant; the fastest (trace + lower + compile) "
-                     "is reported: other work on the machine only ever adds time.")
+flags.DEFINE_integer(
+    "repeats",
+    2,
+    "Rounds of every variant; the fastest (trace + lower + compile) "
+    "is reported: other work on the machine only ever adds time.",
+)
 flags.DEFINE_bool("quick", False, "Smoke run: fc, sgd and np.")
 flags.DEFINE_string("out", "benchmarks/results/compile_time.jsonl", "JSON lines (appended).")
 FLAGS = flags.FLAGS
