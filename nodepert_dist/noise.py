@@ -7,10 +7,12 @@ communication, and an example's noise does not depend on how the batch is laid o
 or processes.
 
 Tap t of example i is `jax.random.bits` (Rademacher: 32 signs per word) or `jax.random.normal`
-of `fold_in(key_i, tap_id(t))`, in threefry's non-partitionable form. `draw_noise` computes
-exactly those values, every tap and example hashed in ONE threefry call: on the CPU XLA compiles
-each threefry call as its own loop, ~0.2 s apiece, so drawing tap by tap made NP's compile time
-grow with depth (benchmarks/compile_time.py; docs/results/compile_time.md).
+of `fold_in(key_i, tap_id(t))`, in threefry's non-partitionable form (`draw_layer`).
+`draw_noise` computes exactly those values (tests/test_noise.py) in one threefry call for every
+tap and example, and the keys with jax's threefry written out in array ops (what jax lowers it
+to on GPUs). On the CPU jax lowers each threefry call to a loop that XLA took ~0.2-0.3 s
+(CPU time) to compile: drawn tap by tap, with a loop per key too, the noise alone made NP's
+compile time grow with depth (docs/results/compile_time.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.random.threefry2x32 import _threefry2x32_lowering  # the hash as array ops
 from jax.extend.random import threefry2x32_p
 
 from nodepert_dist import taps
@@ -36,18 +39,30 @@ def stream_key(seed: int, stream: str):
 def step_key(seed: int, step):
     """The noise key of update `step`: the example keys fold each example's index into it; the
     original estimator draws its one batch-wide noise from it directly."""
-    return jax.random.fold_in(stream_key(seed, "noise"), step)
+    with jax.ensure_compile_time_eval():  # a constant of the step when the seed is one
+        root = stream_key(seed, "noise")
+    return _fold_in(root, step)
 
 
 def example_keys(seed: int, step, global_index):
     """One noise key per example, from (seed, step, global example index)."""
-    key = step_key(seed, step)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(global_index)
+    return _fold_in(step_key(seed, step)[None], global_index)
 
 
 def draw_keys(keys, draw: int):
     """The example keys of noise draw `draw`: draw 0 is the keys themselves (today's noise)."""
-    return keys if draw == 0 else jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
+    return keys if draw == 0 else _fold_in(keys, draw)
+
+
+def _fold_in(keys, data):
+    """jax.random.fold_in(k, d) for threefry keys `keys` and integer `data` broadcast against
+    them: the hash of the counter pair (0, d) under k, written out in array ops."""
+    k = jax.random.key_data(keys)
+    d = jnp.asarray(data).astype(jnp.uint32)
+    h1, h2 = _threefry2x32_lowering(
+        k[..., 0], k[..., 1], jnp.zeros_like(d), d, use_rolled_loops=False
+    )
+    return jax.random.wrap_key_data(jnp.stack([h1, h2], -1), impl=jax.random.key_impl(keys))
 
 
 def _check(kind: str) -> None:
@@ -98,9 +113,8 @@ def _threefry_words(keys, data: list, counts: list) -> list:
     fold_in(k, d) is the hash of the counter pair (0, d) under k. bits(k, (n,)) hashes the
     counters 0..n-1 as pairs (j, j + m), m = ceil(n / 2), the odd count's last pair (m - 1, 0),
     and its words are the pairs' first halves, then their second halves."""
-    k = jax.random.key_data(keys)  # (b, 2)
-    d = jnp.asarray(np.asarray(data, np.uint32))[None]
-    t1, t2 = threefry2x32_p.bind(k[:, :1], k[:, 1:], jnp.zeros_like(d), d)  # (b, taps)
+    tap_keys = jax.random.key_data(_fold_in(keys[:, None], np.asarray(data, np.uint32)[None]))
+    t1, t2 = tap_keys[..., 0], tap_keys[..., 1]  # (b, taps)
     halves = [(n + 1) // 2 for n in counts]
     first = np.concatenate([np.arange(m, dtype=np.uint32) for m in halves])
     second = np.concatenate(
