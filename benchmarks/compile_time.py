@@ -6,12 +6,12 @@
 
 Each (network, variant) builds the jitted train step (step.make_train_step, as the trainer does)
 and times its three stages apart: trace (Python: flax and jax tracing to a jaxpr), lower (the
-jaxpr to StableHLO) and compile (XLA), with the size of the traced and lowered programs (jaxpr
-equations, StableHLO ops) and
-XLA's peak temp memory (memory_analysis). Nothing is run. One process, one device; a tiny
-compile first, so the first row does not pay jax's start-up. Timings drift with the machine's
-load: each variant is measured --repeats times in alternating rounds and the fastest kept;
-compare NP and SGD of the same run (the `/sgd` columns).
+jaxpr to StableHLO) and compile (XLA); with the size of the traced and lowered programs (jaxpr
+equations, StableHLO ops), XLA's peak temp memory (memory_analysis), and the process's CPU
+seconds for all three (steadier than wall time on a shared machine). Nothing is run. One
+process, one device; a tiny compile first, so the first row does not pay jax's start-up.
+Timings drift with the machine's load: each variant is measured --repeats times in alternating
+rounds and the fastest kept; compare NP and SGD of the same run (the `/sgd` columns).
 """
 
 from __future__ import annotations
@@ -124,13 +124,13 @@ def measure(network: str, variant: str, mesh, x, y) -> dict:
 
     fn, state = build(network, variant, mesh, x)
     batch = mesh_lib.global_batch(mesh, x, y)
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     traced = fn.trace(state, *batch)
     t1 = time.perf_counter()
     lowered = traced.lower()
     t2 = time.perf_counter()
     compiled = lowered.compile()
-    t3 = time.perf_counter()
+    t3, cpu3 = time.perf_counter(), time.process_time()
     mem = compiled.memory_analysis()
     ops = sum(" = " in line for line in lowered.as_text().splitlines())
     return {
@@ -138,6 +138,7 @@ def measure(network: str, variant: str, mesh, x, y) -> dict:
         "lower_s": t2 - t1,
         "compile_s": t3 - t2,
         "total_s": t3 - t0,
+        "cpu_s": cpu3 - cpu0,  # this process's CPU seconds (XLA's threads included)
         "jaxpr_eqns": jaxpr_size(traced.jaxpr.jaxpr),
         "hlo_ops": ops,
         "temp_mb": mem.temp_size_in_bytes / 2**20 if mem else float("nan"),
@@ -147,13 +148,14 @@ def measure(network: str, variant: str, mesh, x, y) -> dict:
 def report(rows) -> None:
     print(
         f"{'network':<11}{'variant':<18}{'trace':>7}{'lower':>7}{'XLA':>7}{'total':>7}"
-        f"{'/sgd':>6}{'eqns':>7}{'ops':>7}{'MB':>8}{'mem/sgd':>8}"
+        f"{'/sgd':>6}{'cpu s':>7}{'/sgd':>6}{'eqns':>7}{'ops':>7}{'MB':>8}{'mem/sgd':>8}"
     )
     fmt = lambda v, w: f"{v:>{w}.2f}" if isinstance(v, float) else " " * (w - 1) + "-"
     for r in rows:
         print(
             f"{r['network']:<11}{r['variant']:<18}{r['trace_s']:>7.2f}{r['lower_s']:>7.2f}"
             f"{r['compile_s']:>7.2f}{r['total_s']:>7.2f}{fmt(r.get('total_vs_sgd'), 6)}"
+            f"{r['cpu_s']:>7.2f}{fmt(r.get('cpu_vs_sgd'), 6)}"
             f"{r['jaxpr_eqns']:>7}{r['hlo_ops']:>7}{r['temp_mb']:>8.1f}{fmt(r.get('temp_vs_sgd'), 8)}"
         )
 
@@ -201,6 +203,7 @@ def main(argv):
             if sgd is not None and variant != "sgd":
                 row["total_vs_sgd"] = row["total_s"] / sgd["total_s"]
                 row["compile_vs_sgd"] = row["compile_s"] / sgd["compile_s"]
+                row["cpu_vs_sgd"] = row["cpu_s"] / sgd["cpu_s"]
                 row["temp_vs_sgd"] = row["temp_mb"] / sgd["temp_mb"]
             files.append_jsonl(FLAGS.out, [row])
             rows.append(row)
