@@ -253,7 +253,11 @@ def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noi
     segments = None  # taps.replay_by_tap, traced once
     grads, after = None, None  # after: a zero that orders each draw/group after the previous
     for d in range(draws):
-        draw_k = keys if d == 0 else _keys_after(draw_keys(keys, d), after)
+        if d == 0:  # after the clean pass, if any (a zero of its loss): no noise alive during
+            # it; measured: resnet's peak temp memory 97.4 -> 92.6 MB (as drawn per tap before)
+            draw_k = keys if clean is None else _keys_after(keys, _zero_after(clean))
+        else:
+            draw_k = _keys_after(draw_keys(keys, d), after)
         xi = draw_noise(draw_k, shapes, noise_kind)
         for group, head in zip(groups, heads):
             noise = {k: xi[k] if after is None else xi[k] + after.astype(xi[k].dtype)
