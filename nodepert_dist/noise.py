@@ -8,9 +8,9 @@ or processes.
 
 Tap t of example i is `jax.random.bits` (Rademacher: 32 signs per word) or `jax.random.normal`
 of `fold_in(key_i, tap_id(t))`, in threefry's non-partitionable form (`draw_layer`).
-`draw_noise` computes exactly those values (tests/test_noise.py) in one threefry call for every
-tap and example, and the keys with jax's threefry written out in array ops (what jax lowers it
-to on GPUs). On the CPU jax lowers each threefry call to a loop that XLA took ~0.2-0.3 s
+`draw_noise` computes exactly those values (tests/test_noise.py), Rademacher in one threefry
+call for every tap and example, and the keys with jax's threefry written out in array ops (what
+jax lowers it to on GPUs). On the CPU jax lowers each threefry call to a loop that XLA took ~0.2-0.3 s
 (CPU time) to compile: drawn tap by tap, with a loop per key too, the noise alone made NP's
 compile time grow with depth (docs/results/compile_time.md).
 """
@@ -95,7 +95,11 @@ def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
     _check(kind)
     if not shapes:
         return {}
-    if jax.random.key_impl(keys) != jax.random.key_impl(jax.random.key(0, impl="threefry2x32")):
+    # Gaussian noise takes a word per node: hashed at once, the words, their keys and the
+    # normals of every tap were alive together (conv-large temp memory 236 -> 561 MB), so it is
+    # drawn tap by tap; Rademacher's words are 1/32 of its nodes.
+    threefry = jax.random.key_impl(jax.random.key(0, impl="threefry2x32"))
+    if kind == "gaussian" or jax.random.key_impl(keys) != threefry:
         return {name: draw_layer(keys, taps.tap_id(name), s, kind) for name, s in shapes.items()}
     sizes = [math.prod(s) for s in shapes.values()]
     words = [(n + 31) // 32 if kind == "rademacher" else n for n in sizes]

@@ -329,7 +329,8 @@ def _tap_gradients(segments, params, values, coef, xi, group, shapes, *, keys, n
                                  *(leaves[i] for i in segment.params))
         noise = xi[name]
         if mode == "regen":  # this tap's noise again, drawn only now
-            noise = draw_noise(_keys_after(keys, after), {name: shapes[name]}, noise_kind)[name]
+            noise = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],
+                               noise_kind)
         coef_l = (coef + after).reshape((-1,) + (1,) * (noise.ndim - 1))
         g = vjp_fn((coef_l * noise).astype(preact.dtype))
         for i, gi in zip(segment.params, g):
