@@ -88,7 +88,7 @@ def _configs():
     for network in FLAGS.networks:
         for shape in FLAGS.shapes:
             for b in map(int, FLAGS.batchsizes):
-                if network in ("conv-large", "vgg", "vgg16", "resnet") and b > 128:
+                if network in ("conv-large", "vgg", "vgg16", "resnet", "resnet34") and b > 128:
                     continue  # minutes per step on a CPU
                 for dtype in FLAGS.dtypes:
                     yield network, shape, b, dtype
@@ -225,7 +225,7 @@ def worker(n_dev: int) -> None:
         for variant, r in runs.items():
             t = step_s[variant]
             row = {"network": network, "shape": shape, "batchsize": b, "devices": n_dev,
-                   "dtype": dtype, "width": FLAGS.width if network in ("vgg", "vgg16", "resnet")
+                   "dtype": dtype, "width": FLAGS.width if network.startswith(("vgg", "resnet"))
                    else None,
                    "variant": variant, "device_kind": kind, "step_ms": 1e3 * t,
                    "step_iqr_over_median": spread[variant], "rounds": len(r["times"]),

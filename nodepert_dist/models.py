@@ -1,7 +1,8 @@
 """The model zoo: ordinary flax linen modules with a `Tap` after every pre-activation.
 
 fc, linfc, conv and conv-large are the original code's networks (docs/design/original_code.md);
-vgg, vgg16 and resnet are the large conv nets, for 32x32x3 (and 28x28x1) inputs. None uses batch
+vgg, vgg16, resnet (ResNet-18) and resnet34 are the large conv nets, for 32x32x3 (and 28x28x1)
+inputs. None uses batch
 norm: batch statistics mix examples, which biases per-example NP (taps.check says so). Every
 model returns logits; `taps.py` runs them noisy or in replay for the NP estimator.
 """
@@ -24,7 +25,7 @@ from nodepert_dist.decorrelation import Decorrelate
 from nodepert_dist.settings import setting
 from nodepert_dist.taps import Tap
 
-NETWORKS = ("fc", "linfc", "conv", "conv-large", "vgg", "vgg16", "resnet")
+NETWORKS = ("fc", "linfc", "conv", "conv-large", "vgg", "vgg16", "resnet", "resnet34")
 NORMS = ("none", "group", "layer")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -38,13 +39,14 @@ class ModelSettings:
     hl_size: int = setting(500, "Units per hidden layer of fc/linfc.", group="model")
     width: int = setting(
         64,
-        "vgg/vgg16/resnet: channels of the first stage (64 is "
-        "VGG/ResNet-18; later stages have 2x, 4x, 8x).",
+        "vgg/vgg16/resnet/resnet34: channels of the first stage (64 is "
+        "VGG/ResNet-18/34; later stages have 2x, 4x, 8x).",
         group="model",
     )
     norm: str = setting(
         "none",
-        "vgg/vgg16/resnet: per-example normalisation before each tap (batch norm would bias NP).",
+        "vgg/vgg16/resnet/resnet34: per-example normalisation before each tap (batch norm "
+        "would bias NP).",
         group="model",
         choices=NORMS,
     )
@@ -273,7 +275,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-18-style CIFAR variant: 3x3 stem, 4 stages of 2 basic blocks, average pool."""
+    """ResNet-18-style CIFAR variant: 3x3 stem, 4 stages of `blocks` basic blocks (2 each:
+    ResNet-18; RESNET_BLOCKS), average pool."""
 
     num_classes: int
     width: int = 64
@@ -300,6 +303,8 @@ class ResNet(nn.Module):
         readout = nn.Dense(self.num_classes, kernel_init=_xavier, dtype=self.dtype, name="readout")
         return Tap(name="readout_tap")(readout(h))
 
+
+RESNET_BLOCKS = {"resnet": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}  # basic blocks per stage
 
 _CONV_STACKS = {
     "conv": ((32, 3, 1), (32, 3, 2), (32, 3, 1)),
@@ -368,7 +373,7 @@ def build_model(
         )
     if network in VGG_LAYOUTS:
         return VGG(VGG_LAYOUTS[network], num_classes, width, norm, dt, precision)
-    return ResNet(num_classes, width, norm, dtype=dt, precision=precision)
+    return ResNet(num_classes, width, norm, RESNET_BLOCKS[network], dtype=dt, precision=precision)
 
 
 def build(

@@ -1,11 +1,4 @@
-"""Perturbation noise streams and the node-perturbation (NP) gradient estimator.
-
-Random streams are counter-based. `stream_key(seed, name)` separates parameter initialisation
-from the noise; the noise of example `i` at update `step` is keyed
-key(seed) -> "noise" tag -> step -> global example index i -> tap (taps.tap_id of its name).
-A device draws only the noise
-of the examples it holds, with no communication, and an example's noise does not depend on how
-the batch is laid out over devices or processes.
+"""The node-perturbation (NP) gradient estimator; its noise streams are noise.py's.
 
 The estimator (docs/design/estimator.md), for a batch of B examples:
 
@@ -76,62 +69,24 @@ gradient is the batch mean of the products.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from nodepert_dist import taps
+from nodepert_dist.noise import (  # noqa: F401 (the noise streams, also read as perturbation.*)
+    NOISE_KINDS,
+    draw_keys,
+    draw_layer,
+    draw_noise,
+    example_keys,
+    step_key,
+    stream_key,
+)
 
-NOISE_KINDS = ("rademacher", "gaussian")
 NP_MODES = ("keep", "regen")
 NP_DELTAS = ("finite", "jvp")
 NP_ESTIMATORS = ("per_example", "original", "shared_noise")
 HEAD_PREFIX = "head_"  # --np_local: the tap of tap t's auxiliary readout head is head_t
-_STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
-
-
-def stream_key(seed: int, stream: str):
-    """The root key of one random stream of a run: streams never share a key."""
-    return jax.random.fold_in(jax.random.key(seed), _STREAMS[stream])
-
-
-def step_key(seed: int, step):
-    """The noise key of update `step`: the example keys fold each example's index into it; the
-    original estimator draws its one batch-wide noise from it directly."""
-    return jax.random.fold_in(stream_key(seed, "noise"), step)
-
-
-def example_keys(seed: int, step, global_index):
-    """One noise key per example, from (seed, step, global example index)."""
-    key = step_key(seed, step)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(global_index)
-
-
-def _rademacher(key, shape):
-    # 32 signs from every random uint32: ~40x cheaper on CPU than threefry normals.
-    n = math.prod(shape)
-    words = jax.random.bits(key, ((n + 31) // 32,), jnp.uint32)
-    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    return (bits.reshape(-1)[:n].astype(jnp.float32) * 2.0 - 1.0).reshape(shape)
-
-
-def draw_layer(keys, layer: int, shape, kind: str = "rademacher"):
-    """Unit-variance, zero-mean noise of one tap's nodes for every example: (b, *shape)."""
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"unknown --noise={kind!r}; choose one of {', '.join(NOISE_KINDS)}")
-    draw = _rademacher if kind == "rademacher" else (
-        lambda k, s: jax.random.normal(k, s, jnp.float32))
-    # Each device draws whole examples from their own keys, so threefry need not be
-    # partitionable; the non-partitionable form fused better on XLA CPU (measured: conv layer
-    # shapes, B=128, Gaussian: ~2.5x faster, 64 -> 37 MB temp).
-    with jax.threefry_partitionable(False):
-        return jax.vmap(lambda k: draw(jax.random.fold_in(k, layer), tuple(shape)))(keys)
-
-
-def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
-    """Every tap's noise, {tap name: (b, *shape)}, each from the tap's own stream."""
-    return {name: draw_layer(keys, taps.tap_id(name), s, kind) for name, s in shapes.items()}
 
 
 def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normalizer,
@@ -234,14 +189,10 @@ def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, n
         if axis_name is not None:  # the global batch's sum, then back to this device's share
             delta_sum = jax.lax.pcast(jax.lax.psum(delta_sum, axis_name), axis_name, to="varying")
         coef = jnp.full((b,), delta_sum / normalizer / (sigma * normalizer))
-    grads, _ = _tap_gradients(model, params, x, values, coef, xi, list(shapes), shapes,
+    segments = taps.replay_by_tap(model, params, x, values)
+    grads, _ = _tap_gradients(segments, params, values, coef, xi, list(shapes), shapes,
                               keys=None, noise_kind=noise_kind, mode="keep", after=None)
-    return grads, clean, clean_logits
-
-
-def draw_keys(keys, draw: int):
-    """The example keys of noise draw `draw`: draw 0 is the keys themselves (today's noise)."""
-    return keys if draw == 0 else jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
+    return _as_tree(params, grads), clean, clean_logits
 
 
 def _zero_after(tree):
@@ -299,9 +250,14 @@ def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noi
     block_loss = lambda logits_loss, values, head: (
         logits_loss if head is None else loss_fn(values[head], labels))
 
+    segments = None  # taps.replay_by_tap, traced once
     grads, after = None, None  # after: a zero that orders each draw/group after the previous
     for d in range(draws):
-        draw_k = keys if d == 0 else _keys_after(draw_keys(keys, d), after)
+        if d == 0:  # after the clean pass, if any (a zero of its loss): no noise alive during
+            # it; measured: resnet's peak temp memory 97.4 -> 92.6 MB (as drawn per tap before)
+            draw_k = keys if clean is None else _keys_after(keys, _zero_after(clean))
+        else:
+            draw_k = _keys_after(draw_keys(keys, d), after)
         xi = draw_noise(draw_k, shapes, noise_kind)
         for group, head in zip(groups, heads):
             noise = {k: xi[k] if after is None else xi[k] + after.astype(xi[k].dtype)
@@ -341,33 +297,50 @@ def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noi
                     diff = block_loss(plus, values, head) - block_loss(clean, clean_values, head)
                 scale = sigma
             coef = diff / (scale * normalizer * draws)
-            g, after = _tap_gradients(model, params, x, values, coef, xi, group, shapes,
-                                      keys=draw_k, noise_kind=noise_kind, mode=mode, after=after)
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-    return grads, metrics[0], metrics[1]
+            if segments is None:  # one trace of the replay for every draw and group
+                segments = taps.replay_by_tap(model, params, x, values)
+            grads, after = _tap_gradients(segments, params, values, coef, xi, group, shapes,
+                                          keys=draw_k, noise_kind=noise_kind, mode=mode,
+                                          after=after, into=grads)
+    return _as_tree(params, grads), metrics[0], metrics[1]
 
 
-def _tap_gradients(model, params, x, values, coef, xi, group, shapes, *, keys, noise_kind, mode,
-                   after):
-    """sum over the taps of `group` of the VJP of each tap's pre-activation (replay at `values`)
-    with cotangent coef_i * xi_i; returns it and a zero that orders later work after it."""
+def _tap_gradients(segments, params, values, coef, xi, group, shapes, *, keys, noise_kind, mode,
+                   after, into=None):
+    """Adds to `into` (a list over jax.tree.leaves(params), None for nothing yet; new if None)
+    the VJP of each tap of `group`'s pre-activation (replay at `values`; `segments`:
+    taps.replay_by_tap) with cotangent coef_i * xi_i; returns it and a zero that orders later
+    work after it. Each VJP is of its tap's segment alone (its parameters, its inputs), so the
+    work per tap does not grow with depth."""
     # One tap at a time from the last to the first, each the VJP of its own pre-activation in
-    # replay (the primal ops of the other taps are dead code). A zero-valued data dependency on
-    # the previous tap's result makes XLA finish one tap before it starts the next one's
-    # cotangent and input transposes, so each noisy value is freed as soon as it is used.
+    # replay. A zero-valued data dependency on the previous tap's result makes XLA finish one
+    # tap before it starts the next one's cotangent and input transposes, so each noisy value
+    # is freed as soon as it is used.
     # Measured on conv-large, CIFAR shape, B=128: peak temp memory 310 -> 130 MB (SGD 217).
-    grads, after = None, jnp.zeros((), coef.dtype) if after is None else after.astype(coef.dtype)
+    leaves = jax.tree.leaves(params)
+    into = [None] * len(leaves) if into is None else into
+    after = jnp.zeros((), coef.dtype) if after is None else after.astype(coef.dtype)
     for name in reversed(group):
+        segment = segments[name]
         # The step's input x gets no `after`: it is alive anyway, and adding would copy it.
-        replay_values = {k: jax.lax.stop_gradient(v) + after.astype(v.dtype)
-                         for k, v in values.items()}
-        preact, vjp_fn = jax.vjp(lambda p: taps.replay(model, p, x, replay_values)[name], params)  # noqa: B023 (vjp calls it here)
+        replay_values = {k: jax.lax.stop_gradient(values[k]) + after.astype(values[k].dtype)
+                         for k in segment.values}
+        preact, vjp_fn = jax.vjp(lambda *p: segment.preact(p, replay_values),  # noqa: B023 (vjp calls it here)
+                                 *(leaves[i] for i in segment.params))
         noise = xi[name]
         if mode == "regen":  # this tap's noise again, drawn only now
             noise = draw_layer(_keys_after(keys, after), taps.tap_id(name), shapes[name],
                                noise_kind)
         coef_l = (coef + after).reshape((-1,) + (1,) * (noise.ndim - 1))
-        (g,) = vjp_fn((coef_l * noise).astype(preact.dtype))
-        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        g = vjp_fn((coef_l * noise).astype(preact.dtype))
+        for i, gi in zip(segment.params, g):
+            into[i] = gi if into[i] is None else into[i] + gi
         after = _zero_after(g).astype(coef.dtype)
-    return grads, after
+    return into, after
+
+
+def _as_tree(params, into):
+    """The parameter tree of `_tap_gradients`' sums (zeros where no tap added any)."""
+    leaves, tree = jax.tree.flatten(params)
+    return jax.tree.unflatten(
+        tree, [jnp.zeros_like(p) if g is None else g for p, g in zip(leaves, into)])

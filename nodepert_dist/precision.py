@@ -23,7 +23,7 @@ TF32_PRECISIONS = ("default", "high")  # TF32 on a GPU (jax.lax.Precision's docs
 # emulated TF32 matched float32's with the same noise (cosine >= 0.99, norm within 15%, every
 # leaf) and added at most 10% to the estimator's second moment, measured by
 # benchmarks/bf16_sigma.py --compute=tf32 (docs/results/tf32_sigma.md). linfc, conv-large and
-# vgg16 take fc's, conv's and vgg's values (not measured).
+# vgg16 take fc's, conv's and vgg's values, resnet34 resnet's (not measured).
 TF32_SIGMA_FLOOR = {
     "fc": 3e-3,
     "linfc": 3e-3,
@@ -32,13 +32,15 @@ TF32_SIGMA_FLOOR = {
     "vgg": 3e-4,
     "vgg16": 3e-4,
     "resnet": 3e-3,
+    "resnet34": 3e-3,
 }
 
 # The smallest sigma on the grid 3e-3, 1e-2, 3e-2, 1e-1 at which NP's mean estimate in bfloat16
 # matched float32's with the same noise (cosine >= 0.99, norm within 15%), measured by
 # benchmarks/bf16_sigma.py (docs/results/bf16_sigma.md). bf16 keeps 8 significant bits: smaller
 # noise is rounded away at the taps and in the loss change. conv-large and vgg16 take conv's and
-# vgg's values (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18).
+# vgg's values (not measured); resnet's is the best of the grid (cosine 0.991, norm 0.95-1.18),
+# and resnet34 takes it (not measured).
 BF16_SIGMA_FLOOR = {
     "fc": 3e-2,
     "linfc": 3e-2,
@@ -47,6 +49,7 @@ BF16_SIGMA_FLOOR = {
     "vgg": 3e-3,
     "vgg16": 3e-3,
     "resnet": 3e-2,
+    "resnet34": 3e-2,
 }
 
 

@@ -10,7 +10,8 @@ model in three ways, through flax variable collections:
              input, and the result is every tap's own pre-activation. Downstream of a tap
              nothing depends on the parameters, so the VJP of one tap's pre-activation is the
              weight-gradient op of the computation from the previous taps to that tap, with no
-             backward chain: the NP update of docs/design/estimator.md;
+             backward chain: the NP update of docs/design/estimator.md. `replay_by_tap` cuts
+             one trace of it into those per-tap computations;
   plain      `model.apply(...)`: logits, as SGD and evaluation use them.
 
 `check(model, params, x)` refuses, by name, any parameter that reaches no tap or reaches one only
@@ -20,6 +21,8 @@ through another tap (its NP update would be silently zero), and models with batc
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -88,6 +91,44 @@ def replay(model, params, x, values: dict) -> dict:
         {"params": params, REPLAY: _nested(values, "value")}, x, mutable=[PREACTS]
     )
     return _flat(state[PREACTS])
+
+
+class Segment(NamedTuple):
+    """The computation from the previous taps to one tap, in replay (`replay_by_tap`)."""
+
+    params: tuple  # the indices, in jax.tree.leaves(params), of the parameters it reads
+    values: tuple  # the taps whose replay values it reads
+    preact: Callable  # (those parameters' arrays, {tap: value}) -> the tap's pre-activation
+
+
+def replay_by_tap(model, params, x, values: dict) -> dict:
+    """{tap name: Segment} of `replay(model, params, x, values)` for arguments shaped like these.
+    The replay is traced once (jax.make_jaxpr) and cut per tap by dead-code elimination, so a
+    segment holds only its own part of the model: the estimator's one VJP per tap then traces
+    and compiles what it uses, where a VJP of the whole replay per tap (and sums over every
+    parameter and value per tap) grew with depth squared (docs/results/compile_time.md)."""
+    closed, out = jax.make_jaxpr(lambda p, v: replay(model, p, x, v), return_shape=True)(
+        params, values
+    )
+    jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)  # the closure's arrays as leading inputs
+    n_consts, n_params = len(closed.consts), len(jax.tree.leaves(params))
+    value_names = list(jax.tree.unflatten(jax.tree.structure(values), range(len(values))))
+    n_out = len(closed.jaxpr.outvars)
+
+    def segment(index):
+        cut, used = pe.dce_jaxpr(jaxpr, [i == index for i in range(n_out)])
+        consts = [c for c, u in zip(closed.consts, used) if u]
+        p_used = tuple(i for i in range(n_params) if used[n_consts + i])
+        v_used = tuple(n for i, n in enumerate(value_names) if used[n_consts + n_params + i])
+
+        def preact(p_arrays, v_arrays):
+            (a,) = jax.core.eval_jaxpr(cut, [], *consts, *p_arrays, *(v_arrays[n] for n in v_used))
+            return a
+
+        return Segment(p_used, v_used, preact)
+
+    outputs = jax.tree.unflatten(jax.tree.structure(out), range(n_out))
+    return {name: segment(index) for name, index in outputs.items()}
 
 
 def tap_shapes(model, params, x) -> dict:

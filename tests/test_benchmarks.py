@@ -52,6 +52,18 @@ def test_throughput_quick_run(tmp_path):
     assert "np-rademacher" in stdout and png.stat().st_size > 10_000
 
 
+def test_compile_time_quick_run(tmp_path):
+    rows, stdout = _quick_rows("compile_time.py", tmp_path / "c.jsonl")
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"sgd", "np"} and "total_vs_sgd" in by["np"]
+    for r in rows:
+        stages = r["trace_s"] + r["lower_s"] + r["compile_s"]
+        assert stages == pytest.approx(r["total_s"]) and min(r["trace_s"], r["compile_s"]) > 0
+        assert r["jaxpr_eqns"] > 0 and r["hlo_ops"] > 0 and r["temp_mb"] > 0
+    assert by["np"]["total_vs_sgd"] == pytest.approx(by["np"]["total_s"] / by["sgd"]["total_s"])
+    assert "np" in stdout
+
+
 def test_naive_reference_is_the_same_unbiased_np():
     """The naive reference computes this engine's Gaussian NP update the straightforward way:
     same keys, same update (so NP/naive compares implementations, not estimators). The engine

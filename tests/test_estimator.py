@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nodepert_dist import losses, models, optim, perturbation, precision
+from nodepert_dist import losses, models, optim, perturbation, precision, taps
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import step as step_lib
 from nodepert_dist.taps import Tap
@@ -239,18 +239,22 @@ def test_modes_give_the_same_update():
 
 
 def test_regen_draws_the_noise_again():
-    """regen must redraw (that is what frees the noise), not reuse the first draw."""
+    """regen must redraw (that is what frees the noise), not reuse the first draw: keep hashes
+    every tap's noise in one threefry call (noise.draw_noise), regen draws each tap's again
+    (noise.draw_layer: jax.random.bits)."""
     body, shape, act, loss, _, _ = CASES["fc-mse"]
     model, params, x, y, loss_fn, _ = _setup(body, shape, act, loss)
     keys = perturbation.example_keys(0, 0, jnp.arange(BATCH))
-    draws = lambda mode: str(
+    jaxpr = lambda mode: str(
         jax.make_jaxpr(
             lambda p: perturbation.np_gradient(
                 model, p, x, y, loss_fn, sigma=1e-4, keys=keys, normalizer=BATCH, mode=mode
             )
         )(params)
-    ).count("random_bits")
-    assert draws("regen") == 2 * draws("keep") > 0
+    )
+    draws = lambda mode: jaxpr(mode).count("threefry2x32") + jaxpr(mode).count("random_bits")
+    n_taps = len(taps.tap_shapes(model, params, x))
+    assert draws("keep") == 1 and draws("regen") == 1 + n_taps and n_taps >= 2
 
 
 def test_noise_differs_between_steps_examples_and_taps():
