@@ -164,15 +164,15 @@ def _alive(pid):
     return True
 
 
-def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
-    # Long enough (20 epochs) that it is still training when killed; short epochs (5,000
-    # training examples: the rest is the validation split) so the first one ends soon.
+def _training_job(mnist_dir, tmp_path, *flags, timeout_s=120):
+    """2 x 4-device ranks of a long training (20 epochs of 5,000 examples: still training when
+    the test acts) under the launcher, in its own session; (proc, its Output, rank pids)."""
     cmd = [
         PY,
         LAUNCH,
         "--num_processes=2",
         "--devices_per_process=4",
-        "--timeout_s=120",
+        f"--timeout_s={timeout_s}",
         "--",
         PY,
         "-m",
@@ -183,6 +183,7 @@ def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
         "--num_epochs=20",
         "--validation_size=55000",
         "--eval_train=false",
+        *flags,
         f"--data_dir={mnist_dir}",
         f"--workdir={tmp_path}/w",
     ]
@@ -198,6 +199,17 @@ def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
     out = Output(proc)
     try:
         pids = [int(out.wait_for(f"[launch] rank {r} pid", 30).split()[-1]) for r in (0, 1)]
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, out, pids
+
+
+def test_killing_one_rank_ends_the_job(mnist_dir, tmp_path):
+    # Long enough (20 epochs) that it is still training when killed; short epochs (5,000
+    # training examples: the rest is the validation split) so the first one ends soon.
+    proc, out, pids = _training_job(mnist_dir, tmp_path)
+    try:
         out.wait_for("epoch 1 [", 90)  # rank 0 reports training progress
         start = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)
@@ -218,39 +230,10 @@ def test_a_collective_that_never_completes_ends_the_job_in_one_line(mnist_dir, t
     """Rank 1 stopped (SIGSTOP: alive, so no heartbeat or launcher notices) mid-training: rank
     0 waits in a collective forever. Its step watchdog (--hang_timeout_s) ends it with one line
     and exit 4, and the launcher then takes the job down."""
-    cmd = [
-        PY,
-        LAUNCH,
-        "--num_processes=2",
-        "--devices_per_process=4",
-        "--timeout_s=150",
-        "--",
-        PY,
-        "-m",
-        "nodepert_dist.train",
-        "--hl_size=32",
-        "--n_hl=1",
-        "--batchsize=64",
-        "--num_epochs=20",
-        "--validation_size=55000",
-        "--eval_train=false",
-        "--metrics_every=1",
-        "--hang_timeout_s=8",
-        f"--data_dir={mnist_dir}",
-        f"--workdir={tmp_path}/w",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
+    proc, out, pids = _training_job(
+        mnist_dir, tmp_path, "--metrics_every=1", "--hang_timeout_s=8", timeout_s=150
     )
-    out = Output(proc)
     try:
-        pids = [int(out.wait_for(f"[launch] rank {r} pid", 30).split()[-1]) for r in (0, 1)]
         out.wait_for("epoch 1 [", 90)  # training: the watchdogs are armed
         assert not any("no training step finished" in line for line in out.lines)
         os.kill(pids[1], signal.SIGSTOP)

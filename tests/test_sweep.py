@@ -137,6 +137,25 @@ def write_run(run, epochs_done, num_epochs=3):
             )
 
 
+def _summary(spec_path, out, *flags) -> str:
+    """launch/sweep.py --mode=summary into `out`; its stdout (it must exit 0)."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "sweep.py"),
+            f"--spec={spec_path}",
+            *flags,
+            "--mode=summary",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
 def test_summary_has_finished_runs_only(tmp_path):
     spec_path = make_spec(tmp_path)
     runs = sweep.expand(sweep.load_spec(spec_path))
@@ -149,20 +168,7 @@ def test_summary_has_finished_runs_only(tmp_path):
         elif run["index"] == 2:
             write_run(run, 2, num_epochs=2)  # ran with a different num_epochs: its config counts
     out = tmp_path / "summary.csv"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "sweep.py"),
-            f"--spec={spec_path}",
-            "--mode=summary",
-            f"--out={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert res.returncode == 0, res.stderr
-    assert "4 finished run(s), 4 unfinished skipped" in res.stdout
+    assert "4 finished run(s), 4 unfinished skipped" in _summary(spec_path, out)
     rows = list(csv.DictReader(open(out)))
     assert [int(r["index"]) for r in rows] == [0, 2, 3, 6]
     by_index = {int(r["index"]): r for r in rows}
@@ -545,21 +551,7 @@ def test_summary_reads_each_member_out_of_its_population(tmp_path):
     with open(os.path.join(job["workdir"], "metrics.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "summary.csv"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "sweep.py"),
-            f"--spec={spec_path}",
-            "--as_population",
-            "--mode=summary",
-            f"--out={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert res.returncode == 0, res.stderr
-    assert "3 finished run(s), 1 unfinished skipped" in res.stdout
+    assert "3 finished run(s), 1 unfinished skipped" in _summary(spec_path, out, "--as_population")
     rows = {int(r["index"]): r for r in csv.DictReader(open(out))}
     assert sorted(rows) == [0, 1, 3]
     for i in (0, 1, 3):  # row i is member i: its own accuracy, not the last member's
