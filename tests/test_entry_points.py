@@ -114,6 +114,10 @@ CASES = {  # name: (command, what its error line must say)
         _bench("checkpoint_overhead", "--network=bogus"),
         "invalid choice: 'bogus'",
     ),
+    "compile_time unknown network": (
+        _bench("compile_time", "--networks=fc,bogus"),
+        "'bogus' is not one of fc, linfc, conv",
+    ),
 }
 
 
@@ -123,7 +127,7 @@ def test_every_entry_point_has_a_case():
     for name in CONSOLE_SCRIPTS:
         assert any(f"sys.argv[0] = {name!r}" in c for c in commands), name
     scripts = [p for p in (REPO / "benchmarks").glob("*.py") if "__main__" in p.read_text()]
-    assert len(scripts) == 9
+    assert len(scripts) == 10
     for script in scripts:
         assert any(f" {script} " in c + " " for c in commands), script
 
