@@ -31,7 +31,8 @@ def loop_section(args, budget, emit):
             ["--quick"] if args.quick else [f"--batchsizes={b}", "--examples=16384", "--epochs=3"]
         )
         t, why = time.perf_counter(), "over the section's budget"
-        if budget.fits(est):
+        fits = est is not None and budget.fits(est)
+        if fits:
             left = f"--budget_s={max(budget.end - t, 1.0):.0f}"  # its loops stop at the share's end
             loops = [] if args.quick else [f"--loops={','.join(LOOPS)}"]
             cmd = [sys.executable, script, *size, *loops, left, f"--out={out}"]
@@ -45,7 +46,9 @@ def loop_section(args, budget, emit):
             emit("loop", dict(row, network="fc", **({"skipped": why} if why else {})))
         if os.path.exists(out):
             os.remove(out)
-        est = time.perf_counter() - t
+        # a skipped size must not reset the estimate (the population section's fault, seen on
+        # an H200): batch sizes grow, so none after it is tried
+        est = time.perf_counter() - t if fits else None
 
 
 def population_section(args, budget, emit):

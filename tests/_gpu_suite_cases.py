@@ -92,3 +92,32 @@ def sections_share_the_whole_budget():
         "population",
         "precision",
     ]
+
+
+def loop_stops_at_the_first_batch_over_budget():
+    """The population section's fault, in its sibling: a skipped batch size must not reset the
+    loop section's estimate (each run takes 3 s of a fake clock; 2 s are left after the first)."""
+    ran, rows, clock = [], [], [0.0]
+
+    def fake_run(cmd, **kw):
+        clock[0] += 3.0
+        b = int(next(a for a in cmd if a.startswith("--batchsizes=")).split("=")[1])
+        ran.append(b)
+        out = next(a for a in cmd if a.startswith("--out=")).split("=", 1)[1]
+        with open(out, "a") as f:
+            f.write(json.dumps(dict(batchsize=b, loop="after")) + "\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    class Budget:
+        end = 100.0
+
+        def fits(self, est):
+            return est <= 2.0
+
+    gpu_suite_children.time.perf_counter = lambda: clock[0]
+    gpu_suite_children.subprocess.run = fake_run
+    tmp_path = pathlib.Path(tempfile.mkdtemp())
+    args = gpu_suite.parse_args([f"--out={tmp_path / 'l.jsonl'}", "--batchsizes=128,1024,4096"])
+    gpu_suite_children.loop_section(args, Budget(), lambda s, r: rows.append(r))
+    assert ran == [128]
+    assert {r["batchsize"] for r in rows if "skipped" in r} == {1024, 4096}

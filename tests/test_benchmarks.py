@@ -192,6 +192,7 @@ def test_gpu_suite_records_what_its_budget_drops(tmp_path):
         "section_error_is_a_row_and_the_next_section_runs",
         "population_stops_at_the_first_size_over_budget",
         "sections_share_the_whole_budget",
+        "loop_stops_at_the_first_batch_over_budget",
     ],
 )
 def test_gpu_suite_bookkeeping(case):
