@@ -29,6 +29,7 @@ import jax
 from flax import traverse_util
 from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: which inputs reach outputs
 
+from nodepert_dist import threefry_cpu  # noqa: F401  (models and noise import taps: registered first)
 from nodepert_dist.decorrelation import DECOR
 
 NOISE, VALUES, REPLAY, PREACTS = "tap_noise", "tap_values", "tap_replay", "tap_preacts"
