@@ -278,6 +278,7 @@ def _run_cfg(tmp_path, name, **kw) -> Config:
         eval_batchsize=2000,
         num_epochs=2,
         population="lr:0.01,0.05;seed:0,1",
+        member_devices=2,  # member=2 x data=4: placement, its log and host reads, end to end
         data_dir=tmp_path.parent / "unused",
         workdir=str(tmp_path / name),
         save_final_params=str(tmp_path / f"{name}.npz"),
