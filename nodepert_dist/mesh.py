@@ -60,6 +60,7 @@ def machine(mesh) -> dict:
         "platform": mesh.devices.flat[0].platform,
         "device_kind": mesh.devices.flat[0].device_kind,
         "devices": int(mesh.devices.size),
+        "member_devices": int(mesh.shape[MEMBER]),  # a population's groups (--member_devices)
         "processes": jax.process_count(),
         "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"),

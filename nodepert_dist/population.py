@@ -13,7 +13,8 @@ same batch.
 Placement: on a mesh of member=M x data=D/M (--member_devices=M, mesh.make_mesh) the stacked
 state, the members' values and their metrics are split over `member`: each device holds and
 trains N/M members, on the batch slice of its data position. M=1 (the default) is the same
-program with every member on every device.
+program with every member on every device; the default (0) takes the most groups the members
+and each process's devices allow (`placement`), as measured fastest (docs/results/population.md).
 
 Member seeds choose parameter init and NP noise; the data order stays the run's --seed (the
 shared stream). Independent data orders per member need separate runs (launch/sweep.py), one
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import jax
 import numpy as np
@@ -96,14 +98,14 @@ def check(cfg) -> None:
     would be)."""
     m = cfg.member_devices
     if not cfg.population:
-        if m != 1:
+        if m > 1:
             raise ValueError(
                 f"--member_devices={m} spreads a --population's members over devices; this run "
                 f"has no --population: drop --member_devices or give a population"
             )
         return
     n = len(members(cfg))
-    if n % m:
+    if m and n % m:
         raise ValueError(
             f"--member_devices={m} does not divide the population's {n} members; use one of "
             f"{', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}"
@@ -117,7 +119,15 @@ def check(cfg) -> None:
 
 def member_config(cfg, member: dict):
     """The solo run's settings of one member."""
-    return dataclasses.replace(cfg, population="", member_devices=1, **member)
+    return dataclasses.replace(cfg, population="", member_devices=0, **member)
+
+
+def placement(cfg) -> int:
+    """The member groups of the mesh (mesh.make_mesh): --member_devices, or for 0 (the default)
+    the most that the members and this process's devices allow; 1 for a solo run."""
+    if cfg.member_devices or not cfg.population:
+        return cfg.member_devices or 1
+    return math.gcd(len(members(cfg)), jax.local_device_count())
 
 
 def describe(member: dict) -> str:

@@ -77,7 +77,7 @@ def check_mesh(cfg: Config, mesh) -> None:
     if n % groups:
         raise ValueError(
             f"the mesh has {groups} member groups but the run has {n} member(s); build the "
-            f"mesh with --member_devices={cfg.member_devices} (mesh.make_mesh)"
+            "mesh with population.placement(cfg) groups (mesh.make_mesh)"
         )
     mesh_lib.check_batch(cfg.batchsize, mesh)
     per_device = cfg.batchsize // mesh_lib.data_size(mesh)

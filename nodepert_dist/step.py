@@ -123,20 +123,21 @@ class TrainingSettings:
         group=_T,
     )
     member_devices: int = setting(
-        1,
+        0,
         "Spread --population's members over M groups of devices: the mesh becomes member=M x "
         "data=devices/M, each device holds and trains only its group's members, and batches "
-        "split over data only. 1: every device holds every member. M must divide the members "
-        "and each process's devices.",
+        "split over data only. 0: as many groups as the members and each process's devices "
+        "allow (measured fastest, and the least memory: docs/results/population.md); 1: every "
+        "device holds every member. M must divide the members and each process's devices.",
         group=_T,
     )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
-        settings_lib.check_positive(
-            self, "batchsize", "metrics_every", "steps_per_call", "member_devices"
+        settings_lib.check_positive(self, "batchsize", "metrics_every", "steps_per_call")
+        settings_lib.check_non_negative(
+            self, "num_epochs", "max_steps", "hang_timeout_s", "member_devices"
         )
-        settings_lib.check_non_negative(self, "num_epochs", "max_steps", "hang_timeout_s")
 
 
 def local_gradient(

@@ -113,7 +113,7 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
                         "against; the default per_example estimator is unbiased")
 
     # Mesh: `data` x `member` (--member_devices) over every device of every process.
-    mesh = mesh_lib.make_mesh(member_devices=cfg.member_devices)
+    mesh = mesh_lib.make_mesh(member_devices=population.placement(cfg))
     run_setup.check_mesh(cfg, mesh)
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
