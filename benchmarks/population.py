@@ -3,8 +3,7 @@
     python benchmarks/population.py                          # fc and conv, NP and SGD, N=1..64
     python benchmarks/population.py --quick                  # smoke run (seconds)
     python benchmarks/population.py --target --data_dir=data # the 8-member epoch target
-    python benchmarks/population.py --cpu_devices=8 --networks=fc --rules=np --members=8 \
-        --placements=1,2,4,8 --batchsize=128             # placement: members over devices
+    python benchmarks/population.py --cpu_devices=8 --members=8 --placements=1,2,4,8 --batchsize=128
 
 Steps: for each network x rule x N, the train step of an N-member lr population
 (`run_setup.make_train_step`, as nodepert-train builds it) against N sequential steps of one solo

@@ -103,8 +103,8 @@ CASES = [
     ("np", 8, "float64", 1e-9, False, 1),
     ("sgd", 8, "float64", 1e-9, False, 1),
     ("np", 8, "float32", 1e-5, False, 1),
-    ("np", 8, "float64", 1e-9, False, 2),
-    ("sgd", 8, "float64", 1e-9, True, 4),
+    ("np", 8, "float64", 1e-9, True, 2),
+    ("sgd", 8, "float64", 1e-9, False, 4),
 ]
 
 
