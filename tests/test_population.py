@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -162,8 +163,8 @@ def test_each_device_holds_and_trains_only_its_members(monkeypatch):
     """--member_devices=2 on 8 devices: the mesh is member=2 x data=4; every array of the
     stacked state (params, optimizer state, step, alive marks) and the step's metrics are split
     over `member`, device d holding members [2g, 2g+2) of group g = d % 2 (a data position's
-    groups are neighbours), and each device's step maps over those 2 members only (with their
-    own values), not over all 4."""
+    groups are neighbours), each device's step maps over those 2 members only (with their own
+    values), not over all 4, and its all-reduces run over `data` only."""
     from nodepert_dist import step as step_lib
 
     mapped = []  # what each device's step maps over: its members' state and values
@@ -181,7 +182,14 @@ def test_each_device_holds_and_trains_only_its_members(monkeypatch):
     x, y = _batches(1)[0]
     x = x.astype(np.float32)
     state = population.init_state(cfg, model, optimizer, x, mesh)
-    state, metrics = step(state, *mesh_lib.global_batch(mesh, x, y))
+    batch = mesh_lib.global_batch(mesh, x, y)
+    # the step's only collectives: its sums over `data` (devices {0,2,4,6} and {1,3,5,7}: each
+    # group's data axis), none across member groups, no gathers
+    hlo = step.lower(state, *batch).compile().as_text()
+    groups = re.findall(r"all-reduce[-\w]*\(.*?replica_groups=(\{[{}\d,]*\})", hlo)
+    assert groups and set(groups) == {"{{0,2,4,6},{1,3,5,7}}"}, groups
+    assert not re.search(r"all-gather|collective-permute|all-to-all", hlo)
+    state, metrics = step(state, *batch)
     (args,) = mapped
     assert len(args) > 10 and all(a.shape[0] == 2 for a in args)  # state leaves, lr and seed
     leaves = jax.tree.leaves((state, metrics))
