@@ -12,9 +12,9 @@ same batch.
 
 Placement: on a mesh of member=M x data=D/M (--member_devices=M, mesh.make_mesh) the stacked
 state, the members' values and their metrics are split over `member`: each device holds and
-trains N/M members, on the batch slice of its data position. M=1 (the default) is the same
-program with every member on every device; the default (0) takes the most groups the members
-and each process's devices allow (`placement`), as measured fastest (docs/results/population.md).
+trains N/M members, on the batch slice of its data position. M=1 is the same program with every
+member on every device; the default (0) takes the most groups the members and each process's
+devices allow (`placement`), measured fastest (docs/results/population.md).
 
 Member seeds choose parameter init and NP noise; the data order stays the run's --seed (the
 shared stream). Independent data orders per member need separate runs (launch/sweep.py), one

@@ -3,8 +3,9 @@
 Both steps run under `jax.shard_map` over the `data` axis: each device holds its slice of the
 global batch, computes the local sum of its examples' contributions, and one `psum` over `data`
 reduces them. A population's stacked state is split over the `member` axis (--member_devices):
-each device maps over its own members only, on the batch it holds (replicated over `member`). Parameters are cast to device-varying first so that autodiff inside shard_map
-does not insert its own psum (the N-times gradient trap: docs/design/distributed.md, The step).
+each device maps over its own members only, on the batch it holds (replicated over `member`).
+Parameters are cast to device-varying first so that autodiff inside shard_map does not insert
+its own psum (the N-times gradient trap: docs/design/distributed.md, The step).
 """
 
 from __future__ import annotations
