@@ -161,10 +161,11 @@ def test_each_member_updates_as_its_solo_run(
 
 def test_each_device_holds_and_trains_only_its_members(monkeypatch):
     """--member_devices=2 on 8 devices: the mesh is member=2 x data=4; every array of the
-    stacked state (params, optimizer state, step, alive marks) and the step's metrics are split
-    over `member`, device d holding members [2g, 2g+2) of group g = d % 2 (a data position's
-    groups are neighbours), each device's step maps over those 2 members only (with their own
-    values), not over all 4, and its all-reduces run over `data` only."""
+    stacked state (params, optimizer state, decorrelation matrices, step, alive marks) and the
+    step's metrics are split over `member`, device d holding members [2g, 2g+2) of group
+    g = d % 2 (a data position's groups are neighbours), each device's step maps over those 2
+    members only (with their own values), not over all 4, and its all-reduces run over `data`
+    only."""
     from nodepert_dist import step as step_lib
 
     mapped = []  # what each device's step maps over: its members' state and values
@@ -174,10 +175,12 @@ def test_each_device_holds_and_trains_only_its_members(monkeypatch):
         return lambda *args: (mapped.append(jax.tree.leaves(args)), mapped_fn(*args))[1]
 
     monkeypatch.setattr(step_lib, "over_members", recording)
-    cfg = _cfg(population="lr:0.01,0.02;seed:0,1", optimizer="adam", member_devices=2)
+    cfg = _cfg(
+        population="lr:0.01,0.02;seed:0,1", optimizer="adam", decorrelate=True, member_devices=2
+    )
     mesh = mesh_lib.make_mesh(member_devices=2)
     assert dict(mesh.shape) == {mesh_lib.DATA: 4, mesh_lib.MEMBER: 2}
-    model = models.build(cfg.model, 10)
+    model = models.build(cfg.model, 10, decorrelate=True)
     optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
     x, y = _batches(1)[0]
     x = x.astype(np.float32)
@@ -190,6 +193,7 @@ def test_each_device_holds_and_trains_only_its_members(monkeypatch):
     assert groups and set(groups) == {"{{0,2,4,6},{1,3,5,7}}"}, groups
     assert not re.search(r"all-gather|collective-permute|all-to-all", hlo)
     state, metrics = step(state, *batch)
+    assert jax.tree.leaves(state.decor)
     (args,) = mapped
     assert len(args) > 10 and all(a.shape[0] == 2 for a in args)  # state leaves, lr and seed
     leaves = jax.tree.leaves((state, metrics))
