@@ -3,12 +3,18 @@
     python benchmarks/population.py                          # fc and conv, NP and SGD, N=1..64
     python benchmarks/population.py --quick                  # smoke run (seconds)
     python benchmarks/population.py --target --data_dir=data # the issue's 8-member epoch target
+    python benchmarks/population.py --cpu_devices=8 --members=8 --placements=1,2,4,8 --batchsize=128
 
 Steps: for each network x rule x N, the train step of an N-member lr population
 (`run_setup.make_train_step`, as nodepert-train builds it) against N sequential steps of one solo
 run's step (each of N solo runs would also compile its own): examples/s per member, the
 speed-up, and memory per member from XLA's memory analysis of the compiled step
 ((arguments + temporaries) / N). Inputs are MNIST-shaped random batches on one device.
+
+--placements=M,...: placement instead (M: --member_devices). The first --members N population on
+all devices, on the mesh member=M x data=devices/M for each M (run_setup.make_train_step, as nodepert-train
+builds it; each device trains N/M members on batch/(devices/M) examples), timed alternately:
+step time and examples/s per member.
 
 --target: real MNIST, fc 784-500-500-10 NP, batch 100, one epoch: an 8-member lr population
 through nodepert-train's loop against 8 solo runs of it (wall time of each whole run, its
@@ -37,11 +43,13 @@ flags.DEFINE_integer("rounds", 5, "Alternating rounds; the median is reported.")
 flags.DEFINE_float("round_s", 0.5, "Least seconds of steps per variant per round.")
 flags.DEFINE_bool("quick", False, "Smoke run: fc (1 hidden layer of 32), NP, N=1,2, 1 round.")
 flags.DEFINE_bool("target", False, "The 8-member NP lr population epoch vs 8 solo epochs.")
+flags.DEFINE_list("placements", [], "Placement: the --member_devices values to time.")
 flags.DEFINE_string("out", "benchmarks/results/population.jsonl", "JSON lines (appended).")
 FLAGS = flags.FLAGS
 cli.check_list("members", pattern=cli.POSITIVE_INT, what="a positive integer")
 cli.check_list("networks", choices=("fc", "linfc", "conv", "conv-large"))
 cli.check_list("rules", choices=("np", "sgd"))
+cli.check_list("placements", pattern=cli.POSITIVE_INT, what="a positive integer")
 
 TARGET_LRS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05)
 
@@ -123,6 +131,85 @@ def population_rows(networks, rules, sizes, *, rounds, round_s, batchsize, shape
                     "compile_s": runs[n][3],
                     "solo_compile_s": runs["solo"][3],
                 }
+
+
+def placement_rows(network, rule, n, groups, *, rounds, round_s, batchsize, shape):
+    """Yields a row per M in `groups`: the n-member lr population's step on all devices as
+    member=M x data=devices/M, each timed alternately over `rounds` (>= `round_s` s each)."""
+    import jax
+    import numpy as np
+
+    from nodepert_dist import mesh as mesh_lib
+    from nodepert_dist import models
+    from nodepert_dist.config import Config
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batchsize, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, batchsize).astype(np.int32)
+    timing = {}
+    for m in groups:
+        cfg = Config(
+            network=network,
+            update_rule=rule,
+            batchsize=batchsize,
+            population=_lrs(n),
+            member_devices=m,
+            **shape,
+        ).resolved()
+        cfg.validate()
+        mesh = mesh_lib.make_mesh(member_devices=m)
+        mesh_lib.check_batch(batchsize, mesh)
+        batch = mesh_lib.global_batch(mesh, x, y)
+        step, state, mb, compile_s = _compiled(cfg, models.build(cfg.model, 10), mesh, x, batch)
+        state, t = _timed(step, state, batch, 2)  # warm-up; sizes the rounds
+        timing[m] = dict(step=step, state=state, batch=batch, n=max(1, int(round_s / t)), t=[])
+        timing[m].update(mb=mb, compile_s=compile_s)
+    for _ in range(rounds):
+        for r in timing.values():
+            r["state"], t = _timed(r["step"], r["state"], r["batch"], r["n"])
+            r["t"].append(t)
+    base = statistics.median(timing[groups[0]]["t"])
+    for m, r in timing.items():
+        step_s = statistics.median(r["t"])
+        yield {
+            "network": network,
+            "rule": rule,
+            "batchsize": batchsize,
+            "members": n,
+            "member_devices": m,
+            "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind,
+            "step_ms": 1e3 * step_s,
+            "examples_per_s_per_member": batchsize / step_s,
+            f"speedup_vs_member_devices_{groups[0]}": base / step_s,
+            "mb_per_device": r["mb"],
+            "compile_s": r["compile_s"],
+        }
+
+
+def placement() -> None:
+    groups = [int(m) for m in FLAGS.placements]
+    shape = dict(n_hl=1, hl_size=32) if FLAGS.quick else dict(n_hl=2, hl_size=500)
+    rounds = 1 if FLAGS.quick else FLAGS.rounds
+    for network in FLAGS.networks:
+        for rule in FLAGS.rules:
+            for row in placement_rows(
+                network,
+                rule,
+                int(FLAGS.members[0]),
+                groups,
+                rounds=rounds,
+                round_s=FLAGS.round_s,
+                batchsize=FLAGS.batchsize,
+                shape=shape,
+            ):
+                _append(row)
+                print(
+                    f"{network:5s} {rule:3s} N={row['members']} member_devices="
+                    f"{row['member_devices']}  {row['step_ms']:8.2f} ms/step  "
+                    f"{row['examples_per_s_per_member']:9.0f} ex/s per member",
+                    flush=True,
+                )
 
 
 def _append(row) -> None:
@@ -207,7 +294,7 @@ def main(argv):
 
         mesh_lib.simulate_cpu_devices(FLAGS.cpu_devices)
     try:
-        target() if FLAGS.target else steps()
+        target() if FLAGS.target else placement() if FLAGS.placements else steps()
     except (ValueError, DataError) as e:  # a missing dataset, a batch the devices do not divide
         raise SystemExit(f"error: {e}") from None
 

@@ -17,10 +17,10 @@ did when it read every step, so the sums (and the epoch rows) are the same for a
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from nodepert_dist import crash_guard
+from nodepert_dist import mesh as mesh_lib
 
 
 class Reader:
@@ -37,7 +37,7 @@ class Reader:
         """Adds steps through+1..step of the device `log` into `sums`; waits for step `step`."""
         if step == self.through:
             return
-        values = jax.device_get(log)
+        values = mesh_lib.to_host(log)
         at = np.arange(self.through, step) % len(values["count"])  # update s is row s-1 % rows
         rows = {k: np.asarray(v, np.float64)[at] for k, v in values.items()}
         add(sums, rows, self.through + 1, epoch, self.watch)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nodepert_dist import device_data
 from nodepert_dist import mesh as mesh_lib
@@ -37,7 +39,11 @@ def log_rows(metrics_every: int, steps_per_call: int) -> int:
 
 
 def _write(log: dict, at, metrics: dict) -> dict:
-    return {k: log[k].at[at].set(metrics[k].astype(jnp.float32)) for k in log}
+    """Row `at` of the log set to the step's metrics; a population's `at` and metrics are per
+    member, so the write is elementwise and a member-sharded log needs no collective."""
+    rows = next(iter(log.values())).shape[0]
+    hit = jnp.arange(rows).reshape(rows, *(1,) * jnp.ndim(at)) == at
+    return {k: jnp.where(hit, metrics[k].astype(jnp.float32), log[k]) for k in log}
 
 
 @dataclasses.dataclass
@@ -64,16 +70,17 @@ def make(
     prep_fn, consts = prep
     keys = KEYS + (("alive",) if members else ())
     shape = (rows, members) if members else (rows,)
-    replicated = mesh_lib.replicated(mesh)
+    # a population's log is split over `member` as its metrics are
+    sharding = NamedSharding(mesh, P(None, mesh_lib.MEMBER) if members else P())
 
     empty = jax.jit(
-        lambda: {k: jnp.zeros(shape, jnp.float32) for k in keys}, out_shardings=replicated
+        lambda: {k: jnp.zeros(shape, jnp.float32) for k in keys}, out_shardings=sharding
     )
 
     def one(carry, batch):
         state, log = carry
         x, labels = batch
-        at = state.step.reshape(-1)[0] % rows  # the update's index (a population's: shared)
+        at = state.step % rows  # the update's row (a population's: per member, all equal)
         state, metrics = sharded_step(state, x, labels)
         return (state, _write(log, at, metrics)), metrics
 

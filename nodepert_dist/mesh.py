@@ -1,10 +1,12 @@
-"""The one device mesh: axis `data` over every device of every process.
+"""The one device mesh: axes `data` x `member` over every device of every process.
 
-A single CPU is a mesh of one; there is no separate single-device code path.
+A single CPU is a mesh of one; there is no separate single-device code path. `member` has size 1
+(every device holds all of a --population's members) unless --member_devices spreads them.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.metadata
 import os
@@ -15,6 +17,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+MEMBER = "member"  # a --population's members over device groups (--member_devices)
 
 
 def simulate_cpu_devices(n: int) -> None:
@@ -57,6 +60,7 @@ def machine(mesh) -> dict:
         "platform": mesh.devices.flat[0].platform,
         "device_kind": mesh.devices.flat[0].device_kind,
         "devices": int(mesh.devices.size),
+        "member_devices": int(mesh.shape[MEMBER]),  # a population's groups (--member_devices)
         "processes": jax.process_count(),
         "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"),
@@ -89,13 +93,45 @@ def reproducible_compilation(deterministic: bool, cache_dir: str) -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags_now, *added]).strip()
 
 
-def make_mesh(devices=None) -> Mesh:
-    """All devices by default; tests pass a subset to compare mesh shapes in one process."""
+def make_mesh(devices=None, member_devices: int = 1) -> Mesh:
+    """All devices by default (tests pass a subset to compare mesh shapes in one process), as
+    (data, member) = (devices / M, M), M = `member_devices`. Device i sits at data position
+    i // M: each data position's M member groups are consecutive devices of one process, so a
+    process's devices hold a contiguous slice of the batch (as with M=1) and every member."""
     devices = jax.devices() if devices is None else list(devices)
+    check_member_devices(member_devices, devices)
     # Auto axis types: eager ops on sharded batches work outside `jit` (docs/design/distributed.md).
-    mesh = jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
+    mesh = jax.make_mesh(
+        (len(devices) // member_devices, member_devices),
+        (DATA, MEMBER),
+        axis_types=(AxisType.Auto,) * 2,
+        devices=devices,
+    )
     check_process_order(mesh.devices.flat)
     return mesh
+
+
+def check_member_devices(m: int, devices) -> None:
+    """One line if --member_devices=m cannot split `devices` into member groups, each inside one
+    process (a group spanning processes would hold a batch slice that no one process feeds)."""
+    n = len(devices)
+    if m <= 0 or n % m:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ValueError(
+            f"--member_devices={m} does not divide the {n} devices; use one of "
+            f"{', '.join(map(str, divisors))}"
+        )
+    per_process = collections.Counter(d.process_index for d in devices)
+    if any(k % m for k in per_process.values()):
+        raise ValueError(
+            f"--member_devices={m} does not divide each process's devices "
+            f"({sorted(per_process.values())}); a member group must lie within one process"
+        )
+
+
+def data_size(mesh: Mesh) -> int:
+    """The devices a batch is split over (the `data` axis): all of them unless --member_devices."""
+    return mesh.shape[DATA]
 
 
 def check_process_order(devices) -> None:
@@ -117,10 +153,14 @@ def check_process_order(devices) -> None:
 
 def check_batch(global_batch: int, mesh: Mesh, what: str = "--batchsize") -> None:
     """Fail before anything compiles if the batch cannot be split evenly."""
-    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    n_dev, n_proc = data_size(mesh), jax.process_count()
+    groups = mesh.shape[MEMBER]
     if global_batch <= 0 or global_batch % n_dev:
+        where = "devices of the mesh" + (
+            f"'s data axis (--member_devices={groups})" if groups > 1 else ""
+        )
         raise ValueError(
-            f"{what}={global_batch} is not divisible by the {n_dev} devices of the mesh; "
+            f"{what}={global_batch} is not divisible by the {n_dev} {where}; "
             f"use a multiple of {n_dev}"
             + (
                 f" (e.g. {' or '.join(str(b) for b in _near_multiples(global_batch, n_dev))})"
@@ -138,9 +178,9 @@ def _near_multiples(batch: int, n: int) -> list[int]:
 
 
 def round_up_batch(global_batch: int, mesh: Mesh) -> int:
-    """The smallest multiple of the device count >= `global_batch` (for evaluation, whose
+    """The smallest multiple of the data axis's devices >= `global_batch` (for evaluation, whose
     padded last batch makes any batch size give the same result)."""
-    n_dev = mesh.devices.size
+    n_dev = data_size(mesh)
     return -(-global_batch // n_dev) * n_dev
 
 
@@ -159,6 +199,23 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray, stacked: bool = False):
     if jax.process_count() == 1:  # the slice is the batch: one transfer call for all arrays
         return tuple(jax.device_put(local_arrays, sharding))  # (measured ~50 µs less a step)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in local_arrays)
+
+
+def to_host(tree):
+    """Numpy copies of `tree`'s arrays (metrics, a population's member marks and steps). A
+    member-sharded array is not fully addressable with several processes, but make_mesh keeps
+    every member on each process's devices, so it is assembled from this process's shards: no
+    collective, as jax.device_get of a replicated array."""
+
+    def one(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(jax.device_get(a))
+        out = np.empty(a.shape, a.dtype)
+        for shard in a.addressable_shards:
+            out[shard.index] = np.asarray(shard.data)
+        return out
+
+    return jax.tree.map(one, tree)
 
 
 def serialize_if_multiprocess_cpu(fn):

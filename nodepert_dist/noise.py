@@ -17,6 +17,7 @@ compile time grow with depth (docs/results/compile_time.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -38,7 +39,10 @@ def stream_key(seed: int, stream: str):
 def step_key(seed: int, step):
     """The noise key of update `step`: the example keys fold each example's index into it; the
     original estimator draws its one batch-wide noise from it directly."""
-    with jax.ensure_compile_time_eval():  # a constant of the step when the seed is one
+    # A constant of the step when the seed is one. Not for a traced seed: a population member's
+    # varies over the mesh's `member` axis, and jax cannot make an eager constant vary with it.
+    fold = not isinstance(seed, jax.core.Tracer)
+    with jax.ensure_compile_time_eval() if fold else contextlib.nullcontext():
         root = stream_key(seed, "noise")
     return _fold_in(root, step)
 

@@ -10,6 +10,12 @@ settings with them replaced (`rule`), exactly as a solo run of those settings bu
 (a member's noise keys fold in its own seed), so member i's update is that solo run's on the
 same batch.
 
+Placement: on a mesh of member=M x data=D/M (--member_devices=M, mesh.make_mesh) the stacked
+state, the members' values and their metrics are split over `member`: each device holds and
+trains N/M members, on the batch slice of its data position. M=1 is the same program with every
+member on every device; the default (0) takes the most groups the members and each process's
+devices allow (`placement`), measured fastest (docs/results/population.md).
+
 Member seeds choose parameter init and NP noise; the data order stays the run's --seed (the
 shared stream). Independent data orders per member need separate runs (launch/sweep.py), one
 job each.
@@ -19,13 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nodepert_dist import crash_guard, metrics, optim
 from nodepert_dist import step as step_lib
+from nodepert_dist.mesh import MEMBER, to_host
 from nodepert_dist.run_record import MEMBER_SETTINGS, by_member, epoch_rows
 
 _SEED_LIMIT = 2**32  # member seeds are uint32 inside the step (jax.random.key takes them as is)
@@ -87,8 +96,20 @@ def members(cfg) -> list[dict]:
 def check(cfg) -> None:
     """One-line errors: the spec, and each member's settings (validated as a solo run of them
     would be)."""
+    m = cfg.member_devices
     if not cfg.population:
+        if m > 1:
+            raise ValueError(
+                f"--member_devices={m} spreads a --population's members over devices; this run "
+                f"has no --population: drop --member_devices or give a population"
+            )
         return
+    n = len(members(cfg))
+    if m and n % m:
+        raise ValueError(
+            f"--member_devices={m} does not divide the population's {n} members; use one of "
+            f"{', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}"
+        )
     for i, member in enumerate(members(cfg)):
         try:
             member_config(cfg, member).validate()
@@ -98,7 +119,15 @@ def check(cfg) -> None:
 
 def member_config(cfg, member: dict):
     """The solo run's settings of one member."""
-    return dataclasses.replace(cfg, population="", **member)
+    return dataclasses.replace(cfg, population="", member_devices=0, **member)
+
+
+def placement(cfg) -> int:
+    """The member groups of the mesh (mesh.make_mesh): --member_devices, or for 0 (the default)
+    the most that the members and this process's devices allow; 1 for a solo run."""
+    if cfg.member_devices or not cfg.population:
+        return cfg.member_devices or 1
+    return math.gcd(len(members(cfg)), jax.local_device_count())
 
 
 def describe(member: dict) -> str:
@@ -138,15 +167,19 @@ def rule(cfg, steps_per_epoch: int):
 
 
 def init_state(cfg, model, optimizer, sample_x, mesh):
-    """The initial state: the run's (solo), or each member's from its own seed, stacked."""
+    """The initial state: the run's (solo), or each member's from its own seed, stacked on the
+    host and split over the mesh's `member` axis (no device ever holds all members at once)."""
     if not cfg.population:
         return step_lib.init_state(model, optimizer, sample_x, cfg.seed, mesh)
     states = [
-        step_lib.init_state(model, optimizer, sample_x, m.get("seed", cfg.seed), mesh)
+        jax.device_get(
+            step_lib.init_state(model, optimizer, sample_x, m.get("seed", cfg.seed), mesh)
+        )
         for m in members(cfg)
     ]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
-    return stacked.replace(alive=jax.device_put(np.ones(len(states), bool), stacked.step.sharding))
+    stacked = jax.tree.map(lambda *a: np.stack(a), *states)
+    stacked = stacked.replace(alive=np.ones(len(states), bool))
+    return jax.device_put(stacked, NamedSharding(mesh, P(MEMBER)))
 
 
 def pick(value, i: int) -> float:
@@ -164,7 +197,7 @@ class Watch:
 
     def __init__(self, cfg, state):
         self.cfg, self.members = cfg, members(cfg)
-        self.alive = np.array(jax.device_get(state.alive), bool)  # a writable copy
+        self.alive = np.array(to_host(state.alive), bool)  # a writable copy
 
     def _event(self, name: str, i: int, **detail) -> None:
         metrics.write_event(

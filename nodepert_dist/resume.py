@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 from absl import logging
 
@@ -174,7 +173,7 @@ def restore(
     _, changed = settle_resume(cfg, manifest["config"], _mid_epoch(manifest))
     if changed:
         logging.warning("resuming with changed settings: %s", ", ".join(changed))
-    step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # a population's: one
+    step = int(mesh_lib.to_host(state.step).reshape(-1)[0])  # a population's: one
     if any(getattr(saved, k) != getattr(cfg, k) for k in LR_SETTINGS):
         logging.warning(
             "the lr at step %d changes from %g to %g (the lr settings changed)",

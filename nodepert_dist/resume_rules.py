@@ -19,6 +19,8 @@ RESUME_RULES = {
         "metrics_every",
         "steps_per_call",
         "hang_timeout_s",
+        # where a population's members are placed; restore reshards the stacked state
+        "member_devices",
         "crash_guard",
         "crash_points",
         "crash_lr_factor",

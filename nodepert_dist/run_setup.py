@@ -71,9 +71,16 @@ class Run:
 
 
 def check_mesh(cfg: Config, mesh) -> None:
-    """One line if cfg's batch does not split over the mesh (before any work)."""
+    """One line if cfg's batch does not split over the mesh's data axis, or its members over
+    the member axis (before any work)."""
+    groups, n = mesh.shape[mesh_lib.MEMBER], len(population.members(cfg))
+    if n % groups:
+        raise ValueError(
+            f"the mesh has {groups} member groups but the run has {n} member(s); build the "
+            "mesh with population.placement(cfg) groups (mesh.make_mesh)"
+        )
     mesh_lib.check_batch(cfg.batchsize, mesh)
-    per_device = cfg.batchsize // mesh.devices.size
+    per_device = cfg.batchsize // mesh_lib.data_size(mesh)
     if cfg.update_rule == "np" and per_device % cfg.np_microbatches:
         raise ValueError(
             f"--np_microbatches={cfg.np_microbatches} does not divide the "

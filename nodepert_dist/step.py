@@ -2,8 +2,10 @@
 
 Both steps run under `jax.shard_map` over the `data` axis: each device holds its slice of the
 global batch, computes the local sum of its examples' contributions, and one `psum` over `data`
-reduces them. Parameters are cast to device-varying first so that autodiff inside shard_map
-does not insert its own psum (the N-times gradient trap: docs/design/distributed.md, The step).
+reduces them. A population's stacked state is split over the `member` axis (--member_devices):
+each device maps over its own members only, on the batch it holds (replicated over `member`).
+Parameters are cast to device-varying first so that autodiff inside shard_map does not insert
+its own psum (the N-times gradient trap: docs/design/distributed.md, The step).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from nodepert_dist import allreduce, decorrelation, estimator, losses, perturbation
 from nodepert_dist import settings as settings_lib
 from nodepert_dist.estimator import NPSettings
-from nodepert_dist.mesh import DATA, serialize_if_multiprocess_cpu
+from nodepert_dist.mesh import DATA, MEMBER, serialize_if_multiprocess_cpu
 from nodepert_dist.settings import setting
 
 UPDATE_RULES = ("np", "sgd")
@@ -121,11 +123,22 @@ class TrainingSettings:
         "diverges is frozen (an event row) while the others go on.",
         group=_T,
     )
+    member_devices: int = setting(
+        0,
+        "Spread --population's members over M groups of devices: the mesh becomes member=M x "
+        "data=devices/M, each device holds and trains only its group's members, and batches "
+        "split over data only. 0: as many groups as the members and each process's devices "
+        "allow (measured fastest, and the least memory: docs/results/population.md); 1: every "
+        "device holds every member. M must divide the members and each process's devices.",
+        group=_T,
+    )
 
     def validate(self) -> None:
         settings_lib.check_choices(self)
         settings_lib.check_positive(self, "batchsize", "metrics_every", "steps_per_call")
-        settings_lib.check_non_negative(self, "num_epochs", "max_steps", "hang_timeout_s")
+        settings_lib.check_non_negative(
+            self, "num_epochs", "max_steps", "hang_timeout_s", "member_devices"
+        )
 
 
 def local_gradient(
@@ -192,8 +205,9 @@ def sharded_train_step(
 
     A population (--population; population.py): `members` {setting: array over members} and
     `member_rule(values) -> (gradient, optimizer)` of one member's traced values. The state is
-    stacked on a leading member axis, the same update is mapped over it (`over_members`;
-    every member sees the same batch) and the metrics get that axis too. Without them, the solo step.
+    stacked on a leading member axis split over the mesh's `member` axis (the values too), the
+    same update is mapped over each device's members (`over_members`; every member sees the same
+    batch) and the metrics get that axis too. Without them, the solo step.
     """
     if members is None:
         gradient = gradient or local_gradient(global_batch=global_batch, **rule)
@@ -231,7 +245,7 @@ def sharded_train_step(
             step=state.step + 1, params=params, opt_state=opt_state, decor=decor
         ), metrics
 
-    def local_step(state: TrainState, x, labels):
+    def local_step(state: TrainState, x, labels, members):  # members: this device's values
         if members is None:
             return update(state, x, labels, gradient, optimizer)
 
@@ -255,9 +269,11 @@ def sharded_train_step(
 
         return over_members(member, mesh)(state, members)
 
-    return jax.shard_map(
-        local_step, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P())
+    spec = P() if members is None else P(MEMBER)  # the state's (and its metrics')
+    sharded = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(spec, P(DATA), P(DATA), spec), out_specs=(spec, spec)
     )
+    return lambda state, x, labels: sharded(state, x, labels, members)
 
 
 def make_eval_step(
@@ -287,8 +303,9 @@ def make_eval_step(
             return one_eval(params, x, labels, mask, decor)
         return over_members(lambda p, d: one_eval(p, x, labels, mask, d), mesh)(params, decor)
 
+    spec = P(MEMBER) if population else P()  # params, decor and the sums
     sharded = jax.shard_map(
-        local_eval, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(DATA), P()), out_specs=P()
+        local_eval, mesh=mesh, in_specs=(spec, P(DATA), P(DATA), P(DATA), spec), out_specs=spec
     )
 
     @jax.jit

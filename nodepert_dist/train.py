@@ -72,7 +72,7 @@ def evaluate(eval_step, params, batches, mesh, decor=None) -> tuple[float, float
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
 
     def add(out):  # host-side sums; waits for that batch (one in flight, as in the train loop)
-        for k, v in jax.device_get(out).items():
+        for k, v in mesh_lib.to_host(out).items():
             totals[k] = totals[k] + np.asarray(v, np.float64)
 
     pending = None
@@ -88,7 +88,7 @@ def evaluate(eval_step, params, batches, mesh, decor=None) -> tuple[float, float
 
 def _step_of(state) -> int:
     """The state's update count (a population's members share it)."""
-    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+    return int(mesh_lib.to_host(state.step).reshape(-1)[0])
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -112,8 +112,8 @@ def run(cfg: Config, hooks=()) -> tuple[list[dict], str]:
                         "noise draw per batch, batch-mean loss change), a reference to compare "
                         "against; the default per_example estimator is unbiased")
 
-    # Mesh: one `data` axis over every device of every process.
-    mesh = mesh_lib.make_mesh()
+    # Mesh: `data` x `member` (--member_devices) over every device of every process.
+    mesh = mesh_lib.make_mesh(member_devices=population.placement(cfg))
     run_setup.check_mesh(cfg, mesh)
     logging.info("mesh: %d devices over %d processes (%s)", mesh.devices.size,
                  jax.process_count(), jax.devices()[0].platform)
@@ -147,8 +147,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
                      "resume whatever --num_epochs says)", cfg.lr, cfg.lr_schedule_epochs)
     # Evaluation pads its last batch anyway: any batch works once it splits over the devices.
     if eval_batch != cfg.eval_batchsize:
-        logging.info("--eval_batchsize=%d rounded up to %d, a multiple of the %d devices",
-                     cfg.eval_batchsize, eval_batch, mesh.devices.size)
+        logging.info("--eval_batchsize=%d rounded up to %d, a multiple of the %d data devices",
+                     cfg.eval_batchsize, eval_batch, mesh_lib.data_size(mesh))
 
     def eval_split(images, labels, rows=None):
         return evaluate(eval_step, state.params, pipeline.eval_batches(

@@ -120,6 +120,32 @@ def test_population_quick_run(tmp_path):
     assert rows[1]["mb_per_member"] < rows[1]["solo_mb"]
 
 
+def test_population_placement_quick_run(tmp_path):
+    """--placements: one population's step per --member_devices on all devices; spread over 4
+    groups, a device holds a quarter of the members (less memory per device)."""
+    rows, stdout = _quick_rows(
+        "population.py",
+        tmp_path / "p.jsonl",
+        "--cpu_devices=4",
+        "--networks=fc",
+        "--rules=np",
+        "--members=4",
+        "--placements=1,4",
+        "--batchsize=32",
+    )
+    assert [(r["members"], r["member_devices"], r["devices"]) for r in rows] == [
+        (4, 1, 4),
+        (4, 4, 4),
+    ]
+    for r in rows:
+        assert r["examples_per_s_per_member"] * r["step_ms"] / 1e3 == pytest.approx(32)
+    assert rows[1]["speedup_vs_member_devices_1"] == pytest.approx(
+        rows[0]["step_ms"] / rows[1]["step_ms"]
+    )
+    assert rows[1]["mb_per_device"] < rows[0]["mb_per_device"]
+    assert "member_devices=4" in stdout
+
+
 def _gpu_suite(tmp_path, *args):
     table = tmp_path / "s.md"
     rows, _ = _quick_rows("gpu_suite.py", tmp_path / "s.jsonl", *args, f"--table={table}")

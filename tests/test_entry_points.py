@@ -39,6 +39,16 @@ CASES = {  # name: (command, what its error line must say)
         _console("nodepert-train", "--population=width:16,32"),
         "--population: width cannot vary within a population",
     ),
+    "train member groups that do not divide the devices": (
+        _console(
+            "nodepert-train", "--cpu_devices=8", "--population=lr:0.1,0.2,0.3", "--member_devices=3"
+        ),
+        "--member_devices=3 does not divide the 8 devices; use one of 1, 2, 4, 8",
+    ),
+    "train member groups without a population": (
+        _console("nodepert-train", "--member_devices=2"),
+        "--member_devices=2 spreads a --population's members over devices",
+    ),
     "plot --noX=value": (_console("nodepert-plot", "--nologtostderr=true"), NO_VALUE),
     "plot missing workdir": (
         _console("nodepert-plot", "--workdirs=/nonexistent/run"),
@@ -88,6 +98,10 @@ CASES = {  # name: (command, what its error line must say)
     "population bad member count": (
         _bench("population", "--members=4,x"),
         "'x' is not a positive integer",
+    ),
+    "population bad placement": (
+        _bench("population", "--placements=2,0"),
+        "'0' is not a positive integer",
     ),
     "population missing data": (
         _bench("population", "--target", "--data_dir=/nonexistent/data"),

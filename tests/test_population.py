@@ -2,12 +2,16 @@
 (float64, 1 and 8 devices)."""
 
 import dataclasses
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nodepert_dist import mesh as mesh_lib
 from nodepert_dist import models, population, run_setup
@@ -90,41 +94,56 @@ POPULATION = "lr:0.01,0.03;sigma:0.125,0.0625;seed:3,4;wd:0,0.001"
 CHECKED = (0, 5, 10, 15)  # every key at each of its values; each pair differs in every key
 
 
-# (rule, devices, dtype, the largest gap / change): float64's is last-bit differences (a
-# vmapped matmul may sum in another order, NP divides float32 loss changes by sigma);
-# float32's the same at float32's last bit (~1e-7 / sigma; measured ~2e-6).
+# (rule, devices, dtype, the largest gap / change, vectorised, member groups): float64's is
+# last-bit differences (a vmapped matmul may sum in another order, NP divides float32 loss
+# changes by sigma); float32's the same at float32's last bit (~1e-7 / sigma; measured ~2e-6).
 # vectorised: members under jax.vmap (accelerators) or one after another (lax.map, CPU).
+# member groups M: --member_devices, the mesh member=M x data=devices/M.
 CASES = [
-    ("np", 1, "float64", 1e-9, True),
-    ("np", 8, "float64", 1e-9, False),
-    ("sgd", 8, "float64", 1e-9, False),
-    ("np", 8, "float32", 1e-5, False),
+    ("np", 1, "float64", 1e-9, True, 1),
+    ("np", 8, "float64", 1e-9, False, 1),
+    ("sgd", 8, "float64", 1e-9, False, 1),
+    ("np", 8, "float32", 1e-5, False, 1),
+    ("np", 8, "float64", 1e-9, True, 2),
+    ("sgd", 8, "float64", 1e-9, False, 4),
 ]
 
 
-@pytest.mark.parametrize("rule, n_devices, dtype, tolerance, vectorised", CASES)
+@pytest.mark.parametrize("rule, n_devices, dtype, tolerance, vectorised, groups", CASES)
 @pytest.mark.slow  # seconds of compiling: a population of 16 and 4 solo runs
 def test_each_member_updates_as_its_solo_run(
-    rule, n_devices, dtype, tolerance, vectorised, monkeypatch
+    rule, n_devices, dtype, tolerance, vectorised, groups, monkeypatch
 ):
     """Member i's change after 2 steps equals the solo run of member i's settings (float64:
     exactly up to last bits; float32: statistically, within float32's rounding), while any two
-    members' changes differ by O(1): a member that used another's seed, lr, sigma or wd fails."""
+    members' changes differ by O(1): a member that used another's seed, lr, sigma or wd fails.
+    With the members spread over M device groups (solo runs on all devices' data axis), every
+    member's update also equals the same population's with M=1."""
     from nodepert_dist import step as step_lib
 
     monkeypatch.setattr(step_lib, "vectorise_members", lambda mesh: vectorised)
-    cfg = _cfg(population=POPULATION, update_rule=rule, optimizer="adam")
-    mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
+    cfg = _cfg(population=POPULATION, update_rule=rule, optimizer="adam", member_devices=groups)
+    mesh = mesh_lib.make_mesh(jax.devices()[:n_devices], member_devices=groups)
+    solo_mesh = mesh_lib.make_mesh(jax.devices()[:n_devices])
     batches = _batches(2)
     members = population.members(cfg)
     with jax.enable_x64(dtype == "float64"):
         dt = jnp.dtype(dtype)
         pop_start, pop, pop_m = _train(cfg, mesh, batches, dt)
         solos = {
-            i: _train(population.member_config(cfg, members[i]), mesh, batches, dt) for i in CHECKED
+            i: _train(population.member_config(cfg, members[i]), solo_mesh, batches, dt)
+            for i in CHECKED
         }
+        one_group = groups > 1 and _train(
+            dataclasses.replace(cfg, member_devices=1), solo_mesh, batches, dt
+        )
     flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
     member = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    if one_group:
+        for i in range(len(members)):  # every member, not only those with solo runs
+            change = flat(member(one_group[1], i).params) - flat(member(one_group[0], i).params)
+            gap = np.linalg.norm(flat(member(pop, i).params) - flat(member(one_group[1], i).params))
+            assert gap / np.linalg.norm(change) < tolerance, (i, members[i], gap)
     for i, (start, solo, solo_m) in solos.items():
         np.testing.assert_array_equal(flat(member(pop_start, i).params), flat(start.params))
         change = flat(solo.params) - flat(start.params)
@@ -135,6 +154,138 @@ def test_each_member_updates_as_its_solo_run(
             if j != i:
                 other = flat(solos[j][1].params) - flat(solos[j][0].params)
                 assert np.linalg.norm(other - change) / np.linalg.norm(change) > 1e-3
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_each_device_holds_and_trains_only_its_members(monkeypatch):
+    """--member_devices=2 on 8 devices: the mesh is member=2 x data=4; every array of the
+    stacked state (params, optimizer state, decorrelation matrices, step, alive marks) and the
+    step's metrics are split over `member`, device d holding members [2g, 2g+2) of group
+    g = d % 2 (a data position's groups are neighbours), each device's step maps over those 2
+    members only (with their own values), not over all 4, and its all-reduces run over `data`
+    only."""
+    from nodepert_dist import step as step_lib
+
+    mapped = []  # what each device's step maps over: its members' state and values
+
+    def recording(fn, mesh, over_members=step_lib.over_members):
+        mapped_fn = over_members(fn, mesh)
+        return lambda *args: (mapped.append(jax.tree.leaves(args)), mapped_fn(*args))[1]
+
+    monkeypatch.setattr(step_lib, "over_members", recording)
+    cfg = _cfg(
+        population="lr:0.01,0.02;seed:0,1", optimizer="adam", decorrelate=True, member_devices=2
+    )
+    mesh = mesh_lib.make_mesh(member_devices=2)
+    assert dict(mesh.shape) == {mesh_lib.DATA: 4, mesh_lib.MEMBER: 2}
+    model = models.build(cfg.model, 10, decorrelate=True)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    x, y = _batches(1)[0]
+    x = x.astype(np.float32)
+    state = population.init_state(cfg, model, optimizer, x, mesh)
+    batch = mesh_lib.global_batch(mesh, x, y)
+    # the step's only collectives: its sums over `data` (devices {0,2,4,6} and {1,3,5,7}: each
+    # group's data axis), none across member groups, no gathers
+    hlo = step.lower(state, *batch).compile().as_text()
+    groups = re.findall(r"all-reduce[-\w]*\(.*?replica_groups=(\{[{}\d,]*\})", hlo)
+    assert groups and set(groups) == {"{{0,2,4,6},{1,3,5,7}}"}, groups
+    assert not re.search(r"all-gather|collective-permute|all-to-all", hlo)
+    state, metrics = step(state, *batch)
+    assert jax.tree.leaves(state.decor)
+    (args,) = mapped
+    assert len(args) > 10 and all(a.shape[0] == 2 for a in args)  # state leaves, lr and seed
+    leaves = jax.tree.leaves((state, metrics))
+    assert len(leaves) > 10 and all(a.shape[0] == 4 for a in leaves)
+    for a, whole in zip(leaves, jax.tree.leaves(jax.device_get((state, metrics)))):
+        assert a.sharding.spec == P(mesh_lib.MEMBER)
+        for shard in a.addressable_shards:
+            first = 2 * (shard.device.id % 2)
+            assert shard.index[0] == slice(first, first + 2)
+            np.testing.assert_array_equal(shard.data, whole[first : first + 2])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(member_devices=2), "--member_devices=2 spreads a --population's members"),
+        (dict(member_devices=-1, population="lr:0.1,0.2"), "--member_devices=-1 must be >= 0"),
+        (
+            dict(member_devices=2, population="lr:0.1,0.2,0.3"),
+            "--member_devices=2 does not divide the population's 3 members; use one of 1, 3",
+        ),
+    ],
+)
+def test_bad_member_devices_is_one_line(settings, message):
+    with pytest.raises(ValueError) as e:
+        _cfg(**settings).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_default_placement_takes_the_most_member_groups_the_devices_allow():
+    """--member_devices=0 (the default): gcd(members, this process's 8 devices); measured the
+    fastest (docs/results/population.md). Given: as given; a solo run: 1."""
+    grid = lambda n: "lr:" + ",".join(str(0.01 * (i + 1)) for i in range(n))
+    groups = {n: population.placement(_cfg(population=grid(n))) for n in (2, 3, 4, 6, 12, 16)}
+    assert groups == {2: 2, 3: 1, 4: 4, 6: 2, 12: 4, 16: 8}
+    assert population.placement(_cfg(population=grid(4), member_devices=2)) == 2
+    assert population.placement(_cfg()) == 1
+
+
+def test_member_groups_the_mesh_cannot_hold_are_one_line():
+    """Before any work: M must divide the devices; the batch must split over the data axis
+    (devices / M, not all devices); a mesh's member groups must divide the run's members."""
+    for call, message in [
+        (
+            lambda: mesh_lib.make_mesh(member_devices=3),
+            "--member_devices=3 does not divide the 8 devices; use one of 1, 2, 4, 8",
+        ),
+        (
+            lambda: mesh_lib.check_batch(6, mesh_lib.make_mesh(member_devices=2)),
+            "--batchsize=6 is not divisible by the 4 devices of the mesh's data axis "
+            "(--member_devices=2)",
+        ),
+        (
+            lambda: run_setup.check_mesh(_cfg(), mesh_lib.make_mesh(member_devices=2)),
+            "the mesh has 2 member groups but the run has 1 member(s)",
+        ),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert message in str(e.value) and "\n" not in str(e.value)
+    mesh_lib.check_batch(4, mesh_lib.make_mesh(member_devices=2))  # 4 data devices: fine
+
+
+def test_a_stacked_state_restores_exactly_onto_other_member_groups(tmp_path):
+    """A population's checkpoint saved from member=2 x data=4 reads back bit for bit onto
+    member=4 x data=2 and member=1 x data=8, split as the target is: --member_devices may change
+    on resume (config.RESUME_RULES: free)."""
+    from nodepert_dist import checkpoint, checkpoint_restore
+    from nodepert_dist.checkpoint_layout import step_dir
+
+    cfg = _cfg(population="lr:0.01,0.02;seed:0,1", optimizer="adam", member_devices=2)
+    model = models.build(cfg.model, 10)
+    x, y = _batches(1)[0]
+    x = x.astype(np.float32)
+    mesh = mesh_lib.make_mesh(member_devices=2)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    state, _ = step(
+        population.init_state(cfg, model, optimizer, x, mesh), *mesh_lib.global_batch(mesh, x, y)
+    )
+    saved = jax.device_get(state)
+    saver = checkpoint.Checkpointer(str(tmp_path))
+    saver.save(1, state, meta={"note": "test"})
+    saver.wait()
+    for groups in (4, 1):
+        other = mesh_lib.make_mesh(member_devices=groups)
+        target = population.init_state(
+            dataclasses.replace(cfg, member_devices=groups), model, optimizer, x, other
+        )
+        restored, _ = checkpoint_restore.load(step_dir(str(tmp_path), 1), target)
+        for a, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+            assert a.sharding == NamedSharding(other, P(mesh_lib.MEMBER))
+            np.testing.assert_array_equal(np.asarray(a), want)
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -176,6 +327,8 @@ def test_population_run_rows_plot_and_exact_resume(tmp_path, mnist_dir):
     assert acc0[0] == acc0[2] and acc0[1] == acc0[3] and acc0[0] != acc0[1]
     assert len({r["test_acc"] for r in rows[-4:]}) == 4
     assert run_record.read_metrics(whole.workdir) == rows
+    with open(os.path.join(whole.workdir, "config.json")) as f:  # the default placement
+        assert json.load(f)["machine"]["member_devices"] == 4  # member=4 x data=2
     with open(os.path.join(whole.workdir, "metrics.csv")) as f:
         assert f.readline().startswith("epoch,member,lr,seed,step,")
     curves = plot.curves(whole.workdir)

@@ -68,7 +68,7 @@ class StateAtStart:
 
 
 # Base runs with other settings, for settings that only apply with them ("variant_" below).
-VARIANTS = {"decorrelated": dict(decorrelate=True)}
+VARIANTS = {"decorrelated": dict(decorrelate=True), "population": dict(population="lr:0.05,0.1")}
 
 
 def _resume(cuts, at, tmp_path, hooks=(), **changes):
@@ -112,6 +112,8 @@ CHANGES = {
     "metrics_every": dict(metrics_every=3),
     "steps_per_call": dict(steps_per_call=2),
     "hang_timeout_s": dict(hang_timeout_s=600.0),
+    # saved on member=2 x data=4 (the default for 2 members), restored resharded onto 1 x 8
+    "member_devices": dict(variant_="population", member_devices=1),
     "preprocess": dict(preprocess="unit"),
     "dtype": dict(dtype="bfloat16"),
     "precision": dict(precision="default"),
