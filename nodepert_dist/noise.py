@@ -26,6 +26,7 @@ import numpy as np
 from jax._src.random.threefry2x32 import _threefry2x32_lowering  # the hash as array ops
 
 from nodepert_dist import taps
+from nodepert_dist.threefry_cpu import threefry_rolled
 
 NOISE_KINDS = ("rademacher", "gaussian")
 _STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
@@ -131,14 +132,10 @@ def _threefry_words(keys, data: list, counts: list) -> list:
         ]
     )
     tap = np.repeat(np.arange(len(counts)), halves)  # the tap of each counter pair
-    # Rolled (a loop), unlike every other hash on the CPU (threefry_cpu): unrolled, XLA fused the
-    # rounds into each tap's slice and compiled them once per tap (resnet NP 6.3 -> 9.1 CPU s).
-    h1, h2 = _threefry2x32_lowering(
-        t1[:, tap],
-        t2[:, tap],
-        jnp.asarray(first)[None],
-        jnp.asarray(second)[None],
-        use_rolled_loops=True,
+    # A loop, unlike every other hash on the CPU (threefry_cpu): unrolled, XLA fused the rounds
+    # into each tap's slice and compiled them once per tap (resnet NP 6.3 -> 9.1 CPU s).
+    h1, h2 = threefry_rolled(
+        t1[:, tap], t2[:, tap], jnp.asarray(first)[None], jnp.asarray(second)[None]
     )
     out, start = [], 0
     for n, m in zip(counts, halves):

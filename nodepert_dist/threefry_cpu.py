@@ -11,6 +11,7 @@ Imported by taps.py, which models.py and noise.py import: in place before anythi
 
 from functools import partial
 
+import jax
 from jax._src.random.threefry2x32 import _threefry2x32_lowering  # the hash as array ops
 from jax.extend.random import threefry2x32_p
 from jax.interpreters import mlir
@@ -20,3 +21,10 @@ mlir.register_lowering(
     mlir.lower_fun(partial(_threefry2x32_lowering, use_rolled_loops=False), multiple_results=True),
     platform="cpu",
 )
+
+
+@jax.jit
+def threefry_rolled(key1, key2, x1, x2):
+    """The hash as jax's loop on every platform: for one hash that many consumers slice
+    (noise.draw_noise), which XLA would otherwise fuse into, and compile in, each of them."""
+    return _threefry2x32_lowering(key1, key2, x1, x2, use_rolled_loops=True)

@@ -19,7 +19,9 @@ def _count(jaxpr) -> dict:
     n = {"eqns": 0, "hashes": 0}
     for eqn in jaxpr.eqns:
         n["eqns"] += 1
-        n["hashes"] += eqn.primitive.name in ("threefry2x32", "random_bits")
+        n["hashes"] += eqn.primitive.name in ("threefry2x32", "random_bits") or (
+            eqn.params.get("name") == "threefry_rolled"  # noise.draw_noise's, a loop
+        )
         for v in eqn.params.values():
             for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
