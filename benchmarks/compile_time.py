@@ -72,7 +72,10 @@ def _applies(variant: str, network: str) -> bool:
 
 
 def build(network: str, variant: str, mesh, x):
-    """(the jitted train step, its state) of this variant, as the trainer builds them."""
+    """(the jitted train step, its state, CPU s to initialise it) of this variant, as the
+    trainer builds them."""
+    import jax
+
     from nodepert_dist import models, optim, precision
     from nodepert_dist import step as step_lib
     from nodepert_dist.estimator import NPSettings
@@ -98,7 +101,9 @@ def build(network: str, variant: str, mesh, x):
         np=np_settings,
         decorrelate_lr=1e-4 if variant == "np-decorrelate" else None,
     )
-    return fn, step_lib.init_state(model, opt, x, 0, mesh)
+    cpu0 = time.process_time()
+    state = jax.block_until_ready(step_lib.init_state(model, opt, x, 0, mesh))
+    return fn, state, time.process_time() - cpu0  # the run's start-up: init compiles too
 
 
 def jaxpr_size(jaxpr) -> int:
@@ -122,7 +127,7 @@ def measure(network: str, variant: str, mesh, x, y) -> dict:
     """Trace, lower and compile seconds, StableHLO ops and temp MB of one variant's step."""
     from nodepert_dist import mesh as mesh_lib
 
-    fn, state = build(network, variant, mesh, x)
+    fn, state, init_cpu_s = build(network, variant, mesh, x)
     batch = mesh_lib.global_batch(mesh, x, y)
     cpu0, t0 = time.process_time(), time.perf_counter()
     traced = fn.trace(state, *batch)
@@ -142,6 +147,7 @@ def measure(network: str, variant: str, mesh, x, y) -> dict:
         "jaxpr_eqns": jaxpr_size(traced.jaxpr.jaxpr),
         "hlo_ops": ops,
         "temp_mb": mem.temp_size_in_bytes / 2**20 if mem else float("nan"),
+        "init_cpu_s": init_cpu_s,  # the parameters' initialisation (compile included)
     }
 
 
@@ -157,6 +163,7 @@ def report(rows) -> None:
             f"{r['compile_s']:>7.2f}{r['total_s']:>7.2f}{fmt(r.get('total_vs_sgd'), 6)}"
             f"{r['cpu_s']:>7.2f}{fmt(r.get('cpu_vs_sgd'), 6)}"
             f"{r['jaxpr_eqns']:>7}{r['hlo_ops']:>7}{r['temp_mb']:>8.1f}{fmt(r.get('temp_vs_sgd'), 8)}"
+            f"{r['init_cpu_s']:>7.2f}"
         )
 
 
