@@ -103,8 +103,9 @@ def np_gradient(model, params, x, labels, loss_fn, *, sigma: float, keys, normal
     are the variance-reduction options of the module docstring; `local`: block-local losses.
     """
     check_options(mode, antithetic, draws, delta, layerwise=layerwise, local=local)
-    taps.check(model, params, x)
-    options = dict(antithetic=antithetic, draws=draws, delta=delta, layerwise=layerwise)
+    shapes = taps.check(model, params, x)
+    options = dict(antithetic=antithetic, draws=draws, delta=delta, layerwise=layerwise,
+                   shapes=shapes)
     if local:
         options["local"] = True
     estimate = lambda x, labels, keys: _np_estimate(model, params, x, labels, loss_fn, sigma,
@@ -173,8 +174,7 @@ def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, n
     `key`: the step's noise key (`step_key`), the same on every device; `axis_name`: the mesh
     axis the batch is split over (inside shard_map), so that the loss change is the mean over
     the global batch of `normalizer` examples and the update does not depend on the mesh."""
-    taps.check(model, params, x)
-    shapes = taps.tap_shapes(model, params, x)
+    shapes = taps.check(model, params, x)
     b = x.shape[0]
     shared = draw_noise(key[None], shapes, noise_kind)  # one example's worth, for all of them
     xi = {k: jnp.broadcast_to(n, (b,) + n.shape[1:]) for k, n in shared.items()}
@@ -232,8 +232,8 @@ def local_blocks(shapes: dict) -> tuple[list, list]:
 
 
 def _np_estimate(model, params, x, labels, loss_fn, sigma, keys, normalizer, noise_kind, mode,
-                 antithetic=False, draws=1, delta="finite", layerwise=False, local=False):
-    shapes = taps.tap_shapes(model, params, x)
+                 antithetic=False, draws=1, delta="finite", layerwise=False, local=False, *,
+                 shapes):
     groups = [[n] for n in shapes] if layerwise else [list(shapes)]
     heads = [None] * len(groups)  # where each group's loss is read (None: the logits)
     if local:

@@ -14,12 +14,13 @@ DEPTHS = (2, 4, 8)  # hidden layers
 
 
 def _count(jaxpr) -> dict:
-    """{"eqns": equations, "hashes": threefry2x32 hashes and random_bits draws}, nested jaxprs
-    included."""
+    """{"eqns": equations, "hashes": threefry2x32 hashes, random_bits draws and conds (on the
+    CPU the one hash of every tap's bits is array ops in a cond: noise.draw_noise)}, nested
+    jaxprs included."""
     n = {"eqns": 0, "hashes": 0}
     for eqn in jaxpr.eqns:
         n["eqns"] += 1
-        n["hashes"] += eqn.primitive.name in ("threefry2x32", "random_bits")
+        n["hashes"] += eqn.primitive.name in ("threefry2x32", "random_bits", "cond")
         for v in eqn.params.values():
             for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
