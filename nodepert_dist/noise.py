@@ -9,13 +9,10 @@ or processes.
 Tap t of example i is `jax.random.bits` (Rademacher: 32 signs per word) or `jax.random.normal`
 of `fold_in(key_i, tap_id(t))`, in threefry's non-partitionable form (`draw_layer`).
 `draw_noise` computes exactly those values (tests/test_noise.py), Rademacher in one threefry
-hash for every tap and example, and the keys with jax's threefry written out in array ops (what
-jax lowers it to on GPUs). On the CPU jax lowers each threefry call to a loop that XLA took
-~0.2-0.6 s (CPU time) to compile, and has no option to unroll it; drawn tap by tap, with a loop
-per key too, the noise alone made NP's compile time grow with depth. So on the CPU the one hash
-is also written in array ops, inside a `lax.cond` whose branch XLA compiles once: outside one,
-XLA fused the hash into every tap's use of its words, once per tap (and drops
-`optimization_barrier`s before fusing). docs/results/compile_time.md.
+call for every tap and example, and the keys with jax's threefry written out in array ops (what
+jax lowers it to on GPUs). On the CPU jax lowers each threefry call to a loop that XLA took ~0.2-0.3 s
+(CPU time) to compile: drawn tap by tap, with a loop per key too, the noise alone made NP's
+compile time grow with depth (docs/results/compile_time.md).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import numpy as np
 from jax._src.random.threefry2x32 import _threefry2x32_lowering  # the hash as array ops
 from jax.extend.random import threefry2x32_p
 
-from nodepert_dist import precision, taps
+from nodepert_dist import taps
 
 NOISE_KINDS = ("rademacher", "gaussian")
 _STREAMS = {"init": 1, "noise": 2}  # one tag per jax random stream of a run (data order: numpy)
@@ -116,41 +113,30 @@ def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
 
 def _threefry_words(keys, data: list, counts: list) -> list:
     """[jax.random.bits(fold_in(k, data[t]), (counts[t],), uint32) for every key k: (b,
-    counts[t])] for each t, non-partitionable, as one threefry2x32 hash over all of them.
+    counts[t])] for each t, non-partitionable, as two threefry2x32 hashes over all of them.
     fold_in(k, d) is the hash of the counter pair (0, d) under k. bits(k, (n,)) hashes the
-    counters 0..n-1 as pairs (p, p + m), m = ceil(n / 2), the odd count's last pair (m - 1, 0):
-    its word j < m is the first half of pair j, word j >= m the second half of pair j - m. Each
-    word is hashed from its own pair here (twice the hashing of jax's, a few integer ops per
-    32 nodes), so the words come out in order, every tap's contiguous, with no reordering
-    copies."""
+    counters 0..n-1 as pairs (j, j + m), m = ceil(n / 2), the odd count's last pair (m - 1, 0),
+    and its words are the pairs' first halves, then their second halves."""
     tap_keys = jax.random.key_data(_fold_in(keys[:, None], np.asarray(data, np.uint32)[None]))
-    j = np.concatenate([np.arange(n) for n in counts])  # each word's index in its tap
-    n = np.repeat(counts, counts)
-    m = (n + 1) // 2
-    pair = np.where(j < m, j, j - m)
-    first, second = pair.astype(np.uint32), np.where(pair < n - m, pair + m, 0).astype(np.uint32)
-    tap = np.repeat(np.arange(len(counts)), counts)  # the tap of each word
-
-    def hash_words(tap_keys):
-        h1, h2 = _hash(tap_keys[:, tap, 0], tap_keys[:, tap, 1], first[None], second[None])
-        return jnp.where(j >= m, h2, h1)
-
-    if precision.backend() == "cpu" and keys.shape[0]:
-        # Always true, but XLA cannot know it: the branch is compiled once, as one fusion.
-        # (Not on GPUs: a conditional reads its predicate on the host.)
-        always = (tap_keys[0, 0, 0] | 1) != 0
-        words = jax.lax.cond(always, hash_words, lambda k: k[:, tap, 0] * 0, tap_keys)
-    else:
-        words = hash_words(tap_keys)
-    ends = np.cumsum(counts)
-    return [words[:, end - c : end] for c, end in zip(counts, ends)]
-
-
-def _hash(k1, k2, x1, x2):
-    """threefry2x32: on the CPU in array ops (jax's own lowering, unrolled; module docstring)."""
-    if precision.backend() == "cpu":
-        return _threefry2x32_lowering(k1, k2, x1, x2, use_rolled_loops=False)
-    return threefry2x32_p.bind(k1, k2, jnp.asarray(x1), jnp.asarray(x2))
+    t1, t2 = tap_keys[..., 0], tap_keys[..., 1]  # (b, taps)
+    halves = [(n + 1) // 2 for n in counts]
+    first = np.concatenate([np.arange(m, dtype=np.uint32) for m in halves])
+    second = np.concatenate(
+        [
+            np.arange(m, 2 * m, dtype=np.uint32) * (np.arange(m) < n - m)
+            for n, m in zip(counts, halves)
+        ]
+    )
+    tap = np.repeat(np.arange(len(counts)), halves)  # the tap of each counter pair
+    h1, h2 = threefry2x32_p.bind(
+        t1[:, tap], t2[:, tap], jnp.asarray(first)[None], jnp.asarray(second)[None]
+    )
+    out, start = [], 0
+    for n, m in zip(counts, halves):
+        pairs = slice(start, start + m)
+        out.append(jnp.concatenate([h1[:, pairs], h2[:, pairs]], axis=1)[:, :n])
+        start += m
+    return out
 
 
 def _signs(words, n: int):

@@ -47,22 +47,3 @@ def test_keys_are_jax_random_fold_in(x64):
             np.testing.assert_array_equal(
                 jax.random.key_data(noise.draw_keys(want, 3)), jax.random.key_data(draw3)
             )
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's lowering of threefry")
-def test_one_hash_for_every_tap_compiled_once_without_a_loop():
-    """On the CPU jax lowers threefry to a while loop that XLA took ~0.2-0.6 CPU s to compile,
-    and the hash written in array ops was fused into each tap's use of its words (compiled once
-    per tap): the compiled draw has no loop, and its hashing code does not grow with the taps."""
-    keys = noise.example_keys(0, jnp.int32(1), jnp.arange(4))
-
-    def hashing(n_taps):
-        shapes = {f"t{i}": (40,) for i in range(n_taps)}
-        draw = lambda k: [
-            v.sum() * (i + 1) for i, v in enumerate(noise.draw_noise(k, shapes).values())
-        ]
-        hlo = jax.jit(draw).lower(keys).compile().as_text()
-        assert " while(" not in hlo
-        return hlo.count(" xor(")
-
-    assert hashing(2) == hashing(6) > 0
