@@ -176,10 +176,12 @@ def original_gradient(model, params, x, labels, loss_fn, *, sigma: float, key, n
     the global batch of `normalizer` examples and the update does not depend on the mesh."""
     shapes = taps.check(model, params, x)
     b = x.shape[0]
-    shared = draw_noise(key[None], shapes, noise_kind)  # one example's worth, for all of them
-    xi = {k: jnp.broadcast_to(n, (b,) + n.shape[1:]) for k, n in shared.items()}
     clean_logits = model.apply({"params": params}, x)
     clean = loss_fn(clean_logits, labels)
+    # One example's worth of noise, for all of them, drawn after the clean pass (a zero of its
+    # loss, as _np_estimate does): conv-large CIFAR B=128 temp memory 121.5 -> 118.3 MB.
+    shared = draw_noise(_keys_after(key[None], _zero_after(clean)), shapes, noise_kind)
+    xi = {k: jnp.broadcast_to(n, (b,) + n.shape[1:]) for k, n in shared.items()}
     noisy_logits, values = taps.forward(model, params, x, {k: sigma * n for k, n in xi.items()})
     delta = loss_fn(noisy_logits, labels) - clean
     if per_example_delta:  # each example's own change: this device's examples suffice
