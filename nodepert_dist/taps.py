@@ -146,8 +146,9 @@ def tap_shapes(model, params, x) -> dict:
     return {name: shapes[name].shape[1:] for name in order}
 
 
-def check(model, params, x, *, needs_taps: bool = True) -> None:
-    """One-line errors for a model NP cannot train (see the module docstring)."""
+def check(model, params, x, *, needs_taps: bool = True) -> dict | None:
+    """One-line errors for a model NP cannot train (see the module docstring); with
+    `needs_taps`, returns `tap_shapes(model, params, x)` (traced once per step, not twice)."""
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))
     if "batch_stats" in variables:
         raise ValueError(
@@ -162,7 +163,7 @@ def check(model, params, x, *, needs_taps: bool = True) -> None:
             f"which the train step does not carry; use a model with params only"
         )
     if not needs_taps:
-        return
+        return None
     shapes = tap_shapes(model, params, x)
     if not shapes:
         raise ValueError(
@@ -185,3 +186,4 @@ def check(model, params, x, *, needs_taps: bool = True) -> None:
             + (f" (nor {len(unreached) - 1} more)" if len(unreached) > 1 else "")
             + "; put a Tap after the pre-activation it computes"
         )
+    return shapes

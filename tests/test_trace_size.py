@@ -71,3 +71,32 @@ def test_np_trace_grows_linearly_with_depth(option):
     assert deep["eqns"] - mid["eqns"] <= 2 * (mid["eqns"] - small["eqns"]), (small, mid, deep)
     if option != "gaussian":
         assert small["hashes"] == deep["hashes"] > 0, (small, deep)
+
+
+def test_np_traces_the_tap_shapes_once(monkeypatch):
+    """taps.check returns the tap shapes the estimator uses: one trace of the model for them
+    per step, not one in the check and another in the estimator."""
+    calls = []
+    shapes = perturbation.taps.tap_shapes
+    monkeypatch.setattr(perturbation.taps, "tap_shapes", lambda *a: calls.append(1) or shapes(*a))
+    for estimator in (_np_size, _original_size):
+        calls.clear()
+        estimator(2)
+        assert len(calls) == 1, estimator
+
+
+def _original_size(n_hl: int) -> None:
+    model = models.build_model("fc", 2, n_hl=n_hl, hl_size=4)
+    params = model.init(jax.random.key(0), X)["params"]
+    jax.make_jaxpr(
+        lambda p: perturbation.original_gradient(
+            model,
+            p,
+            X,
+            Y,
+            losses.mse,
+            sigma=1e-2,
+            key=perturbation.step_key(0, 0),
+            normalizer=2,
+        )[0]
+    )(params)
