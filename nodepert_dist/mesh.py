@@ -208,8 +208,8 @@ def to_host(tree):
     collective, as jax.device_get of a replicated array."""
 
     def one(a):
-        if not isinstance(a, jax.Array) or a.is_fully_addressable:
-            return np.asarray(jax.device_get(a))
+        if not isinstance(a, jax.Array) or a.is_fully_addressable or a.is_fully_replicated:
+            return np.asarray(jax.device_get(a))  # e.g. a solo run's step on several processes
         out = np.empty(a.shape, a.dtype)
         for shard in a.addressable_shards:
             out[shard.index] = np.asarray(shard.data)
