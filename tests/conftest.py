@@ -4,11 +4,14 @@ commands (`run_command`, `train_command`, `free_port`).
 `.ci/run` fetches MNIST into ./data; set NODEPERT_DATA_DIR to use another place.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -35,6 +38,12 @@ def mnist_dir():
 
 # ----------------------------------------------------------------------------- subprocesses
 
+# The commands a pytest worker starts share one persistent XLA compilation cache: the same small
+# programs compile once per worker instead of once per command (a cache hit runs the same
+# executable a compile would give). A test may set its own JAX_COMPILATION_CACHE_DIR.
+XLA_CACHE = tempfile.mkdtemp(prefix="nodepert-test-xla-cache-")
+atexit.register(shutil.rmtree, XLA_CACHE, True)
+
 
 def subprocess_env(**extra) -> dict:
     """The environment of a command a test starts: this checkout first on PYTHONPATH, and none
@@ -48,6 +57,9 @@ def subprocess_env(**extra) -> dict:
         "XLA_FLAGS",
     ):
         env.pop(k, None)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     env.update(extra)
     return env
 
