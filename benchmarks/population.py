@@ -193,16 +193,8 @@ def placement() -> None:
     rounds = 1 if FLAGS.quick else FLAGS.rounds
     for network in FLAGS.networks:
         for rule in FLAGS.rules:
-            for row in placement_rows(
-                network,
-                rule,
-                int(FLAGS.members[0]),
-                groups,
-                rounds=rounds,
-                round_s=FLAGS.round_s,
-                batchsize=FLAGS.batchsize,
-                shape=shape,
-            ):
+            timing = _timing(rounds, shape)
+            for row in placement_rows(network, rule, int(FLAGS.members[0]), groups, **timing):
                 _append(row)
                 print(
                     f"{network:5s} {rule:3s} N={row['members']} member_devices="
@@ -210,6 +202,11 @@ def placement() -> None:
                     f"{row['examples_per_s_per_member']:9.0f} ex/s per member",
                     flush=True,
                 )
+
+
+def _timing(rounds: int, shape: dict) -> dict:
+    """The measurement settings both modes pass to their rows."""
+    return dict(rounds=rounds, round_s=FLAGS.round_s, batchsize=FLAGS.batchsize, shape=shape)
 
 
 def _append(row) -> None:
@@ -225,15 +222,7 @@ def steps() -> None:
     rounds, shape = FLAGS.rounds, dict(n_hl=2, hl_size=500)
     if FLAGS.quick:
         networks, rules, sizes, rounds, shape = ["fc"], ["np"], [1, 2], 1, dict(n_hl=1, hl_size=32)
-    for row in population_rows(
-        networks,
-        rules,
-        sizes,
-        rounds=rounds,
-        round_s=FLAGS.round_s,
-        batchsize=FLAGS.batchsize,
-        shape=shape,
-    ):
+    for row in population_rows(networks, rules, sizes, **_timing(rounds, shape)):
         _append(row)
         print(
             f"{row['network']:5s} {row['rule']:3s} N={row['members']:3d}  "
