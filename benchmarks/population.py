@@ -18,13 +18,19 @@ step time and examples/s per member.
 
 --target: real MNIST, fc 784-500-500-10 NP, batch 100, one epoch: an 8-member lr population
 through nodepert-train's loop against 8 solo runs of it (wall time of each whole run, its
-epoch_time, and each member's test accuracy next to its solo run's).
+epoch_time, and each member's test accuracy next to its solo run's). --solo says how the runs
+start: `jobs`, each its own `python -m nodepert_dist.train` process, as a one-job-per-row sweep
+runs them (interpreter and jax start-up, data, compiling, evaluation: what a user waits for);
+`in_process`, all in this process (start-up paid once: only the step, compiling and
+evaluation differ); `both` (the default) writes one row for each.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -43,6 +49,12 @@ flags.DEFINE_integer("rounds", 5, "Alternating rounds; the median is reported.")
 flags.DEFINE_float("round_s", 0.5, "Least seconds of steps per variant per round.")
 flags.DEFINE_bool("quick", False, "Smoke run: fc (1 hidden layer of 32), NP, N=1,2, 1 round.")
 flags.DEFINE_bool("target", False, "The 8-member NP lr population epoch vs 8 solo epochs.")
+flags.DEFINE_enum(
+    "solo",
+    "both",
+    ["both", "jobs", "in_process"],
+    "--target: runs as separate nodepert-train processes, in this process, or both.",
+)
 flags.DEFINE_list("placements", [], "Placement: the --member_devices values to time.")
 flags.DEFINE_string("out", "benchmarks/results/population.jsonl", "JSON lines (appended).")
 FLAGS = flags.FLAGS
@@ -233,10 +245,35 @@ def steps() -> None:
         )
 
 
-def target() -> None:
-    from absl import logging
+def _job(**kw) -> tuple[float, list]:
+    """One `python -m nodepert_dist.train` process (the target's settings and `kw`), as a
+    one-job-per-row sweep starts it: its wall time and its metrics rows."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [
+            sys.executable,
+            "-m",
+            "nodepert_dist.train",
+            "--config=mnist_fc_np",
+            "--num_epochs=1",
+            "--noeval_train",
+            "--checkpoint_every_epochs=0",
+            f"--data_dir={FLAGS.data_dir}",
+            f"--workdir={workdir}",
+            *(f"--{k}={v}" for k, v in kw.items()),
+        ]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        took = time.perf_counter() - t0
+        if done.returncode:  # e.g. no MNIST in --data_dir: the child's own one-line error
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise ValueError(
+                f"nodepert_dist.train {command[-1]}: {lines[-1].removeprefix('error: ')}"
+            )
+        return took, files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
-    logging.set_verbosity(logging.WARNING)
+
+def _in_process(**kw) -> tuple[float, list]:
+    """The same run through train.train in this process: its wall time and its rows."""
     settings = dict(
         train_lib.config_lib.PRESETS["mnist_fc_np"],
         num_epochs=1,
@@ -244,35 +281,46 @@ def target() -> None:
         checkpoint_every_epochs=0,
         data_dir=FLAGS.data_dir,
     )
+    with tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        rows = train_lib.train(train_lib.Config(**{**settings, **kw}, workdir=workdir))
+        return time.perf_counter() - t0, rows
 
-    def one(**kw):  # the whole run's wall time (compiling, evaluation) and its rows
-        with tempfile.TemporaryDirectory() as workdir:
-            t0 = time.perf_counter()
-            rows = train_lib.train(train_lib.Config(**{**settings, **kw}, workdir=workdir))
-            return time.perf_counter() - t0, rows
 
-    # the population between the two halves of the solo runs: a drifting load hits both alike
+def target_row(one, solo: str) -> dict:
+    """The 8 solo runs and the population, each started by `one`, the population between
+    the two halves of the solo runs (a drifting load hits both alike)."""
     half = len(TARGET_LRS) // 2
     solos = [one(lr=lr) for lr in TARGET_LRS[:half]]
     pop_s, pop_rows = one(population="lr:" + ",".join(map(str, TARGET_LRS)))
     solos += [one(lr=lr) for lr in TARGET_LRS[half:]]
-    solo_s = sum(s for s, _ in solos)
     last = [r for r in pop_rows if r["epoch"] == 1]
     row = {
         "target": "8-member NP lr population, fc 784-500-500-10, batch 100, 1 epoch",
+        "solo": solo,
         "population_s": pop_s,
-        "solo_runs_s": solo_s,
-        "ratio": pop_s / solo_s,
+        "solo_runs_s": sum(s for s, _ in solos),
         "population_epoch_time": last[0]["epoch_time"],
         "solo_epoch_times": sum(rows[-1]["epoch_time"] for _, rows in solos),
         "test_acc": [r["test_acc"] for r in last],
         "solo_test_acc": [rows[-1]["test_acc"] for _, rows in solos],
         "load_avg_1min_after": os.getloadavg()[0],  # a shared machine: how busy it was
     }
+    row["ratio"] = row["population_s"] / row["solo_runs_s"]
     row["epoch_ratio"] = row["population_epoch_time"] / row["solo_epoch_times"]
     row["max_acc_gap"] = max(abs(a - b) for a, b in zip(row["test_acc"], row["solo_test_acc"]))
-    _append(row)
-    print(files.json_text(row, indent=2))
+    return row
+
+
+def target() -> None:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    modes = {"jobs": _job, "in_process": _in_process}
+    for solo in modes if FLAGS.solo == "both" else [FLAGS.solo]:
+        row = target_row(modes[solo], solo)
+        _append(row)
+        print(files.json_text(row, indent=2), flush=True)
 
 
 def main(argv):

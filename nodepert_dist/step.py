@@ -251,23 +251,27 @@ def sharded_train_step(
 
         def member(state, values):  # one member's update, its settings traced
             new, metrics = update(state, x, labels, *member_rule(values))
-            # A member whose loss or state turns non-finite is frozen at its last finite
-            # state (alive False for good); the others go on.
-            tree = (new.params, new.opt_state, new.decor)
             finite = jnp.isfinite(metrics["loss_sum"])
-            for leaf in jax.tree.leaves(tree):
+            for leaf in jax.tree.leaves((new.params, new.opt_state, new.decor)):
                 if jnp.issubdtype(leaf.dtype, jnp.inexact):
                     finite &= jnp.all(jnp.isfinite(leaf))
             keep = state.alive & finite
-            params, opt_state, decor = jax.tree.map(
-                lambda n, o: jnp.where(keep, n, o),
-                tree,
-                (state.params, state.opt_state, state.decor),
-            )
-            held = TrainState(new.step, params, opt_state, decor, alive=keep)
-            return held, {**metrics, "alive": keep}
+            return dataclasses.replace(new, alive=keep), {**metrics, "alive": keep}
 
-        return over_members(member, mesh)(state, members)
+        new, metrics = over_members(member, mesh)(state, members)
+        # A member whose loss or state turns non-finite is frozen at its last finite state
+        # (alive False for good); the others go on. The select runs only in a step where some
+        # member is frozen: selecting every step cost ~15% of an fc member's step on the CPU.
+        keep, tree = new.alive, (new.params, new.opt_state, new.decor)
+
+        def freeze(tree):
+            def select(n, o):
+                return jnp.where(keep.reshape(keep.shape + (1,) * (n.ndim - 1)), n, o)
+
+            return jax.tree.map(select, tree, (state.params, state.opt_state, state.decor))
+
+        params, opt_state, decor = jax.lax.cond(jnp.all(keep), lambda t: t, freeze, tree)
+        return TrainState(new.step, params, opt_state, decor, alive=keep), metrics
 
     spec = P() if members is None else P(MEMBER)  # the state's (and its metrics')
     sharded = jax.shard_map(

@@ -103,9 +103,17 @@ CASES = {  # name: (command, what its error line must say)
         _bench("population", "--placements=2,0"),
         "'0' is not a positive integer",
     ),
-    "population missing data": (
+    "population missing data": (  # the first solo run's own process says it
         _bench("population", "--target", "--data_dir=/nonexistent/data"),
+        "nodepert_dist.train --lr=0.005: missing dataset /nonexistent/data/mnist/arrays",
+    ),
+    "population missing data in process": (
+        _bench("population", "--target", "--solo=in_process", "--data_dir=/nonexistent/data"),
         "missing dataset /nonexistent/data/mnist/arrays",
+    ),
+    "population unknown solo mode": (
+        _bench("population", "--target", "--solo=threads"),
+        "--solo",
     ),
     "gpu_suite unknown network": (
         _bench("gpu_suite", "--networks=fc,bogus"),

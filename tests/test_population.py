@@ -156,6 +156,53 @@ def test_each_member_updates_as_its_solo_run(
                 assert np.linalg.norm(other - change) / np.linalg.norm(change) > 1e-3
 
 
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_a_frozen_member_keeps_its_state_bit_for_bit_while_the_others_update(
+    vectorised, monkeypatch
+):
+    """The step's freeze on both of its paths (the select runs only when a member is not kept):
+    with every member alive each takes its update; a member whose update turns non-finite (a
+    NaN planted in its kernel), or one marked frozen already, keeps its parameters and Adam
+    moments bit for bit and is marked, while the others take exactly their all-alive update."""
+    from nodepert_dist import step as step_lib
+
+    monkeypatch.setattr(step_lib, "vectorise_members", lambda mesh: vectorised)
+    cfg = _cfg(population="lr:0.01,0.03,0.05", optimizer="adam")
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    model = models.build(cfg.model, 10)
+    optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
+    x, y = _batches(1)[0]
+    batch = mesh_lib.global_batch(mesh, x.astype(np.float32), y)
+
+    def start(plant=False, alive=(True, True, True)):
+        state = population.init_state(cfg, model, optimizer, x.astype(np.float32), mesh)
+        leaves, tree = jax.tree.flatten(state.params)
+        if plant:  # member 1's first parameter array
+            leaves[0] = leaves[0].at[(1,) + (0,) * (leaves[0].ndim - 1)].set(jnp.nan)
+        state = dataclasses.replace(state, params=tree.unflatten(leaves), alive=jnp.asarray(alive))
+        return state, jax.device_get(state)
+
+    leaves = lambda state, i: [
+        np.asarray(a[i])
+        for a in jax.tree.leaves(  # noqa: E731
+            (state.params, state.opt_state)
+        )
+    ]
+    healthy, before = start()
+    healthy = jax.device_get(step(healthy, *batch)[0])
+    assert list(healthy.alive) == [True, True, True]
+    for i in range(3):  # each member moved
+        assert any((a != b).any() for a, b in zip(leaves(healthy, i), leaves(before, i)))
+    for state, before in (start(plant=True), start(alive=(True, False, True))):
+        after = jax.device_get(step(state, *batch)[0])
+        assert list(after.alive) == [True, False, True]
+        for a, b in zip(leaves(after, 1), leaves(before, 1)):
+            np.testing.assert_array_equal(a, b)  # NaN where planted, else the start
+        for i in (0, 2):
+            for a, b in zip(leaves(after, i), leaves(healthy, i)):
+                np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- placement
 
 
