@@ -211,7 +211,7 @@ def test_modes_give_the_same_update():
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         assert x.dtype == jnp.float64 and jax.tree.leaves(params)[0].dtype == jnp.float64
         keys = perturbation.example_keys(0, 3, jnp.arange(BATCH))
-        options = [{}, dict(mode="regen"), dict(microbatches=4)]
+        options = [{}, dict(mode="regen"), dict(microbatches=2)]
         for noise in perturbation.NOISE_KINDS:
             # The three layouts in one compiled function (eager dispatch of the residual net's
             # ops took minutes here; one compile each, most of the rest).

@@ -30,7 +30,7 @@ def _final_test_acc(mnist_dir, tmp_path, **overrides):
 
 def test_sgd_reaches_97_percent(mnist_dir, tmp_path):
     acc, rows = _final_test_acc(
-        mnist_dir, tmp_path, network="fc", update_rule="sgd", loss="ce", lr=0.1, num_epochs=4
+        mnist_dir, tmp_path, network="fc", update_rule="sgd", loss="ce", lr=0.3, num_epochs=2
     )
     assert acc >= 0.97, rows
 
