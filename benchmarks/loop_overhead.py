@@ -9,8 +9,8 @@ metrics read per step as the loop did before issue 22; `after`: the defaults; `k
 --steps_per_call=4/16; `device`, `device_k16`: --data_on_device, 1 or 16 steps a call), the
 real train loop (`train.run`: data pipeline, host batches, metric reads, progress, preemption
 checks) runs --epochs epochs of fc NP; each epoch's time (`epoch_time` of the rows; epoch 1 is
-left out: it compiles) is set against its pure epoch, timed by a hook right after it (the same
-load on a shared machine): the calls the trainer made that epoch (recorded as it made them: the
+left out: it compiles) is set against its pure epoch, timed by a hook right before and right
+after it (the mean of the two: the same load on a shared machine, drift cancelled): the calls the trainer made that epoch (recorded as it made them: the
 same compiled programs, the same call sizes in the same order, the epoch's own batches in its
 order), dispatched back to back on a copy of the state with nothing read or waited for until
 the last. With --data_on_device these are `loop.call_on_device` on the epoch's order (the
@@ -79,14 +79,14 @@ def synthetic_mnist(root: str, n_train: int) -> str:
 
 
 class _PureEpochs:
-    """Hook: after each epoch's row (epoch >= 2; epoch 1 compiles), the same epoch's device work
-    again without the host: the calls the trainer made (its compiled programs, the same call
+    """Hook: after each epoch's row, the same epoch's device work again without the host: the calls the trainer made (its compiled programs, the same call
     sizes in the same order, on the epoch's own batches in its order) dispatched back to back
     on a copy of the state, nothing read or waited for until the last one. For
     --data_on_device that is `loop.call_on_device` on the epoch's order (the gather inside);
     for the host pipeline it is `loop.call` on the epoch's batches put on the device before the
     clock starts (assembling and sending them is the host's work there). `pairs`: (epoch
-    seconds, pure epoch seconds), timed one right after the other (the same load)."""
+    seconds, the mean of the pure epochs timed right before it (the previous epoch's calls) and
+    right after it) for epochs >= 2 (epoch 1 compiles): a drifting load cancels to first order."""
 
     def __init__(self):
         self.pairs = []
@@ -145,16 +145,16 @@ class _PureEpochs:
 
     def after_row(self, row, rows) -> None:
         self.sizes, self.seen = self.seen, []
-        if row["epoch"] < 2:  # epoch 1 compiles
-            return
         calls = self._calls(row["epoch"])
         start = time.perf_counter()
         state, log = self.state, self.log
         for call in calls:
             state, log, *_ = call(state, log)
         jax.block_until_ready((state, log))
-        self.pairs.append((row["epoch_time"], time.perf_counter() - start))
-        self.state = state
+        pure, self.state = time.perf_counter() - start, state
+        if row["epoch"] >= 2:  # epoch 1 compiles: its pure epoch only precedes epoch 2
+            self.pairs.append((row["epoch_time"], (self.last_pure + pure) / 2))
+        self.last_pure = pure
 
 
 def measure(data_dir: str, workdir: str, batchsize: int, loop: str, epochs: int, **extra) -> dict:
@@ -176,7 +176,7 @@ def measure(data_dir: str, workdir: str, batchsize: int, loop: str, epochs: int,
         }
     )
     rows, _ = train.run(cfg, hooks=[hook])
-    # Each epoch against its pure epoch timed right after it (the same load); the median ratio
+    # Each epoch against the pure epochs timed around it (the same load); the median ratio
     # (the upper one of an even count)
     pairs = sorted(hook.pairs, key=lambda p: p[0] / p[1])
     epoch_s, pure_s = pairs[len(pairs) // 2]
