@@ -116,7 +116,7 @@ class _PureEpochs:
         b, (lo, hi) = self.cfg.batchsize, self.rows
         if self.device:
             order = self.device.epoch_order(
-                seed=self.cfg.seed, epoch=epoch, rows=self.rows, global_batch=b
+                seed=self.cfg.seed, epoch=epoch, rows=self.rows, global_batch=b, ahead=False
             )
             jax.block_until_ready(order)
             return [
