@@ -79,9 +79,10 @@ def synthetic_mnist(root: str, n_train: int) -> str:
 
 
 class _PureEpochs:
-    """Hook: after each epoch's row, the same epoch's device work again without the host: the calls the trainer made (its compiled programs, the same call
-    sizes in the same order, on the epoch's own batches in its order) dispatched back to back
-    on a copy of the state, nothing read or waited for until the last one. For
+    """Hook: after each epoch's row, the same epoch's device work again without the host: the
+    calls the trainer made (its compiled programs, the same call sizes in the same order, on the
+    epoch's own batches in its order) dispatched back to back on a copy of the state, nothing
+    read or waited for until the last one. For
     --data_on_device that is `loop.call_on_device` on the epoch's order (the gather inside);
     for the host pipeline it is `loop.call` on the epoch's batches put on the device before the
     clock starts (assembling and sending them is the host's work there). `pairs`: (epoch
@@ -119,12 +120,9 @@ class _PureEpochs:
                 seed=self.cfg.seed, epoch=epoch, rows=self.rows, global_batch=b, ahead=False
             )
             jax.block_until_ready(order)
-            return [
-                functools.partial(self.call_on_device, data=self.device, order=order, i=i, k=k)
-                for i, k in zip(
-                    itertools.accumulate([0, *self.sizes]), self.sizes
-                )  # ints, as the trainer's
-            ]
+            firsts = itertools.accumulate([0, *self.sizes])  # python ints, as the trainer's
+            call = functools.partial(self.call_on_device, data=self.device, order=order)
+            return [functools.partial(call, i=i, k=k) for i, k in zip(firsts, self.sizes)]
         rows = pipeline.epoch_order(self.cfg.seed, epoch, lo, hi)[: self.steps * b]
         calls, i = [], 0
         for k in self.sizes:
