@@ -12,8 +12,9 @@ skipped, never silently dropped):
    comparison, small nets), at each network's TF32 sigma floor and below it: does the floor in
    nodepert_dist/precision.py hold on this device? On a CPU both precisions are float32.
 2. `loop`: benchmarks/loop_overhead.py on synthetic MNIST-shaped data: the train loop's epoch
-   time (fc NP, the real loop) against its compiled steps back to back on a resident batch, for
-   the loop as it was (a metrics read per step), the defaults and --steps_per_call=4.
+   time (fc NP, the real loop) against the same epoch's compiled calls back to back, for the
+   loop as it was (a metrics read per step), the defaults, --steps_per_call=4, and
+   --data_on_device with 1 and 16 steps a call (what the budget leaves out is recorded).
 3. `peak`: the matmul peak of this device (a large jnp.dot), float32 at `highest` and bfloat16:
    the MFU reference of the next sections (the steps run at `highest`, the project's default).
 4. `steps`: NP (Rademacher) vs SGD step time, peak temp memory, FLOPs and MFU for fc, conv,

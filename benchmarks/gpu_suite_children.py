@@ -11,7 +11,7 @@ import time
 
 from nodepert_dist import files
 
-LOOPS = ("before", "after", "k4", "device")
+LOOPS = ("before", "after", "k4", "device", "device_k16")
 # The suite's own process already holds XLA's default 75% of a GPU: a child process allocates
 # what it uses instead of trying to reserve 75% of the card again.
 _CHILD_ENV = dict(

@@ -13,6 +13,8 @@ on the host (data/augment.py): it is refused with this setting.
 
 from __future__ import annotations
 
+from concurrent import futures
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -35,10 +37,28 @@ class DeviceData:
         replicated = NamedSharding(mesh, P())
         self.images = _put(np.asarray(images), replicated)  # uint8, as the pipeline yields
         self.labels = _put(np.asarray(labels, np.int32), replicated)
+        self._ahead = None  # (key, future) of the next epoch's order
 
-    def epoch_order(self, *, seed: int, epoch: int, rows: tuple[int, int], global_batch: int):
+    def epoch_order(
+        self, *, seed: int, epoch: int, rows: tuple[int, int], global_batch: int, ahead=True
+    ):
         """The epoch's batches as row indices, (steps, global_batch) int32, column-sharded over
-        `data` as a batch is (each device holds its examples' indices)."""
+        `data` as a batch is (each device holds its examples' indices). `ahead`: the next
+        epoch's is then made on a thread while this epoch's calls run: made between epochs it
+        costs 1.5-3 ms of host time (the permutation and the transfer) that the device waits
+        for, 10-20% of an fc MNIST epoch of 16-step calls on an H200 (0.016 s)."""
+        key = (seed, epoch, tuple(rows), global_batch)
+        made, self._ahead = self._ahead, None
+        order = made[1].result() if made and made[0] == key else self._order(*key)
+        if not ahead:
+            return order
+        nxt = (seed, epoch + 1, tuple(rows), global_batch)
+        thread = futures.ThreadPoolExecutor(1, "next_epoch_order")
+        self._ahead = (nxt, thread.submit(self._order, *nxt))
+        thread.shutdown(wait=False)  # its thread ends once the order is made
+        return order
+
+    def _order(self, seed: int, epoch: int, rows: tuple[int, int], global_batch: int):
         lo, hi = rows
         steps = pipeline.steps_per_epoch(hi - lo, global_batch)
         order = pipeline.epoch_order(seed, epoch, lo, hi)[: steps * global_batch]

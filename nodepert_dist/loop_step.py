@@ -60,6 +60,22 @@ class LoopStep:
     rows: int
     steps_per_call: int
 
+    def call_size(self, room: int, n_steps: int) -> int:
+        """The next call's steps, `room` steps before the next epoch end, --max_steps or step
+        checkpoint: K; when fewer are left, the epoch's tail n_steps % K in one call if it fits
+        (one more program, compiled once: an epoch of K-step calls ends with one call, not
+        n_steps % K single ones), else 1."""
+        k, tail = self.steps_per_call, n_steps % self.steps_per_call
+        return k if room >= k else tail if 1 < tail <= room else 1
+
+    def call_sizes(self, done: int, n_steps: int) -> list[int]:
+        """The calls of an epoch's batches done..n_steps-1 with no other boundary inside."""
+        sizes = []
+        while done < n_steps:
+            sizes.append(self.call_size(n_steps - done, n_steps))
+            done += sizes[-1]
+        return sizes
+
 
 def make(
     sharded_step: Callable, prep: tuple, mesh, *, rows: int, members: int = 0, steps_per_call=1

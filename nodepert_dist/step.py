@@ -104,8 +104,9 @@ class TrainingSettings:
     steps_per_call: int = setting(
         1,
         "Run K steps per compiled call (a scan over K stacked batches): less host work per "
-        "step; same updates and metrics. Epoch ends, --max_steps and step checkpoints that "
-        "fall inside K steps run their last steps one by one.",
+        "step; same updates and metrics. An epoch's last steps (its steps mod K) run as one "
+        "call; --max_steps and step checkpoints that fall closer run their last steps one by "
+        "one.",
         group=_T,
     )
     hang_timeout_s: float = setting(

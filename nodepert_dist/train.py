@@ -237,13 +237,13 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             raise
 
     def call_size(done: int) -> int:
-        """K steps in one call if no epoch end, --max_steps or step checkpoint falls inside."""
-        room = [loop.steps_per_call, n_steps - done]
+        """K steps, or fewer where an epoch end, --max_steps or step checkpoint falls inside."""
+        room = [n_steps - done]
         if cfg.max_steps:
             room.append(cfg.max_steps - step)
         if saver and cfg.checkpoint_every_steps:
             room.append(cfg.checkpoint_every_steps - step % cfg.checkpoint_every_steps)
-        return loop.steps_per_call if min(room) == loop.steps_per_call else 1
+        return loop.call_size(min(room), n_steps)
 
     def save_due(step: int) -> bool:
         return bool(saver and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0)

@@ -3,12 +3,14 @@ the loop's call. The same batches as the host pipeline, so the same run bit for 
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
 
-from nodepert_dist import checkpoint_layout, config, train
+from nodepert_dist import checkpoint_layout, config, device_data, train
 from nodepert_dist import mesh as mesh_lib
+from nodepert_dist.data import pipeline
 
 TIMING = ("epoch_time", "examples_per_s")
 # 8 devices; 1000 training examples: 10 steps of 96 an epoch
@@ -77,3 +79,28 @@ def test_the_device_gathered_batches_train_the_host_pipelines_run(tmp_path, mnis
 def test_augmentation_is_refused_in_one_line():
     with pytest.raises(ValueError, match="drop one of them"):
         config.Config(data_on_device=True, augment=True).validate()
+
+
+def test_the_next_epochs_order_is_made_ahead_on_a_thread_and_is_the_same(monkeypatch):
+    """After epoch e's order, epoch e+1's is made on a thread (not between the epochs, where the
+    device waits for it), bit for bit the order made on demand; any other epoch is made then."""
+    made = []  # (epoch, thread) of each permutation
+    epoch_order = pipeline.epoch_order
+
+    def spy(seed, epoch, lo, hi):
+        made.append((epoch, threading.current_thread().name.startswith("next_epoch_order")))
+        return epoch_order(seed, epoch, lo, hi)
+
+    monkeypatch.setattr(pipeline, "epoch_order", spy)
+    mesh = mesh_lib.make_mesh()
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (1000, 4), np.uint8), rng.integers(0, 10, 1000)
+    data, fresh = (device_data.DeviceData(mesh, images, labels) for _ in range(2))
+    kw = dict(seed=3, rows=(0, 1000), global_batch=96)
+    epochs = (1, 2, 3, 5, 6)  # 4's, made ahead, goes unused
+    got = [data.epoch_order(epoch=e, ahead=e < 6, **kw) for e in epochs]
+    assert sorted(made) == [(1, False), (2, True), (3, True), (4, True), (5, False), (6, True)]
+    for e, order in zip(epochs, got):
+        want = fresh.epoch_order(epoch=e, ahead=False, **kw)
+        assert order.sharding == want.sharding
+        assert np.asarray(order).tobytes() == np.asarray(want).tobytes()

@@ -16,6 +16,7 @@ from nodepert_dist import (
     checkpoint_layout,
     crash_guard,
     loop_metrics,
+    loop_step,
     population,
     preempt,
     run_record,
@@ -93,6 +94,18 @@ def test_k_steps_per_call_are_bitwise_k_calls(mnist_dir):
         assert int(np.asarray(four.step).reshape(-1)[0]) == 8
 
 
+def test_an_epochs_tail_is_one_call_of_its_size():
+    """K=16: an epoch of 58 steps is 3 calls of 16 and one of 10 (not 10 single-step calls);
+    a boundary (--max_steps, a step checkpoint) closer than the tail leaves single steps."""
+    loop = loop_step.LoopStep(None, None, None, rows=1, steps_per_call=16)
+    assert loop.call_sizes(0, 58) == [16, 16, 16, 10]
+    assert loop.call_sizes(0, 468) == [16] * 29 + [4]
+    assert loop.call_sizes(50, 58) == [1] * 8  # resumed inside the epoch: 8 < the tail
+    assert loop.call_sizes(0, 32) == [16, 16]
+    assert loop.call_size(room=12, n_steps=58) == 10 and loop.call_size(9, 58) == 1
+    assert loop_step.LoopStep(None, None, None, 1, 1).call_sizes(0, 3) == [1, 1, 1]
+
+
 def _rows(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
@@ -103,15 +116,17 @@ def test_metrics_every_and_steps_per_call_change_no_row_nor_checkpoint(
     tmp_path, mnist_dir, monkeypatch
 ):
     """Epochs of 10 steps, --max_steps=17 and a checkpoint every 6 steps, none of them a
-    multiple of K=4 or N=4 (K=4 runs steps 1-4, 5, 6, 7-10, 11, 12, 13-16, 17): the rows, every
+    multiple of K=4 or N=4 (K=4 runs steps 1-4, 5-6 (the epoch's tail size, 10 % 4, where 2
+    steps are left before the checkpoint), 7-10, 11-12, 13-16, 17): the rows, every
     checkpoint's loop record and the final parameters are those of one step per call, read
     every step."""
-    stacked_calls = []
+    calls = []  # steps per training call
     global_batch = mesh_lib.global_batch
 
-    def spy(*args, stacked=False):
-        stacked_calls.append(stacked)
-        return global_batch(*args, stacked=stacked)
+    def spy(mesh, x, *args, stacked=False):
+        if x.shape[-4] == TINY["batchsize"]:  # not an evaluation batch (4000)
+            calls.append(len(x) if stacked else 1)
+        return global_batch(mesh, x, *args, stacked=stacked)
 
     monkeypatch.setattr(mesh_lib, "global_batch", spy)
     runs = {}
@@ -135,9 +150,9 @@ def test_metrics_every_and_steps_per_call_change_no_row_nor_checkpoint(
                 **kw,
             }
         )
-        stacked_calls.clear()
+        calls.clear()
         train.run(cfg)
-        assert sum(stacked_calls) == (3 if "k4" in name else 0)
+        assert calls == ([4, 2, 4, 2, 4, 1] if "k4" in name else [1] * 17), name
         ckpts = os.path.join(workdir, "checkpoints")
         saved = {}
         for s in checkpoint_layout.committed_steps(ckpts):
