@@ -259,13 +259,15 @@ def _job(**kw) -> tuple[float, list]:
             "--checkpoint_every_epochs=0",
             f"--data_dir={FLAGS.data_dir}",
             f"--workdir={workdir}",
+            f"--cpu_devices={FLAGS.cpu_devices}",  # the devices the in-process runs see
             *(f"--{k}={v}" for k, v in kw.items()),
         ]
         t0 = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         took = time.perf_counter() - t0
         if done.returncode:  # e.g. no MNIST in --data_dir: the child's own one-line error
             lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            lines = [line for line in lines if line.startswith("error: ")] or lines
             raise ValueError(
                 f"nodepert_dist.train {command[-1]}: {lines[-1].removeprefix('error: ')}"
             )

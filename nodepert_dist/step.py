@@ -105,8 +105,8 @@ class TrainingSettings:
         1,
         "Run K steps per compiled call (a scan over K stacked batches): less host work per "
         "step; same updates and metrics. An epoch's last steps (its steps mod K) run as one "
-        "call; --max_steps and step checkpoints that fall closer run their last steps one by "
-        "one.",
+        "call; before a closer --max_steps or step checkpoint, calls of that size or single "
+        "steps.",
         group=_T,
     )
     hang_timeout_s: float = setting(
@@ -261,8 +261,8 @@ def sharded_train_step(
 
         new, metrics = over_members(member, mesh)(state, members)
         # A member whose loss or state turns non-finite is frozen at its last finite state
-        # (alive False for good); the others go on. The select runs only in a step where some
-        # member is frozen: selecting every step cost ~15% of an fc member's step on the CPU.
+        # (alive False for good); the others go on. On the CPU the select runs only in a step
+        # where some member is not kept: selecting every step cost ~15% of an fc member's step.
         keep, tree = new.alive, (new.params, new.opt_state, new.decor)
 
         def freeze(tree):
@@ -271,7 +271,10 @@ def sharded_train_step(
 
             return jax.tree.map(select, tree, (state.params, state.opt_state, state.decor))
 
-        params, opt_state, decor = jax.lax.cond(jnp.all(keep), lambda t: t, freeze, tree)
+        if vectorise_members(mesh):  # on a GPU a cond reads its predicate on the host: a sync
+            params, opt_state, decor = freeze(tree)
+        else:
+            params, opt_state, decor = jax.lax.cond(jnp.all(keep), lambda t: t, freeze, tree)
         return TrainState(new.step, params, opt_state, decor, alive=keep), metrics
 
     spec = P() if members is None else P(MEMBER)  # the state's (and its metrics')

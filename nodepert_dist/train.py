@@ -262,8 +262,8 @@ def _run_locked(cfg: Config, mesh, watcher: preempt.Watcher, hooks,
             data.train_x, data.train_y, global_batch=cfg.batchsize, seed=cfg.seed, epoch=epoch,
             process_index=jax.process_index(), process_count=jax.process_count(),
             rows=splits["train"], augment=cfg.augment)
-        order = on_device and on_device.epoch_order(
-            seed=cfg.seed, epoch=epoch, rows=splits["train"], global_batch=cfg.batchsize)
+        order = on_device and on_device.epoch_order(seed=cfg.seed, epoch=epoch, rows=splits[
+            "train"], global_batch=cfg.batchsize, ahead=epoch < cfg.num_epochs)
         progress = metrics.Progress(epoch, n_steps, cfg.batchsize)
         first = step_start if epoch == epoch_start else 0
         sums = ({k: np.asarray(v, np.float64) for k, v in resumed_sums.items()} if first else

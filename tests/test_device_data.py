@@ -99,6 +99,9 @@ def test_the_next_epochs_order_is_made_ahead_on_a_thread_and_is_the_same(monkeyp
     kw = dict(seed=3, rows=(0, 1000), global_batch=96)
     epochs = (1, 2, 3, 5, 6)  # 4's, made ahead, goes unused
     got = [data.epoch_order(epoch=e, ahead=e < 6, **kw) for e in epochs]
+    for thread in threading.enumerate():  # epoch 4's, unused: let it finish before counting
+        if thread.name.startswith("next_epoch_order"):
+            thread.join()
     assert sorted(made) == [(1, False), (2, True), (3, True), (4, True), (5, False), (6, True)]
     for e, order in zip(epochs, got):
         want = fresh.epoch_order(epoch=e, ahead=False, **kw)

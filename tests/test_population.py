@@ -156,25 +156,31 @@ def test_each_member_updates_as_its_solo_run(
                 assert np.linalg.norm(other - change) / np.linalg.norm(change) > 1e-3
 
 
-@pytest.mark.parametrize("vectorised", [False, True])
+# (members vectorised, devices, member groups): lax.map (CPU) and vmap on one device; lax.map
+# over 2 member groups, where one group's device takes the freeze and the other does not.
+@pytest.mark.parametrize(
+    "vectorised, devices, groups", [(False, 1, 1), (True, 1, 1), (False, 4, 2)]
+)
 def test_a_frozen_member_keeps_its_state_bit_for_bit_while_the_others_update(
-    vectorised, monkeypatch
+    vectorised, devices, groups, monkeypatch
 ):
-    """The step's freeze on both of its paths (the select runs only when a member is not kept):
-    with every member alive each takes its update; a member whose update turns non-finite (a
-    NaN planted in its kernel), or one marked frozen already, keeps its parameters and Adam
-    moments bit for bit and is marked, while the others take exactly their all-alive update."""
+    """The step's freeze on both of its paths (on the CPU the select runs only when a member is
+    not kept): with every member alive each takes its update; a member whose update turns
+    non-finite (a NaN planted in its kernel), or one marked frozen already, keeps its parameters
+    and Adam moments bit for bit and is marked (state and metrics), while the others take
+    exactly their all-alive update. Every member's step counter advances."""
     from nodepert_dist import step as step_lib
 
     monkeypatch.setattr(step_lib, "vectorise_members", lambda mesh: vectorised)
-    cfg = _cfg(population="lr:0.01,0.03,0.05", optimizer="adam")
-    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    cfg = _cfg(population="lr:0.01,0.03,0.05,0.07", optimizer="adam", member_devices=groups)
+    mesh = mesh_lib.make_mesh(jax.devices()[:devices], member_devices=groups)
     model = models.build(cfg.model, 10)
     optimizer, step = run_setup.make_train_step(cfg, model, mesh, STEPS_PER_EPOCH)
     x, y = _batches(1)[0]
     batch = mesh_lib.global_batch(mesh, x.astype(np.float32), y)
+    everyone, frozen = [True] * 4, [True, False, True, True]
 
-    def start(plant=False, alive=(True, True, True)):
+    def start(plant=False, alive=everyone):
         state = population.init_state(cfg, model, optimizer, x.astype(np.float32), mesh)
         leaves, tree = jax.tree.flatten(state.params)
         if plant:  # member 1's first parameter array
@@ -182,23 +188,21 @@ def test_a_frozen_member_keeps_its_state_bit_for_bit_while_the_others_update(
         state = dataclasses.replace(state, params=tree.unflatten(leaves), alive=jnp.asarray(alive))
         return state, jax.device_get(state)
 
-    leaves = lambda state, i: [
-        np.asarray(a[i])
-        for a in jax.tree.leaves(  # noqa: E731
-            (state.params, state.opt_state)
-        )
-    ]
+    def leaves(state, i):
+        return [np.asarray(a[i]) for a in jax.tree.leaves((state.params, state.opt_state))]
+
     healthy, before = start()
     healthy = jax.device_get(step(healthy, *batch)[0])
-    assert list(healthy.alive) == [True, True, True]
-    for i in range(3):  # each member moved
+    assert list(healthy.alive) == everyone
+    for i in range(4):  # each member moved
         assert any((a != b).any() for a, b in zip(leaves(healthy, i), leaves(before, i)))
-    for state, before in (start(plant=True), start(alive=(True, False, True))):
-        after = jax.device_get(step(state, *batch)[0])
-        assert list(after.alive) == [True, False, True]
+    for state, before in (start(plant=True), start(alive=frozen)):
+        after, metrics = jax.device_get(step(state, *batch))
+        assert list(after.alive) == list(metrics["alive"]) == frozen
+        assert list(after.step) == [1] * 4
         for a, b in zip(leaves(after, 1), leaves(before, 1)):
             np.testing.assert_array_equal(a, b)  # NaN where planted, else the start
-        for i in (0, 2):
+        for i in (0, 2, 3):
             for a, b in zip(leaves(after, i), leaves(healthy, i)):
                 np.testing.assert_array_equal(a, b)
 
