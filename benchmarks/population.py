@@ -64,6 +64,8 @@ cli.check_list("rules", choices=("np", "sgd"))
 cli.check_list("placements", pattern=cli.POSITIVE_INT, what="a positive integer")
 
 TARGET_LRS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05)
+# the target's runs (besides the preset mnist_fc_np), in either --solo mode
+TARGET_SETTINGS = dict(num_epochs=1, eval_train=False, checkpoint_every_epochs=0)
 
 
 def _lrs(n: int) -> str:
@@ -254,9 +256,7 @@ def _job(**kw) -> tuple[float, list]:
             "-m",
             "nodepert_dist.train",
             "--config=mnist_fc_np",
-            "--num_epochs=1",
-            "--noeval_train",
-            "--checkpoint_every_epochs=0",
+            *(f"--{k}={v}" for k, v in TARGET_SETTINGS.items()),
             f"--data_dir={FLAGS.data_dir}",
             f"--workdir={workdir}",
             f"--cpu_devices={FLAGS.cpu_devices}",  # the devices the in-process runs see
@@ -277,11 +277,7 @@ def _job(**kw) -> tuple[float, list]:
 def _in_process(**kw) -> tuple[float, list]:
     """The same run through train.train in this process: its wall time and its rows."""
     settings = dict(
-        train_lib.config_lib.PRESETS["mnist_fc_np"],
-        num_epochs=1,
-        eval_train=False,
-        checkpoint_every_epochs=0,
-        data_dir=FLAGS.data_dir,
+        train_lib.config_lib.PRESETS["mnist_fc_np"], **TARGET_SETTINGS, data_dir=FLAGS.data_dir
     )
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
