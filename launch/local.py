@@ -86,13 +86,23 @@ class StartError(RuntimeError):
 
 
 class Job:
-    """The running processes, their output pumps and an exit queue (first failure first)."""
+    """The running processes, their output pumps and one event queue: ("exit", rank, status)
+    from the waiter threads and ("signal", signum) from the launcher's signal handlers."""
 
     def __init__(
-        self, command, num_processes, devices_per_process, address, gpu_list=(), out=sys.stdout
+        self,
+        command,
+        num_processes,
+        devices_per_process,
+        address,
+        gpu_list=(),
+        out=sys.stdout,
+        events: queue.SimpleQueue | None = None,
     ):
         self.out, self.lock = out, threading.Lock()
-        self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
+        # SimpleQueue.put is reentrant: a signal handler may call it whatever the main thread
+        # holds (a handler that took self.lock or wrote to stdout itself could deadlock).
+        self.events = events if events is not None else queue.SimpleQueue()
         self.procs: list[subprocess.Popen] = []
         self.pumps: list[threading.Thread] = []
         width = len(str(num_processes - 1))
@@ -130,7 +140,7 @@ class Job:
             self.say(prefix + raw.decode(errors="replace").rstrip("\n"))
 
     def _wait(self, rank, p):
-        self.exits.put((rank, p.wait()))
+        self.events.put(("exit", rank, p.wait()))
 
     def kill_all(self, grace_s: float = 5.0) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -156,12 +166,13 @@ class Job:
 
     def wait(self, timeout_s: float, grace_s: float = 120.0) -> tuple[int, str]:
         """(exit status, reason); status 0 once every rank exited 0, PREEMPTED once every rank
-        exited 0 or PREEMPTED with at least one PREEMPTED."""
+        exited 0 or PREEMPTED with at least one PREEMPTED. SIGTERM/SIGUSR1 events are forwarded
+        to every rank; SIGINT kills them all (status 128 + SIGINT)."""
         deadline = time.monotonic() + timeout_s
         finished, preempted = 0, 0
         while finished < len(self.procs):
             try:
-                rank, rc = self.exits.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                event = self.events.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() >= deadline:
                     running = [str(r) for r, p in enumerate(self.procs) if p.poll() is None]
@@ -170,6 +181,14 @@ class Job:
                         f"still running; killed all"
                     )
                 continue
+            if event[0] == "signal":
+                name = signal.Signals(event[1]).name
+                if event[1] == signal.SIGINT:
+                    return 128 + event[1], f"launcher got {name}; killed all ranks"
+                self.say(f"[launch] got {name}; forwarded it to every rank")
+                self.signal_all(event[1])  # preemption: they checkpoint and exit PREEMPTED
+                continue
+            _, rank, rc = event
             finished += 1
             if rc == PREEMPTED:  # the others stop at the same step: give them time to
                 preempted += 1
@@ -246,23 +265,14 @@ def main(argv=None) -> int:
         return 2
     address = f"127.0.0.1:{args.port or free_port()}"
 
-    # Preemption signals are caught before any rank starts (one arriving while they start is
-    # forwarded once they all exist), so a rank can never outlive a launcher killed by them.
-    started: dict = {"job": None, "pending": None}
-
-    def forward(signum, _frame):  # preemption: the ranks checkpoint and exit PREEMPTED
-        job = started["job"]
-        if job is None:
-            started["pending"] = signum
-            return
-        job.say(f"[launch] got {signal.Signals(signum).name}; forwarded it to every rank")
-        job.signal_all(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGUSR1, forward)
+    # Signals are caught before any rank starts and only queued (one arriving while they start
+    # is acted on once they all exist), so a rank never outlives a launcher killed by them.
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: events.put(("signal", signum)))
     try:
-        job = started["job"] = Job(
-            command, args.num_processes, args.devices_per_process, address, gpu_list
+        job = Job(
+            command, args.num_processes, args.devices_per_process, address, gpu_list, events=events
         )
     except StartError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -272,15 +282,6 @@ def main(argv=None) -> int:
         f"[launch] {args.num_processes} process(es) x {args.devices_per_process or 'default'} "
         f"{kind} device(s), coordinator {address}: {' '.join(command)}"
     )
-    if started["pending"] is not None:
-        forward(started["pending"], None)
-
-    def on_signal(signum, _frame):
-        job.kill_all()
-        job.say(f"[launch] error: launcher got {signal.Signals(signum).name}; killed all ranks")
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGINT, on_signal)
     try:
         status, reason = job.wait(args.timeout_s, args.grace_s)
     finally:

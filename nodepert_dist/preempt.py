@@ -52,6 +52,7 @@ class Watcher:
             1 if jax.process_count() == 1 else MULTIPROCESS_CHECK_STEPS
         )
         self.signal: int | None = None
+        self._told = False
         self._previous: dict = {}
         self._outer: Watcher | None = None
         self._test_step, self._test_process = _test_hook()
@@ -76,17 +77,23 @@ class Watcher:
         Watcher._active = None
 
     def _record(self, signum, _frame) -> None:
+        # No I/O here: the handler runs in the main thread wherever it is, possibly inside a
+        # write to the same stream (a reentrant write raises); the loop logs it (_tell).
         if self.signal is None:
             self.signal = signum
+
+    def _tell(self) -> None:
+        if self.signal is not None and not self._told:
+            self._told = True
             logging.warning(
-                "got %s: stopping at the next step boundary to checkpoint",
-                signal.Signals(signum).name,
+                "got %s: stopping at the next step boundary to checkpoint", self.describe()
             )
 
     def stop_now(self, step: int, since: int | None = None) -> bool:
         """Called by every process after every call of the step (which ran steps since+1..step;
         since: step - 1 if not given); True on all of them, or on none."""
         since = step - 1 if since is None else since
+        self._tell()
         if since < (self._test_step or 0) <= step and self._test_process in (
             None,
             jax.process_index(),
@@ -99,6 +106,7 @@ class Watcher:
 
     def signalled(self) -> bool:
         """Whether any process got a signal (a collective: every process calls it together)."""
+        self._tell()
         return agree.anywhere(self.signal is not None)
 
     def describe(self) -> str:

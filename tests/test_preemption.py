@@ -141,6 +141,46 @@ def test_watcher_records_sigusr1_and_restores_the_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_a_signal_landing_inside_a_log_write_is_told_once_by_the_loop(capsys):
+    """A handler runs wherever the main thread is, here inside a write to the log's stream: a
+    handler that logged itself re-entered that stream (a "Logging error", or a raise)."""
+    import io
+    import logging as std_logging
+    import signal
+
+    class Raw(io.RawIOBase):
+        sent, data = False, b""
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if not Raw.sent:  # the signal arrives mid-write
+                Raw.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            Raw.data += bytes(b)
+            return len(b)
+
+    stream = io.TextIOWrapper(io.BufferedWriter(Raw()), line_buffering=True)
+    handler = std_logging.StreamHandler(stream)
+    logger = std_logging.getLogger("absl")
+    logger.addHandler(handler)
+    try:
+        with preempt.Watcher(check_every=1) as watcher:
+            logger.warning("a line the loop was writing")
+            assert watcher.signal == signal.SIGTERM
+            assert b"stopping" not in Raw.data
+            assert watcher.stop_now(1) and watcher.stop_now(2)
+    finally:
+        logger.removeHandler(handler)
+    told = Raw.data.decode().splitlines()
+    assert told == [
+        "a line the loop was writing",
+        "got SIGTERM: stopping at the next step boundary to checkpoint",
+    ]
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_the_default_check_is_every_step_alone_and_every_20_with_several_processes(monkeypatch):
     """With several processes the agreement is a collective the host waits for: checking it
     every step would keep an accelerator's queue empty."""
@@ -173,6 +213,45 @@ def test_launcher_forwards_sigterm_and_exits_75_when_every_rank_was_preempted():
     assert proc.returncode == preempt.EXIT_CODE, lines
     assert "[1] rank 1 saving" in "\n".join(lines)  # the slower rank was not killed
     assert lines[-1] == "[launch] preempted: 2 rank(s) checkpointed and exited 75"
+
+
+@pytest.mark.parametrize(
+    "sig, rc, said",
+    [
+        ("SIGTERM", 1, "[launch] got SIGTERM; forwarded it to every rank"),  # the ranks die of it
+        ("SIGINT", 130, "[launch] error: launcher got SIGINT; killed all ranks"),
+    ],
+)
+def test_a_signal_landing_while_the_launcher_writes_a_line_is_still_acted_on(sig, rc, said):
+    """The handler runs in the main thread wherever it is: here inside its own output write (the
+    line lock held). A handler that wrote or took that lock itself deadlocked (seen in CI: the
+    ranks never got the SIGTERM)."""
+    driver = (
+        "import os, signal, sys\n"
+        "class Out:\n"
+        "    sent = False\n"
+        "    def write(self, s):\n"
+        "        if 'process(es)' in s and not Out.sent:\n"
+        "            Out.sent = True\n"
+        f"            os.kill(os.getpid(), signal.{sig})\n"
+        "        sys.__stdout__.write(s)\n"
+        "    def flush(self):\n"
+        "        sys.__stdout__.flush()\n"
+        "sys.stdout = Out()\n"
+        f"sys.path.insert(0, {str(REPO / 'launch')!r})\n"
+        "import local\n"
+        "sys.exit(local.main(['--num_processes=2', '--timeout_s=60', '--', sys.executable,"
+        " '-c', 'import time; time.sleep(60)']))\n"
+    )
+    out = subprocess.run(
+        [PY, "-c", driver], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30
+    )
+    lines = out.stdout.splitlines()
+    assert out.returncode == rc, (out.stdout, out.stderr)
+    assert said in lines
+    if sig == "SIGTERM":
+        assert lines[-1].startswith("[launch] error: rank ") and "SIGTERM" in lines[-1], lines
+    assert not out.stderr, out.stderr
 
 
 def _descendants(pid):
