@@ -1,12 +1,14 @@
 """Test helper: parses command lines of one program without running it (tests/test_docs.py).
 
-    python tests/_parse_commands.py TARGET < argvs.json
+    python tests/_parse_commands.py < commands.json
 
-TARGET is a module (`nodepert_dist.train`) or a script path (`benchmarks/throughput.py`);
-stdin holds a JSON list of argument lists. absl programs: the module is imported (defining its
+stdin holds a JSON object {TARGET: [argument list, ...]}; TARGET is a module
+(`nodepert_dist.train`) or a script path (`benchmarks/throughput.py`). Every target is checked in
+this one process, each alone: the absl flags a target defined are deleted, and the target
+forgotten, before the next is loaded. absl programs: the module is imported (defining its
 flags) and each argument list parsed into the flags; nodepert-train's also resolves --config.
 argparse programs: main() runs until its parser returns, then stops. Prints one JSON list: for
-each argument list, null or the error.
+each argument list, null or the error: {TARGET: [null or error, ...]}.
 """
 
 import argparse
@@ -16,6 +18,8 @@ import inspect
 import json
 import os
 import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Parsed(Exception):
@@ -81,9 +85,21 @@ def check(module, target, argv):
 
 
 def main():
-    target = sys.argv[1]
-    module = _load(target)
-    print(json.dumps([check(module, target, argv) for argv in json.load(sys.stdin)]))
+    from absl import flags
+
+    results = {}
+    for target, argvs in json.load(sys.stdin).items():
+        before, modules, path = set(flags.FLAGS), set(sys.modules), list(sys.path)
+        module = _load(target)
+        results[target] = [check(module, target, argv) for argv in argvs]
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        for name in set(sys.modules) - modules:  # this checkout's modules go, libraries stay
+            file = getattr(sys.modules[name], "__file__", None) or ""
+            if file.startswith(REPO) and "site-packages" not in file:
+                del sys.modules[name]
+        sys.path[:] = path
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ block made; every link between them resolves (file and heading); every result is
 points outside the repository. The docs cannot drift."""
 
 import collections
-import concurrent.futures
 import json
 import re
 import shlex
@@ -132,11 +131,12 @@ def all_commands():
 
 
 def test_every_documented_command_parses():
-    by_target = collections.defaultdict(list)
+    by_target, docs = collections.defaultdict(list), collections.defaultdict(list)
     n = 0
     for doc, _, cmd in all_commands():
         for target, argv in nested(cmd):
-            by_target[target].append((doc, argv))
+            by_target[target].append(argv)
+            docs[target].append(doc)
             n += 1
     assert n >= 25, n  # the extraction found the docs' commands
     assert {
@@ -147,27 +147,24 @@ def test_every_documented_command_parses():
         "benchmarks/throughput.py",
     } <= set(by_target)
 
-    def parse(target):  # one process per program: each defines its own absl flags
-        out = subprocess.run(
-            [sys.executable, HELPER, target],
-            input=json.dumps([argv for _, argv in by_target[target]]),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    problems = []
-    # A few at a time: most of each is importing jax, which waits on the disk as much as the CPU.
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        for target, errors in zip(by_target, pool.map(parse, by_target)):
-            problems += [
-                f"{doc}: {target} {' '.join(argv)}: {error}"
-                for (doc, argv), error in zip(by_target[target], errors)
-                if error
-            ]
+    # One process checks every program, each alone (tests/_parse_commands.py).
+    out = subprocess.run(
+        [sys.executable, HELPER],
+        input=json.dumps(by_target),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    checked = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(checked) == set(by_target)
+    problems = [
+        f"{doc}: {target} {' '.join(argv)}: {error}"
+        for target, errors in checked.items()
+        for doc, argv, error in zip(docs[target], by_target[target], errors, strict=True)
+        if error
+    ]
     assert not problems, "\n".join(problems)
 
 
