@@ -44,7 +44,7 @@ def _apply(opt, params, grads, steps=1):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    state = opt.init(params)
+    state = jax.jit(opt.init)(params)
     for _ in range(steps):
         params, state = step(params, state)
     return params
@@ -87,7 +87,7 @@ def test_weight_norm_leaves_zero_norm_kernels_trainable_and_finite():
         k for k, v in jax.tree_util.tree_leaves_with_path(params) if v.ndim >= 2 and not np.any(v)
     ]
     assert zero  # the case at hand: ResNet has zero-initialised kernels
-    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.1, p.dtype), params)
     opt = optim.make_optimizer("sgd", 0.5, 0.0, weight_norm=True)
     new = _apply(opt, params, grads, steps=2)
     for path, before in jax.tree_util.tree_leaves_with_path(params):
