@@ -22,11 +22,14 @@ import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 
 from nodepert_dist import settings as settings_lib
+
+if TYPE_CHECKING:
+    import grain  # imported where used: ~0.35 s (with orbax) off every command's start-up
 from nodepert_dist.data import augment as augment_lib
 from nodepert_dist.data import preprocess, store
 from nodepert_dist.settings import setting
@@ -190,6 +193,8 @@ def train_batches(
         epoch,
         augment,
     )
+    import grain
+
     return grain.MapDataset.range(steps_per_epoch(hi - lo, global_batch)).map(gather)
 
 
@@ -228,6 +233,8 @@ def eval_batches(
     local = global_batch // process_count
     n_batches = -(-(hi - lo) // global_batch)
     gather = _EvalGather(images, labels, lo, hi, global_batch, process_index * local, local)
+    import grain
+
     return grain.MapDataset.range(n_batches).map(gather)
 
 
@@ -261,6 +268,8 @@ def iterate(
     > 0 uses that many Grain worker processes (needs absl flags parsed: run under absl.app).
 
     A generator: close it (or run it to the end) to stop the prefetch threads or workers."""
+    import grain
+
     ds = batches[start:]
     if workers <= 0:
         options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
