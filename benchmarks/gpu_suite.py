@@ -109,7 +109,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CPU smoke run: fc and conv, batch 8, 1 round, tiny sizes",
+        help="CPU smoke run: fc and conv, batch 8 (population.py: its own --quick), 1 round, tiny sizes",
     )
     parser.add_argument("--out", default="benchmarks/results/gpu_suite.jsonl")
     parser.add_argument("--table", default="benchmarks/results/gpu_suite.md")

@@ -6,14 +6,19 @@ import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env
 
 pytestmark = pytest.mark.slow  # subprocesses, several processes or training: `-m "not slow"` skips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHED = subprocess_env()
 
 
-def _quick_rows(script, out, *args):
-    """(the JSON rows a benchmark's --quick run wrote to `out`, its stdout); it must exit 0."""
+def _quick_rows(script, out, *args, env=None):
+    """(the JSON rows a benchmark's --quick run wrote to `out`, its stdout); it must exit 0.
+    env=CACHED: the worker's persistent compilation cache (conftest.XLA_CACHE), for runs that
+    time no compile: the population and GPU suite ones (population.py --quick runs alone and
+    as the suite's population section: the second finds its steps compiled)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -26,6 +31,7 @@ def _quick_rows(script, out, *args):
         text=True,
         timeout=600,
         cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
@@ -107,7 +113,7 @@ def test_population_quick_run(tmp_path):
     """benchmarks/population.py --quick: a row per population size with consistent ratios and
     the memory per member from XLA's analysis, into a results folder that does not exist yet
     (a fresh clone has no benchmarks/results/)."""
-    rows, _ = _quick_rows("population.py", tmp_path / "results" / "p.jsonl")
+    rows, _ = _quick_rows("population.py", tmp_path / "results" / "p.jsonl", env=CACHED)
     assert [(r["network"], r["rule"], r["members"]) for r in rows] == [
         ("fc", "np", 1),
         ("fc", "np", 2),
@@ -133,6 +139,7 @@ def test_population_placement_quick_run(tmp_path):
         "--members=4",
         "--placements=1,4",
         "--batchsize=32",
+        env=CACHED,
     )
     assert [(r["members"], r["member_devices"], r["devices"]) for r in rows] == [
         (4, 1, 4),
@@ -149,7 +156,9 @@ def test_population_placement_quick_run(tmp_path):
 
 def _gpu_suite(tmp_path, *args):
     table = tmp_path / "s.md"
-    rows, _ = _quick_rows("gpu_suite.py", tmp_path / "s.jsonl", *args, f"--table={table}")
+    rows, _ = _quick_rows(
+        "gpu_suite.py", tmp_path / "s.jsonl", *args, f"--table={table}", env=CACHED
+    )
     return rows, table.read_text()
 
 
@@ -201,7 +210,7 @@ def test_gpu_suite_quick_run_measures_every_section(tmp_path):
             r["members"] * r["solo_step_ms"] / r["step_ms"]
         )
         assert r["mb_per_member"] > 0
-    assert "| 2 | 8 |" in table
+    assert "| 2 | 100 |" in table  # population.py --quick's batch
 
 
 def test_gpu_suite_records_what_its_budget_drops(tmp_path):
