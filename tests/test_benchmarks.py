@@ -16,9 +16,10 @@ CACHED = subprocess_env()
 
 def _quick_rows(script, out, *args, env=None):
     """(the JSON rows a benchmark's --quick run wrote to `out`, its stdout); it must exit 0.
-    env=CACHED: the worker's persistent compilation cache (conftest.XLA_CACHE), for runs that
-    time no compile: the population and GPU suite ones (population.py --quick runs alone and
-    as the suite's population section: the second finds its steps compiled)."""
+    env=CACHED: the worker's persistent compilation cache (conftest.XLA_CACHE), for every run
+    but compile_time.py's (it times compiling): a step compiled for its costs is found there
+    when it is run, and population.py --quick, run alone and as the GPU suite's population
+    section, compiles once."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -39,7 +40,7 @@ def _quick_rows(script, out, *args, env=None):
 
 def test_throughput_quick_run(tmp_path):
     out, png = tmp_path / "t.jsonl", tmp_path / "t.png"
-    rows, stdout = _quick_rows("throughput.py", out, "--devices=2", f"--png={png}")
+    rows, stdout = _quick_rows("throughput.py", out, "--devices=2", f"--png={png}", env=CACHED)
     assert {(r["variant"], r["devices"]) for r in rows} == {
         (v, 2) for v in ("sgd", "np-rademacher", "naive", "original")
     }
