@@ -68,16 +68,21 @@ def _setup(body, input_shape, activation="relu", loss="ce", dtype=jnp.float32):
     model = Net(body, activation, dtype)
     x = jax.random.normal(jax.random.key(1), (BATCH,) + input_shape, dtype)
     y = jnp.arange(BATCH) % 10
-    params = model.init(jax.random.key(0), x)["params"]
+    # init and the true gradient jitted: eager dispatch of the residual net's ops took ~10 s.
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     if body == "residual":  # unit2 starts at zero (skip-init): move it so its input gets a signal
-        params = jax.tree.map(
-            lambda p: p + 0.2 * jax.random.normal(jax.random.key(2), p.shape), params
-        )
+        params = jax.jit(
+            lambda ps: jax.tree.map(
+                lambda p: p + 0.2 * jax.random.normal(jax.random.key(2), p.shape), ps
+            )
+        )(params)
     loss_fn = losses.get(loss)
     # The true gradient: of the float32 model, whatever dtype the estimate runs in.
     model32 = model.clone(dtype=jnp.float32)
-    true = jax.grad(
-        lambda p: jnp.mean(loss_fn(model32.apply({"params": p}, x.astype(jnp.float32)), y))
+    true = jax.jit(
+        jax.grad(
+            lambda p: jnp.mean(loss_fn(model32.apply({"params": p}, x.astype(jnp.float32)), y))
+        )
     )(params)
     return model, params, x, y, loss_fn, true
 

@@ -109,6 +109,16 @@ CASES = [
 ]
 
 
+# Runs (host copies, never changed) shared by the cases below: the same run is computed once.
+_RUNS = {}
+
+
+def _once(key, compute):
+    if key not in _RUNS:
+        _RUNS[key] = compute()
+    return _RUNS[key]
+
+
 @pytest.mark.parametrize("rule, n_devices, dtype, tolerance, vectorised, groups", CASES)
 @pytest.mark.slow  # seconds of compiling: a population of 16 and 4 solo runs
 def test_each_member_updates_as_its_solo_run(
@@ -129,13 +139,22 @@ def test_each_member_updates_as_its_solo_run(
     members = population.members(cfg)
     with jax.enable_x64(dtype == "float64"):
         dt = jnp.dtype(dtype)
-        pop_start, pop, pop_m = _train(cfg, mesh, batches, dt)
-        solos = {
-            i: _train(population.member_config(cfg, members[i]), solo_mesh, batches, dt)
+        run = (rule, n_devices, dtype)
+        pop_start, pop, pop_m = _once(
+            ("population", *run, vectorised, groups), lambda: _train(cfg, mesh, batches, dt)
+        )
+        solos = {  # the solo runs do not depend on vectorised or groups: shared by those cases
+            i: _once(
+                ("solo", *run, i),
+                lambda i=i: _train(
+                    population.member_config(cfg, members[i]), solo_mesh, batches, dt
+                ),
+            )
             for i in CHECKED
         }
-        one_group = groups > 1 and _train(
-            dataclasses.replace(cfg, member_devices=1), solo_mesh, batches, dt
+        one_group = groups > 1 and _once(
+            ("population", *run, vectorised, 1),
+            lambda: _train(dataclasses.replace(cfg, member_devices=1), solo_mesh, batches, dt),
         )
     flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
     member = lambda tree, i: jax.tree.map(lambda a: a[i], tree)

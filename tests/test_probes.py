@@ -143,18 +143,20 @@ def test_grad_stats_measures_the_estimator_the_run_trains_with(tmp_path, mnist_d
     keys = perturbation.example_keys(seed, jnp.int32(probes._STATS_STEP), jnp.arange(size))
 
     def norm(**options):
-        g = perturbation.np_gradient(
-            model,
-            params,
-            x,
-            y,
-            losses.mse,
-            sigma=sigma,
-            keys=keys,
-            normalizer=size,
-            noise_kind="gaussian",
-            **options,
-        )[0]
+        g = jax.jit(  # jitted: eager dispatch of the estimator cost seconds
+            lambda p: perturbation.np_gradient(
+                model,
+                p,
+                x,
+                y,
+                losses.mse,
+                sigma=sigma,
+                keys=keys,
+                normalizer=size,
+                noise_kind="gaussian",
+                **options,
+            )[0]
+        )(params)
         return float(jnp.linalg.norm(probes.flat(g)))
 
     run_estimator, plain = norm(layerwise=True, draws=4), norm()
