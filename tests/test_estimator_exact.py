@@ -52,7 +52,7 @@ def _tiny(network="fc"):
 def _hand_noise(seed, step, draw, kind, examples=range(B)):
     """{tap: (B, nodes)} from keys built by hand: key(seed) -> 2 (the noise stream) -> step ->
     example -> draw (if > 0) -> crc32 of the tap's path; Rademacher bit j of word w is node
-    32w + j (+1 for a set bit)."""
+    j W + w of the tap's W words (+1 for a set bit)."""
     widths = {"tap0": HIDDEN, "tap1": CLASSES}
     noise = {}
     with jax.threefry_partitionable(False):
@@ -66,7 +66,7 @@ def _hand_noise(seed, step, draw, kind, examples=range(B)):
                 k = jax.random.fold_in(k, zlib.crc32(tap.encode()) & 0x7FFFFFFF)
                 if kind == "rademacher":
                     words = np.asarray(jax.random.bits(k, ((n + 31) // 32,), jnp.uint32))
-                    bits = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+                    bits = (words[None, :] >> np.arange(32, dtype=np.uint32)[:, None]) & 1
                     rows.append(2.0 * bits.reshape(-1)[:n] - 1.0)
                 else:
                     rows.append(np.asarray(jax.random.normal(k, (n,), jnp.float32)))
