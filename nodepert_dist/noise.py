@@ -83,8 +83,8 @@ def draw_layer(keys, layer: int, shape, kind: str = "rademacher"):
         k = jax.random.fold_in(k, layer)
         if kind == "gaussian":
             return jax.random.normal(k, tuple(shape), jnp.float32)
-        n = math.prod(shape)
-        return _signs(jax.random.bits(k, ((n + 31) // 32,), jnp.uint32), n).reshape(shape)
+        words = jax.random.bits(k, (_sign_layout(shape)[1],), jnp.uint32)
+        return _signs(words[None], shape)[0]
 
     # Each device draws whole examples from their own keys, so threefry need not be
     # partitionable; the non-partitionable form fused better on XLA CPU (measured: conv layer
@@ -105,14 +105,9 @@ def draw_noise(keys, shapes: dict, kind: str = "rademacher") -> dict:
     threefry = jax.random.key_impl(jax.random.key(0, impl="threefry2x32"))
     if kind == "gaussian" or jax.random.key_impl(keys) != threefry:
         return {name: draw_layer(keys, taps.tap_id(name), s, kind) for name, s in shapes.items()}
-    sizes = [math.prod(s) for s in shapes.values()]
-    words = [(n + 31) // 32 if kind == "rademacher" else n for n in sizes]
+    words = [_sign_layout(s)[1] for s in shapes.values()]
     bits = _threefry_words(keys, [taps.tap_id(name) for name in shapes], words)
-    out = {}
-    for (name, shape), n, w in zip(shapes.items(), sizes, bits):
-        values = _signs(w, n) if kind == "rademacher" else _normal(w)
-        out[name] = values.reshape((-1, *shape))
-    return out
+    return {name: _signs(w, shape) for (name, shape), w in zip(shapes.items(), bits)}
 
 
 def _threefry_words(keys, data: list, counts: list) -> list:
@@ -145,15 +140,38 @@ def _threefry_words(keys, data: list, counts: list) -> list:
     return out
 
 
-def _signs(words, n: int):
-    """n random signs (float32 +-1) per row from the bits of its W uint32 words, bit j of word w
-    the sign of node j W + w: ~40x cheaper on the CPU than threefry normals. Bit-major, so
-    neighbouring nodes shift their words by the same amount: with the bits of one word on 32
-    neighbouring nodes (node 32 w + j), a tap whose last axis has 16 or 32 channels put 32
-    different constant shifts in XLA's innermost loop, and LLVM took ~0.2 CPU s to compile
-    each kernel that unpacks them (conv: 6 kernels, 1.3 of NP's 2.9 CPU s)."""
-    bits = (words[..., None, :] >> jnp.arange(32, dtype=jnp.uint32)[:, None]) & 1
-    return bits.reshape(*words.shape[:-1], -1)[..., :n].astype(jnp.float32) * 2.0 - 1.0
+def _sign_layout(shape) -> tuple[int, int]:
+    """(k, words) of a tap of this per-example shape: its nodes are rows (the first k axes, L
+    of them) by columns (the other axes, C); row i takes bit i // R of the words of row i % R,
+    R = ceil(L / 32), so node (i, c) is bit i // R of word (i % R) C + c. k is the first whose
+    words are within 1/4 of the fewest, ceil(nodes / 32) (k = every axis): the rows' index
+    arithmetic then stays out of the innermost loop, where it cost the conv NP step ~10%."""
+    shape = tuple(shape) or (1,)
+    fewest = -(-math.prod(shape) // 32)
+    for k in range(1, len(shape) + 1):
+        words = -(-math.prod(shape[:k]) // 32) * math.prod(shape[k:])
+        if 4 * words <= 5 * fewest:
+            return k, words
+    raise AssertionError("unreachable: k = len(shape) takes the fewest words")
+
+
+def _signs(words, shape):
+    """The tap's random signs (float32 +-1), (b, *shape), from its (b, words) uint32 words laid
+    out by _sign_layout: ~40x cheaper on the CPU than threefry normals. Neighbouring nodes of
+    the last axes take the same bit of neighbouring words, so the unpacking kernels vectorise
+    over words with one shift, and no kernel splits a word's 32 bits over an axis: a tap with
+    16 or 32 channels on the last axis, one word per 32 channels, put 32 constant shifts in
+    XLA's innermost loop, and LLVM took ~0.2 CPU s to compile each of its unpacking kernels
+    (conv: 6 kernels, 1.3 of NP's 2.9 CPU s of compile; docs/results/compile_time.md)."""
+    shape = tuple(shape)
+    k, _ = _sign_layout(shape)
+    rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
+    per_row = -(-rows // 32)  # R
+    bits = (
+        words.reshape(-1, 1, per_row, cols) >> jnp.arange(32, dtype=jnp.uint32)[:, None, None]
+    ) & 1
+    signs = bits.reshape(-1, 32 * per_row, cols)[:, :rows].astype(jnp.float32) * 2.0 - 1.0
+    return signs.reshape(-1, *shape)
 
 
 def _normal(bits):

@@ -49,14 +49,23 @@ def test_keys_are_jax_random_fold_in(x64):
             )
 
 
-def test_rademacher_node_j_w_plus_w_takes_bit_j_of_word_w():
-    """The sign layout, pinned by hand from jax.random.bits: node j W + w of a tap with W words
-    is bit j of word w (bit-major; word-major layouts cost LLVM ~0.2 CPU s per kernel on 16- and
-    32-channel taps, noise._signs). 70 nodes: W = 3, and a last, partly used bit row."""
+@pytest.mark.parametrize(
+    "shape, words, node",
+    [
+        ((70,), 3, lambda i: (i % 3, i // 3)),  # rows only: R = 3 words per bit
+        ((28, 3), 3, lambda i: (i % 3, i // 3)),  # rows (28) by columns (3): bit row, word col
+        ((60, 2), 4, lambda i: ((i // 2 % 2) * 2 + i % 2, i // 4)),  # R = 2: row i, word (i % 2) C + c
+    ],
+)
+def test_rademacher_sign_layout_by_hand(shape, words, node):
+    """The sign layout, pinned by hand from jax.random.bits (noise._sign_layout): node (row i,
+    column c) is bit i // R of word (i % R) C + c; `node(flat index)` is its (word, bit)."""
     keys = noise.example_keys(1, jnp.int32(2), jnp.arange(3))
-    (got,) = noise.draw_noise(keys, {"t": (70,)}).values()
+    (got,) = noise.draw_noise(keys, {"t": shape}).values()
+    assert got.shape == (3, *shape)
     for i in range(3):
         with jax.threefry_partitionable(False):
-            words = np.asarray(jax.random.bits(jax.random.fold_in(keys[i], taps.tap_id("t")), (3,)))
-        want = [1.0 if (words[j % 3] >> (j // 3)) & 1 else -1.0 for j in range(70)]
-        np.testing.assert_array_equal(np.asarray(got[i]), want)
+            bits = jax.random.bits(jax.random.fold_in(keys[i], taps.tap_id("t")), (words,))
+        bits = np.asarray(bits)
+        want = [1.0 if (bits[node(j)[0]] >> node(j)[1]) & 1 else -1.0 for j in range(got[i].size)]
+        np.testing.assert_array_equal(np.asarray(got[i]).reshape(-1), want)
