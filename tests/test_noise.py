@@ -54,7 +54,8 @@ def test_keys_are_jax_random_fold_in(x64):
     [
         ((70,), 3, lambda i: (i % 3, i // 3)),  # rows only: R = 3 words per bit
         ((28, 3), 3, lambda i: (i % 3, i // 3)),  # rows (28) by columns (3): bit row, word col
-        ((60, 2), 4, lambda i: ((i // 2 % 2) * 2 + i % 2, i // 4)),  # R = 2: row i, word (i % 2) C + c
+        # R = 2: row i takes word (i % 2) C + c
+        ((60, 2), 4, lambda i: ((i // 2 % 2) * 2 + i % 2, i // 4)),
     ],
 )
 def test_rademacher_sign_layout_by_hand(shape, words, node):
