@@ -144,8 +144,8 @@ def _sign_layout(shape) -> tuple[int, int]:
     """(k, words) of a tap of this per-example shape: its nodes are rows (the first k axes, L
     of them) by columns (the other axes, C); row i takes bit i // R of the words of row i % R,
     R = ceil(L / 32), so node (i, c) is bit i // R of word (i % R) C + c. k is the first whose
-    words are within 1/4 of the fewest, ceil(nodes / 32) (k = every axis): the rows' index
-    arithmetic then stays out of the innermost loop, where it cost the conv NP step ~10%."""
+    words are within 1/4 of the fewest, ceil(nodes / 32) (k = every axis): a row's bit and
+    word row are then worked out once per row, not per node in the innermost loop."""
     shape = tuple(shape) or (1,)
     fewest = -(-math.prod(shape) // 32)
     for k in range(1, len(shape) + 1):
@@ -172,15 +172,3 @@ def _signs(words, shape):
     ) & 1
     signs = bits.reshape(-1, 32 * per_row, cols)[:, :rows].astype(jnp.float32) * 2.0 - 1.0
     return signs.reshape(-1, *shape)
-
-
-def _normal(bits):
-    """jax.random.normal's float32 from its uint32 bits: a uniform on (-1, 1) from the top 23
-    bits as the mantissa, then sqrt(2) erfinv."""
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0), dtype=np.float32)
-    hi = np.float32(1.0)
-    mantissa = jax.lax.shift_right_logical(bits, jnp.uint32(32 - 23))
-    one = jnp.uint32(np.array(1.0, np.float32).view(np.uint32))
-    floats = jax.lax.bitcast_convert_type(mantissa | one, jnp.float32) - jnp.float32(1.0)
-    u = jax.lax.max(jnp.float32(lo), floats * (jnp.float32(hi) - jnp.float32(lo)) + jnp.float32(lo))
-    return jnp.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
