@@ -53,6 +53,7 @@ def test_keys_are_jax_random_fold_in(x64):
     "shape, words, node",
     [
         ((70,), 3, lambda i: (i % 3, i // 3)),  # rows only: R = 3 words per bit
+        ((28, 8), 8, lambda i: (i % 8, i // 8)),  # 8 words, not ceil(224 / 32) = 7: bit = row
         ((28, 3), 3, lambda i: (i % 3, i // 3)),  # rows (28) by columns (3): bit row, word col
         # R = 2: row i takes word (i % 2) C + c
         ((60, 2), 4, lambda i: ((i // 2 % 2) * 2 + i % 2, i // 4)),
